@@ -1,0 +1,1 @@
+"""Learners with a stable-baselines3-style surface."""

@@ -1,0 +1,340 @@
+"""LIBERO tasks as a Gymnasium environment: a thin adapter over LIBERO's own simulator.
+
+What the adapter does, and nothing more:
+- translates LIBERO's old 4-tuple ``step`` into Gymnasium's 5-tuple with a sparse binary reward
+  (1.0 on the step the task's BDDL goal holds, then ``terminated``); truncation comes from the
+  registered ``max_episode_steps`` (Gymnasium's ``TimeLimit``);
+- starts every episode from one of the suite's fixed initial states (``init_state_id``), then runs
+  ``num_settle_steps`` no-op steps with the gripper open, as LIBERO's and OpenVLA's evaluations do,
+  because objects settle after ``set_init_state``. Settle steps do not count towards the step limit;
+- builds the observation dict (instruction, task index, 8-number proprio state as OpenVLA-OFT uses,
+  upright camera frames) and validates actions.
+
+Speed on CPU: physics costs ~18 ms a step, a camera frame ~90 ms. So cameras are rendered by this
+adapter only when an observation needs them (never during settle steps), the simulator is built
+without an offscreen renderer in pure state mode, and robosuite's soft reset (``hard_reset=False``)
+replaces its default XML reload (seconds) with a state reset (~35 ms). Building a task's simulator
+takes seconds, so the last ``max_cached_tasks`` simulators are kept (each ~0.3 GB, ~1 GB with a renderer).
+"""
+
+from __future__ import annotations
+
+import collections
+import string
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from gym_libero_vla import rendering
+from gym_libero_vla.suites import libero_modules, quiet, resolve_suite, suite_tasks, task_init_states
+
+OBS_MODES = ("state", "rgb", "rgb+state")
+# Our camera names -> robosuite camera names.
+CAMERAS = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
+ACTION_DIM = 7
+STATE_DIM = 8  # eef position (3), eef axis-angle (3), gripper joint positions (2): OpenVLA-OFT's proprio.
+# Finite bounds that hold by construction: positions are metres in the world or gripper frame (the arm
+# reaches ~1 m, objects fall no further than the floor), axis-angle components lie in [-2pi, 2pi],
+# Panda finger joints in [-0.05, 0.05], quaternion components in [-1, 1].
+STATE_BOUND = np.array([5, 5, 5, 2 * np.pi, 2 * np.pi, 2 * np.pi, 0.1, 0.1], dtype=np.float32)
+OBJECT_STATE_BOUND = np.float32(10.0)
+OBJECT_STATE_PER_OBJECT = 14  # LIBERO's object-state: position, quaternion, both relative to the gripper too.
+NUM_SETTLE_STEPS = 10  # OpenVLA's LIBERO evaluation waits 10 steps for objects to settle.
+SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # no motion, gripper open.
+INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.;:'\"-_/()&!?"
+MAX_INSTRUCTION_LENGTH = 256
+RESET_OPTIONS = ("task_id", "init_state_id", "init_state")
+
+
+def _quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) quaternion -> axis-angle, as robosuite's and OpenVLA-OFT's ``quat2axisangle``."""
+    w = float(np.clip(quat[3], -1.0, 1.0))
+    den = np.sqrt(1.0 - w * w)
+    if np.isclose(den, 0.0):
+        return np.zeros(3)
+    return quat[:3] * 2.0 * np.arccos(w) / den
+
+
+class LiberoEnv(gym.Env[dict, np.ndarray]):
+    """One LIBERO suite (all its tasks, or a subset) as a Gymnasium env.
+
+    Args:
+        suite: LIBERO suite, e.g. "libero_spatial" (set by the registered ids ``LiberoSpatial-v0``...).
+        obs_mode: "state" (proprio only), "rgb" (camera frames only) or "rgb+state" (both). The
+            instruction and task index are always present.
+        cameras: which cameras the rgb modes return, from ("agentview", "wrist").
+        image_size: side of the square camera frames (or (height, width)); rendering cost on CPU
+            hardly depends on it, policy cost does.
+        task_ids: restrict episodes to these task indices (default: every task of the suite).
+        privileged_state: add "object_state", LIBERO's ground-truth object poses (zero-padded to the
+            suite's largest scene), for state-based baselines and scripted experts.
+        render_mode: "rgb_array" makes ``render()`` return an upright agentview frame.
+        render_size: side of the frame ``render()`` returns.
+        num_settle_steps: no-op steps run inside ``reset`` after ``set_init_state``.
+        max_cached_tasks: simulators kept alive for fast task switches.
+
+    Episode start: ``reset(options={"task_id": i, "init_state_id": j})`` picks both explicitly; with
+    only a seed, ``task_id = task_ids[seed % len(task_ids)]`` and ``init_state_id =
+    (seed // len(task_ids)) % num_init_states``, so a vector env seeded with consecutive seeds spreads
+    its workers over consecutive tasks; with neither, both are drawn from ``np_random``. Passing
+    ``options={"task_id": i, "init_state": state}`` starts from an arbitrary flattened MuJoCo state
+    (demo replay); ``info["init_state_id"]`` is then -1.
+
+    Actions outside [-1, 1] are clipped (LIBERO's OSC controller scales that range); an action of the
+    wrong shape or with NaN/inf raises ``ValueError``.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(
+        self,
+        suite: str = "libero_spatial",
+        obs_mode: str = "state",
+        cameras: tuple[str, ...] | list[str] = ("agentview", "wrist"),
+        image_size: int | tuple[int, int] = 128,
+        task_ids: tuple[int, ...] | list[int] | None = None,
+        privileged_state: bool = False,
+        render_mode: str | None = None,
+        render_size: int = 256,
+        num_settle_steps: int = NUM_SETTLE_STEPS,
+        max_cached_tasks: int = 3,
+    ):
+        self.suite_spec = resolve_suite(suite)
+        self.suite = self.suite_spec.libero_name
+        if obs_mode not in OBS_MODES:
+            raise ValueError(f"unknown obs_mode {obs_mode!r}: valid {OBS_MODES}")
+        if isinstance(cameras, str):
+            cameras = (cameras,)
+        cameras = tuple(cameras)
+        for camera in cameras:
+            if camera not in CAMERAS:
+                raise ValueError(f"unknown camera {camera!r}: valid {tuple(CAMERAS)}")
+        if "rgb" in obs_mode and not cameras:
+            raise ValueError(f"obs_mode {obs_mode!r} needs at least one camera from {tuple(CAMERAS)}")
+        if len(set(cameras)) != len(cameras):
+            raise ValueError(f"cameras {cameras} name a camera twice")
+        height, width = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
+        if not (int(height) == height > 0 and int(width) == width > 0):
+            raise ValueError(f"image_size {image_size!r} must be a positive int or (height, width)")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"unknown render_mode {render_mode!r}: valid {self.metadata['render_modes']} or None")
+        if not (isinstance(render_size, (int, np.integer)) and render_size > 0):
+            raise ValueError(f"render_size {render_size!r} must be a positive int")
+        if num_settle_steps < 0:
+            raise ValueError(f"num_settle_steps {num_settle_steps} must be >= 0")
+        if max_cached_tasks < 1:
+            raise ValueError(f"max_cached_tasks {max_cached_tasks} must be >= 1")
+
+        self.tasks = suite_tasks(self.suite)
+        all_ids = tuple(range(len(self.tasks)))
+        if task_ids is None:
+            task_ids = all_ids
+        task_ids = tuple(int(t) for t in task_ids)
+        bad = [t for t in task_ids if t not in all_ids]
+        if bad or not task_ids:
+            raise ValueError(
+                f"unknown task_id {bad[0] if bad else task_ids} for {self.suite_spec.env_id}: valid 0..{len(all_ids) - 1}"
+            )
+        self.task_ids = task_ids
+        self.obs_mode = obs_mode
+        self.cameras = cameras if "rgb" in obs_mode else ()
+        self.image_size = (int(height), int(width))
+        self.privileged_state = privileged_state
+        self.render_mode = render_mode
+        self.render_size = int(render_size)
+        self.num_settle_steps = int(num_settle_steps)
+        self.max_cached_tasks = int(max_cached_tasks)
+        self.max_episode_steps = self.suite_spec.max_episode_steps
+        self.object_state_dim = OBJECT_STATE_PER_OBJECT * max(task.num_objects for task in self.tasks)
+
+        obs_spaces: dict[str, spaces.Space] = {
+            "instruction": spaces.Text(MAX_INSTRUCTION_LENGTH, min_length=1, charset=INSTRUCTION_CHARSET),
+            "task_id": spaces.Discrete(len(self.tasks)),
+        }
+        if "state" in obs_mode:
+            obs_spaces["state"] = spaces.Box(-STATE_BOUND, STATE_BOUND, (STATE_DIM,), np.float32)
+        for camera in self.cameras:
+            obs_spaces[camera] = spaces.Box(0, 255, (*self.image_size, 3), np.uint8)
+        if privileged_state:
+            obs_spaces["object_state"] = spaces.Box(-OBJECT_STATE_BOUND, OBJECT_STATE_BOUND, (self.object_state_dim,), np.float32)
+        self.observation_space = spaces.Dict(obs_spaces)
+        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+
+        self._simulators: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._sim = None  # LIBERO env of the current episode
+        self._task: Any = None
+        self._init_state_id = -1
+        self._frames: dict[str, np.ndarray] = {}  # frames rendered for the current observation
+
+    # ------------------------------------------------------------------ simulator management
+    @property
+    def needs_renderer(self) -> bool:
+        return bool(self.cameras) or self.render_mode is not None
+
+    @property
+    def libero_env(self):
+        """The LIBERO ``ControlEnv``/``OffScreenRenderEnv`` of the current episode (for experts, relabelling)."""
+        if self._sim is None:
+            raise gym.error.ResetNeeded("call reset() before using the simulator")
+        return self._sim
+
+    @property
+    def current_task(self):
+        return self._task
+
+    def num_init_states(self, task_id: int) -> int:
+        return len(task_init_states(self.suite, task_id))
+
+    def _simulator(self, task_id: int):
+        if task_id in self._simulators:
+            self._simulators.move_to_end(task_id)
+            return self._simulators[task_id]
+        while len(self._simulators) >= self.max_cached_tasks:
+            _, old = self._simulators.popitem(last=False)
+            old.close()
+        if self.needs_renderer:
+            rendering.require_rendering()
+        _, _, env_wrapper = libero_modules()
+        env_class = env_wrapper.OffScreenRenderEnv if self.needs_renderer else env_wrapper.ControlEnv
+        kwargs = dict(
+            bddl_file_name=self.tasks[task_id].bddl_file,
+            use_camera_obs=False,  # frames are rendered here, only when an observation needs them
+            camera_names=[CAMERAS[c] for c in self.cameras] or ["agentview"],
+            camera_heights=self.image_size[0],
+            camera_widths=self.image_size[1],
+            hard_reset=False,
+            ignore_done=True,  # truncation is Gymnasium's TimeLimit, not robosuite's horizon
+            horizon=10**9,
+        )
+        if not self.needs_renderer:
+            kwargs["has_offscreen_renderer"] = False
+        with quiet():
+            simulator = env_class(**kwargs)
+        self._simulators[task_id] = simulator
+        return simulator
+
+    # ------------------------------------------------------------------ Gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}: valid {RESET_OPTIONS}")
+
+        task_id = options.get("task_id")
+        if task_id is None:
+            if seed is not None:
+                task_id = self.task_ids[seed % len(self.task_ids)]
+            else:
+                task_id = self.task_ids[int(self.np_random.integers(len(self.task_ids)))]
+        if not (isinstance(task_id, (int, np.integer)) and int(task_id) in self.task_ids):
+            raise ValueError(f"unknown task_id {task_id!r} for {self.suite_spec.env_id}: valid {self._task_id_choices()}")
+        task_id = int(task_id)
+
+        if options.get("init_state") is not None:
+            if options.get("init_state_id") is not None:
+                raise ValueError("reset options 'init_state' and 'init_state_id' are exclusive: give one")
+            init_state = np.asarray(options["init_state"], dtype=np.float64)
+            init_state_id = -1
+        else:
+            init_states = task_init_states(self.suite, task_id)
+            init_state_id = options.get("init_state_id")
+            if init_state_id is None:
+                if seed is not None:
+                    init_state_id = (seed // len(self.task_ids)) % len(init_states)
+                else:
+                    init_state_id = int(self.np_random.integers(len(init_states)))
+            if not (isinstance(init_state_id, (int, np.integer)) and 0 <= init_state_id < len(init_states)):
+                raise ValueError(
+                    f"unknown init_state_id {init_state_id!r} for task {task_id} of {self.suite_spec.env_id}: "
+                    f"valid 0..{len(init_states) - 1}"
+                )
+            init_state_id = int(init_state_id)
+            init_state = init_states[init_state_id]
+
+        sim = self._simulator(task_id)
+        expected = sim.get_sim_state().shape
+        if init_state.shape != expected:
+            raise ValueError(f"init_state has shape {init_state.shape}, task {task_id} needs {expected}")
+        # LIBERO's reset re-samples fixture placements (cabinets, stoves move by ~1 cm) from the global
+        # numpy RNG, and init states do not store them: draw them from this env's RNG instead, so that a
+        # seed fixes the whole scene, and leave the caller's global RNG as it was.
+        global_rng_state = np.random.get_state()
+        np.random.seed(int(self.np_random.integers(2**31)))
+        try:
+            sim.reset()
+        finally:
+            np.random.set_state(global_rng_state)
+        # A soft reset keeps the Panda gripper's integrated command from the last episode; a hard reset
+        # (LIBERO's default) starts it at zero. Match the hard reset so episodes do not leak into each other.
+        for robot in sim.robots:
+            robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        raw_obs = sim.set_init_state(init_state)
+        for _ in range(self.num_settle_steps):
+            raw_obs, _, _, _ = sim.step(SETTLE_ACTION)
+        self._sim, self._task, self._init_state_id = sim, self.tasks[task_id], init_state_id
+        return self._observation(raw_obs), self._info(success=False)
+
+    def step(self, action):
+        if self._sim is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (ACTION_DIM,):
+            raise ValueError(f"action has shape {action.shape}: expected ({ACTION_DIM},) (dx, dy, dz, droll, dpitch, dyaw, gripper)")
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action contains NaN or inf: {action.tolist()}")
+        raw_obs, _, success, _ = self._sim.step(np.clip(action, -1.0, 1.0))
+        success = bool(success)  # LIBERO's `done` is its BDDL goal check
+        return self._observation(raw_obs), float(success), success, False, self._info(success)
+
+    def render(self):
+        if self.render_mode is None:
+            gym.logger.warn("render() called without render_mode; make the env with render_mode='rgb_array'")
+            return None
+        if self._sim is None:
+            raise gym.error.ResetNeeded("call reset() before render()")
+        if self.render_size == self.image_size[0] == self.image_size[1] and "agentview" in self._frames:
+            return self._frames["agentview"]
+        return self._render_camera("agentview", self.render_size, self.render_size)
+
+    def close(self):
+        while self._simulators:
+            _, simulator = self._simulators.popitem()
+            simulator.close()
+        self._sim = None
+        super().close()
+
+    # ------------------------------------------------------------------ helpers
+    def _task_id_choices(self) -> str:
+        ids = self.task_ids
+        return f"0..{ids[-1]}" if ids == tuple(range(len(ids))) else str(list(ids))
+
+    def _render_camera(self, camera: str, height: int, width: int) -> np.ndarray:
+        frame = self._sim.sim.render(camera_name=CAMERAS[camera], width=width, height=height)
+        # OpenGL rows run bottom-up; VLA training data (OpenVLA's LIBERO pipeline) is rotated 180 degrees.
+        return np.ascontiguousarray(frame[::-1, ::-1])
+
+    def _observation(self, raw: dict) -> dict:
+        obs: dict[str, Any] = {"instruction": self._task.instruction, "task_id": np.int64(self._task.task_id)}
+        if "state" in self.obs_mode:
+            obs["state"] = np.concatenate(
+                [raw["robot0_eef_pos"], _quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
+            ).astype(np.float32)
+        self._frames = {camera: self._render_camera(camera, *self.image_size) for camera in self.cameras}
+        obs.update(self._frames)
+        if self.privileged_state:
+            object_state = np.zeros(self.object_state_dim, dtype=np.float32)
+            values = raw["object-state"]
+            object_state[: len(values)] = values
+            obs["object_state"] = object_state
+        return obs
+
+    def _info(self, success: bool) -> dict:
+        return {
+            "is_success": success,
+            "task_id": self._task.task_id,
+            "task_name": self._task.name,
+            "init_state_id": self._init_state_id,
+        }

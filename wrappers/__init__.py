@@ -1,0 +1,1 @@
+"""Gymnasium wrappers for LIBERO envs, one concern per file."""
