@@ -6,7 +6,7 @@ Importing the package registers one env id per LIBERO suite (see :data:`gym_libe
     import gym_libero_vla  # noqa: F401
 
     env = gym.make("LiberoSpatial-v0", obs_mode="state")
-    envs = gym.make_vec("LiberoSpatial-v0", num_envs=2, vectorization_mode="async")
+    envs = gym.make_vec("LiberoSpatial-v0", num_envs=2)  # worker processes, see gym_libero_vla/vector.py
 
 Registration uses string entry points, so nothing heavy (LIBERO, robosuite, MuJoCo) is imported here.
 """
@@ -27,6 +27,7 @@ def register_envs() -> None:
             gym.register(
                 id=spec.env_id,
                 entry_point="gym_libero_vla.libero_env:LiberoEnv",
+                vector_entry_point="gym_libero_vla.vector:make_vector_env",
                 max_episode_steps=spec.max_episode_steps,
                 kwargs={"suite": spec.libero_name},
             )

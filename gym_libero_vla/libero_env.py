@@ -20,7 +20,8 @@ takes seconds, so the last ``max_cached_tasks`` simulators are kept (each ~0.3 G
 from __future__ import annotations
 
 import collections
-import string
+import contextlib
+import os
 from typing import Any
 
 import gymnasium as gym
@@ -28,6 +29,7 @@ import numpy as np
 from gymnasium import spaces
 
 from gym_libero_vla import rendering
+from gym_libero_vla.instruction_space import InstructionText
 from gym_libero_vla.suites import libero_modules, quiet, resolve_suite, suite_tasks, task_init_states
 
 OBS_MODES = ("state", "rgb", "rgb+state")
@@ -43,8 +45,6 @@ OBJECT_STATE_BOUND = np.float32(10.0)
 OBJECT_STATE_PER_OBJECT = 14  # LIBERO's object-state: position, quaternion, both relative to the gripper too.
 NUM_SETTLE_STEPS = 10  # OpenVLA's LIBERO evaluation waits 10 steps for objects to settle.
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # no motion, gripper open.
-INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.;:'\"-_/()&!?"
-MAX_INSTRUCTION_LENGTH = 256
 RESET_OPTIONS = ("task_id", "init_state_id", "init_state")
 
 
@@ -55,6 +55,36 @@ def _quat2axisangle(quat: np.ndarray) -> np.ndarray:
     if np.isclose(den, 0.0):
         return np.zeros(3)
     return quat[:3] * 2.0 * np.arccos(w) / den
+
+
+def _check_cameras(obs_mode: str, cameras) -> tuple[str, ...]:
+    cameras = (cameras,) if isinstance(cameras, str) else tuple(cameras)
+    for camera in cameras:
+        if camera not in CAMERAS:
+            raise ValueError(f"unknown camera {camera!r}: valid {tuple(CAMERAS)}")
+    if "rgb" in obs_mode and not cameras:
+        raise ValueError(f"obs_mode {obs_mode!r} needs at least one camera from {tuple(CAMERAS)}")
+    if len(set(cameras)) != len(cameras):
+        raise ValueError(f"cameras {cameras} name a camera twice")
+    return cameras
+
+
+def _check_image_size(image_size) -> tuple[int, int]:
+    height, width = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
+    if not (int(height) == height > 0 and int(width) == width > 0):
+        raise ValueError(f"image_size {image_size!r} must be a positive int or (height, width)")
+    return int(height), int(width)
+
+
+@contextlib.contextmanager
+def _global_numpy_seed(seed: int):
+    """Seed numpy's global RNG, which LIBERO's placement samplers use, and restore the caller's state after."""
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
 
 
 class LiberoEnv(gym.Env[dict, np.ndarray]):
@@ -105,19 +135,8 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         self.suite = self.suite_spec.libero_name
         if obs_mode not in OBS_MODES:
             raise ValueError(f"unknown obs_mode {obs_mode!r}: valid {OBS_MODES}")
-        if isinstance(cameras, str):
-            cameras = (cameras,)
-        cameras = tuple(cameras)
-        for camera in cameras:
-            if camera not in CAMERAS:
-                raise ValueError(f"unknown camera {camera!r}: valid {tuple(CAMERAS)}")
-        if "rgb" in obs_mode and not cameras:
-            raise ValueError(f"obs_mode {obs_mode!r} needs at least one camera from {tuple(CAMERAS)}")
-        if len(set(cameras)) != len(cameras):
-            raise ValueError(f"cameras {cameras} name a camera twice")
-        height, width = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
-        if not (int(height) == height > 0 and int(width) == width > 0):
-            raise ValueError(f"image_size {image_size!r} must be a positive int or (height, width)")
+        cameras = _check_cameras(obs_mode, cameras)
+        height, width = _check_image_size(image_size)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"unknown render_mode {render_mode!r}: valid {self.metadata['render_modes']} or None")
         if not (isinstance(render_size, (int, np.integer)) and render_size > 0):
@@ -150,7 +169,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         self.object_state_dim = OBJECT_STATE_PER_OBJECT * max(task.num_objects for task in self.tasks)
 
         obs_spaces: dict[str, spaces.Space] = {
-            "instruction": spaces.Text(MAX_INSTRUCTION_LENGTH, min_length=1, charset=INSTRUCTION_CHARSET),
+            "instruction": InstructionText(),
             "task_id": spaces.Discrete(len(self.tasks)),
         }
         if "state" in obs_mode:
@@ -158,7 +177,9 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         for camera in self.cameras:
             obs_spaces[camera] = spaces.Box(0, 255, (*self.image_size, 3), np.uint8)
         if privileged_state:
-            obs_spaces["object_state"] = spaces.Box(-OBJECT_STATE_BOUND, OBJECT_STATE_BOUND, (self.object_state_dim,), np.float32)
+            obs_spaces["object_state"] = spaces.Box(
+                -OBJECT_STATE_BOUND, OBJECT_STATE_BOUND, (self.object_state_dim,), np.float32
+            )
         self.observation_space = spaces.Dict(obs_spaces)
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
@@ -184,6 +205,10 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
     def current_task(self):
         return self._task
 
+    def worker_pid(self) -> int:
+        """Process id of the process that runs this env (vector-env workers each have their own)."""
+        return os.getpid()
+
     def num_init_states(self, task_id: int) -> int:
         return len(task_init_states(self.suite, task_id))
 
@@ -196,6 +221,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             old.close()
         if self.needs_renderer:
             rendering.require_rendering()
+            rendering.mark_gl_in_use()
         _, _, env_wrapper = libero_modules()
         env_class = env_wrapper.OffScreenRenderEnv if self.needs_renderer else env_wrapper.ControlEnv
         kwargs = dict(
@@ -210,7 +236,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         )
         if not self.needs_renderer:
             kwargs["has_offscreen_renderer"] = False
-        with quiet():
+        with quiet(), _global_numpy_seed(task_id):  # construction resets (and samples) too
             simulator = env_class(**kwargs)
         self._simulators[task_id] = simulator
         return simulator
@@ -261,12 +287,8 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         # LIBERO's reset re-samples fixture placements (cabinets, stoves move by ~1 cm) from the global
         # numpy RNG, and init states do not store them: draw them from this env's RNG instead, so that a
         # seed fixes the whole scene, and leave the caller's global RNG as it was.
-        global_rng_state = np.random.get_state()
-        np.random.seed(int(self.np_random.integers(2**31)))
-        try:
+        with _global_numpy_seed(int(self.np_random.integers(2**31))):
             sim.reset()
-        finally:
-            np.random.set_state(global_rng_state)
         # A soft reset keeps the Panda gripper's integrated command from the last episode; a hard reset
         # (LIBERO's default) starts it at zero. Match the hard reset so episodes do not leak into each other.
         for robot in sim.robots:
@@ -282,7 +304,9 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             raise gym.error.ResetNeeded("call reset() before step()")
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (ACTION_DIM,):
-            raise ValueError(f"action has shape {action.shape}: expected ({ACTION_DIM},) (dx, dy, dz, droll, dpitch, dyaw, gripper)")
+            raise ValueError(
+                f"action has shape {action.shape}: expected ({ACTION_DIM},) (dx, dy, dz, droll, dpitch, dyaw, gripper)"
+            )
         if not np.all(np.isfinite(action)):
             raise ValueError(f"action contains NaN or inf: {action.tolist()}")
         raw_obs, _, success, _ = self._sim.step(np.clip(action, -1.0, 1.0))

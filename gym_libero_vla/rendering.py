@@ -30,8 +30,27 @@ ctx.make_current()
 ctx.free()
 """
 
+# Set once a backend has been proven to work; inherited by vector-env workers so they skip the probe.
+_VERIFIED = "GYM_LIBERO_VLA_GL_VERIFIED"
 _selected: str | None = None
 _errors: dict[str, str] = {}
+_gl_in_use = False  # this process has created an OpenGL context
+_gl_inherited = False  # this process was forked from one that had
+
+
+def mark_gl_in_use() -> None:
+    global _gl_in_use
+    _gl_in_use = True
+
+
+def _after_fork_in_child() -> None:
+    global _gl_inherited
+    egl = sys.modules.get("robosuite.renderers.context.egl_context")
+    if _gl_in_use or (egl is not None and getattr(egl, "EGL_DISPLAY", None) is not None):
+        _gl_inherited = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def probe_backend(backend: str, timeout: float = 60.0) -> str | None:
@@ -76,6 +95,7 @@ def select_backend() -> str:
         if error is None:
             os.environ["MUJOCO_GL"] = backend
             os.environ["PYOPENGL_PLATFORM"] = backend
+            os.environ[_VERIFIED] = backend
             _selected = backend
             return backend
         _errors[backend] = error
@@ -86,7 +106,23 @@ def select_backend() -> str:
 
 def require_rendering() -> str:
     """Return the active backend, or raise a RuntimeError naming the system packages to install."""
+    if _gl_inherited:
+        raise RuntimeError(
+            "This process was forked from one that had already used OpenGL (an rgb env, a render call, raw "
+            "LIBERO); rendering here would hang inside the GL driver. Start workers with a fresh interpreter: "
+            "gym.make_vec(env_id, num_envs=N) (our vector entry point uses 'forkserver'), or "
+            "vector_kwargs={'context': 'forkserver'} with vectorization_mode='async'."
+        )
     backend = select_backend()
+    if backend in BACKENDS and os.environ.get(_VERIFIED) != backend:
+        # Chosen by the user through MUJOCO_GL: check it once, rather than crash later inside a render call.
+        error = probe_backend(backend)
+        if error is not None:
+            raise RuntimeError(
+                f"MUJOCO_GL={backend} cannot create an OpenGL context ({error}). "
+                f"Install it (apt-get install {SYSTEM_PACKAGES[backend]}) or unset MUJOCO_GL to let gym-libero-vla choose."
+            )
+        os.environ[_VERIFIED] = backend
     if backend not in DISABLED:
         return backend
     if _errors:

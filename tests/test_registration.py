@@ -1,0 +1,50 @@
+import gymnasium as gym
+import pytest
+
+import gym_libero_vla
+from gym_libero_vla.suites import SUITES, resolve_suite
+
+EXPECTED_LIMITS = {
+    "LiberoSpatial-v0": 220,
+    "LiberoObject-v0": 280,
+    "LiberoGoal-v0": 300,
+    "Libero10-v0": 520,
+    "Libero90-v0": 400,
+}
+
+
+@pytest.mark.parametrize("env_id", sorted(EXPECTED_LIMITS))
+def test_every_suite_is_registered_with_its_step_limit(env_id):
+    spec = gym.spec(env_id)
+    assert spec.max_episode_steps == EXPECTED_LIMITS[env_id]
+    assert spec.entry_point == "gym_libero_vla.libero_env:LiberoEnv"
+    assert spec.kwargs["suite"] == SUITES[env_id].libero_name
+
+
+def test_make_with_unknown_id_names_the_valid_ids():
+    with pytest.raises(ValueError, match="LiberoSpatial-v0"):
+        gym_libero_vla.make("LiberoSpatal-v0")
+
+
+def test_gym_make_with_unknown_id_suggests_the_close_name():
+    with pytest.raises(gym.error.NameNotFound, match="LiberoSpatial"):
+        gym.make("LiberoSpatal-v0")
+
+
+@pytest.mark.parametrize("name", ["LiberoGoal-v0", "libero_goal", "goal"])
+def test_suite_names_resolve(name):
+    assert resolve_suite(name).libero_name == "libero_goal"
+
+
+def test_unknown_suite_lists_choices():
+    with pytest.raises(ValueError, match="libero_spatial"):
+        resolve_suite("libero_spatiall")
+
+
+def test_registration_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = "import sys, gym_libero_vla; print(any(m.startswith(('libero', 'robosuite', 'mujoco')) for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
