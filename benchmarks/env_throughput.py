@@ -23,6 +23,7 @@ import numpy as np
 import tyro
 
 import gym_libero_vla  # noqa: F401
+from gym_libero_vla import rendering
 from gym_libero_vla.libero_env import CAMERAS
 from gym_libero_vla.suites import libero_modules, quiet, suite_tasks, task_init_states
 
@@ -102,7 +103,7 @@ def main(args: Args) -> dict:
     results: dict = {
         "env_id": args.env_id,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "mujoco_gl": os.environ.get("MUJOCO_GL"),
+        "mujoco_gl": rendering.select_backend(),
         "image_size": args.image_size,
         "modes": {},
     }

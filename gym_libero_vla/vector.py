@@ -5,13 +5,15 @@ rendered (an rgb env, raw LIBERO, a video recorder) holds an OpenGL display whos
 survive ``fork``; a forked worker that then renders hangs forever inside MuJoCo. This entry point
 (used by ``make_vec`` when no mode is given, or with ``vectorization_mode="vector_entry_point"``)
 starts workers from a clean ``forkserver`` process instead, so each one creates its own simulator and
-GL context. Tasks are spread over workers by the seed (see :class:`LiberoEnv`), and Gymnasium's
-autoreset applies as usual.
+GL context, and Mesa's software rasterizer threads (``LP_NUM_THREADS``, unless set) are shared out
+among the workers instead of each worker starting one per core. Tasks are spread over workers by the
+seed (see :class:`LiberoEnv`), and Gymnasium's autoreset applies as usual.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import gymnasium as gym
 from gymnasium.vector import AsyncVectorEnv
@@ -21,7 +23,10 @@ from gym_libero_vla.suites import resolve_suite
 START_METHODS = ("forkserver", "spawn", "fork")
 
 
-def _make_env(env_id: str, max_episode_steps: int | None, env_kwargs: dict) -> gym.Env:
+def _make_env(env_id: str, max_episode_steps: int | None, rasterizer_threads: int, env_kwargs: dict) -> gym.Env:
+    # Runs in the worker, before any GL context exists: Mesa's software rasterizer (llvmpipe) starts one
+    # thread per core in every process; N workers would oversubscribe the cores N-fold. Share them out.
+    os.environ.setdefault("LP_NUM_THREADS", str(rasterizer_threads))
     return gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
 
 
@@ -40,5 +45,6 @@ def make_vector_env(
     if context not in START_METHODS:
         raise ValueError(f"unknown context {context!r}: valid {START_METHODS}")
     env_id = resolve_suite(suite).env_id
-    env_fn = functools.partial(_make_env, env_id, max_episode_steps, env_kwargs)
+    rasterizer_threads = max(1, (os.cpu_count() or 1) // num_envs)
+    env_fn = functools.partial(_make_env, env_id, max_episode_steps, rasterizer_threads, env_kwargs)
     return AsyncVectorEnv([env_fn] * num_envs, context=context, shared_memory=shared_memory)

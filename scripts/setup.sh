@@ -29,10 +29,17 @@ fi
 stamp=.venv/.gym-libero-vla-installed
 wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
-  echo "== installing Python packages (first time: a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  # torch first and pinned: the CPU build; an unpinned torch pulled in by a dependency is a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  echo "== installing Python packages (first time: a few minutes; log in .venv/install.log)"
+  log=.venv/install.log
+  {
+    .venv/bin/python -m pip install --upgrade pip &&
+      # torch first and pinned: the CPU build; an unpinned torch pulled in by a dependency is a multi-GB CUDA build.
+      .venv/bin/python -m pip install torch==2.13.0 &&
+      .venv/bin/python -m pip install -e '.[dev]'
+  } >"$log" 2>&1 || {
+    tail -n 40 "$log"
+    echo "pip install failed; full log in $log" >&2
+    exit 1
+  }
   echo "$wanted" >"$stamp"
 fi

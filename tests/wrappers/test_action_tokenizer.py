@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 import pytest
-from gym_libero_vla.wrappers.action_tokenizer import BINS_FILENAME, ActionBins, ActionTokenizer
 from gymnasium import spaces
 from gymnasium.utils.env_checker import check_env
+
+from gym_libero_vla.wrappers.action_tokenizer import BINS_FILENAME, ActionBins, ActionTokenizer
 
 # Bounds of a LIBERO-like dataset: translations and rotations use only part of [-1, 1].
 Q01 = np.array([-0.7, -0.8, -0.9, -0.1, -0.15, -0.2, -1.0])

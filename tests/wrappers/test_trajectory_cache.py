@@ -8,9 +8,9 @@ import sys
 import gymnasium as gym
 import numpy as np
 import pytest
-from gym_libero_vla.wrappers.trajectory_cache import TrajectoryCache
 
 from gym_libero_vla.episode_store import EpisodeStore  # importing the package registers the env ids
+from gym_libero_vla.wrappers.trajectory_cache import TrajectoryCache
 
 MAX_STEPS = 20
 

@@ -1,0 +1,385 @@
+"""Generate LIBERO demonstrations with the scripted expert, in the official LIBERO HDF5 layout.
+
+Only successful episodes (the env's ``terminated``, i.e. LIBERO's BDDL goal check) are written. The
+file follows LIBERO's ``create_dataset.py`` layout (see :mod:`gym_libero_vla.demos.libero_hdf5`): images in
+raw OpenGL row order, ``obs/ee_ori`` as axis-angle, ``states[t]`` the flattened MuJoCo state before
+``actions[t]``, plus per-demo ``task_id``, ``init_state_id``, ``seed`` and ``language_instruction`` attributes.
+
+Crash safety and resume. Every finished episode is saved on its own into a sidecar directory
+``<out>.parts/`` by writing a temporary file and ``os.replace``-ing it into place (atomic on POSIX), so
+a kill leaves either a whole episode file or none. Failed attempts leave a small marker, so neither
+successes nor failures are redone when the same command is run again. The HDF5 file is assembled from
+the sidecar at the end of a run into ``<out>.tmp`` and renamed over ``<out>``: readers see either the
+previous complete file or the new complete file, never a partial one. The sidecar stays (it is the
+durable record); pass ``--no-keep-parts`` to delete it after assembly, at the cost of not being able
+to resume or extend that run later.
+
+Replay. ``reset`` runs settle steps after ``set_init_state``; ``states[0]`` is recorded after them,
+so replay resets an env made with ``num_settle_steps=0`` to ``states[0]`` and steps the actions
+(:func:`replay_file`). It also resets with the episode's recorded ``seed`` (LIBERO re-samples fixture
+placements, e.g. the cabinet and stove, at every reset and MuJoCo states do not hold them) and restores
+the gripper's integrated command and MuJoCo's solver warm start, saved as ``replay_*`` demo attributes.
+Replay is close but not bit-exact (states drift by millimetres over an episode), so it is a check that
+the actions still succeed, not a reproduction of every state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import time
+from typing import Literal
+
+import numpy as np
+
+from gym_libero_vla.demos.libero_hdf5 import IMAGE_KEYS, LiberoHDF5, replay_success
+
+PARTS_SUFFIX = ".parts"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class GenerateArgs:
+    """Roll out the scripted expert and write its successful episodes to an HDF5 file."""
+
+    suite: str = "spatial"
+    """LIBERO suite: short name (spatial, object, goal, 10, 90), LIBERO name or env id."""
+    out: str = "data/spatial.hdf5"
+    """Output HDF5 file; progress is kept in ``<out>.parts/`` for resuming."""
+    episodes_per_task: int = 20
+    """Successful episodes wanted per task (init states are tried in order until reached)."""
+    task_ids: tuple[int, ...] | None = None
+    """Tasks to generate (default: every task of the suite)."""
+    init_state_start: int = 0
+    """First init state index to try."""
+    init_state_end: int | None = None
+    """One past the last init state index to try (default: all of the task's init states)."""
+    obs_mode: Literal["state", "rgb+state"] = "state"
+    """"state" stores proprio only (fast); "rgb+state" also stores agentview and wrist frames."""
+    image_size: int = 128
+    """Side of the stored camera frames (rgb+state only)."""
+    seed: int = 0
+    """Base seed; an episode's seed is derived from it, the task and the init state."""
+    noise_scale: float = 0.0
+    """Std of Gaussian noise on the expert's translation actions (0: deterministic expert)."""
+    max_retries: int = 3
+    """Grasp retries the expert may make within an episode."""
+    keep_parts: bool = True
+    """Keep the per-episode sidecar directory after assembling the HDF5 file."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+
+@dataclasses.dataclass
+class ReplayArgs:
+    """Replay a file's actions open-loop from each demo's states[0] and report how many still succeed."""
+
+    file: str = "data/spatial.hdf5"
+    """HDF5 file written by ``generate`` (or an official file with ``--suite`` and ``--task-id``)."""
+    suite: str | None = None
+    """Suite of the file (default: read from the file's env_args)."""
+    task_id: int = -1
+    """Task of demos whose file does not store one (official LIBERO files)."""
+    max_episodes: int | None = None
+    """Replay at most this many demos."""
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+def episode_seed(seed: int, task_id: int, init_state_id: int) -> int:
+    return int(seed) * 1_000_003 + task_id * 1000 + init_state_id
+
+
+def rollout_expert(env, expert, task_id: int, init_state_id: int, seed: int) -> dict:
+    """One expert episode; returns its arrays in the official layout and ``success`` from the env."""
+    obs, _ = env.reset(seed=seed, options={"task_id": task_id, "init_state_id": init_state_id})
+    expert.reset()
+    libero_env = env.unwrapped.libero_env
+    observables = libero_env.env._observables
+    # Simulator state that the flattened MuJoCo state lacks, kept so that replay can be exact: the Panda
+    # gripper's integrated command and MuJoCo's solver warm start.
+    replay_extras = {
+        "gripper_current_action": np.array(libero_env.env.robots[0].gripper.current_action, dtype=np.float64),
+        "qacc_warmstart": np.array(libero_env.env.sim.data.qacc_warmstart, dtype=np.float64),
+    }
+    record: dict[str, list] = {key: [] for key in ("actions", "states", "robot_states", "rewards", "dones")}
+    record.update({key: [] for key in ("ee_pos", "ee_ori", "gripper_states", "joint_states")})
+    record.update({IMAGE_KEYS[camera]: [] for camera in IMAGE_KEYS if camera in obs})
+    success = False
+    while True:
+        # The observation and simulator state *before* the action, as LIBERO's create_dataset.py records them.
+        record["states"].append(libero_env.get_sim_state().copy())
+        gripper_qpos = observables["robot0_gripper_qpos"].obs
+        record["robot_states"].append(
+            np.concatenate([gripper_qpos, observables["robot0_eef_pos"].obs, observables["robot0_eef_quat"].obs])
+        )
+        record["ee_pos"].append(obs["state"][:3])
+        record["ee_ori"].append(obs["state"][3:6])
+        record["gripper_states"].append(obs["state"][6:8])
+        record["joint_states"].append(np.asarray(observables["robot0_joint_pos"].obs).copy())
+        for camera, key in IMAGE_KEYS.items():
+            if camera in obs:  # store raw OpenGL order, like the official files
+                record[key].append(obs[camera][::-1, ::-1])
+        action = expert.act(obs)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        record["actions"].append(action)
+        record["rewards"].append(reward)
+        record["dones"].append(terminated)
+        if terminated or truncated:
+            success = bool(terminated)
+            break
+    episode = {
+        "actions": np.asarray(record["actions"], dtype=np.float64),
+        "states": np.asarray(record["states"], dtype=np.float64),
+        "robot_states": np.asarray(record["robot_states"], dtype=np.float64),
+        "rewards": np.asarray(record["rewards"], dtype=np.uint8),
+        "dones": np.asarray(record["dones"], dtype=np.uint8),
+    }
+    for key in ("ee_pos", "ee_ori", "gripper_states", "joint_states", *IMAGE_KEYS.values()):
+        if record.get(key):
+            episode["obs/" + key] = np.asarray(record[key], dtype=np.uint8 if key.endswith("_rgb") else np.float64)
+    episode.update({"replay/" + key: value for key, value in replay_extras.items()})
+    return {"arrays": episode, "success": success, "num_steps": len(record["actions"])}
+
+
+# ---------------------------------------------------------------------------------------------- sidecar
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _part_name(task_id: int, init_state_id: int) -> str:
+    return f"task{task_id:03d}_init{init_state_id:04d}"
+
+
+def _save_part(parts_dir: str, task_id: int, init_state_id: int, episode: dict, meta: dict) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{key.replace("/", "__"): value for key, value in episode["arrays"].items()})
+    _atomic_write(os.path.join(parts_dir, _part_name(task_id, init_state_id) + ".npz"), buffer.getvalue())
+    _atomic_write(os.path.join(parts_dir, _part_name(task_id, init_state_id) + ".json"), json.dumps(meta).encode())
+
+
+def _scan_parts(parts_dir: str) -> dict[tuple[int, int], dict]:
+    """Finished attempts: (task_id, init_state_id) -> meta (with "success"). Leftover temp files are removed."""
+    done = {}
+    for name in sorted(os.listdir(parts_dir)):
+        path = os.path.join(parts_dir, name)
+        if ".tmp." in name:
+            os.remove(path)  # an attempt killed mid-write
+            continue
+        if not name.endswith(".json") or name == "config.json":
+            continue
+        with open(path) as f:
+            meta = json.load(f)
+        # A success's meta is written after its arrays, so a success without arrays cannot happen;
+        # still, trust only what is complete.
+        if meta["success"] and not os.path.exists(path[: -len(".json")] + ".npz"):
+            continue
+        done[(meta["task_id"], meta["init_state_id"])] = meta
+    return done
+
+
+def _check_config(parts_dir: str, config: dict) -> None:
+    path = os.path.join(parts_dir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"{parts_dir!r} holds episodes generated with different settings {changed} (old, new): "
+                "use another --out or delete that directory"
+            )
+    else:
+        _atomic_write(path, json.dumps(config, indent=2).encode())
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+def assemble_hdf5(out: str, parts_dir: str) -> int:
+    """Write every successful episode of ``parts_dir`` into ``out`` (atomically); return the demo count."""
+    import h5py
+
+    from gym_libero_vla import suites
+
+    with open(os.path.join(parts_dir, "config.json")) as f:
+        config = json.load(f)
+    spec = suites.resolve_suite(config["suite"])
+    tasks = suites.suite_tasks(spec.libero_name)
+    meta_by_key = _scan_parts(parts_dir)
+    successes = sorted(key for key, meta in meta_by_key.items() if meta["success"])
+    task_ids = sorted({task_id for task_id, _ in successes})
+    instructions = {tasks[t].instruction for t in task_ids}  # empty when no episode succeeded
+    tmp = out + ".tmp"
+    total = 0
+    with h5py.File(tmp, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps(
+            {
+                "problem_name": tasks[task_ids[0]].name if len(task_ids) == 1 else spec.libero_name,
+                "domain_name": "robosuite",
+                # One task per file in official data; a multi-task file keeps instructions per demo.
+                "language_instruction": instructions.pop() if len(instructions) == 1 else "",
+            }
+        )
+        data.attrs["env_args"] = json.dumps(
+            {
+                "type": 1,
+                "env_name": "LiberoEnv",
+                "suite": spec.libero_name,
+                "env_id": spec.env_id,
+                "env_kwargs": {"obs_mode": config["obs_mode"], "image_size": config["image_size"]},
+                "bddl_files": {str(t): tasks[t].bddl_file for t in task_ids},
+            }
+        )
+        data.attrs["macros_image_convention"] = "opengl"
+        data.attrs["generator"] = "gym_libero_vla.demos scripted expert"
+        data.attrs["generator_config"] = json.dumps(config)
+        for index, (task_id, init_state_id) in enumerate(successes):
+            with np.load(os.path.join(parts_dir, _part_name(task_id, init_state_id) + ".npz")) as arrays:
+                demo = data.create_group(f"demo_{index}")
+                for key in arrays.files:
+                    if key.startswith("replay__"):  # small vectors: attributes, not datasets
+                        demo.attrs[key.replace("__", "_")] = arrays[key]
+                    else:
+                        demo.create_dataset(key.replace("__", "/"), data=arrays[key])
+                states = arrays["states"]
+                demo.attrs["num_samples"] = len(arrays["actions"])
+                demo.attrs["init_state"] = states[0]
+                total += len(arrays["actions"])
+            demo.attrs["task_id"] = task_id
+            demo.attrs["init_state_id"] = init_state_id
+            demo.attrs["seed"] = meta_by_key[(task_id, init_state_id)]["seed"]
+            demo.attrs["task_name"] = tasks[task_id].name
+            demo.attrs["language_instruction"] = tasks[task_id].instruction
+        data.attrs["num_demos"] = len(successes)
+        data.attrs["total"] = total
+    os.replace(tmp, out)
+    return len(successes)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def generate(args: GenerateArgs) -> dict:
+    """Run the generation described by ``args``; returns counts (successes, failures, attempts this run)."""
+    import gymnasium as gym
+    from tqdm import tqdm
+
+    import gym_libero_vla  # noqa: F401  (registers the env ids)
+    from gym_libero_vla import suites
+    from gym_libero_vla.demos.scripted_expert import ScriptedExpert
+
+    spec = suites.resolve_suite(args.suite)
+    if args.episodes_per_task < 1:
+        raise ValueError(f"episodes_per_task {args.episodes_per_task} must be >= 1")
+    if args.image_size < 1:
+        raise ValueError(f"image_size {args.image_size} must be >= 1")
+    tasks = suites.suite_tasks(spec.libero_name)
+    task_ids = tuple(range(len(tasks))) if args.task_ids is None else tuple(args.task_ids)
+    bad = [t for t in task_ids if not 0 <= t < len(tasks)]
+    if bad:
+        raise ValueError(f"unknown task_id {bad[0]} for {spec.env_id}: valid 0..{len(tasks) - 1}")
+
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    parts_dir = out + PARTS_SUFFIX
+    os.makedirs(parts_dir, exist_ok=True)
+    config = {
+        "format": FORMAT_VERSION,
+        "suite": spec.libero_name,
+        "obs_mode": args.obs_mode,
+        "image_size": args.image_size,
+        "seed": args.seed,
+        "noise_scale": args.noise_scale,
+        "max_retries": args.max_retries,
+    }
+    _check_config(parts_dir, config)
+    done = _scan_parts(parts_dir)
+
+    env = gym.make(
+        spec.env_id,
+        obs_mode=args.obs_mode,
+        image_size=args.image_size,
+        cameras=("agentview", "wrist"),
+        task_ids=task_ids,
+    )
+    expert = ScriptedExpert(env, max_retries=args.max_retries, noise_scale=args.noise_scale, seed=args.seed)
+    counts = {"successes": 0, "failures": 0, "attempts": 0, "skipped": 0}
+    wanted = args.episodes_per_task * len(task_ids)
+    have = {t: sum(1 for (task, _), m in done.items() if task == t and m["success"]) for t in task_ids}
+    bar = tqdm(
+        total=wanted,
+        initial=sum(min(n, args.episodes_per_task) for n in have.values()),
+        desc=f"{spec.env_id} demos",
+        unit="demo",
+        disable=not args.progress,
+    )
+    try:
+        for task_id in task_ids:
+            end = suites.task_init_states(spec.libero_name, task_id).shape[0]
+            end = end if args.init_state_end is None else min(end, args.init_state_end)
+            for init_state_id in range(args.init_state_start, end):
+                if have[task_id] >= args.episodes_per_task:
+                    break
+                if (task_id, init_state_id) in done:
+                    counts["skipped"] += 1
+                    continue
+                seed = episode_seed(args.seed, task_id, init_state_id)
+                expert.rng = np.random.default_rng(seed)
+                start = time.perf_counter()
+                episode = rollout_expert(env, expert, task_id, init_state_id, seed)
+                meta = {
+                    "task_id": task_id,
+                    "init_state_id": init_state_id,
+                    "seed": seed,
+                    "success": episode["success"],
+                    "num_steps": episode["num_steps"],
+                    "seconds": time.perf_counter() - start,
+                }
+                if episode["success"]:
+                    _save_part(parts_dir, task_id, init_state_id, episode, meta)
+                    have[task_id] += 1
+                    counts["successes"] += 1
+                    bar.update(1)
+                else:
+                    _atomic_write(
+                        os.path.join(parts_dir, _part_name(task_id, init_state_id) + ".json"), json.dumps(meta).encode()
+                    )
+                    counts["failures"] += 1
+                counts["attempts"] += 1
+                bar.set_postfix(task=task_id, failures=counts["failures"])
+    finally:
+        bar.close()
+        env.close()
+    counts["num_demos"] = assemble_hdf5(out, parts_dir)
+    if not args.keep_parts:
+        shutil.rmtree(parts_dir)
+    return counts
+
+
+def replay_file(args: ReplayArgs) -> list[bool]:
+    """Replay each demo of ``args.file``; one bool per demo, True when the env reports success."""
+    import gymnasium as gym
+
+    import gym_libero_vla  # noqa: F401
+    from gym_libero_vla import suites
+
+    with LiberoHDF5(args.file, task_id=args.task_id, load_images=False) as demos:
+        suite = args.suite or demos.env_args.get("suite")
+        if suite is None:
+            raise ValueError(f"{args.file!r} does not name its suite in env_args: pass --suite")
+        spec = suites.resolve_suite(suite)
+        env = gym.make(spec.env_id, obs_mode="state", num_settle_steps=0)
+        try:
+            results = []
+            for index, episode in enumerate(demos):
+                if args.max_episodes is not None and index >= args.max_episodes:
+                    break
+                results.append(replay_success(env, episode))
+        finally:
+            env.close()
+    return results

@@ -1,0 +1,385 @@
+"""Read LIBERO / robomimic HDF5 demonstrations in the observation layout of our envs.
+
+The official LIBERO datasets (written by LIBERO's ``scripts/create_dataset.py``) and the files our
+generator writes (:mod:`gym_libero_vla.demos.generate`) share robomimic's layout::
+
+    data                      attrs: problem_info (JSON, "language_instruction"), env_args (JSON), ...
+    data/demo_N               attrs: num_samples, init_state; ours add task_id, init_state_id, seed,
+                              language_instruction, replay_* (see generate.py)
+    data/demo_N/actions       (T, 7) delta eef position, delta axis-angle, gripper (-1 open, +1 close)
+    data/demo_N/states        (T, S) flattened MuJoCo states, states[t] before actions[t]
+    data/demo_N/robot_states  (T, 9) gripper qpos (2), eef position (3), eef quaternion (4)
+    data/demo_N/rewards, dones (T,)
+    data/demo_N/obs/ee_pos (T, 3), ee_ori (T, 3, axis-angle), gripper_states (T, 2), joint_states (T, 7)
+    data/demo_N/obs/agentview_rgb, eye_in_hand_rgb (T, H, W, 3) uint8, raw OpenGL row order (upside down)
+
+An :class:`Episode` exposes the same keys as ``LiberoEnv`` observations: "instruction", "task_id",
+"state" (ee_pos, ee_ori, gripper_states: 8 numbers, OpenVLA-OFT's proprio) and upright "agentview" /
+"wrist" frames (``raw[::-1, ::-1]``, as the env and OpenVLA's LIBERO pipeline rotate them).
+
+Filtering follows OpenVLA's processed LIBERO data (``experiments/robot/libero/regenerate_libero_dataset.py``):
+no-op steps (zero translation and rotation with the gripper command unchanged) are dropped, and failed
+demonstrations are dropped, judged from the file's ``dones``/``rewards`` or, with :func:`replay_success`,
+by replaying the actions in the simulator. :class:`ActionStats` holds the per-dimension statistics
+(min, max, mean, std, 1st and 99th percentiles) that action normalisation / tokenisation uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+ACTION_DIM = 7
+NOOP_THRESHOLD = 1e-4  # OpenVLA's is_noop threshold on the norm of the 6 motion dims
+# Our observation keys -> dataset keys under data/demo_N/obs.
+IMAGE_KEYS = {"agentview": "agentview_rgb", "wrist": "eye_in_hand_rgb"}
+_DEMO_KEY = re.compile(r"^demo_(\d+)$")
+
+
+def _h5py():
+    import h5py  # deferred: importing the package must stay cheap
+
+    return h5py
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+@dataclasses.dataclass
+class ActionStats:
+    """Per-dimension statistics of a set of actions; q01/q99 bound the action tokenizer's range."""
+
+    min: list[float]
+    max: list[float]
+    mean: list[float]
+    std: list[float]
+    q01: list[float]
+    q99: list[float]
+    num_transitions: int = 0
+
+    @classmethod
+    def from_actions(cls, actions: np.ndarray) -> ActionStats:
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.ndim != 2 or actions.shape[0] == 0:
+            raise ValueError(f"actions must be a non-empty (N, action_dim) array, got shape {actions.shape}")
+
+        def as_list(values):
+            return [float(v) for v in values]
+
+        return cls(
+            min=as_list(actions.min(axis=0)),
+            max=as_list(actions.max(axis=0)),
+            mean=as_list(actions.mean(axis=0)),
+            std=as_list(actions.std(axis=0)),
+            q01=as_list(np.quantile(actions, 0.01, axis=0)),
+            q99=as_list(np.quantile(actions, 0.99, axis=0)),
+            num_transitions=int(actions.shape[0]),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ActionStats:
+        with open(path) as f:
+            values = json.load(f)
+        fields = {field.name for field in dataclasses.fields(cls)}
+        missing = sorted(fields - set(values) - {"num_transitions"})
+        if missing:
+            raise ValueError(f"action stats file {path} lacks {missing}: expected keys {sorted(fields)}")
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+# ---------------------------------------------------------------------------------------------- episodes
+@dataclasses.dataclass
+class Episode:
+    """One demonstration, with observations in the env's layout (index t is the observation before action t)."""
+
+    name: str
+    instruction: str
+    task_id: int
+    """Task index in its suite, or -1 when the file does not say."""
+    init_state_id: int
+    """Index of the suite's init state the episode started from, or -1 when unknown."""
+    actions: np.ndarray
+    """(T, 7) float32."""
+    observations: dict[str, np.ndarray]
+    """"state" (T, 8) float32 and, when the file has images, "agentview" / "wrist" (T, H, W, 3) uint8, upright."""
+    states: np.ndarray | None = None
+    """(T, S) flattened MuJoCo states; states[0] is where replay starts."""
+    rewards: np.ndarray | None = None
+    dones: np.ndarray | None = None
+    replay_state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """Simulator state outside the MuJoCo state at ``states[0]`` (ours only): the gripper's integrated
+    command ("gripper_current_action") and the solver warm start ("qacc_warmstart")."""
+    seed: int | None = None
+    """Seed of the env reset that produced the episode (ours only): LIBERO re-samples fixture placements
+    (cabinets, stoves move by ~1 cm) at reset and MuJoCo states do not hold them, so exact replay and
+    re-rendering reset with this seed."""
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def success(self) -> bool:
+        """Whether the demonstration ends in success according to the file (any done or positive reward)."""
+        done = self.dones is not None and len(self.dones) and bool(np.any(self.dones))
+        rewarded = self.rewards is not None and len(self.rewards) and bool(np.any(self.rewards > 0))
+        return bool(done or rewarded)
+
+    def observation(self, t: int) -> dict:
+        """The observation before action ``t``, as a ``LiberoEnv`` observation dict."""
+        obs = {"instruction": self.instruction, "task_id": np.int64(self.task_id)}
+        obs.update({key: values[t] for key, values in self.observations.items()})
+        return obs
+
+    def select(self, keep: np.ndarray) -> Episode:
+        """A copy with only the time steps where ``keep`` is True."""
+
+        def take(values):
+            return None if values is None else values[keep]
+
+        return dataclasses.replace(
+            self,
+            actions=self.actions[keep],
+            observations={key: values[keep] for key, values in self.observations.items()},
+            states=take(self.states),
+            rewards=take(self.rewards),
+            dones=take(self.dones),
+        )
+
+
+def noop_mask(actions: np.ndarray, threshold: float = NOOP_THRESHOLD) -> np.ndarray:
+    """True where an action is a no-op, as OpenVLA's ``is_noop``: near-zero translation and rotation, and
+    the gripper command equal to that of the previous *kept* action (the first action: motion alone)."""
+    actions = np.asarray(actions)
+    mask = np.zeros(len(actions), dtype=bool)
+    previous_gripper = None
+    for t, action in enumerate(actions):
+        still = np.linalg.norm(action[:-1]) < threshold
+        if still and (previous_gripper is None or action[-1] == previous_gripper):
+            mask[t] = True
+        else:
+            previous_gripper = action[-1]
+    return mask
+
+
+def drop_noops(episode: Episode, threshold: float = NOOP_THRESHOLD) -> Episode:
+    """The episode without its no-op steps (see :func:`noop_mask`)."""
+    return episode.select(~noop_mask(episode.actions, threshold))
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _instruction_from_problem_info(raw) -> str:
+    info = json.loads(raw) if isinstance(raw, (str, bytes)) else dict(raw)
+    words = info.get("language_instruction", "")
+    if isinstance(words, (list, tuple)):
+        # LIBERO's BDDL parser returns the instruction as a token list.
+        joiner = "" if all(len(str(w)) <= 1 for w in words) else " "
+        words = joiner.join(str(w) for w in words)
+    return str(words).strip().strip('"')
+
+
+def _decode(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class LiberoHDF5:
+    """A LIBERO / robomimic demonstration file.
+
+    Args:
+        path: the .hdf5 file.
+        task_id: task index to report for demos whose file does not store one (official LIBERO files
+            hold one task each and do not store it); -1 when unknown.
+        load_images: read the camera datasets (the slow part); False returns "state" only.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file and the problem
+    for a file that is not HDF5 (e.g. truncated) or not in the LIBERO layout.
+    """
+
+    def __init__(self, path: str | os.PathLike, task_id: int = -1, load_images: bool = True):
+        self.path = os.fspath(path)
+        self.default_task_id = int(task_id)
+        self.load_images = load_images
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"LIBERO HDF5 file {self.path!r} does not exist")
+        h5py = _h5py()
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as error:
+            size = os.path.getsize(self.path)
+            raise ValueError(
+                f"{self.path!r} ({size} bytes) is not a readable HDF5 file; is it truncated or corrupt? ({error})"
+            ) from None
+        try:
+            self._validate()
+        except Exception:
+            self._file.close()
+            raise
+
+    def _validate(self) -> None:
+        if "data" not in self._file:
+            raise ValueError(
+                f"{self.path!r} is not a LIBERO/robomimic demo file: it has no 'data' group "
+                f"(top-level keys: {sorted(self._file.keys())})"
+            )
+        data = self._file["data"]
+        self.demo_keys = sorted((k for k in data if _DEMO_KEY.match(k)), key=lambda k: int(k[5:]))
+        if not self.demo_keys and len(data):
+            raise ValueError(f"{self.path!r}: group 'data' holds no 'demo_N' groups (keys: {sorted(data.keys())[:10]})")
+        self.problem_info = json.loads(_decode(data.attrs["problem_info"])) if "problem_info" in data.attrs else {}
+        self.env_args = json.loads(_decode(data.attrs["env_args"])) if "env_args" in data.attrs else {}
+        self.instruction = _instruction_from_problem_info(data.attrs["problem_info"]) if "problem_info" in data.attrs else ""
+        for key in self.demo_keys:
+            demo = data[key]
+            if "actions" not in demo:
+                raise ValueError(f"{self.path!r}: data/{key} has no 'actions' dataset (keys: {sorted(demo.keys())})")
+            shape = demo["actions"].shape
+            if len(shape) != 2 or shape[1] != ACTION_DIM:
+                raise ValueError(
+                    f"{self.path!r}: data/{key}/actions has shape {shape}; LIBERO actions are (T, {ACTION_DIM}): "
+                    "delta position (3), delta axis-angle (3), gripper (1)"
+                )
+            if "obs" not in demo and "robot_states" not in demo:
+                raise ValueError(f"{self.path!r}: data/{key} has neither an 'obs' group nor 'robot_states'")
+
+    # ------------------------------------------------------------------ container protocol
+    def __len__(self) -> int:
+        return len(self.demo_keys)
+
+    def __iter__(self) -> Iterator[Episode]:
+        for key in self.demo_keys:
+            yield self.episode(key)
+
+    def __getitem__(self, index: int) -> Episode:
+        return self.episode(self.demo_keys[index])
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> LiberoHDF5:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+    def episode(self, key: str) -> Episode:
+        if key not in self.demo_keys:
+            raise KeyError(f"{self.path!r} has no demo {key!r}: valid {self.demo_keys[:5]}... ({len(self)} demos)")
+        try:
+            return self._read_episode(key)
+        except OSError as error:  # a damaged dataset inside a file whose header is intact
+            raise ValueError(f"{self.path!r}: cannot read data/{key}; is the file truncated or corrupt? ({error})") from None
+
+    def _read_episode(self, key: str) -> Episode:
+        demo = self._file["data"][key]
+        actions = np.asarray(demo["actions"][()], dtype=np.float32)
+        obs_group = demo["obs"] if "obs" in demo else {}
+        observations = {"state": self._state(key, demo, obs_group, len(actions))}
+        if self.load_images:
+            for ours, theirs in IMAGE_KEYS.items():
+                if theirs in obs_group:
+                    # Files store raw OpenGL frames (bottom row first): rotate 180 degrees to upright.
+                    observations[ours] = np.ascontiguousarray(obs_group[theirs][()][:, ::-1, ::-1])
+        instruction = _decode(demo.attrs.get("language_instruction", self.instruction))
+        return Episode(
+            name=key,
+            instruction=str(instruction),
+            task_id=int(demo.attrs.get("task_id", self.default_task_id)),
+            init_state_id=int(demo.attrs.get("init_state_id", -1)),
+            actions=actions,
+            observations=observations,
+            states=np.asarray(demo["states"][()], dtype=np.float64) if "states" in demo else None,
+            rewards=np.asarray(demo["rewards"][()], dtype=np.float32) if "rewards" in demo else None,
+            dones=np.asarray(demo["dones"][()]).astype(bool) if "dones" in demo else None,
+            seed=int(demo.attrs["seed"]) if "seed" in demo.attrs else None,
+            replay_state={
+                key.removeprefix("replay_"): np.asarray(value)
+                for key, value in demo.attrs.items()
+                if key.startswith("replay_")
+            },
+        )
+
+    def _state(self, key: str, demo, obs_group, length: int) -> np.ndarray:
+        if all(k in obs_group for k in ("ee_pos", "ee_ori", "gripper_states")):
+            parts = [obs_group["ee_pos"][()], obs_group["ee_ori"][()], obs_group["gripper_states"][()]]
+        elif "robot_states" in demo:  # gripper qpos (2), eef pos (3), eef quat xyzw (4)
+            from gym_libero_vla.libero_env import _quat2axisangle
+
+            robot = demo["robot_states"][()]
+            parts = [robot[:, 2:5], np.stack([_quat2axisangle(q) for q in robot[:, 5:9]]), robot[:, 0:2]]
+        else:
+            raise ValueError(f"{self.path!r}: data/{key} lacks obs/ee_pos, obs/ee_ori, obs/gripper_states and robot_states")
+        state = np.concatenate([np.asarray(p, dtype=np.float32).reshape(length, -1) for p in parts], axis=1)
+        if state.shape != (length, 8):
+            raise ValueError(f"{self.path!r}: data/{key} gives a proprio state of shape {state.shape}, expected ({length}, 8)")
+        return state
+
+    def all_actions(self) -> np.ndarray:
+        """Every action of every demo, concatenated: (N, 7)."""
+        return np.concatenate([self._file["data"][key]["actions"][()] for key in self.demo_keys]).astype(np.float32)
+
+
+def load_episodes(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    filter_noops: bool = True,
+    drop_failed: bool = True,
+    load_images: bool = True,
+) -> list[Episode]:
+    """Read one or more files; optionally drop no-op steps and failed demos, as OpenVLA's processed data."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    episodes = []
+    for path in paths:
+        with LiberoHDF5(path, load_images=load_images) as demos:
+            for episode in demos:
+                if drop_failed and not episode.success:
+                    continue
+                episodes.append(drop_noops(episode) if filter_noops else episode)
+    return episodes
+
+
+def action_stats(episodes: Sequence[Episode]) -> ActionStats:
+    """Statistics over every action of ``episodes``."""
+    if not episodes:
+        raise ValueError("action_stats needs at least one episode")
+    return ActionStats.from_actions(np.concatenate([episode.actions for episode in episodes]))
+
+
+def replay_success(env, episode: Episode) -> bool:
+    """Replay ``episode``'s actions open-loop from ``states[0]``; True if the env reports success.
+
+    The reset uses the episode's recorded ``seed`` (when the file has one), which fixes LIBERO's fixture
+    placement as it was during recording, and restores the recorded gripper command and solver warm start.
+
+    ``env`` must be a gym_libero_vla env of the episode's suite made with ``num_settle_steps=0``: the
+    recorded ``states[0]`` already is the state the first action was taken from, so settling again
+    would shift the replay.
+    """
+    if episode.states is None:
+        raise ValueError(f"episode {episode.name} has no 'states': it cannot be replayed")
+    if episode.task_id < 0:
+        raise ValueError(f"episode {episode.name} has no task_id: pass task_id= to LiberoHDF5 to replay it")
+    if getattr(env.unwrapped, "num_settle_steps", 0) != 0:
+        raise ValueError(
+            f"replay needs an env made with num_settle_steps=0, got {env.unwrapped.num_settle_steps}: "
+            "states[0] is already settled"
+        )
+    env.reset(seed=episode.seed, options={"task_id": episode.task_id, "init_state": episode.states[0]})
+    domain = env.unwrapped.libero_env.env
+    if "gripper_current_action" in episode.replay_state:
+        domain.robots[0].gripper.current_action = episode.replay_state["gripper_current_action"].copy()
+    if "qacc_warmstart" in episode.replay_state:
+        domain.sim.data.qacc_warmstart[:] = episode.replay_state["qacc_warmstart"]
+    for action in episode.actions:
+        _, _, terminated, truncated, _ = env.step(action)
+        if terminated:
+            return True
+        if truncated:
+            return False
+    return False

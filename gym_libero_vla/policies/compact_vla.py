@@ -1,0 +1,391 @@
+"""CompactVLA: an OpenVLA-shaped policy small enough to train on a 2-core CPU.
+
+The recipe of OpenVLA (Kim et al., 2024) at toy scale: a causal transformer (``transformers``'
+``LlamaModel``, sized by ``hidden_size``/``num_layers``/``num_heads``) reads the prefix
+
+    [BOS, image tokens (per camera), instruction tokens, state token, (object-state token)]
+
+and predicts the 7 action tokens one after the other, each fed back as the next input (teacher-forced
+in training, sampled at run time). Action tokens are the last ``num_bins`` ids of its vocabulary
+(bin ``k`` at id ``vocab_size - 1 - k``, :class:`ActionBins`' order), sharing the embedding table and
+output head with the instruction words, as OpenVLA's share Llama's.
+
+- Images: a 3-layer strided conv net, average-pooled to an ``image_grid x image_grid`` grid; each cell
+  is one token. ``cameras=()`` builds a policy without images (state-mode envs).
+- Instruction: :class:`WordTokenizer`, a lower-cased word vocabulary built from the task instructions
+  and saved with the model (no download).
+- Proprio state (8 numbers) and, for privileged experiments, LIBERO's object poses: one token each.
+
+Instructions of different lengths are padded in the middle of the prefix and masked out; position ids
+count real tokens only, so a padded sample is computed exactly as it would be alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gym_libero_vla.policies.base import (
+    VLAPolicy,
+    action_logits_from_vocab,
+    image_batch,
+    instructions_of,
+    load_action_bins,
+    lora_config,
+    read_policy_config,
+    vector_batch,
+    write_policy_config,
+)
+from gym_libero_vla.wrappers.action_tokenizer import ActionBins
+
+TOKENIZER_FILENAME = "tokenizer.json"
+WEIGHTS_FILENAME = "model.safetensors"
+ADAPTER_WEIGHTS_FILENAME = "adapter_model.safetensors"
+VALID_CAMERAS = ("agentview", "wrist")
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+class WordTokenizer:
+    """Lower-cased words and punctuation -> ids; unknown words map to ``<unk>``. Saved as a JSON word list."""
+
+    PAD, UNK = "<pad>", "<unk>"
+
+    def __init__(self, words: Sequence[str]):
+        words = list(words)
+        if words[:2] != [self.PAD, self.UNK]:
+            words = [self.PAD, self.UNK] + [word for word in words if word not in (self.PAD, self.UNK)]
+        if len(set(words)) != len(words):
+            raise ValueError("WordTokenizer words must be unique")
+        self.words = words
+        self.ids = {word: index for index, word in enumerate(words)}
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> WordTokenizer:
+        """A vocabulary of every word in ``texts`` (e.g. a suite's instructions), sorted for reproducibility."""
+        return cls(sorted({word for text in texts for word in cls.split(text)}))
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        return _WORD.findall(text.lower())
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.ids[self.UNK]
+        return [self.ids.get(word, unk) for word in self.split(text)]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, TOKENIZER_FILENAME), "w") as file:
+            json.dump({"type": "WordTokenizer", "words": self.words}, file, indent=0)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> WordTokenizer:
+        path = os.path.join(directory, TOKENIZER_FILENAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"checkpoint {os.fspath(directory)!r} has no {TOKENIZER_FILENAME} (the instruction vocabulary)"
+            )
+        with open(path) as file:
+            return cls(json.load(file)["words"])
+
+
+@dataclasses.dataclass
+class CompactVLAConfig:
+    """Sizes and inputs of a :class:`CompactVLA`. Defaults train in minutes on a 2-core CPU."""
+
+    cameras: tuple[str, ...] = ("agentview",)
+    """Camera frames read from the observation, from ("agentview", "wrist"); () for state-only envs."""
+    image_size: int = 128
+    """Side of the square frames the env returns (the policy checks it)."""
+    image_grid: int = 4
+    """Image tokens per camera: image_grid ** 2 cells of the pooled conv feature map."""
+    use_state: bool = True
+    """Read the 8-number proprio "state" (eef position, axis-angle, gripper joints) as one token."""
+    state_dim: int = 8
+    object_state_dim: int = 0
+    """> 0: also read privileged "object_state" of this size as one token (env privileged_state=True)."""
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int | None = None
+    """MLP width of the transformer blocks (default 2 * hidden_size)."""
+    max_instruction_tokens: int = 32
+    """Longest instruction (in words) the context holds; longer ones raise ValueError."""
+
+    def __post_init__(self):
+        self.cameras = tuple(self.cameras)
+        for camera in self.cameras:
+            if camera not in VALID_CAMERAS:
+                raise ValueError(f"unknown camera {camera!r}: valid {VALID_CAMERAS}")
+        for name in (
+            "image_size",
+            "image_grid",
+            "state_dim",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "max_instruction_tokens",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} {value!r} must be an int >= 1")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.object_state_dim < 0:
+            raise ValueError(f"object_state_dim {self.object_state_dim} must be >= 0")
+        if self.image_grid > self.image_size // 8:
+            raise ValueError(
+                f"image_grid {self.image_grid} is finer than the conv feature map ({self.image_size // 8} cells a side)"
+            )
+        if not self.cameras and not self.use_state and not self.object_state_dim:
+            raise ValueError("the policy reads nothing but the instruction: give cameras, use_state or object_state_dim")
+
+
+class ImageEncoder(nn.Module):
+    """uint8 ``(B, H, W, 3)`` frames -> ``(B, grid ** 2, hidden)`` tokens: strided convs, average pooling."""
+
+    def __init__(self, hidden_size: int, grid: int):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 32, 5, stride=2, padding=2), nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(),
+            nn.AdaptiveAvgPool2d(grid),
+        )  # fmt: skip
+        self.project = nn.Linear(64, hidden_size)
+        self.position = nn.Parameter(torch.zeros(grid * grid, hidden_size))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        pixels = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # HWC uint8 -> CHW in [-1, 1]
+        features = self.convs(pixels).flatten(2).transpose(1, 2)  # (B, grid ** 2, 64)
+        return self.project(features) + self.position
+
+
+def _vector_token(in_dim: int, hidden_size: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+
+class CompactVLA(VLAPolicy):
+    """A small OpenVLA-style policy. ``CompactVLA(config, action_bins, tokenizer)``; see the module docstring.
+
+    Example::
+
+        bins = ActionBins.from_statistics(action_stats(episodes))
+        tokenizer = WordTokenizer.from_texts(task.instruction for task in suite_tasks("libero_spatial"))
+        policy = CompactVLA(CompactVLAConfig(cameras=()), bins, tokenizer)   # state-only
+        actions, tokens, log_probs = policy.act(obs_batch)
+    """
+
+    def __init__(self, config: CompactVLAConfig, action_bins: ActionBins, tokenizer: WordTokenizer):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaModel
+
+        self.config, self.action_bins, self.tokenizer = config, action_bins, tokenizer
+        self.text_vocab_size = len(tokenizer)
+        self.vocab_size = self.text_vocab_size + action_bins.num_bins  # action bins are the last ids
+        self.observation_keys = (
+            ("instruction",) + config.cameras + (("state",) if config.use_state else ())
+            + (("object_state",) if config.object_state_dim else ())
+        )  # fmt: skip
+        self.num_prefix_tokens = (
+            1 + len(config.cameras) * config.image_grid**2 + config.max_instruction_tokens
+            + int(config.use_state) + int(config.object_state_dim > 0)
+        )  # fmt: skip
+        backbone_config = LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size or 2 * config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            max_position_embeddings=self.num_prefix_tokens + action_bins.action_dim,
+            pad_token_id=tokenizer.pad_id,
+        )
+        self.backbone = LlamaModel(backbone_config)
+        self.bos = nn.Parameter(torch.randn(1, 1, config.hidden_size) * 0.02)
+        self.image_encoders = nn.ModuleDict(
+            {camera: ImageEncoder(config.hidden_size, config.image_grid) for camera in config.cameras}
+        )
+        self.state_token = _vector_token(config.state_dim, config.hidden_size) if config.use_state else None
+        self.object_state_token = (
+            _vector_token(config.object_state_dim, config.hidden_size) if config.object_state_dim else None
+        )
+        self.lm_head = nn.Linear(config.hidden_size, self.vocab_size, bias=False)
+        self.base_model_path: str | None = None
+        self._lora_model = None
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    # ------------------------------------------------------------------ the sequence
+    def _prefix(self, obs_batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix embeddings ``(B, P, hidden)`` and attention mask ``(B, P)`` of a batch of observations."""
+        config, device = self.config, self.device
+        instructions = instructions_of(obs_batch)
+        batch_size = len(instructions)
+        token_ids = [self.tokenizer.encode(text) for text in instructions]
+        for text, ids in zip(instructions, token_ids):
+            if len(ids) > config.max_instruction_tokens:
+                raise ValueError(
+                    f"instruction {text!r} has {len(ids)} words: longer than the policy's context of "
+                    f"max_instruction_tokens={config.max_instruction_tokens}"
+                )
+        longest = max(len(ids) for ids in token_ids)
+        # Pad each instruction on its left: padding sits between the images and the words, masked out.
+        padded = torch.full((batch_size, longest), self.tokenizer.pad_id, dtype=torch.long)
+        word_mask = torch.zeros(batch_size, longest, dtype=torch.long)
+        for row, ids in enumerate(token_ids):
+            if ids:
+                padded[row, longest - len(ids) :] = torch.tensor(ids)
+                word_mask[row, longest - len(ids) :] = 1
+        parts = [self.bos.expand(batch_size, -1, -1)]
+        for camera, encoder in self.image_encoders.items():
+            frames = image_batch(obs_batch, camera, (config.image_size, config.image_size))
+            parts.append(encoder(torch.as_tensor(frames, device=device)))
+        parts.append(self.embed_tokens(padded.to(device)))
+        if self.state_token is not None:
+            state = vector_batch(obs_batch, "state", config.state_dim)
+            parts.append(self.state_token(torch.as_tensor(state, device=device))[:, None])
+        if self.object_state_token is not None:
+            object_state = vector_batch(obs_batch, "object_state", config.object_state_dim)
+            parts.append(self.object_state_token(torch.as_tensor(object_state, device=device))[:, None])
+        for part in parts:
+            if part.shape[0] != batch_size:
+                raise ValueError(
+                    f"observation entries disagree on the batch size: {part.shape[0]} vs {batch_size} instructions"
+                )
+        embeds = torch.cat(parts, dim=1)
+        num_images = sum(part.shape[1] for part in parts[1 : 1 + len(self.image_encoders)])
+        mask = torch.ones(batch_size, embeds.shape[1], dtype=torch.long)
+        mask[:, 1 + num_images : 1 + num_images + longest] = word_mask
+        return embeds, mask.to(device)
+
+    def _action_logits_after(self, prefix: torch.Tensor, mask: torch.Tensor, action_tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of the action tokens at the last ``action_tokens.shape[1] + 1`` positions of
+        ``[prefix, action_tokens]``: ``(B, n + 1, num_bins)``."""
+        vocab_ids = self.vocab_size - 1 - action_tokens  # bin k -> id vocab_size - 1 - k (ActionBins.to_vocab_ids)
+        embeds = torch.cat([prefix, self.embed_tokens(vocab_ids)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(action_tokens.shape)], dim=1)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count, padding does not
+        hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        logits = self.lm_head(hidden[:, prefix.shape[1] - 1 :])
+        return action_logits_from_vocab(logits, self.vocab_size, self.num_bins)
+
+    def action_logits(self, obs_batch: Mapping[str, Any], action_tokens: torch.Tensor) -> torch.Tensor:
+        prefix, mask = self._prefix(obs_batch)
+        tokens = self.check_action_tokens(action_tokens, prefix.shape[0])
+        return self._action_logits_after(prefix, mask, tokens[:, :-1])  # a_i is predicted after a_<i
+
+    def _sample_tokens(self, obs_batch: Mapping[str, Any], deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix, mask = self._prefix(obs_batch)
+        tokens = torch.zeros(prefix.shape[0], 0, dtype=torch.long, device=prefix.device)
+        step_logits = []
+        for _ in range(self.action_dim):  # the model is small: re-run the whole sequence, no KV cache
+            logits = self._action_logits_after(prefix, mask, tokens)[:, -1]
+            if deterministic:
+                token = logits.argmax(-1)
+            else:
+                token = torch.distributions.Categorical(logits=logits.float()).sample()
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            step_logits.append(logits)
+        return tokens, torch.stack(step_logits, dim=1)
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(
+        self,
+        rank: int = 8,
+        alpha: float = 16.0,
+        target_modules: str | Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+        dropout: float = 0.0,
+    ) -> CompactVLA:
+        """Adapt the transformer with LoRA (peft) and freeze everything else; returns ``self``.
+
+        The adapter is saved alone, on top of the checkpoint this policy was loaded from, so load the base
+        with :meth:`from_pretrained` first (``base_model_path``).
+        """
+        from peft import get_peft_model
+
+        if self.lora_enabled:
+            raise ValueError("this policy already has a LoRA adapter")
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        self.backbone = get_peft_model(self.backbone, lora_config(rank, alpha, target_modules, dropout))
+        self._lora_model = self.backbone
+        return self
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the config, tokenizer, action bins and weights (only the adapter when LoRA is on)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        if self.lora_enabled:
+            if self.base_model_path is None:
+                raise ValueError(
+                    "a LoRA policy saves only its adapter, on top of a base checkpoint, but this one has none: "
+                    "save the base with save_pretrained and load it with CompactVLA.from_pretrained before add_lora"
+                )
+            if os.path.abspath(directory) == self.base_model_path:
+                raise ValueError(
+                    f"saving the LoRA adapter into its base checkpoint {self.base_model_path!r} would overwrite it"
+                )
+            self.backbone.save_pretrained(directory)  # adapter_config.json + adapter_model.safetensors
+        else:
+            state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+            save_file(state, os.path.join(directory, WEIGHTS_FILENAME))
+        write_policy_config(
+            directory,
+            {
+                "policy_type": "CompactVLA",
+                "config": dataclasses.asdict(self.config),
+                "lora": self.lora_enabled,
+                "base_model_path": self.base_model_path if self.lora_enabled else None,
+            },
+        )
+        self.tokenizer.save(directory)
+        self.action_bins.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, action_bins: ActionBins | None = None) -> CompactVLA:
+        """Load a checkpoint; a LoRA checkpoint loads its base first, then the adapter on top."""
+        from safetensors.torch import load_file
+
+        directory = os.path.abspath(directory)
+        content = read_policy_config(directory)
+        if content.get("policy_type") != "CompactVLA":
+            raise ValueError(f"{directory!r} holds a {content.get('policy_type')!r} policy, not a CompactVLA")
+        bins = action_bins if action_bins is not None else load_action_bins(directory)
+        if content.get("lora"):
+            from peft import PeftModel
+
+            base_path = content["base_model_path"]
+            if not base_path or not os.path.isdir(base_path):
+                raise FileNotFoundError(
+                    f"LoRA checkpoint {directory!r} needs its base checkpoint {base_path!r}, which is missing"
+                )
+            policy = cls.from_pretrained(base_path, action_bins=bins)
+            for parameter in policy.parameters():
+                parameter.requires_grad_(False)
+            policy.backbone = PeftModel.from_pretrained(policy.backbone, directory, is_trainable=True)
+            policy._lora_model = policy.backbone
+            return policy
+        weights_path = os.path.join(directory, WEIGHTS_FILENAME)
+        if not os.path.exists(weights_path):
+            raise FileNotFoundError(f"checkpoint {directory!r} has no {WEIGHTS_FILENAME}")
+        policy = cls(CompactVLAConfig(**content["config"]), bins, WordTokenizer.load(directory))
+        policy.load_state_dict(load_file(weights_path))
+        policy.base_model_path = directory
+        return policy

@@ -1,0 +1,225 @@
+"""SFT (behaviour cloning on action tokens): learning, SB3 surface, logging, checkpoints, demo sources.
+
+Demonstrations are recorded in the real simulator (state mode): a proportional controller that drives
+the end effector towards a task-specific point, so the demo action depends on both the instruction and
+the state.
+"""
+
+from __future__ import annotations
+
+import glob
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+
+from gym_libero_vla.algos.sft import SFT, load_demonstrations
+from gym_libero_vla.episode_store import Episode, EpisodeStore
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
+from gym_libero_vla.wrappers.action_tokenizer import ActionBins
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run far faster on one thread than on two contended ones (2 shared cores here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TARGETS = {0: np.array([-0.1, 0.1, 1.0]), 1: np.array([0.1, -0.1, 1.1])}
+STEPS_PER_EPISODE = 12
+
+
+def controller(state: np.ndarray, task_id: int) -> np.ndarray:
+    """Move the end effector towards the task's target point, gripper open on task 0, closed on task 1."""
+    motion = np.clip(5.0 * (TARGETS[task_id] - state[:3]), -1.0, 1.0)
+    return np.concatenate([motion, [0.0, 0.0, 0.0], [-1.0 if task_id == 0 else 1.0]]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def demos():
+    """Four episodes (tasks 0 and 1, two init states each) as gym_libero_vla.episode_store.Episode."""
+    env = gym.make("LiberoSpatial-v0", obs_mode="state", task_ids=(0, 1), num_settle_steps=2)
+    episodes = []
+    try:
+        for task_id in (0, 1):
+            for init_state_id in (0, 1):
+                obs, _ = env.reset(options={"task_id": task_id, "init_state_id": init_state_id})
+                states, actions = [obs["state"]], []
+                for _ in range(STEPS_PER_EPISODE):
+                    actions.append(controller(obs["state"], task_id))
+                    obs, *_ = env.step(actions[-1])
+                    states.append(obs["state"])
+                episodes.append(
+                    Episode(
+                        observations={"instruction": obs["instruction"], "state": np.array(states)},
+                        actions=np.array(actions),
+                        rewards=np.zeros(STEPS_PER_EPISODE),
+                        success=False,
+                        task_id=task_id,
+                        init_state_id=init_state_id,
+                        source="offline",
+                        env_id="LiberoSpatial-v0",
+                    )
+                )
+    finally:
+        env.close()
+    return episodes
+
+
+def make_policy(demos, seed=0) -> CompactVLA:
+    torch.manual_seed(seed)
+    bins = ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7})
+    tokenizer = WordTokenizer.from_texts(episode.observations["instruction"] for episode in demos)
+    return CompactVLA(CompactVLAConfig(cameras=(), hidden_size=32, num_layers=1, num_heads=2), bins, tokenizer)
+
+
+def demo_log_likelihood(policy, transitions) -> float:
+    obs, actions = transitions.batch(np.arange(len(transitions)))
+    with torch.no_grad():
+        return policy.log_prob(obs, policy.action_bins.encode(actions))[0].sum(-1).mean().item()
+
+
+def test_learn_reduces_loss_and_raises_demo_likelihood(demos):
+    model = SFT(make_policy(demos), demos=demos, learning_rate=3e-3, batch_size=16, log_interval=10, seed=0)
+    assert len(model.demos) == 4 * STEPS_PER_EPISODE
+    before = demo_log_likelihood(model.policy, model.demos)
+    model.learn(10, progress_bar=False)
+    first_loss = model.last_metrics["loss"]
+    model.learn(70, progress_bar=True, reset_num_timesteps=False)
+    assert model.num_timesteps == 80
+    assert model.last_metrics["loss"] < 0.7 * first_loss
+    assert model.last_metrics["token_accuracy"] > 0.3
+    assert demo_log_likelihood(model.policy, model.demos) > before + 10.0  # nats per action, 7 tokens
+
+
+def test_predict_save_load_round_trip(demos, tmp_path):
+    model = SFT(make_policy(demos), demos=demos, batch_size=8, seed=0).learn(5, progress_bar=False)
+    obs = {"instruction": demos[0].observations["instruction"], "state": demos[0].observations["state"][0]}
+    action, state = model.predict(obs, deterministic=True)
+    assert action.shape == (7,) and action.dtype == np.float32 and state is None
+    batch = {"instruction": (obs["instruction"],) * 2, "state": np.stack([obs["state"]] * 2)}
+    assert model.predict(batch, deterministic=True)[0].shape == (2, 7)
+    model.save(tmp_path / "sft")
+    loaded = SFT.load(tmp_path / "sft", demos=demos)
+    assert loaded.num_timesteps == 5 and loaded.batch_size == 8 and loaded.seed == 0
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], action)
+    assert loaded.optimizer.state_dict()["state"]  # Adam moments restored: training resumes, not restarts
+    loaded.learn(2, progress_bar=False, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 7
+
+
+def test_callback_stops_training(demos):
+    class StopAfter(BaseCallback):
+        def __init__(self, calls):
+            super().__init__()
+            self.calls = calls
+
+        def _on_step(self) -> bool:
+            assert "loss" in self.locals and self.model.num_timesteps == self.n_calls
+            return self.n_calls < self.calls
+
+    model = SFT(make_policy(demos), demos=demos, batch_size=8)
+    callback = StopAfter(3)
+    model.learn(100, callback=[callback], progress_bar=False)
+    assert model.num_timesteps == 3 and callback.n_calls == 3
+
+
+def test_tensorboard_logging(demos, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    SFT(make_policy(demos), demos=demos, batch_size=8, log_interval=2, tensorboard_log=str(tmp_path)).learn(
+        4, progress_bar=False
+    )
+    (run,) = glob.glob(str(tmp_path / "SFT_*"))
+    events = EventAccumulator(run)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/token_accuracy", "train/entropy", "train/action_l1", "time/fps"} <= tags
+    assert [event.step for event in events.Scalars("train/loss")] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(learning_rate=0.0), "learning_rate 0.0"),
+        (dict(learning_rate=float("nan")), "learning_rate nan"),
+        (dict(batch_size=0), "batch_size 0"),
+        (dict(batch_size=2.5), "batch_size 2.5"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm -1.0"),
+        (dict(log_interval=0), "log_interval 0"),
+    ],
+)
+def test_hyperparameters_are_validated(demos, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SFT(make_policy(demos), demos=demos, **kwargs)
+
+
+def test_bad_demonstrations_and_envs_are_named(demos):
+    policy = make_policy(demos)
+    with pytest.raises(ValueError, match="no observation 'state'"):
+        SFT(policy, demos=[{"observations": {"instruction": "open the drawer"}, "actions": np.zeros((3, 7))}])
+    with pytest.raises(ValueError, match=r"actions have shape \(3, 6\)"):
+        SFT(policy, demos=[{"instruction": "open the drawer", "state": np.zeros((3, 8)), "actions": np.zeros((3, 6))}])
+    with pytest.raises(ValueError, match="no episodes"):
+        SFT(policy, demos=[])
+    with pytest.raises(ValueError, match="no demonstrations"):
+        SFT(policy).learn(1, progress_bar=False)
+    with pytest.raises(ValueError, match="total_steps 0"):
+        SFT(policy, demos=demos).learn(0)
+    rgb_env = gym.make("LiberoSpatial-v0", obs_mode="rgb", cameras=("agentview",))  # built lazily: no simulator yet
+    with pytest.raises(ValueError, match=r"lack \['state'\]"):
+        SFT(policy, env=rgb_env, demos=demos)
+
+
+def test_demos_from_an_episode_store_and_a_generated_hdf5_file(demos, tmp_path):
+    from gym_libero_vla.demos.generate import GenerateArgs, generate
+
+    store = EpisodeStore(tmp_path / "store")
+    for episode in demos:
+        store.append(episode)
+    from_store = load_demonstrations(str(tmp_path / "store"), ("instruction", "state"), 7)
+    assert len(from_store) == 4 * STEPS_PER_EPISODE and set(from_store.task_ids) == {0, 1}
+
+    path = tmp_path / "spatial.hdf5"
+    generate(GenerateArgs(suite="spatial", out=str(path), task_ids=(0,), episodes_per_task=1, progress=False))
+    model = SFT(make_policy(demos), demos=str(path), batch_size=8, seed=0)
+    assert len(model.demos) > 20 and set(model.demos.task_ids) == {0}
+    assert model.demos.observations["state"].shape[1:] == (8,)
+    model.learn(3, progress_bar=False)
+    assert np.isfinite(model.last_metrics["loss"])
+
+
+def test_lora_fine_tuning_trains_and_saves_only_the_adapter(demos, tmp_path):
+    make_policy(demos).save_pretrained(tmp_path / "base")
+    policy = CompactVLA.from_pretrained(tmp_path / "base").add_lora(rank=4, alpha=8)
+    model = SFT(policy, demos=demos, learning_rate=1e-2, batch_size=8, seed=0)
+    optimized = {id(p) for group in model.optimizer.param_groups for p in group["params"]}
+    assert optimized and all("lora_" in name for name, p in policy.named_parameters() if id(p) in optimized)
+    model.learn(4, progress_bar=False)
+    model.save(tmp_path / "lora")
+    files = {path.name for path in (tmp_path / "lora").iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    obs = {"instruction": demos[1].observations["instruction"], "state": demos[1].observations["state"][3]}
+    loaded = SFT.load(tmp_path / "lora")
+    assert loaded.policy.lora_enabled and loaded.num_timesteps == 4
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+
+
+def test_learns_from_camera_frames(demos):
+    """Demos with frames (here dicts, frames drawn at random) train a policy that reads agentview."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    bins = ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7})
+    config = CompactVLAConfig(cameras=("agentview",), image_size=32, image_grid=2, hidden_size=32, num_layers=1, num_heads=2)
+    policy = CompactVLA(config, bins, WordTokenizer.from_texts(["open the drawer"]))
+    frames = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    episode = {"instruction": "open the drawer", "agentview": frames, "state": np.zeros((5, 8)), "actions": np.zeros((5, 7))}
+    model = SFT(policy, demos=[episode], batch_size=4, seed=0).learn(2, progress_bar=False)
+    assert model.demos.observations["agentview"].shape == (5, 32, 32, 3) and np.isfinite(model.last_metrics["loss"])
+    with pytest.raises(ValueError, match="built for 32x32"):
+        model.predict({"instruction": "open the drawer", "agentview": frames[0, :16], "state": np.zeros(8)})

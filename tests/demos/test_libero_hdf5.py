@@ -1,0 +1,138 @@
+"""The LIBERO HDF5 reader: layout, orientation, statistics, no-op filtering and clear errors on bad files."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from gym_libero_vla.demos import ActionStats, LiberoHDF5, action_stats, drop_noops, load_episodes, noop_mask
+
+
+def test_official_layout_maps_to_env_observation_keys(tmp_path, write_official_file):
+    path = write_official_file(tmp_path / "official.hdf5", [np.zeros((5, 7)), np.ones((3, 7)) * 0.5])
+    with h5py.File(path, "r") as f:
+        raw = {key: f["data/demo_0/obs"][key][()] for key in f["data/demo_0/obs"]}
+    with LiberoHDF5(path, task_id=4) as demos:
+        assert len(demos) == 2
+        assert demos.instruction == "put the bowl away"
+        assert demos.env_args["env_name"] == "Libero_Tabletop_Manipulation"
+        episode = demos[0]
+    assert len(episode) == 5
+    assert episode.task_id == 4 and episode.init_state_id == -1
+    np.testing.assert_allclose(
+        episode.observations["state"], np.concatenate([raw["ee_pos"], raw["ee_ori"], raw["gripper_states"]], 1), rtol=1e-6
+    )
+    assert episode.observations["state"].dtype == np.float32
+    # Official frames are raw OpenGL order: the reader rotates them 180 degrees, like the env.
+    np.testing.assert_array_equal(episode.observations["agentview"], raw["agentview_rgb"][:, ::-1, ::-1])
+    np.testing.assert_array_equal(episode.observations["wrist"], raw["eye_in_hand_rgb"][:, ::-1, ::-1])
+    obs = episode.observation(2)
+    assert set(obs) == {"instruction", "task_id", "state", "agentview", "wrist"}
+    assert obs["instruction"] == "put the bowl away" and obs["task_id"] == 4 and obs["state"].shape == (8,)
+    assert episode.success
+
+
+def test_generated_file_reads_back_in_env_layout(spatial_demo_file):
+    with LiberoHDF5(spatial_demo_file) as demos:
+        assert len(demos) == 2
+        episodes = list(demos)
+    for episode in episodes:
+        assert episode.task_id == 0 and episode.instruction.startswith("pick up the black bowl between")
+        assert episode.actions.shape == (len(episode), 7) and episode.observations["state"].shape == (len(episode), 8)
+        assert set(episode.observations) == {"state"}  # state mode stores no images
+        assert episode.success and episode.dones[-1] and not episode.dones[:-1].any()
+    assert [e.init_state_id for e in episodes] == [0, 1]
+
+
+def test_state_falls_back_to_robot_states(spatial_demo_file, tmp_path):
+    """robot_states (gripper qpos, eef pos, eef quat) must give the same 8-number state as obs/ee_*."""
+    copy = tmp_path / "no_obs.hdf5"
+    with h5py.File(spatial_demo_file, "r") as src, h5py.File(copy, "w") as dst:
+        src.copy("data", dst)
+        for key in dst["data"]:
+            del dst["data"][key]["obs"]
+    with LiberoHDF5(spatial_demo_file) as demos:
+        expected = demos[0].observations["state"]
+    with LiberoHDF5(copy) as demos:
+        np.testing.assert_allclose(demos[0].observations["state"], expected, atol=1e-5)
+
+
+def test_noop_filter_matches_openvla_rule():
+    actions = np.array(
+        [
+            [0, 0, 0, 0, 0, 0, -1],  # first action, no motion: no-op
+            [0.1, 0, 0, 0, 0, 0, -1],  # motion: kept
+            [0, 0, 0, 0, 0, 0, -1],  # no motion, same gripper: no-op
+            [0, 0, 0, 0, 0, 0, 1],  # no motion but the gripper closes: kept
+            [0, 0, 0, 0, 0, 0, 1],  # no-op
+            [0, 0, 0, 0, 0, 5e-5, 1],  # below the 1e-4 threshold: no-op
+        ],
+        dtype=np.float32,
+    )
+    np.testing.assert_array_equal(noop_mask(actions), [True, False, True, False, True, True])
+
+
+def test_load_episodes_drops_noops_and_failed_demos(tmp_path, write_official_file):
+    moving = np.tile([0.2, 0, 0, 0, 0, 0, -1.0], (4, 1))
+    moving[1, :6] = 0.0  # a no-op in the middle
+    failed = np.tile([0.2, 0, 0, 0, 0, 0, 1.0], (3, 1))
+    path = write_official_file(tmp_path / "f.hdf5", [moving, failed], dones=[np.eye(4)[-1], np.zeros(3)])
+    episodes = load_episodes(path)
+    assert len(episodes) == 1
+    assert len(episodes[0]) == 3
+    assert episodes[0].observations["agentview"].shape[0] == 3
+    assert len(load_episodes(path, filter_noops=False, drop_failed=False)) == 2
+    assert len(drop_noops(load_episodes(path, filter_noops=False)[0])) == 3
+
+
+def test_action_stats_values_and_json_roundtrip(tmp_path, write_official_file):
+    actions = np.stack([np.linspace(-1, 1, 101)] * 7, axis=1)
+    stats = ActionStats.from_actions(actions)
+    np.testing.assert_allclose(stats.min, -1.0)
+    np.testing.assert_allclose(stats.max, 1.0)
+    np.testing.assert_allclose(stats.mean, 0.0, atol=1e-12)
+    np.testing.assert_allclose(stats.q01, -0.98)
+    np.testing.assert_allclose(stats.q99, 0.98)
+    assert stats.num_transitions == 101
+    stats.save(tmp_path / "stats.json")
+    assert ActionStats.load(tmp_path / "stats.json") == stats
+    assert set(json.loads((tmp_path / "stats.json").read_text())) >= {"min", "max", "mean", "std", "q01", "q99"}
+
+    path = write_official_file(tmp_path / "f.hdf5", [np.full((2, 7), 0.25), np.full((2, 7), -0.25)])
+    from_file = action_stats(load_episodes(path, filter_noops=False))
+    np.testing.assert_allclose(from_file.std, 0.25)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.hdf5"):
+        LiberoHDF5(tmp_path / "nowhere.hdf5")
+
+
+def test_truncated_file_is_refused(tmp_path, write_official_file):
+    path = write_official_file(tmp_path / "whole.hdf5", [np.zeros((5, 7))])
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.hdf5"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.hdf5.*(truncated|corrupt)"):
+        LiberoHDF5(truncated)
+    not_hdf5 = tmp_path / "notes.hdf5"
+    not_hdf5.write_text("not an hdf5 file")
+    with pytest.raises(ValueError, match="notes.hdf5.*not a readable HDF5"):
+        LiberoHDF5(not_hdf5)
+
+
+def test_hdf5_without_data_group_is_refused(tmp_path):
+    path = tmp_path / "other.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("weights", data=np.zeros(3))
+    with pytest.raises(ValueError, match="other.hdf5.*no 'data' group.*weights"):
+        LiberoHDF5(path)
+
+
+def test_wrong_action_dimension_is_refused(tmp_path, write_official_file):
+    path = write_official_file(tmp_path / "six.hdf5", [np.zeros((5, 7)), np.zeros((5, 6))])
+    with pytest.raises(ValueError, match=r"six.hdf5.*demo_1/actions has shape \(5, 6\).*\(T, 7\)"):
+        LiberoHDF5(path)

@@ -1,0 +1,190 @@
+"""CompactVLA: the policy interface (act / log_prob), checkpoints, LoRA and input checks, on tiny real models."""
+
+from __future__ import annotations
+
+import os
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer, load_policy
+from gym_libero_vla.policies.base import POLICY_CONFIG_FILENAME
+
+INSTRUCTIONS = (
+    "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "pick up the black bowl on the stove and place it on the plate",
+    "open the top drawer",
+)
+
+CONFIGS = {
+    "rgb+state": dict(cameras=("agentview", "wrist"), image_size=64, image_grid=2),
+    "state": dict(cameras=()),
+    "privileged": dict(cameras=(), object_state_dim=6),
+}
+
+
+def make_policy(action_bins, seed=0, **overrides) -> CompactVLA:
+    torch.manual_seed(seed)
+    config = CompactVLAConfig(**{"hidden_size": 32, "num_layers": 2, "num_heads": 2, **overrides})
+    return CompactVLA(config, action_bins, WordTokenizer.from_texts(INSTRUCTIONS))
+
+
+def batch_for(name: str, batch_size: int = 3, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    obs = {
+        "instruction": tuple(INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch_size)),
+        "state": rng.normal(size=(batch_size, 8)).astype(np.float32),
+    }
+    for camera in CONFIGS[name].get("cameras", ()):
+        obs[camera] = rng.integers(0, 256, (batch_size, 64, 64, 3), dtype=np.uint8)
+    if name == "privileged":
+        obs["object_state"] = np.random.default_rng(seed).normal(size=(batch_size, 6)).astype(np.float32)
+    return obs
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_act_shapes_and_log_prob_of_sampled_tokens(action_bins, name):
+    policy = make_policy(action_bins, **CONFIGS[name])
+    obs = batch_for(name)
+    actions, tokens, token_log_probs = policy.act(obs)
+    assert actions.shape == tokens.shape == token_log_probs.shape == (3, 7)
+    assert actions.dtype == torch.float32 and tokens.dtype == torch.int64
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < 256
+    np.testing.assert_allclose(actions.numpy(), action_bins.decode(tokens.numpy()))
+    log_probs, entropy = policy.log_prob(obs, tokens)
+    torch.testing.assert_close(log_probs, token_log_probs, atol=1e-5, rtol=1e-5)
+    assert entropy.shape == (3, 7) and bool((entropy > 0).all()) and bool((entropy <= np.log(256) + 1e-4).all())
+
+
+def test_log_prob_is_differentiable_and_batch_independent(action_bins):
+    policy = make_policy(action_bins, **CONFIGS["rgb+state"])
+    obs = batch_for("rgb+state", batch_size=3)
+    tokens = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(0))
+    log_probs, entropy = policy.log_prob(obs, tokens)
+    (log_probs.sum() + entropy.sum()).backward()
+    assert policy.lm_head.weight.grad is not None and policy.image_encoders["wrist"].project.weight.grad.abs().sum() > 0
+    # Instructions of different lengths are padded: each sample must score as it does alone.
+    for row in range(3):
+        alone = {key: value[row : row + 1] for key, value in obs.items()}
+        torch.testing.assert_close(
+            policy.log_prob(alone, tokens[row : row + 1])[0], log_probs[row : row + 1], atol=1e-5, rtol=1e-5
+        )
+
+
+def test_deterministic_act_is_greedy_and_repeatable(action_bins):
+    policy = make_policy(action_bins, **CONFIGS["state"])
+    obs = batch_for("state", batch_size=4)
+    first, second = policy.act(obs, deterministic=True), policy.act(obs, deterministic=True)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+    logits = policy.action_logits(obs, first[1])
+    assert torch.equal(logits.argmax(-1), first[1])  # each token is the argmax given the previous ones
+
+
+def test_save_load_gives_identical_outputs(action_bins, tmp_path):
+    policy = make_policy(action_bins, **CONFIGS["rgb+state"])
+    obs = batch_for("rgb+state")
+    policy.save_pretrained(tmp_path)
+    assert {"model.safetensors", POLICY_CONFIG_FILENAME, "action_bins.json", "tokenizer.json"} <= set(os.listdir(tmp_path))
+    loaded = load_policy(tmp_path)
+    assert isinstance(loaded, CompactVLA) and loaded.config == policy.config and loaded.action_bins == action_bins
+    tokens = policy.act(obs, deterministic=True)[1]
+    assert torch.equal(loaded.act(obs, deterministic=True)[1], tokens)
+    torch.testing.assert_close(loaded.log_prob(obs, tokens)[0], policy.log_prob(obs, tokens)[0])
+
+
+def test_lora_saves_only_the_adapter_and_reloads_on_its_base(action_bins, tmp_path):
+    make_policy(action_bins, **CONFIGS["state"]).save_pretrained(tmp_path / "base")
+    base = CompactVLA.from_pretrained(tmp_path / "base")
+    obs = batch_for("state")
+    tokens = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(1))
+    base_log_probs = base.log_prob(obs, tokens)[0].detach()
+
+    policy = base.add_lora(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    trainable = [name for name, parameter in policy.named_parameters() if parameter.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): move it so the round trip means something
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    adapted = policy.log_prob(obs, tokens)[0].detach()
+    assert not torch.allclose(adapted, base_log_probs)
+    policy.save_pretrained(tmp_path / "lora")
+    files = set(os.listdir(tmp_path / "lora"))
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    assert (
+        os.path.getsize(tmp_path / "lora" / "adapter_model.safetensors")
+        < os.path.getsize(tmp_path / "base" / "model.safetensors") / 4
+    )
+
+    reloaded = load_policy(tmp_path / "lora")
+    assert reloaded.lora_enabled
+    torch.testing.assert_close(reloaded.log_prob(obs, tokens)[0], adapted)
+    with reloaded.disable_adapter():  # the frozen reference policy of KL-regularised RL
+        torch.testing.assert_close(reloaded.log_prob(obs, tokens)[0], base_log_probs)
+
+
+def test_lora_needs_a_saved_base(action_bins, tmp_path):
+    policy = make_policy(action_bins, **CONFIGS["state"]).add_lora(rank=2)
+    with pytest.raises(ValueError, match="base checkpoint"):
+        policy.save_pretrained(tmp_path)
+
+
+def test_bad_inputs_raise_clear_errors(action_bins, tmp_path):
+    policy = make_policy(action_bins, **CONFIGS["rgb+state"])
+    obs = batch_for("rgb+state", batch_size=2)
+    with pytest.raises(ValueError, match="channels first"):
+        policy.act({**obs, "agentview": np.ascontiguousarray(obs["agentview"].transpose(0, 3, 1, 2))})
+    with pytest.raises(ValueError, match="built for 64x64"):
+        policy.act({**obs, "agentview": np.zeros((2, 32, 32, 3), np.uint8)})
+    with pytest.raises(ValueError, match="uint8"):
+        policy.act({**obs, "agentview": obs["agentview"].astype(np.float32)})
+    with pytest.raises(ValueError, match="max_instruction_tokens=32"):
+        policy.act({**obs, "instruction": ("pick up the bowl " * 10, "open the drawer")})
+    with pytest.raises(KeyError, match="'wrist'"):
+        policy.act({key: value for key, value in obs.items() if key != "wrist"})
+    with pytest.raises(ValueError, match=r"action_tokens have shape \(2, 6\)"):
+        policy.log_prob(obs, torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="0..255"):
+        policy.log_prob(obs, torch.full((2, 7), 256))
+    policy.save_pretrained(tmp_path)
+    os.remove(tmp_path / "action_bins.json")
+    with pytest.raises(FileNotFoundError, match="action_bins.json"):
+        load_policy(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(cameras=("top",)), "unknown camera 'top'"),
+        (dict(hidden_size=30, num_heads=4), "divisible"),
+        (dict(cameras=(), use_state=False), "reads nothing"),
+        (dict(image_size=16, image_grid=4), "image_grid 4"),
+    ],
+)
+def test_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CompactVLAConfig(**overrides)
+
+
+def test_acts_in_a_real_vector_env(action_bins):
+    """Batched observations straight from a (sync) vector env of the real simulator drive the policy."""
+    envs = gym.make_vec("LiberoSpatial-v0", num_envs=2, vectorization_mode="sync", obs_mode="state")
+    try:
+        from gym_libero_vla.suites import suite_tasks
+
+        tokenizer = WordTokenizer.from_texts(task.instruction for task in suite_tasks("libero_spatial"))
+        torch.manual_seed(0)
+        policy = CompactVLA(CompactVLAConfig(cameras=(), hidden_size=32, num_heads=2), action_bins, tokenizer)
+        obs, _ = envs.reset(seed=0)
+        for _ in range(2):
+            actions, tokens, log_probs = policy.act(obs)
+            assert actions.shape == (2, 7)
+            torch.testing.assert_close(policy.log_prob(obs, tokens)[0], log_probs, atol=1e-5, rtol=1e-5)
+            obs, *_ = envs.step(actions.numpy())
+        assert len(set(obs["instruction"])) == 2  # consecutive seeds: two tasks, two instructions
+        assert all(tokenizer.ids["<unk>"] not in tokenizer.encode(text) for text in obs["instruction"])
+    finally:
+        envs.close()
