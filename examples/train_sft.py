@@ -2,6 +2,11 @@
 
     python -m gym_libero_vla.demos generate --suite spatial --episodes-per-task 20 --out data/spatial.hdf5
     python examples/train_sft.py --demos data/spatial.hdf5 --total-steps 2000
+
+With privileged object poses (demos generated with ``--object-state``), evaluated on held-out init states::
+
+    python -m gym_libero_vla.demos generate --suite spatial --init-state-end 20 --object-state --out data/spatial_state.hdf5
+    python examples/train_sft.py --demos data/spatial_state.hdf5 --object-state --eval-init-state-start 20
     tensorboard --logdir runs/sft
 
 Trains a fresh :class:`CompactVLA` (or fine-tunes a saved policy, optionally with LoRA) with
@@ -39,6 +44,9 @@ class Args:
     """"state": a state-only policy; "rgb+state": agentview frames too (the demos must hold images)."""
     image_size: int = 128
     """Side of the camera frames (rgb+state only); must match the demos'."""
+    object_state: bool = False
+    """Also give the policy LIBERO's privileged object poses ("object_state"): the demos must hold them
+    (``generate --object-state``) and evaluation makes the env with ``privileged_state=True``."""
     init_from: str | None = None
     """Start from this policy checkpoint instead of a fresh CompactVLA (its action bins are kept)."""
     lora_rank: int = 0
@@ -62,7 +70,9 @@ class Args:
     filter_noops: bool = True
     """Drop no-op steps from the demos, as OpenVLA's processed LIBERO data."""
     eval_episodes_per_task: int = 5
-    """Evaluation episodes per task (init states 0, 1, ...); 0 skips evaluation."""
+    """Evaluation episodes per task (init states eval_init_state_start, +1, ...); 0 skips evaluation."""
+    eval_init_state_start: int = 0
+    """First evaluation init state; set it past the demos' init states to evaluate on held-out ones."""
     max_eval_steps: int | None = None
     """Cap on policy steps per evaluation episode (default: the suite's step limit)."""
     deterministic_eval: bool = True
@@ -73,12 +83,14 @@ class Args:
     """Show a progress bar while training."""
 
 
-def evaluate(policy, env, task_ids, episodes_per_task: int, max_steps: int | None, deterministic: bool) -> dict[int, float]:
-    """Success rate per task: roll out from init states 0..episodes_per_task-1 of each task."""
+def evaluate(
+    policy, env, task_ids, episodes_per_task: int, max_steps: int | None, deterministic: bool, init_state_start: int = 0
+) -> dict[int, float]:
+    """Success rate per task: roll out from init states init_state_start .. +episodes_per_task-1 of each task."""
     success_rates = {}
     for task_id in task_ids:
         successes = 0
-        for init_state_id in range(episodes_per_task):
+        for init_state_id in range(init_state_start, init_state_start + episodes_per_task):
             obs, _ = env.reset(options={"task_id": task_id, "init_state_id": init_state_id})
             for _ in range(max_steps or 10**9):
                 actions, _, _ = policy.act(batch_observation(obs), deterministic=deterministic)
@@ -114,6 +126,11 @@ def main(args: Args) -> dict:
     episodes = load_episodes(args.demos, filter_noops=args.filter_noops, load_images=bool(cameras))
     if not episodes:
         raise ValueError(f"{args.demos} holds no successful demonstrations")
+    object_state_dim = 0
+    if args.object_state:
+        if "object_state" not in episodes[0].observations:
+            raise ValueError(f"{args.demos} has no obs/object_state: generate it with --object-state, or drop --object-state")
+        object_state_dim = episodes[0].observations["object_state"].shape[1]
     if args.init_from is not None:
         policy = load_policy(args.init_from)
         if args.lora_rank > 0:
@@ -123,7 +140,7 @@ def main(args: Args) -> dict:
             raise ValueError("lora_rank > 0 adapts a pretrained policy: give --init-from")
         bins = ActionBins.from_statistics(action_stats(episodes))
         config = CompactVLAConfig(
-            cameras=cameras, image_size=args.image_size,
+            cameras=cameras, image_size=args.image_size, object_state_dim=object_state_dim,
             hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
         )  # fmt: skip
         policy = CompactVLA(config, bins, WordTokenizer.from_texts(instructions.values()))
@@ -136,20 +153,40 @@ def main(args: Args) -> dict:
     )  # fmt: skip
     start = time.time()
     model.learn(args.total_steps, progress_bar=args.progress_bar)
-    print(f"trained {model.num_timesteps} steps in {time.time() - start:.0f} s: {model.last_metrics}")
+    train_seconds = time.time() - start
+    print(f"trained {model.num_timesteps} steps in {train_seconds:.0f} s: {model.last_metrics}")
     model.save(os.path.join(args.output_dir, "final"))
 
-    results = {"train": model.last_metrics, "success_rate": {}}
+    results = {
+        "args": dataclasses.asdict(args),
+        "num_demos": len(episodes),
+        "num_transitions": int(sum(len(e) for e in episodes)),
+        "train": model.last_metrics,
+        "train_seconds": train_seconds,
+        "success_rate": {},
+    }
     if args.eval_episodes_per_task > 0:
         task_ids = sorted({episode.task_id for episode in episodes if episode.task_id >= 0}) or sorted(instructions)
         env_kwargs = {"obs_mode": args.obs_mode}
         if cameras:
             env_kwargs.update(cameras=cameras, image_size=args.image_size)
+        if object_state_dim:
+            env_kwargs.update(privileged_state=True)
         env = gym.make(args.env_id, **env_kwargs)
+        if object_state_dim and env.observation_space["object_state"].shape != (object_state_dim,):
+            raise ValueError(
+                f"the demos' object_state has {object_state_dim} numbers but {args.env_id}'s has "
+                f"{env.observation_space['object_state'].shape[0]}: generate the demos for every task of the suite"
+            )
         policy.eval()
+        start = time.time()
         success_rates = evaluate(
-            policy, env, task_ids, args.eval_episodes_per_task, args.max_eval_steps, args.deterministic_eval
-        )
+            policy, env, task_ids, args.eval_episodes_per_task, args.max_eval_steps, args.deterministic_eval,
+            args.eval_init_state_start,
+        )  # fmt: skip
+        results["eval_seconds"] = time.time() - start
+        first_init_state = args.eval_init_state_start
+        results["eval_init_state_ids"] = list(range(first_init_state, first_init_state + args.eval_episodes_per_task))
         env.close()
         print_table(success_rates, instructions, args.eval_episodes_per_task)
         results["success_rate"] = {str(task_id): rate for task_id, rate in success_rates.items()}

@@ -66,6 +66,7 @@ def test_spawned_workers_agree_with_the_parent():
         envs.close()
 
 
+@pytest.mark.filterwarnings("ignore:.*ERROR:UserWarning")  # Gymnasium reports the worker's (expected) error
 def test_default_make_vec_renders_safely_after_the_parent_rendered():
     parent = gym.make("LiberoSpatial-v0", obs_mode="rgb", image_size=32, task_ids=[0])
     parent.reset(seed=0)  # this process now holds an OpenGL context

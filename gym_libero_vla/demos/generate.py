@@ -4,6 +4,9 @@ Only successful episodes (the env's ``terminated``, i.e. LIBERO's BDDL goal chec
 file follows LIBERO's ``create_dataset.py`` layout (see :mod:`gym_libero_vla.demos.libero_hdf5`): images in
 raw OpenGL row order, ``obs/ee_ori`` as axis-angle, ``states[t]`` the flattened MuJoCo state before
 ``actions[t]``, plus per-demo ``task_id``, ``init_state_id``, ``seed`` and ``language_instruction`` attributes.
+With ``--object-state`` it also writes ``obs/object_state``, the env's privileged object poses
+(``privileged_state=True``): an extra dataset that official LIBERO files do not have, which readers of the
+official layout ignore.
 
 Crash safety and resume. Every finished episode is saved on its own into a sidecar directory
 ``<out>.parts/`` by writing a temporary file and ``os.replace``-ing it into place (atomic on POSIX), so
@@ -61,6 +64,8 @@ class GenerateArgs:
     """"state" stores proprio only (fast); "rgb+state" also stores agentview and wrist frames."""
     image_size: int = 128
     """Side of the stored camera frames (rgb+state only)."""
+    object_state: bool = False
+    """Also store ``obs/object_state``, the env's privileged object poses (not an official LIBERO key)."""
     seed: int = 0
     """Base seed; an episode's seed is derived from it, the task and the init state."""
     noise_scale: float = 0.0
@@ -107,6 +112,8 @@ def rollout_expert(env, expert, task_id: int, init_state_id: int, seed: int) -> 
     record: dict[str, list] = {key: [] for key in ("actions", "states", "robot_states", "rewards", "dones")}
     record.update({key: [] for key in ("ee_pos", "ee_ori", "gripper_states", "joint_states")})
     record.update({IMAGE_KEYS[camera]: [] for camera in IMAGE_KEYS if camera in obs})
+    if "object_state" in obs:
+        record["object_state"] = []
     success = False
     while True:
         # The observation and simulator state *before* the action, as LIBERO's create_dataset.py records them.
@@ -122,6 +129,8 @@ def rollout_expert(env, expert, task_id: int, init_state_id: int, seed: int) -> 
         for camera, key in IMAGE_KEYS.items():
             if camera in obs:  # store raw OpenGL order, like the official files
                 record[key].append(obs[camera][::-1, ::-1])
+        if "object_state" in obs:
+            record["object_state"].append(obs["object_state"])
         action = expert.act(obs)
         obs, reward, terminated, truncated, _ = env.step(action)
         record["actions"].append(action)
@@ -137,7 +146,7 @@ def rollout_expert(env, expert, task_id: int, init_state_id: int, seed: int) -> 
         "rewards": np.asarray(record["rewards"], dtype=np.uint8),
         "dones": np.asarray(record["dones"], dtype=np.uint8),
     }
-    for key in ("ee_pos", "ee_ori", "gripper_states", "joint_states", *IMAGE_KEYS.values()):
+    for key in ("ee_pos", "ee_ori", "gripper_states", "joint_states", "object_state", *IMAGE_KEYS.values()):
         if record.get(key):
             episode["obs/" + key] = np.asarray(record[key], dtype=np.uint8 if key.endswith("_rgb") else np.float64)
     episode.update({"replay/" + key: value for key, value in replay_extras.items()})
@@ -297,6 +306,8 @@ def generate(args: GenerateArgs) -> dict:
         "noise_scale": args.noise_scale,
         "max_retries": args.max_retries,
     }
+    if args.object_state:  # only when set, so sidecars written before this option still resume
+        config["object_state"] = True
     _check_config(parts_dir, config)
     done = _scan_parts(parts_dir)
 
@@ -306,6 +317,7 @@ def generate(args: GenerateArgs) -> dict:
         image_size=args.image_size,
         cameras=("agentview", "wrist"),
         task_ids=task_ids,
+        privileged_state=args.object_state,
     )
     expert = ScriptedExpert(env, max_retries=args.max_retries, noise_scale=args.noise_scale, seed=args.seed)
     counts = {"successes": 0, "failures": 0, "attempts": 0, "skipped": 0}

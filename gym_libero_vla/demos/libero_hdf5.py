@@ -12,10 +12,12 @@ generator writes (:mod:`gym_libero_vla.demos.generate`) share robomimic's layout
     data/demo_N/rewards, dones (T,)
     data/demo_N/obs/ee_pos (T, 3), ee_ori (T, 3, axis-angle), gripper_states (T, 2), joint_states (T, 7)
     data/demo_N/obs/agentview_rgb, eye_in_hand_rgb (T, H, W, 3) uint8, raw OpenGL row order (upside down)
+    data/demo_N/obs/object_state (T, D) ours only, with ``--object-state``: not an official LIBERO key
 
 An :class:`Episode` exposes the same keys as ``LiberoEnv`` observations: "instruction", "task_id",
 "state" (ee_pos, ee_ori, gripper_states: 8 numbers, OpenVLA-OFT's proprio) and upright "agentview" /
-"wrist" frames (``raw[::-1, ::-1]``, as the env and OpenVLA's LIBERO pipeline rotate them).
+"wrist" frames (``raw[::-1, ::-1]``, as the env and OpenVLA's LIBERO pipeline rotate them), plus
+"object_state" (the env's ``privileged_state=True`` observation) when the file has it.
 
 Filtering follows OpenVLA's processed LIBERO data (``experiments/robot/libero/regenerate_libero_dataset.py``):
 no-op steps (zero translation and rotation with the gripper command unchanged) are dropped, and failed
@@ -108,7 +110,8 @@ class Episode:
     actions: np.ndarray
     """(T, 7) float32."""
     observations: dict[str, np.ndarray]
-    """"state" (T, 8) float32 and, when the file has images, "agentview" / "wrist" (T, H, W, 3) uint8, upright."""
+    """"state" (T, 8) float32; when the file has them, "agentview" / "wrist" (T, H, W, 3) uint8, upright, and
+    "object_state" (T, D) float32 (privileged object poses, our generator's ``--object-state``)."""
     states: np.ndarray | None = None
     """(T, S) flattened MuJoCo states; states[0] is where replay starts."""
     rewards: np.ndarray | None = None
@@ -286,6 +289,8 @@ class LiberoHDF5:
                 if theirs in obs_group:
                     # Files store raw OpenGL frames (bottom row first): rotate 180 degrees to upright.
                     observations[ours] = np.ascontiguousarray(obs_group[theirs][()][:, ::-1, ::-1])
+        if "object_state" in obs_group:
+            observations["object_state"] = np.asarray(obs_group["object_state"][()], dtype=np.float32)
         instruction = _decode(demo.attrs.get("language_instruction", self.instruction))
         return Episode(
             name=key,

@@ -148,3 +148,35 @@ def test_rgb_frames_are_stored_raw_and_read_upright(tmp_path):
     wrist, stored = obs["wrist"].astype(int), episode.observations["wrist"][0].astype(int)
     assert np.abs(wrist - stored).mean() < 1.0
     assert np.abs(wrist - stored[::-1, ::-1]).mean() > 10 * max(np.abs(wrist - stored).mean(), 0.1)
+
+
+def test_object_state_round_trips(tmp_path):
+    """--object-state stores the env's privileged object poses beside the official keys; the reader returns them."""
+    out = tmp_path / "objects.hdf5"
+    generate(
+        GenerateArgs(suite="spatial", out=str(out), task_ids=(0,), episodes_per_task=1, object_state=True, progress=False)
+    )
+    with h5py.File(out, "r") as f:
+        demo = f["data/demo_0"]
+        length = demo["actions"].shape[0]
+        assert demo["obs/object_state"].shape[0] == length
+        assert {"ee_pos", "ee_ori", "gripper_states", "joint_states"} <= set(demo["obs"])  # official keys unchanged
+        stored = demo["obs/object_state"][()]
+
+    from gym_libero_vla.demos.generate import episode_seed
+
+    env = gym.make("LiberoSpatial-v0", obs_mode="state", task_ids=(0,), privileged_state=True)
+    try:
+        obs, _ = env.reset(seed=episode_seed(0, 0, 0), options={"task_id": 0, "init_state_id": 0})
+    finally:
+        env.close()
+    assert stored.shape == (length, obs["object_state"].shape[0])
+    np.testing.assert_allclose(stored[0], obs["object_state"], atol=1e-6)  # the observation before actions[0]
+    assert not np.allclose(stored[0], stored[-1])  # the bowl moved
+
+    with LiberoHDF5(out) as demos:
+        episode = demos[0]
+    assert set(episode.observations) == {"state", "object_state"}
+    assert episode.observations["object_state"].dtype == np.float32
+    np.testing.assert_allclose(episode.observations["object_state"], stored, atol=1e-6)
+    np.testing.assert_allclose(episode.observation(0)["object_state"], obs["object_state"], atol=1e-6)
