@@ -25,9 +25,7 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +34,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import Logger, configure
 
+from gym_libero_vla.algos.base import progress_bar as make_progress_bar
 from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy
 
 SFT_CONFIG_FILENAME = "sft.json"
@@ -268,7 +267,7 @@ class SFT:
         if callback is not None:
             callback.init_callback(self)
             callback.on_training_start(locals(), globals())
-        bar = _progress_bar(total_steps) if progress_bar else None
+        bar = make_progress_bar(total_steps, "SFT") if progress_bar else None
         policy, bins = self.policy, self.policy.action_bins
         policy.train()
         start_time, start_step = time.time(), self.num_timesteps
@@ -369,16 +368,3 @@ class SFT:
             for group in model.optimizer.param_groups:
                 group["lr"] = model.learning_rate
         return model
-
-
-def _progress_bar(total: int):
-    """A rich progress bar (as SB3's ``progress_bar=True``), plain tqdm when not on a terminal."""
-    if sys.stderr.isatty():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tqdm.rich is marked experimental
-            from tqdm.rich import tqdm
-
-            return tqdm(total=total, desc="SFT")
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="SFT", mininterval=1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 import pytest
+import torch
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 
@@ -14,3 +15,12 @@ def spatial_env():
     env = gym.make("LiberoSpatial-v0", obs_mode="state", max_cached_tasks=4)
     yield env
     env.close()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run far faster on one thread than on two contended ones (2 shared cores here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,16 +20,6 @@ from gym_libero_vla.episode_store import Episode, EpisodeStore
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run far faster on one thread than on two contended ones (2 shared cores here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TARGETS = {0: np.array([-0.1, 0.1, 1.0]), 1: np.array([0.1, -0.1, 1.1])}
 STEPS_PER_EPISODE = 12
 

@@ -11,16 +11,6 @@ import torch
 
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run far faster on one thread than on two contended ones (2 shared cores here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 INSTRUCTIONS = (
     "pick up the black bowl between the plate and the ramekin and place it on the plate",
     "pick up the black bowl on the stove and place it on the plate",

@@ -1,0 +1,174 @@
+"""GRPO on the real simulator (state mode, 10-step episodes) with a tiny CompactVLA: rollouts in groups,
+updates in the direction of the advantage, the offline term, SB3 surface, logging, checkpoints."""
+
+from __future__ import annotations
+
+import glob
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+
+from gym_libero_vla.algos.grpo import GRPO
+from gym_libero_vla.episode_store import Episode
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
+from gym_libero_vla.wrappers.action_tokenizer import ActionBins
+
+MAX_EPISODE_STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = gym.make(
+        "LiberoSpatial-v0", obs_mode="state", task_ids=(0,), max_episode_steps=MAX_EPISODE_STEPS, num_settle_steps=2
+    )
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def instruction(env) -> str:
+    obs, _ = env.reset(options={"task_id": 0, "init_state_id": 0})
+    return obs["instruction"]
+
+
+def make_policy(instruction: str, seed: int = 0) -> CompactVLA:
+    torch.manual_seed(seed)
+    bins = ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7})
+    config = CompactVLAConfig(cameras=(), hidden_size=32, num_layers=1, num_heads=2)
+    return CompactVLA(config, bins, WordTokenizer.from_texts([instruction]))
+
+
+def demo(instruction: str, log_probs=None) -> Episode:
+    rng = np.random.default_rng(0)
+    return Episode(
+        observations={"instruction": instruction, "state": rng.normal(size=(6, 8)).astype(np.float32)},
+        actions=rng.uniform(-1, 1, (5, 7)).astype(np.float32),
+        rewards=np.zeros(5),
+        success=True,
+        task_id=0,
+        source="offline",
+        log_probs=log_probs,
+    )
+
+
+def rollout_log_probs(policy, rollout, indices) -> float:
+    with torch.no_grad():
+        return policy.log_prob(rollout.batch(indices), rollout.action_tokens[indices])[0].sum(-1).mean().item()
+
+
+def test_learn_collects_groups_updates_the_policy_and_logs(env, instruction, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    policy = make_policy(instruction)
+    before = [p.detach().clone() for p in policy.parameters()]
+    model = GRPO(
+        policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, imitation_batch_size=8, kl_coef=0.1,
+        seed=0, tensorboard_log=str(tmp_path),
+    )  # fmt: skip
+    model.learn(2 * 2 * MAX_EPISODE_STEPS, progress_bar=True)
+    assert model.num_timesteps == 2 * 2 * MAX_EPISODE_STEPS  # 2 iterations of one group of 2 ten-step episodes
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    metrics = model.last_metrics
+    assert metrics["success_rate"] == 0.0 and metrics["imitation_weight"] == 1.0  # random policy: imitate fully
+    assert metrics["frac_groups_zero_std"] == 1.0 and "pg_loss" not in metrics  # all-fail group left out
+    assert np.isfinite(metrics["imitation_loss"]) and metrics["is_weight_mean"] == 1.0  # demos without mu: plain BC
+    (run,) = glob.glob(str(tmp_path / "GRPO_*"))
+    events = EventAccumulator(run)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"rollout/success_rate", "rollout/frac_groups_zero_std", "train/imitation_loss", "train/imitation_weight"} <= tags
+    assert [event.step for event in events.Scalars("rollout/success_rate")] == [20, 40]
+
+
+def test_positive_advantage_raises_the_log_prob_of_its_tokens(env, instruction):
+    policy = make_policy(instruction)
+    model = GRPO(policy, env, group_size=2, num_groups=1, learning_rate=1e-3, num_epochs=4, minibatch_size=64, seed=0)
+    rollout = model.collect_rollouts()
+    assert rollout.action_tokens.shape == (2 * MAX_EPISODE_STEPS, 7) and rollout.old_log_probs.shape == (20, 7)
+    assert rollout.episode_index.tolist() == [0] * 10 + [1] * 10
+    rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)  # pretend episode 0 succeeded
+    winner, loser = np.arange(10), np.arange(10, 20)
+    winner_before, loser_before = rollout_log_probs(policy, rollout, winner), rollout_log_probs(policy, rollout, loser)
+    metrics = model.train(rollout)
+    assert metrics["num_updates"] == 4 and metrics["frac_groups_zero_std"] == 0.0 and metrics["success_rate"] == 0.5
+    assert rollout_log_probs(policy, rollout, winner) > winner_before + 0.1
+    assert rollout_log_probs(policy, rollout, loser) < loser_before - 0.1
+    assert 0.0 <= metrics["clip_fraction"] <= 1.0 and metrics["approx_kl"] >= 0.0
+
+
+def test_kl_to_the_base_model_under_lora(env, instruction, tmp_path):
+    make_policy(instruction).save_pretrained(tmp_path / "base")
+    policy = CompactVLA.from_pretrained(tmp_path / "base").add_lora(rank=2, alpha=4)
+    model = GRPO(policy, env, group_size=2, num_groups=1, learning_rate=1e-2, num_epochs=3, kl_coef=1.0, seed=0)
+    assert model.reference_policy is None  # the base model is the adapter-free policy itself
+    rollout = model.collect_rollouts()
+    rollout.episode_rewards = np.array([0.0, 1.0], dtype=np.float32)
+    metrics = model.train(rollout)
+    assert metrics["kl"] >= 0.0 and model.train(rollout)["kl"] > 0.0  # the adapter moved away from the base
+
+
+def test_offline_tokens_are_weighted_by_truncated_importance_ratios(instruction):
+    policy = make_policy(instruction)
+    likely = GRPO(policy, demos=[demo(instruction, log_probs=np.zeros((5, 7)))], imitation_batch_size=16, is_clip=2.0)
+    _, weight_mean = likely._imitation_loss()
+    assert 0.0 < weight_mean < 0.1  # mu gave these tokens probability 1; pi gives them ~1/256 each
+    unlikely = GRPO(policy, demos=[demo(instruction, log_probs=np.full((5, 7), -50.0))], imitation_batch_size=16)
+    loss, weight_mean = unlikely._imitation_loss()
+    assert weight_mean == pytest.approx(2.0) and loss.requires_grad  # pi / mu is huge: truncated at is_clip
+
+
+def test_predict_save_load_round_trip(env, instruction, tmp_path):
+    policy = make_policy(instruction)
+    model = GRPO(policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, clip_high=0.3, seed=3).learn(20)
+    obs, _ = env.reset(options={"task_id": 0, "init_state_id": 1})
+    action, state = model.predict(obs, deterministic=True)
+    assert action.shape == (7,) and action.dtype == np.float32 and state is None
+    model.save(tmp_path / "grpo")
+    loaded = GRPO.load(tmp_path / "grpo", env=env)
+    assert loaded.num_timesteps == 20 and loaded.config == model.config
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], action)
+    assert loaded.optimizer.state_dict()["state"]  # Adam moments restored (the demos gave an update)
+
+
+def test_callback_stops_collection(env, instruction):
+    class StopAfter(BaseCallback):
+        def _on_step(self) -> bool:
+            return self.n_calls < 5
+
+    model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1)
+    model.learn(1000, callback=[StopAfter()])
+    assert model.num_timesteps == 5 and model.last_metrics == {}
+
+
+def test_groups_on_a_sync_vector_env(instruction):
+    vector_env = gym.make_vec(
+        "LiberoSpatial-v0", num_envs=2, vectorization_mode="sync", obs_mode="state", task_ids=(0,),
+        max_episode_steps=MAX_EPISODE_STEPS, num_settle_steps=2,
+    )  # fmt: skip
+    try:
+        with pytest.raises(ValueError, match="group_size 3 must be a multiple of the vector env's num_envs 2"):
+            GRPO(make_policy(instruction), vector_env, group_size=3)
+        model = GRPO(make_policy(instruction), vector_env, group_size=4, num_groups=1, seed=0)
+        rollout = model.collect_rollouts()
+        assert rollout.episode_lengths.tolist() == [MAX_EPISODE_STEPS] * 4 and model.num_timesteps == 40
+        assert set(rollout.observations["instruction"]) == {instruction}
+    finally:
+        vector_env.close()
+
+
+def test_bad_arguments_are_named(env, instruction):
+    policy = make_policy(instruction)
+    with pytest.raises(ValueError, match=r"unknown GRPO hyperparameter\(s\) \['clip_range'\]"):
+        GRPO(policy, env, clip_range=0.2)
+    with pytest.raises(ValueError, match="group_size 1"):
+        GRPO(policy, env, group_size=1)
+    with pytest.raises(ValueError, match="GRPO has no env"):
+        GRPO(policy).learn(10)
+    with pytest.raises(ValueError, match="total_timesteps 0"):
+        GRPO(policy, env).learn(0)
+    rgb_env = gym.make("LiberoSpatial-v0", obs_mode="rgb", cameras=("agentview",))  # built lazily: no simulator yet
+    with pytest.raises(ValueError, match=r"lack \['state'\]"):
+        GRPO(policy, rgb_env)
