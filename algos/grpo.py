@@ -180,6 +180,9 @@ class GRPOConfig:
     """Clip the gradient's global norm to this (None: no clipping)."""
     task_ids: tuple[int, ...] | None = None
     """Tasks to draw groups from (default: every task of the env)."""
+    init_state_ids: tuple[int, ...] | None = None
+    """Init states to draw groups from (default: all of each task's); leave evaluation init states out of it
+    to measure success on held-out ones."""
     seed: int | None = None
     """Seeds torch's RNG and the draw of (task, init state) pairs."""
 
@@ -210,6 +213,10 @@ class GRPOConfig:
             self.task_ids = tuple(int(task_id) for task_id in self.task_ids)
             if not self.task_ids:
                 raise ValueError("task_ids is empty: give at least one task, or None for every task of the env")
+        if self.init_state_ids is not None:
+            self.init_state_ids = tuple(int(init_state_id) for init_state_id in self.init_state_ids)
+            if not self.init_state_ids or min(self.init_state_ids) < 0:
+                raise ValueError(f"init_state_ids {self.init_state_ids!r} must be non-empty ints >= 0, or None for all")
 
 
 # ---------------------------------------------------------------------------------------------- rollouts
@@ -421,7 +428,10 @@ class GRPO:
         episodes = []
         for _ in range(config.num_groups):
             task_id = int(task_ids[self._rng.integers(len(task_ids))])
-            init_state_id = int(self._rng.integers(self._num_init_states(task_id)))
+            if config.init_state_ids is None:
+                init_state_id = int(self._rng.integers(self._num_init_states(task_id)))
+            else:
+                init_state_id = int(config.init_state_ids[self._rng.integers(len(config.init_state_ids))])
             options = {"task_id": task_id, "init_state_id": init_state_id}
             group = _run_episodes(policy, self.env, options, config.group_size, keys, on_step)
             if stopped:

@@ -172,3 +172,22 @@ def test_bad_arguments_are_named(env, instruction):
     rgb_env = gym.make("LiberoSpatial-v0", obs_mode="rgb", cameras=("agentview",))  # built lazily: no simulator yet
     with pytest.raises(ValueError, match=r"lack \['state'\]"):
         GRPO(policy, rgb_env)
+
+
+def test_groups_start_only_from_the_given_init_states(env, instruction):
+    class RecordResetOptions(gym.Wrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.reset_options = []
+
+        def reset(self, *, seed=None, options=None):
+            self.reset_options.append(options)
+            return super().reset(seed=seed, options=options)
+
+    recording_env = RecordResetOptions(env)
+    model = GRPO(make_policy(instruction), recording_env, group_size=2, num_groups=3, init_state_ids=(3, 7), seed=0)
+    model.collect_rollouts()
+    assert len(recording_env.reset_options) == 6
+    assert {options["init_state_id"] for options in recording_env.reset_options} <= {3, 7}
+    with pytest.raises(ValueError, match="init_state_ids"):
+        GRPO(make_policy(instruction), env, init_state_ids=())

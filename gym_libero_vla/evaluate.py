@@ -1,0 +1,294 @@
+"""Evaluate a saved VLA policy on a LIBERO suite: per-task success over fixed init states, videos, a plot.
+
+    python -m gym_libero_vla.evaluate runs/grpo/final --suite spatial --task-ids 0 1 \\
+        --init-state-start 20 --num-init-states 10 --video-episodes 2 --out-dir runs/eval
+
+Every (task, init state, seed) triple is one deterministic episode (greedy action tokens, OpenVLA's
+decoding) from the env's ``reset(seed=seed, options={"task_id", "init_state_id"})``, so two evaluations of
+the same checkpoint on the same triples agree. The env is made to give exactly what the policy reads
+(``policy.observation_keys``): cameras and image size for a vision policy, ``privileged_state=True`` for
+one that reads "object_state". Writes ``success.md`` (the Markdown table, also printed), ``success.json``
+(per-task and per-episode results), ``success.png`` (a bar plot) and ``videos/*.mp4`` (the first
+``video_episodes`` episodes, agentview, upright).
+
+:func:`evaluate_policy` is the same loop for training scripts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Annotated
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+
+import gym_libero_vla  # noqa: F401  (registers the env ids)
+from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy
+from gym_libero_vla.suites import resolve_suite, suite_tasks
+
+CAMERA_KEYS = ("agentview", "wrist")
+VIDEO_FPS = 20
+
+
+@dataclasses.dataclass
+class EvalArgs:
+    """Roll out a policy checkpoint deterministically and write a per-task success table, plot and videos."""
+
+    checkpoint: Annotated[str, tyro.conf.Positional]
+    """Policy checkpoint directory (``save_pretrained`` / ``SFT.save`` / ``GRPO.save``)."""
+    suite: str = "spatial"
+    """LIBERO suite: short name (spatial, object, goal, 10, 90), LIBERO name or env id."""
+    task_ids: tuple[int, ...] | None = None
+    """Tasks to evaluate (default: every task of the suite)."""
+    init_states: tuple[int, ...] | None = None
+    """Explicit init state ids (overrides init_state_start / num_init_states)."""
+    init_state_start: int = 20
+    """First init state id; demos generated from init states 0..19 leave 20.. held out."""
+    num_init_states: int = 10
+    """Init states per task: init_state_start .. init_state_start + num_init_states - 1."""
+    seeds: tuple[int, ...] = (0,)
+    """Reset seeds; each (task, init state) is run once per seed."""
+    max_episode_steps: int | None = None
+    """Step limit per episode (default: the suite's, OpenVLA's evaluation limits)."""
+    deterministic: bool = True
+    """Greedy action tokens (OpenVLA's decoding); False samples them."""
+    video_episodes: int = 2
+    """Record this many episodes (the first ones) as mp4; 0 records none."""
+    out_dir: str = "runs/eval"
+    """success.md, success.json, success.png and videos/ go here."""
+    torch_threads: int = 1
+    """Torch CPU threads; more than the free cores slows small models down a lot."""
+    progress: bool = True
+    """Show a tqdm progress bar over episodes."""
+
+
+def env_kwargs_for_policy(policy: VLAPolicy) -> dict:
+    """``gym.make`` options that give exactly the observation entries ``policy.observation_keys`` names."""
+    keys = tuple(policy.observation_keys)
+    cameras = tuple(key for key in keys if key in CAMERA_KEYS)
+    kwargs: dict = {"obs_mode": "rgb+state" if cameras else "state"}
+    if cameras:
+        kwargs["cameras"] = cameras
+        kwargs["image_size"] = int(getattr(getattr(policy, "config", None), "image_size", 128))
+    if "object_state" in keys:
+        kwargs["privileged_state"] = True
+    return kwargs
+
+
+def evaluate_policy(
+    policy: VLAPolicy,
+    env_id: str,
+    task_ids: Sequence[int] | None,
+    init_state_ids: Sequence[int],
+    seeds: Sequence[int] = (0,),
+    max_episode_steps: int | None = None,
+    deterministic: bool = True,
+    video_episodes: int = 0,
+    video_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Success of ``policy`` on every (task, init state, seed) of ``env_id``; one episode each.
+
+    Returns ``{"env_id", "task_ids", "init_state_ids", "seeds", "max_episode_steps", "success_rate" (over all
+    episodes), "per_task": {task_id: {"instruction", "successes", "episodes", "success_rate"}}, "episodes":
+    [{"task_id", "init_state_id", "seed", "success", "length"}], "videos": [paths], "seconds"}``.
+    """
+    suite = resolve_suite(env_id)
+    tasks = suite_tasks(suite.libero_name)
+    task_ids = tuple(range(len(tasks))) if task_ids is None else tuple(int(task_id) for task_id in task_ids)
+    init_state_ids, seeds = tuple(int(i) for i in init_state_ids), tuple(int(seed) for seed in seeds)
+    if not init_state_ids:
+        raise ValueError("init_state_ids is empty: give at least one init state")
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one seed")
+    if video_episodes > 0 and video_dir is None:
+        raise ValueError(f"video_episodes {video_episodes} needs a video_dir")
+    env_kwargs = env_kwargs_for_policy(policy)
+    if max_episode_steps is not None:
+        env_kwargs["max_episode_steps"] = int(max_episode_steps)
+    if video_episodes > 0:
+        env_kwargs["render_mode"] = "rgb_array"
+    # The env validates task_ids and names the valid range.
+    env = gym.make(suite.env_id, task_ids=task_ids, **env_kwargs)
+    try:
+        for task_id in task_ids:
+            num_init_states = env.unwrapped.num_init_states(task_id)
+            bad = [i for i in init_state_ids if not 0 <= i < num_init_states]
+            if bad:
+                raise ValueError(
+                    f"unknown init_state_id {bad[0]} for task {task_id} of {suite.env_id}: valid 0..{num_init_states - 1}"
+                )
+        runs = [(task_id, init_state_id, seed) for task_id in task_ids for init_state_id in init_state_ids for seed in seeds]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(runs), desc=f"evaluate {suite.env_id}", unit="episode")
+        was_training = policy.training
+        policy.eval()
+        episodes, videos, successes = [], [], 0
+        start = time.time()
+        for run_index, (task_id, init_state_id, seed) in enumerate(runs):
+            record = run_index < video_episodes
+            success, length, frames = run_episode(policy, env, task_id, init_state_id, seed, deterministic, record)
+            successes += success
+            episodes.append(
+                {"task_id": task_id, "init_state_id": init_state_id, "seed": seed, "success": success, "length": length}
+            )
+            if record:
+                videos.append(_write_video(frames, video_dir, task_id, init_state_id, seed, success))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(success_rate=f"{successes / (run_index + 1):.2f}")
+        if bar is not None:
+            bar.close()
+        policy.train(was_training)
+    finally:
+        env.close()
+
+    per_task = {}
+    for task_id in task_ids:
+        outcomes = [episode["success"] for episode in episodes if episode["task_id"] == task_id]
+        per_task[task_id] = {
+            "instruction": tasks[task_id].instruction,
+            "successes": int(sum(outcomes)),
+            "episodes": len(outcomes),
+            "success_rate": float(np.mean(outcomes)),
+        }
+    return {
+        "env_id": suite.env_id,
+        "task_ids": list(task_ids),
+        "init_state_ids": list(init_state_ids),
+        "seeds": list(seeds),
+        "max_episode_steps": max_episode_steps or suite.max_episode_steps,
+        "deterministic": deterministic,
+        "success_rate": float(np.mean([episode["success"] for episode in episodes])),
+        "per_task": per_task,
+        "episodes": episodes,
+        "videos": videos,
+        "seconds": time.time() - start,
+    }
+
+
+def run_episode(
+    policy: VLAPolicy, env, task_id: int, init_state_id: int, seed: int, deterministic: bool, record: bool
+) -> tuple[bool, int, list[np.ndarray]]:
+    """One episode to termination (success) or truncation: ``(success, length, frames)``; frames only if ``record``."""
+    obs, _ = env.reset(seed=seed, options={"task_id": task_id, "init_state_id": init_state_id})
+    frames = [env.render()] if record else []
+    length = 0
+    while True:
+        with torch.no_grad():
+            actions, _, _ = policy.act(batch_observation(obs), deterministic=deterministic)
+        obs, _, terminated, truncated, _ = env.step(actions[0].cpu().numpy())
+        length += 1
+        if record:
+            frames.append(env.render())
+        if terminated or truncated:
+            return bool(terminated), length, frames
+
+
+def _write_video(frames, video_dir: str, task_id: int, init_state_id: int, seed: int, success: bool) -> str:
+    import imageio.v2 as imageio
+
+    os.makedirs(video_dir, exist_ok=True)
+    outcome = "success" if success else "failure"
+    path = os.path.join(video_dir, f"task{task_id:02d}_init{init_state_id:03d}_seed{seed}_{outcome}.mp4")
+    # macro_block_size=1: keep the frame size as is (256 is a multiple of 16 anyway, smaller test frames may not be).
+    imageio.mimwrite(path, [np.asarray(frame) for frame in frames], fps=VIDEO_FPS, macro_block_size=1)
+    return path
+
+
+def success_table(results: dict) -> str:
+    """The per-task results as a Markdown table, with an "all" row."""
+    lines = [
+        f"Success on {results['env_id']}: init states {_id_ranges(results['init_state_ids'])}, seeds "
+        f"{_id_ranges(results['seeds'])}, at most {results['max_episode_steps']} steps per episode",
+        "",
+        "| task | instruction | successes | success rate |",
+        "|---:|:---|---:|---:|",
+    ]
+    total_successes = total_episodes = 0
+    for task_id, task in results["per_task"].items():
+        lines.append(
+            f"| {task_id} | {task['instruction']} | {task['successes']}/{task['episodes']} | {task['success_rate']:.2f} |"
+        )
+        total_successes += task["successes"]
+        total_episodes += task["episodes"]
+    lines.append(f"| all | | {total_successes}/{total_episodes} | {results['success_rate']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _id_ranges(ids: Sequence[int]) -> str:
+    ids = list(ids)
+    if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}..{ids[-1]}"
+    return ", ".join(str(i) for i in ids)
+
+
+def plot_success(results: dict, path: str, title: str | None = None) -> None:
+    """A bar per task (success rate), the mean as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task_ids = list(results["per_task"])
+    rates = [results["per_task"][task_id]["success_rate"] for task_id in task_ids]
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(task_ids) + 2.0), 3.2))
+    axes.bar([str(task_id) for task_id in task_ids], rates, color="tab:blue")
+    axes.axhline(results["success_rate"], color="tab:red", linestyle="--", label=f"mean {results['success_rate']:.2f}")
+    axes.set_ylim(0.0, 1.0)
+    axes.set_xlabel("task id")
+    axes.set_ylabel("success rate")
+    axes.set_title(title or f"{results['env_id']} ({len(results['episodes'])} episodes)")
+    axes.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(results: dict, out_dir: str, title: str | None = None) -> str:
+    """Write success.md, success.json and success.png into ``out_dir``; return the Markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = success_table(results)
+    with open(os.path.join(out_dir, "success.md"), "w") as file:
+        file.write(table)
+    with open(os.path.join(out_dir, "success.json"), "w") as file:
+        json.dump(results, file, indent=2)
+    plot_success(results, os.path.join(out_dir, "success.png"), title)
+    return table
+
+
+def main(args: EvalArgs) -> dict:
+    torch.set_num_threads(args.torch_threads)
+    suite = resolve_suite(args.suite)  # a clear error for an unknown suite, before loading anything
+    if args.init_states is not None:
+        init_state_ids = args.init_states
+    else:
+        if args.num_init_states < 1 or args.init_state_start < 0:
+            raise ValueError(
+                f"init_state_start {args.init_state_start} / num_init_states {args.num_init_states}: need >= 0 / >= 1"
+            )
+        init_state_ids = tuple(range(args.init_state_start, args.init_state_start + args.num_init_states))
+    policy = load_policy(args.checkpoint)
+    results = evaluate_policy(
+        policy, suite.env_id, args.task_ids, init_state_ids, seeds=args.seeds,
+        max_episode_steps=args.max_episode_steps, deterministic=args.deterministic,
+        video_episodes=args.video_episodes, video_dir=os.path.join(args.out_dir, "videos"), progress=args.progress,
+    )  # fmt: skip
+    results["checkpoint"] = os.fspath(args.checkpoint)
+    title = f"{os.path.basename(os.path.normpath(args.checkpoint))} on {suite.env_id}"
+    print(write_report(results, args.out_dir, title))
+    print(f"wrote {args.out_dir}/success.md, success.json, success.png" + (", videos/" if results["videos"] else ""))
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(EvalArgs))
