@@ -1,9 +1,13 @@
-"""What the learners in ``algos/`` share: small helpers, kept out of the algorithm files so those read top to bottom."""
+"""What the learners in ``algos/`` share, kept out of the algorithm files so those read top to bottom."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+from typing import Any
+
+from stable_baselines3.common.logger import Logger, configure
 
 
 def progress_bar(total: int, desc: str):
@@ -17,3 +21,41 @@ def progress_bar(total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, mininterval=1.0)
+
+
+class BaseLearner:
+    """The plumbing SFT and GRPO share with SB3's ``BaseAlgorithm``: ``get_env``, ``logger``/``set_logger``, and
+    a TensorBoard run folder per ``learn`` call (``<tensorboard_log>/<tb_log_name>_<n>``, as SB3 names them).
+
+    Subclasses set ``self.env``, ``self.tensorboard_log``, ``self.verbose`` and ``self._logger = None``.
+    """
+
+    env: Any
+    tensorboard_log: str | None
+    verbose: int
+    _logger: Logger | None
+
+    def get_env(self):
+        return self.env
+
+    @property
+    def logger(self) -> Logger:
+        if self._logger is None:
+            self._logger = Logger(folder=None, output_formats=[])
+        return self._logger
+
+    def set_logger(self, logger: Logger) -> None:
+        self._logger = logger
+
+    def _setup_logger(self, tb_log_name: str) -> None:
+        if self._logger is not None and self.tensorboard_log is None:
+            return
+        formats = ["stdout"] if self.verbose else []
+        folder = None
+        if self.tensorboard_log is not None:
+            run = 1
+            if os.path.isdir(self.tensorboard_log):
+                run += sum(name.startswith(f"{tb_log_name}_") for name in os.listdir(self.tensorboard_log))
+            folder = os.path.join(self.tensorboard_log, f"{tb_log_name}_{run}")
+            formats.append("tensorboard")
+        self._logger = configure(folder, formats) if formats else Logger(folder=None, output_formats=[])

@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.logger import Logger, configure
+from stable_baselines3.common.logger import Logger
 
+from gym_libero_vla.algos.base import BaseLearner
 from gym_libero_vla.algos.base import progress_bar as make_progress_bar
 from gym_libero_vla.algos.sft import Transitions, load_demonstrations
 from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy
@@ -287,7 +288,7 @@ def _run_episodes(policy: VLAPolicy, env, options: dict, num_episodes: int, obse
 
 
 # ---------------------------------------------------------------------------------------------- the learner
-class GRPO:
+class GRPO(BaseLearner):
     """Group-relative policy optimization with an adaptive offline imitation term, SB3's surface.
 
     Args:
@@ -369,31 +370,6 @@ class GRPO:
             ]
             self.demo_log_probs = np.concatenate(behaviour)
         self.demos = load_demonstrations(demos, self.policy.observation_keys, self.policy.action_dim)
-
-    def get_env(self):
-        return self.env
-
-    @property
-    def logger(self) -> Logger:
-        if self._logger is None:
-            self._logger = Logger(folder=None, output_formats=[])
-        return self._logger
-
-    def set_logger(self, logger: Logger) -> None:
-        self._logger = logger
-
-    def _setup_logger(self, tb_log_name: str) -> None:
-        if self._logger is not None and self.tensorboard_log is None:
-            return
-        formats = ["stdout"] if self.verbose else []
-        folder = None
-        if self.tensorboard_log is not None:
-            run = 1
-            if os.path.isdir(self.tensorboard_log):
-                run += sum(name.startswith(f"{tb_log_name}_") for name in os.listdir(self.tensorboard_log))
-            folder = os.path.join(self.tensorboard_log, f"{tb_log_name}_{run}")
-            formats.append("tensorboard")
-        self._logger = configure(folder, formats) if formats else Logger(folder=None, output_formats=[])
 
     def _env_task_ids(self) -> tuple[int, ...]:
         if self.config.task_ids is not None:

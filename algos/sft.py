@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.logger import Logger, configure
+from stable_baselines3.common.logger import Logger
 
+from gym_libero_vla.algos.base import BaseLearner
 from gym_libero_vla.algos.base import progress_bar as make_progress_bar
 from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy
 
@@ -132,7 +133,7 @@ def load_demonstrations(demos: Any, observation_keys: Sequence[str], action_dim:
 
 
 # ---------------------------------------------------------------------------------------------- the learner
-class SFT:
+class SFT(BaseLearner):
     """Behaviour cloning on action tokens, with stable-baselines3's surface.
 
     Args:
@@ -210,33 +211,6 @@ class SFT:
         shape = env.action_space.shape
         if shape[-1:] != (self.policy.action_dim,):
             raise ValueError(f"the env's action space has shape {shape}: the policy outputs {self.policy.action_dim} numbers")
-
-    def get_env(self):
-        return self.env
-
-    @property
-    def logger(self) -> Logger:
-        if self._logger is None:
-            self._logger = Logger(folder=None, output_formats=[])
-        return self._logger
-
-    def set_logger(self, logger: Logger) -> None:
-        self._logger = logger
-
-    def _setup_logger(self, tb_log_name: str) -> None:
-        if self._logger is not None and self.tensorboard_log is None:
-            return
-        formats = ["stdout"] if self.verbose else []
-        folder = None
-        if self.tensorboard_log is not None:
-            run = (
-                1 + sum(name.startswith(f"{tb_log_name}_") for name in os.listdir(self.tensorboard_log))
-                if os.path.isdir(self.tensorboard_log)
-                else 1
-            )
-            folder = os.path.join(self.tensorboard_log, f"{tb_log_name}_{run}")
-            formats.append("tensorboard")
-        self._logger = configure(folder, formats) if formats else Logger(folder=None, output_formats=[])
 
     def _next_indices(self) -> np.ndarray:
         while len(self._pending) < self.batch_size:  # shuffled epochs, one after the other
