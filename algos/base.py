@@ -9,6 +9,8 @@ from typing import Any
 
 from stable_baselines3.common.logger import Logger, configure
 
+from gym_libero_vla.policies.base import batch_observation
+
 
 def progress_bar(total: int, desc: str):
     """A rich progress bar (as SB3's ``progress_bar=True``), plain tqdm when not on a terminal."""
@@ -24,12 +26,13 @@ def progress_bar(total: int, desc: str):
 
 
 class BaseLearner:
-    """The plumbing SFT and GRPO share with SB3's ``BaseAlgorithm``: ``get_env``, ``logger``/``set_logger``, and
+    """The plumbing SFT and GRPO share with SB3's ``BaseAlgorithm``: ``get_env``, ``predict``, ``logger``/``set_logger``, and
     a TensorBoard run folder per ``learn`` call (``<tensorboard_log>/<tb_log_name>_<n>``, as SB3 names them).
 
-    Subclasses set ``self.env``, ``self.tensorboard_log``, ``self.verbose`` and ``self._logger = None``.
+    Subclasses set ``self.policy``, ``self.env``, ``self.tensorboard_log``, ``self.verbose`` and ``self._logger = None``.
     """
 
+    policy: Any
     env: Any
     tensorboard_log: str | None
     verbose: int
@@ -59,3 +62,13 @@ class BaseLearner:
             folder = os.path.join(self.tensorboard_log, f"{tb_log_name}_{run}")
             formats.append("tensorboard")
         self._logger = configure(folder, formats) if formats else Logger(folder=None, output_formats=[])
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = False):
+        """SB3's ``predict``: ``(actions, None)`` as numpy, ``(7,)`` for one env's observation, ``(B, 7)`` for a batch."""
+        single = isinstance(observation.get("instruction"), str)
+        was_training = self.policy.training
+        self.policy.eval()
+        actions, _, _ = self.policy.act(batch_observation(observation), deterministic=deterministic)
+        self.policy.train(was_training)
+        actions = actions.cpu().numpy()
+        return (actions[0] if single else actions), None

@@ -576,17 +576,6 @@ class GRPO(BaseLearner):
         self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
         self.logger.dump(step=self.num_timesteps)
 
-    # ------------------------------------------------------------------ acting
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = False):
-        """SB3's ``predict``: ``(actions, None)`` as numpy, ``(7,)`` for one env's observation, ``(B, 7)`` for a batch."""
-        single = isinstance(observation.get("instruction"), str)
-        was_training = self.policy.training
-        self.policy.eval()
-        actions, _, _ = self.policy.act(batch_observation(observation), deterministic=deterministic)
-        self.policy.train(was_training)
-        actions = actions.cpu().numpy()
-        return (actions[0] if single else actions), None
-
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike) -> None:
         """A directory: the policy checkpoint (``save_pretrained``), ``grpo.json`` and the optimizer state."""

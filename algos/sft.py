@@ -36,7 +36,7 @@ from stable_baselines3.common.logger import Logger
 
 from gym_libero_vla.algos.base import BaseLearner
 from gym_libero_vla.algos.base import progress_bar as make_progress_bar
-from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy
+from gym_libero_vla.policies.base import VLAPolicy, load_policy
 
 SFT_CONFIG_FILENAME = "sft.json"
 OPTIMIZER_FILENAME = "optimizer.pt"
@@ -300,17 +300,6 @@ class SFT(BaseLearner):
             callback.on_training_end()
         policy.eval()
         return self
-
-    # ------------------------------------------------------------------ acting
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = False):
-        """SB3's ``predict``: ``(actions, None)`` as numpy, ``(7,)`` for one env's observation, ``(B, 7)`` for a batch."""
-        single = isinstance(observation.get("instruction"), str)
-        was_training = self.policy.training
-        self.policy.eval()
-        actions, _, _ = self.policy.act(batch_observation(observation), deterministic=deterministic)
-        self.policy.train(was_training)
-        actions = actions.cpu().numpy()
-        return (actions[0] if single else actions), None
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike) -> None:
