@@ -290,18 +290,30 @@ class CompactVLA(VLAPolicy):
         return self._action_logits_after(prefix, mask, tokens[:, :-1])  # a_i is predicted after a_<i
 
     def _sample_tokens(self, obs_batch: Mapping[str, Any], deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode the 7 tokens with a KV cache: the prefix is encoded once, then one position per token."""
         prefix, mask = self._prefix(obs_batch)
-        tokens = torch.zeros(prefix.shape[0], 0, dtype=torch.long, device=prefix.device)
-        step_logits = []
-        for _ in range(self.action_dim):  # the model is small: re-run the whole sequence, no KV cache
-            logits = self._action_logits_after(prefix, mask, tokens)[:, -1]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count, padding does not
+        output = self.backbone(inputs_embeds=prefix, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        cache, next_position = output.cache, position_ids[:, -1:] + 1
+        hidden = output.last_hidden_state[:, -1:]
+        tokens, step_logits = [], []
+        for index in range(self.action_dim):
+            logits = action_logits_from_vocab(self.lm_head(hidden), self.vocab_size, self.num_bins)[:, -1]
             if deterministic:
                 token = logits.argmax(-1)
             else:
                 token = torch.distributions.Categorical(logits=logits.float()).sample()
-            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            tokens.append(token)
             step_logits.append(logits)
-        return tokens, torch.stack(step_logits, dim=1)
+            if index + 1 == self.action_dim:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            embeds = self.embed_tokens((self.vocab_size - 1 - token)[:, None])  # bin k -> id vocab_size - 1 - k
+            output = self.backbone(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=next_position, cache=cache, use_cache=True
+            )
+            cache, next_position, hidden = output.cache, next_position + 1, output.last_hidden_state
+        return torch.stack(tokens, dim=1), torch.stack(step_logits, dim=1)
 
     # ------------------------------------------------------------------ LoRA
     def add_lora(
