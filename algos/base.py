@@ -12,17 +12,18 @@ from stable_baselines3.common.logger import Logger, configure
 from gym_libero_vla.policies.base import batch_observation
 
 
-def progress_bar(total: int, desc: str):
-    """A rich progress bar (as SB3's ``progress_bar=True``), plain tqdm when not on a terminal."""
+def progress_bar(total: int, desc: str, initial: int = 0):
+    """A rich progress bar (as SB3's ``progress_bar=True``), plain tqdm when not on a terminal; ``initial``
+    is where a resumed run starts."""
     if sys.stderr.isatty():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tqdm.rich is marked experimental
             from tqdm.rich import tqdm
 
-            return tqdm(total=total, desc=desc)
+            return tqdm(total=total, desc=desc, initial=initial)
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, mininterval=1.0)
+    return tqdm(total=total, desc=desc, initial=initial, mininterval=1.0)
 
 
 class BaseLearner:

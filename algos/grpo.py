@@ -39,8 +39,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,11 +52,14 @@ from stable_baselines3.common.logger import Logger
 
 from gym_libero_vla.algos.base import BaseLearner
 from gym_libero_vla.algos.base import progress_bar as make_progress_bar
-from gym_libero_vla.algos.sft import Transitions, load_demonstrations
+from gym_libero_vla.algos.sft import Transitions, episodes_of, load_demonstrations
+from gym_libero_vla.episode_store import Episode, EpisodeStore
 from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy
+from gym_libero_vla.wrappers.rollout_relabel import rescue_failed_group
 
 GRPO_CONFIG_FILENAME = "grpo.json"
 OPTIMIZER_FILENAME = "optimizer.pt"
+RNG_FILENAME = "rng_state.pt"
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -87,21 +92,27 @@ def clipped_surrogate(
     advantages: torch.Tensor,
     clip_low: float,
     clip_high: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per action token, with asymmetric bounds (DAPO's clip-higher).
 
     ``log_probs`` ``(B, 7)`` under the current policy (differentiable), ``old_log_probs`` ``(B, 7)`` under the
-    policy that sampled the tokens, ``advantages`` broadcastable to ``(B, 7)`` (an episode's advantage on
-    each of its tokens). Returns ``(pg_loss, clip_fraction, approx_kl)``: the loss is a token-level mean;
-    ``clip_fraction`` the share of tokens whose ratio lies outside ``[1 - clip_low, 1 + clip_high]``;
-    ``approx_kl`` the k3 estimate of KL(old || new) (Schulman, "Approximating KL divergence").
+    policy the ratio is taken against (the sampling policy when on-policy, the proximal one otherwise),
+    ``advantages`` broadcastable to ``(B, 7)`` (an episode's advantage on each of its tokens), ``weights``
+    (optional, broadcastable, detached) per-token importance weights of off-policy tokens (decoupled PPO).
+    Returns ``(pg_loss, clip_fraction, approx_kl)``: the loss is a token-level mean; ``clip_fraction`` the
+    share of tokens whose ratio lies outside ``[1 - clip_low, 1 + clip_high]``; ``approx_kl`` the k3
+    estimate of KL(old || new) (Schulman, "Approximating KL divergence").
     """
     log_ratio = log_probs - old_log_probs
     ratio = log_ratio.exp()  # pi_theta(a_i | ...) / pi_old(a_i | ...)
     advantages = torch.broadcast_to(advantages, ratio.shape)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg_loss = torch.max(pg_loss1, pg_loss2).mean()  # pessimistic bound, PPO
+    pg_losses = torch.max(pg_loss1, pg_loss2)  # pessimistic bound, PPO
+    if weights is not None:
+        pg_losses = pg_losses * weights
+    pg_loss = pg_losses.mean()
     with torch.no_grad():
         clip_fraction = ((ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)).float().mean()
         approx_kl = ((ratio - 1.0) - log_ratio).mean()
@@ -165,6 +176,20 @@ class GRPOConfig:
     """Added to the group's std before dividing."""
     dynamic_sampling: bool = True
     """Leave groups with all-equal rewards (zero advantage) out of the policy-gradient term (DAPO)."""
+    max_sampling_rounds: int = 1
+    """Dynamic sampling's refill: while fewer than ``num_groups`` groups carry signal, draw ``num_groups`` more,
+    up to this many rounds per rollout (DAPO's max_num_gen_batches; 1: filter only, never refill)."""
+    rescue_failed_groups: bool = False
+    """Put a demonstration of the task into every group whose rollouts all failed (Rollout Relabel's group
+    rescue), so the group has a success to move towards; the demo's tokens enter the policy-gradient term."""
+    success_replay_size: int = 500
+    """Keep the newest this many successful online (and hindsight-relabelled) episodes beside the demos in the
+    offline term, importance-weighted by their behaviour log-probs (0: demos only)."""
+    cache_dir: str | None = None
+    """An :class:`EpisodeStore` directory every rollout episode is written to (with its behaviour log-probs
+    and policy version); a new run (or a resumed one) refills its success replay from it."""
+    cache_max_episodes: int | None = 20_000
+    """Evict the oldest cached online episodes past this many (None: keep all)."""
     kl_coef: float = 0.0
     """Weight of KL(pi || pi_ref); 0 (DAPO's choice) builds no reference policy."""
     entropy_coef: float = 0.0
@@ -190,6 +215,7 @@ class GRPOConfig:
     def __post_init__(self):
         for name, minimum in (
             ("num_groups", 1), ("group_size", 2), ("num_epochs", 1), ("minibatch_size", 1), ("imitation_batch_size", 1),
+            ("max_sampling_rounds", 1), ("success_replay_size", 0),
         ):  # fmt: skip
             if not _is_int(getattr(self, name), minimum):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be an int >= {minimum}")
@@ -210,6 +236,13 @@ class GRPOConfig:
             raise ValueError(f"is_clip {self.is_clip!r} must be a finite number >= 1 (1 weights offline tokens by at most 1)")
         if self.max_grad_norm is not None and not (_is_finite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm {self.max_grad_norm!r} must be > 0 or None")
+        self._check_selections()
+
+    def _check_selections(self) -> None:
+        if self.cache_max_episodes is not None and not _is_int(self.cache_max_episodes, 1):
+            raise ValueError(f"cache_max_episodes {self.cache_max_episodes!r} must be an int >= 1 or None")
+        if self.cache_dir is not None:
+            self.cache_dir = os.fspath(self.cache_dir)
         if self.task_ids is not None:
             self.task_ids = tuple(int(task_id) for task_id in self.task_ids)
             if not self.task_ids:
@@ -223,20 +256,72 @@ class GRPOConfig:
 # ---------------------------------------------------------------------------------------------- rollouts
 @dataclasses.dataclass
 class GroupRollout:
-    """The env steps of ``num_groups * group_size`` episodes, flattened, with per-episode outcomes."""
+    """``num_groups * group_size`` episodes in group order (episodes ``g*G .. g*G + G-1`` are group ``g``),
+    and their steps flattened for minibatches.
+
+    ``episodes`` are :class:`gym_libero_vla.episode_store.Episode`: online rollouts (``source="online"``,
+    ``log_probs`` the behaviour policy's token log-probs, ``policy_version`` the learner update that produced
+    them) and, in rescued groups, demonstrations (``source="offline"``, behaviour unknown).
+    """
 
     observations: dict[str, Any]
     """Each key the policy reads -> ``(N, ...)`` array; "instruction" -> ``(N,)`` object array of str."""
     action_tokens: np.ndarray
-    """(N, 7) int64 tokens sampled by the behaviour policy."""
-    old_log_probs: np.ndarray
-    """(N, 7) float32 log pi_old(a_i | o, a_<i) at sampling time."""
+    """(N, 7) int64 action tokens."""
+    behaviour_log_probs: np.ndarray
+    """(N, 7) float32 log mu(a_i | o, a_<i) of the policy that produced the step; NaN where unknown (demos)."""
     episode_index: np.ndarray
-    """(N,) int64: which episode each step belongs to (episodes of group g are g*G .. g*G + G-1)."""
+    """(N,) int64: which episode each step belongs to."""
     episode_rewards: np.ndarray
     """(num_groups * group_size,) float32 binary outcome."""
     episode_lengths: np.ndarray
     """(num_groups * group_size,) int64."""
+    episode_policy_versions: np.ndarray
+    """(num_groups * group_size,) int64; -1 for demos."""
+    episode_online: np.ndarray
+    """(num_groups * group_size,) bool: False for demonstrations put into rescued groups."""
+    episode_task_ids: np.ndarray
+    """(num_groups * group_size,) int64."""
+    episodes: list[Episode]
+    """The episodes themselves, in the same order."""
+    stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Collection counts for the logger: groups sampled / rescued, relabelled episodes, sampling rounds."""
+
+    @classmethod
+    def from_episodes(cls, episodes: Sequence[Episode], action_bins, observation_keys: Sequence[str], stats=None):
+        if not episodes:
+            raise ValueError("a GroupRollout needs at least one episode")
+        lengths = np.array([episode.num_steps for episode in episodes], dtype=np.int64)
+        observations = {}
+        for key in observation_keys:
+            columns = []
+            for episode in episodes:
+                value = episode.observations[key]
+                if isinstance(value, str):
+                    value = np.full(episode.num_steps, value, dtype=object)
+                columns.append(value[: episode.num_steps])
+            observations[key] = np.concatenate(columns)
+        observations["instruction"] = observations["instruction"].astype(object)
+        behaviour = [
+            np.full((episode.num_steps, action_bins.action_dim), np.nan, np.float32) if episode.log_probs is None
+            else np.asarray(episode.log_probs, np.float32).reshape(episode.num_steps, -1)
+            for episode in episodes
+        ]  # fmt: skip
+        return cls(
+            observations=observations,
+            action_tokens=np.concatenate([action_bins.encode(episode.actions) for episode in episodes]),
+            behaviour_log_probs=np.concatenate(behaviour),
+            episode_index=np.repeat(np.arange(len(episodes)), lengths),
+            episode_rewards=np.array([float(episode.success) for episode in episodes], dtype=np.float32),
+            episode_lengths=lengths,
+            episode_policy_versions=np.array(
+                [episode.policy_version if episode.source == "online" else -1 for episode in episodes], dtype=np.int64
+            ),
+            episode_online=np.array([episode.source == "online" for episode in episodes]),
+            episode_task_ids=np.array([episode.task_id for episode in episodes], dtype=np.int64),
+            episodes=list(episodes),
+            stats=dict(stats or {}),
+        )
 
     def batch(self, indices: np.ndarray) -> dict[str, Any]:
         obs = {key: values[indices] for key, values in self.observations.items()}
@@ -248,43 +333,115 @@ def _is_vector_env(env) -> bool:
     return hasattr(env, "num_envs")
 
 
-def _run_episodes(policy: VLAPolicy, env, options: dict, num_episodes: int, observation_keys, on_step) -> list[dict]:
+def _relabelled_from(info: dict, env_index: int, vector: bool) -> list[Episode]:
+    """Episodes a :class:`RolloutRelabel` wrapper put into the final step's ``info`` (empty if none)."""
+    if "relabelled_episodes" not in info:
+        return []
+    if not vector:
+        return list(info["relabelled_episodes"])
+    mask = info.get("_relabelled_episodes")
+    if mask is not None and not mask[env_index]:
+        return []
+    return list(info["relabelled_episodes"][env_index] or [])
+
+
+def run_episodes(
+    policy: VLAPolicy, env, options: dict, num_episodes: int, on_step, policy_version: int = 0
+) -> tuple[list[Episode], list[Episode]]:
     """``num_episodes`` episodes from the same reset options, sampled (not greedy) from ``policy``.
 
     A vector env runs ``num_envs`` of them at a time (every sub-env reset with the same options); a plain
-    env one at a time. Each episode is ``{"observations": [obs dict], "tokens": [(7,)], "log_probs": [(7,)],
-    "reward": float}``. ``on_step(num_steps)`` is called after each env step with the number of episode steps
-    it took; False stops early (and an empty list is returned).
+    env one at a time. Returns ``(episodes, relabelled)``: :class:`Episode` s holding the observations the
+    policy read (``T`` steps, the final observation left out), the actions (bin centres), per-step rewards,
+    ``success``, the token log-probs and ``policy_version``; and any hindsight-relabelled episodes a
+    :class:`RolloutRelabel` wrapper emitted. ``on_step(num_steps)`` is called after each env step with the
+    number of episode steps it took; False stops early (and two empty lists come back).
     """
-    num_envs = env.num_envs if _is_vector_env(env) else 1
-    episodes: list[dict] = []
+    vector = _is_vector_env(env)
+    num_envs = env.num_envs if vector else 1
+    keys = policy.observation_keys
+    episodes: list[Episode] = []
+    relabelled: list[Episode] = []
     while len(episodes) < num_episodes:
         obs, _ = env.reset(options=options)
-        obs = dict(obs) if _is_vector_env(env) else batch_observation(obs)
-        running = [{"observations": [], "tokens": [], "log_probs": [], "reward": 0.0} for _ in range(num_envs)]
+        obs = dict(obs) if vector else batch_observation(obs)
+        running = [{"observations": [], "actions": [], "log_probs": [], "rewards": []} for _ in range(num_envs)]
         done = np.zeros(num_envs, dtype=bool)
         while not done.all():
-            obs_batch = {key: obs[key] for key in observation_keys}
-            actions, tokens, log_probs = policy.act(obs_batch, deterministic=False)
-            actions, tokens, log_probs = actions.cpu().numpy(), tokens.cpu().numpy(), log_probs.cpu().numpy()
-            if _is_vector_env(env):
-                obs, rewards, terminated, truncated, _ = env.step(actions)
+            obs_batch = {key: obs[key] for key in keys}
+            actions, _, log_probs = policy.act(obs_batch, deterministic=False)
+            actions, log_probs = actions.cpu().numpy(), log_probs.cpu().numpy()
+            if vector:
+                obs, rewards, terminated, truncated, info = env.step(actions)
                 obs = dict(obs)
             else:
-                next_obs, reward, term, trunc, _ = env.step(actions[0])
+                next_obs, reward, term, trunc, info = env.step(actions[0])
                 obs, rewards, terminated, truncated = batch_observation(next_obs), [reward], [term], [trunc]
             stepped = np.flatnonzero(~done)  # sub-envs still in their episode (finished ones await the reset)
+            finished = np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)
             for env_index in stepped:
                 episode = running[env_index]
-                episode["observations"].append({key: obs_batch[key][env_index] for key in observation_keys})
-                episode["tokens"].append(tokens[env_index])
+                episode["observations"].append({key: obs_batch[key][env_index] for key in keys})
+                episode["actions"].append(actions[env_index])
                 episode["log_probs"].append(log_probs[env_index])
-                episode["reward"] += float(rewards[env_index])
-            done |= np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)
+                episode["rewards"].append(float(rewards[env_index]))
+                if finished[env_index]:
+                    relabelled += _relabelled_from(info, env_index, vector)
+            done |= finished
             if not on_step(len(stepped)):
-                return []
-        episodes.extend(running)
-    return episodes[:num_episodes]
+                return [], []
+        for steps in running:
+            first = steps["observations"][0]
+            observations = {
+                key: first[key] if key == "instruction" else np.stack([step[key] for step in steps["observations"]])
+                for key in keys
+            }
+            episodes.append(
+                Episode(
+                    observations=observations,
+                    actions=np.stack(steps["actions"]),
+                    rewards=np.array(steps["rewards"]),
+                    success=sum(steps["rewards"]) > 0,
+                    task_id=options["task_id"],
+                    init_state_id=options["init_state_id"],
+                    policy_version=policy_version,
+                    source="online",
+                    log_probs=np.stack(steps["log_probs"]),
+                    env_id=_env_id(env),
+                )  # fmt: skip
+            )
+    return episodes[:num_episodes], relabelled
+
+
+def _env_id(env) -> str:
+    spec = getattr(env, "spec", None)
+    return spec.id if spec is not None else ""
+
+
+def as_demo_episode(demo: Any, observation_keys: Sequence[str]) -> Episode:
+    """A demonstration (HDF5 :class:`gym_libero_vla.demos.Episode`, store episode or dict) as a successful
+    offline store :class:`Episode` holding ``observation_keys``, for rescued groups."""
+    if isinstance(demo, Episode):
+        observations, actions = demo.observations, demo.actions
+    elif isinstance(demo, Mapping):
+        observations = demo.get("observations", {key: value for key, value in demo.items() if key != "actions"})
+        actions = demo["actions"]
+    else:
+        observations = dict(demo.observations)
+        observations.setdefault("instruction", getattr(demo, "instruction", None))
+        actions = demo.actions
+    actions = np.asarray(actions, dtype=np.float32)
+    rewards = np.zeros(len(actions), dtype=np.float32)
+    rewards[-1] = 1.0
+    kept = {}
+    for key in observation_keys:
+        value = observations[key]
+        kept[key] = value if isinstance(value, str) else np.asarray(value)[: len(actions)]
+    get = demo.get if isinstance(demo, Mapping) else lambda name, default: getattr(demo, name, default)
+    return Episode(
+        observations=kept, actions=actions, rewards=rewards, success=True, task_id=int(get("task_id", -1)),
+        init_state_id=int(get("init_state_id", -1)), source="offline", log_probs=get("log_probs", None),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the learner
@@ -328,10 +485,19 @@ class GRPO(BaseLearner):
         self.tensorboard_log, self.verbose = tensorboard_log, verbose
         if env is not None:
             self._check_env(env)
+        # The offline term's data: demonstrations plus replayed successes, flattened (see _rebuild_offline).
         self.demos: Transitions | None = None
         self.demo_log_probs: np.ndarray | None = None  # (N, 7) behaviour log-probs, NaN where unknown
+        self.demo_episodes: list[Any] = []
+        self._demos_by_task: dict[int, list[Any]] = {}
+        self.replay: list[Episode] = []  # successful online / relabelled episodes, newest last
         if demos is not None:
             self._set_demos(demos)
+        self.cache: EpisodeStore | None = None
+        if self.config.cache_dir is not None:
+            self._open_cache()
+        if self.config.rescue_failed_groups and not self.demo_episodes:
+            raise ValueError("rescue_failed_groups needs demos: pass demos= with successful episodes of the tasks")
         parameters = [p for p in policy.parameters() if p.requires_grad]
         if not parameters:
             raise ValueError("the policy has no trainable parameters")
@@ -341,6 +507,7 @@ class GRPO(BaseLearner):
         if self.config.kl_coef > 0 and not policy.lora_enabled:
             self.reference_policy = copy.deepcopy(policy).eval().requires_grad_(False)
         self.num_timesteps = 0
+        self.policy_version = 0  # learner updates so far; rollouts carry the version that sampled them
         self._rng = np.random.default_rng(self.config.seed)
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
@@ -361,15 +528,55 @@ class GRPO(BaseLearner):
             )
 
     def _set_demos(self, demos: Any) -> None:
-        if isinstance(demos, (list, tuple)) and any(getattr(episode, "log_probs", None) is not None for episode in demos):
-            behaviour = [
-                np.asarray(episode.log_probs, dtype=np.float32).reshape(len(episode.actions), -1)
-                if getattr(episode, "log_probs", None) is not None
-                else np.full((len(episode.actions), self.policy.action_dim), np.nan, dtype=np.float32)
-                for episode in demos
-            ]
-            self.demo_log_probs = np.concatenate(behaviour)
-        self.demos = load_demonstrations(demos, self.policy.observation_keys, self.policy.action_dim)
+        """Keep the demonstrations as episodes: the offline term samples their steps, rescue draws whole ones."""
+        self.demo_episodes = list(episodes_of(demos, self.policy.observation_keys))
+        if not self.demo_episodes:
+            raise ValueError("demos hold no episodes: give at least one demonstration, or demos=None")
+        self._demos_by_task: dict[int, list[Any]] = {}
+        for demo in self.demo_episodes:
+            self._demos_by_task.setdefault(int(_field(demo, "task_id", -1)), []).append(demo)
+        self._rebuild_offline()
+
+    def _rebuild_offline(self) -> None:
+        """The offline term's data: the demos plus the success replay, flattened, with behaviour log-probs."""
+        episodes = self.demo_episodes + self.replay
+        if not episodes:
+            self.demos, self.demo_log_probs = None, None
+            return
+        self.demos = load_demonstrations(episodes, self.policy.observation_keys, self.policy.action_dim)
+        behaviour = [
+            np.full((len(_field(episode, "actions")), self.policy.action_dim), np.nan, dtype=np.float32)
+            if _field(episode, "log_probs", None) is None
+            else np.asarray(_field(episode, "log_probs"), dtype=np.float32).reshape(len(_field(episode, "actions")), -1)
+            for episode in episodes
+        ]  # fmt: skip
+        self.demo_log_probs = np.concatenate(behaviour)
+        if np.isnan(self.demo_log_probs).all():
+            self.demo_log_probs = None  # scripted / human demos only: plain behaviour cloning
+
+    def _add_to_replay(self, episodes: Sequence[Episode]) -> None:
+        """Successful online and relabelled episodes join the offline term (newest ``success_replay_size``)."""
+        size = self.config.success_replay_size
+        new = [episode for episode in episodes if episode.success]
+        if size == 0 or not new:
+            return
+        self.replay = (self.replay + new)[-size:]
+        self._rebuild_offline()
+
+    def _open_cache(self) -> None:
+        """Open the episode cache and refill the success replay from what earlier runs wrote into it."""
+        self.cache = EpisodeStore(self.config.cache_dir, max_episodes=self.config.cache_max_episodes)
+        size = self.config.success_replay_size
+        if size:
+            ids = self.cache.episode_ids(source=("online", "relabelled"), success=True)[-size:]
+            replay = []
+            for episode_id in ids:
+                try:
+                    replay.append(self.cache.load(episode_id))
+                except KeyError:  # evicted or corrupt since the query
+                    continue
+            self.replay = [episode for episode in replay if set(self.policy.observation_keys) <= set(episode.observations)]
+            self._rebuild_offline()
 
     def _env_task_ids(self) -> tuple[int, ...]:
         if self.config.task_ids is not None:
@@ -384,12 +591,32 @@ class GRPO(BaseLearner):
         return int(self.env.unwrapped.num_init_states(task_id))
 
     # ------------------------------------------------------------------ rollout
+    def _draw_group_start(self, task_ids: Sequence[int]) -> dict[str, int]:
+        config = self.config
+        task_id = int(task_ids[self._rng.integers(len(task_ids))])
+        if config.init_state_ids is None:
+            init_state_id = int(self._rng.integers(self._num_init_states(task_id)))
+        else:
+            init_state_id = int(config.init_state_ids[self._rng.integers(len(config.init_state_ids))])
+        return {"task_id": task_id, "init_state_id": init_state_id}
+
+    def _rescue(self, group: list[Episode]) -> tuple[list[Episode], bool]:
+        """Replace the last rollout of an all-fail group by a demo of its task (from its init state if any)."""
+        candidates = self._demos_by_task.get(group[0].task_id, []) if self.demo_episodes else []
+        if not candidates:
+            return group, False
+        same_start = [demo for demo in candidates if _field(demo, "init_state_id", -1) == group[0].init_state_id]
+        pool = same_start or candidates
+        demo = as_demo_episode(pool[self._rng.integers(len(pool))], self.policy.observation_keys)
+        demo.task_id, demo.init_state_id = group[0].task_id, group[0].init_state_id
+        return rescue_failed_group(group, [demo], mode="replace")
+
     def collect_rollouts(self, callback: BaseCallback | None = None) -> GroupRollout | None:
-        """``num_groups`` groups of ``group_size`` episodes, each group from one (task, init state) pair.
-        None when a callback stopped training."""
+        """Groups of ``group_size`` episodes, each group from one (task, init state) pair: ``num_groups`` of
+        them, refilled (up to ``max_sampling_rounds`` rounds) while fewer carry signal. None when a callback
+        stopped training."""
         config, policy = self.config, self.policy
         task_ids = self._env_task_ids()
-        keys = policy.observation_keys
         stopped = False
 
         def on_step(num_envs: int) -> bool:
@@ -401,34 +628,60 @@ class GRPO(BaseLearner):
             return not stopped
 
         policy.eval()
-        episodes = []
-        for _ in range(config.num_groups):
-            task_id = int(task_ids[self._rng.integers(len(task_ids))])
-            if config.init_state_ids is None:
-                init_state_id = int(self._rng.integers(self._num_init_states(task_id)))
-            else:
-                init_state_id = int(config.init_state_ids[self._rng.integers(len(config.init_state_ids))])
-            options = {"task_id": task_id, "init_state_id": init_state_id}
-            group = _run_episodes(policy, self.env, options, config.group_size, keys, on_step)
-            if stopped:
-                return None
-            episodes.extend(group)
+        episodes: list[Episode] = []
+        relabelled: list[Episode] = []
+        stats = {"groups_sampled": 0, "groups_informative": 0, "groups_rescued": 0, "sampling_rounds": 0}
+        for _ in range(config.max_sampling_rounds):
+            stats["sampling_rounds"] += 1
+            for _ in range(config.num_groups):
+                options = self._draw_group_start(task_ids)
+                group, group_relabelled = run_episodes(
+                    policy, self.env, options, config.group_size, on_step, self.policy_version
+                )
+                if stopped:
+                    return None
+                self._write_to_cache(group + group_relabelled)
+                relabelled += group_relabelled
+                stats["groups_sampled"] += 1
+                if config.rescue_failed_groups and not any(episode.success for episode in group):
+                    group, rescued = self._rescue(group)
+                    stats["groups_rescued"] += int(rescued)
+                outcomes = {episode.success for episode in group}
+                stats["groups_informative"] += int(len(outcomes) > 1)
+                episodes.extend(group)
+            if not config.dynamic_sampling or stats["groups_informative"] >= config.num_groups:
+                break
+        stats["relabelled_episodes"] = len(relabelled)
+        self._add_to_replay([episode for episode in episodes if episode.source == "online"] + relabelled)
+        return GroupRollout.from_episodes(episodes, policy.action_bins, policy.observation_keys, stats)
 
-        lengths = np.array([len(episode["tokens"]) for episode in episodes], dtype=np.int64)
-        observations = {key: np.stack([step[key] for ep in episodes for step in ep["observations"]]) for key in keys}
-        observations["instruction"] = observations["instruction"].astype(object)
-        return GroupRollout(
-            observations=observations,
-            action_tokens=np.concatenate([np.stack(episode["tokens"]) for episode in episodes]).astype(np.int64),
-            old_log_probs=np.concatenate([np.stack(episode["log_probs"]) for episode in episodes]).astype(np.float32),
-            episode_index=np.repeat(np.arange(len(episodes)), lengths),
-            episode_rewards=np.array([float(episode["reward"] > 0) for episode in episodes], dtype=np.float32),
-            episode_lengths=lengths,
-        )
+    def _write_to_cache(self, episodes: Sequence[Episode]) -> None:
+        if self.cache is not None:
+            for episode in episodes:
+                self.cache.append(copy.copy(episode))  # the store sets episode_id on its own copy
 
     # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def _current_log_probs(self, rollout: GroupRollout, indices: np.ndarray) -> np.ndarray:
+        """log pi(a_i | o, a_<i) of the given steps under the policy as it is now (no gradient)."""
+        self.policy.eval()
+        out = np.empty((len(indices), self.policy.action_dim), dtype=np.float32)
+        batch = self.config.minibatch_size
+        for start in range(0, len(indices), batch):
+            part = indices[start : start + batch]
+            tokens = torch.as_tensor(rollout.action_tokens[part], device=self.policy.device)
+            out[start : start + len(part)] = self.policy.log_prob(rollout.batch(part), tokens)[0].cpu().numpy()
+        return out
+
     def train(self, rollout: GroupRollout) -> dict[str, float]:
-        """Several epochs of minibatch updates on one rollout (plus demonstration batches); returns the means."""
+        """Several epochs of minibatch updates on one rollout (plus offline batches); returns the means.
+
+        On-policy steps (sampled by the current policy version) take PPO's ratio against their behaviour
+        log-probs. Off-policy steps -- stale rollouts of an older policy version, demos in rescued groups --
+        take it against the *proximal* policy (the current one, before this update) and are weighted by the
+        truncated importance ratio ``min(pi_prox / mu, is_clip)`` (decoupled PPO, Hilton et al. 2022); demos,
+        whose ``mu`` is unknown, get weight 1.
+        """
         config, policy, device = self.config, self.policy, self.policy.device
         rewards = torch.as_tensor(rollout.episode_rewards)
         episode_advantages = group_relative_advantages(rewards, config.group_size, config.advantage_eps)
@@ -438,7 +691,22 @@ class GRPO(BaseLearner):
         if config.dynamic_sampling:  # no signal in all-equal groups: leave their steps out (DAPO)
             step_groups = rollout.episode_index // config.group_size
             step_indices = step_indices[~zero_std.numpy()[step_groups]]
-        success_rate = float(rewards.mean())
+
+        # Proximal log-probs and importance weights of the off-policy steps.
+        behaviour = rollout.behaviour_log_probs
+        step_versions = rollout.episode_policy_versions[rollout.episode_index]
+        off_policy = np.isnan(behaviour).any(-1) | (step_versions != self.policy_version)
+        proximal = behaviour.copy()
+        weights = np.ones_like(behaviour)
+        stale = step_indices[off_policy[step_indices]]
+        if len(stale):
+            proximal[stale] = self._current_log_probs(rollout, stale)
+            known = ~np.isnan(behaviour[stale])
+            ratio = np.exp(np.minimum(proximal[stale] - np.nan_to_num(behaviour[stale]), math.log(config.is_clip)))
+            weights[stale] = np.where(known, ratio, 1.0)
+
+        online = rollout.episode_online
+        success_rate = float(rollout.episode_rewards[online].mean()) if online.any() else 0.0
         imitation_weight = adaptive_imitation_weight(success_rate, config.imitation_weight_min, config.imitation_weight_max)
         use_demos = self.demos is not None and imitation_weight > 0
         # Minibatches over the online steps; with none left (every group all-equal) the demos still train.
@@ -456,11 +724,12 @@ class GRPO(BaseLearner):
                 if len(indices):
                     obs = rollout.batch(indices)
                     action_tokens = torch.as_tensor(rollout.action_tokens[indices], device=device)
-                    old_log_probs = torch.as_tensor(rollout.old_log_probs[indices], device=device)
+                    old_log_probs = torch.as_tensor(proximal[indices], device=device)
+                    token_weights = torch.as_tensor(weights[indices], device=device)
                     advantages = step_advantages[indices].to(device)[:, None]  # same A for the 7 tokens of a step
                     log_probs, entropy = policy.log_prob(obs, action_tokens)
                     pg_loss, clip_fraction, approx_kl = clipped_surrogate(
-                        log_probs, old_log_probs, advantages, config.clip_low, config.clip_high
+                        log_probs, old_log_probs, advantages, config.clip_low, config.clip_high, token_weights
                     )
                     entropy_loss = entropy.mean()
                     loss = pg_loss - config.entropy_coef * entropy_loss
@@ -469,8 +738,8 @@ class GRPO(BaseLearner):
                         loss = loss + config.kl_coef * kl
                         metrics["kl"] = kl.item()
                     metrics.update(
-                        pg_loss=pg_loss.item(), entropy=entropy_loss.item(),
-                        clip_fraction=clip_fraction.item(), approx_kl=approx_kl.item(),
+                        pg_loss=pg_loss.item(), entropy=entropy_loss.item(), clip_fraction=clip_fraction.item(),
+                        approx_kl=approx_kl.item(), pg_is_weight_mean=token_weights.mean().item(),
                     )  # fmt: skip
                 if use_demos:
                     imitation_loss, is_weight_mean = self._imitation_loss()
@@ -487,18 +756,35 @@ class GRPO(BaseLearner):
                     sums[name] = sums.get(name, 0.0) + value
                 num_updates += 1
         policy.eval()
-        means = {name: value / num_updates for name, value in sums.items()}
+        self.policy_version += 1
+        means = {name: value / num_updates for name, value in sums.items()} if num_updates else {}
+        if "entropy" not in means:  # no online minibatch: still report the policy's entropy on the rollout
+            means["entropy"] = self._rollout_entropy(rollout)
         means.update(
             success_rate=success_rate,
             imitation_weight=imitation_weight if self.demos is not None else 0.0,
             frac_groups_zero_std=float(zero_std.float().mean()),
-            ep_len_mean=float(rollout.episode_lengths.mean()),
+            ep_len_mean=float(rollout.episode_lengths[online].mean()) if online.any() else 0.0,
             num_updates=float(num_updates),
+            off_policy_fraction=float(off_policy.mean()),
+            offline_buffer_size=float(len(self.demos) if self.demos is not None else 0),
+            replay_episodes=float(len(self.replay)),
+            policy_version=float(self.policy_version),
         )
+        for task_id in np.unique(rollout.episode_task_ids[online]):
+            of_task = online & (rollout.episode_task_ids == task_id)
+            means[f"success_rate_task{int(task_id)}"] = float(rollout.episode_rewards[of_task].mean())
+        means.update({name: float(value) for name, value in rollout.stats.items()})
         return means
 
+    @torch.no_grad()
+    def _rollout_entropy(self, rollout: GroupRollout, max_steps: int = 256) -> float:
+        indices = np.linspace(0, len(rollout.action_tokens) - 1, min(max_steps, len(rollout.action_tokens))).astype(int)
+        tokens = torch.as_tensor(rollout.action_tokens[indices], device=self.policy.device)
+        return self.policy.log_prob(rollout.batch(indices), tokens)[1].mean().item()
+
     def _imitation_loss(self) -> tuple[torch.Tensor, float]:
-        """(IS-weighted) NLL of a random batch of demonstration tokens, and the mean importance weight."""
+        """(IS-weighted) NLL of a random batch of offline tokens, and the mean importance weight."""
         indices = self._rng.integers(len(self.demos), size=self.config.imitation_batch_size)
         obs, actions = self.demos.batch(indices)
         action_tokens = torch.as_tensor(self.policy.action_bins.encode(actions), device=self.policy.device)
@@ -528,7 +814,10 @@ class GRPO(BaseLearner):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> GRPO:
-        """Collect groups and update until ``total_timesteps`` env steps (or a callback's ``on_step`` says stop)."""
+        """Collect groups and update until ``total_timesteps`` env steps (or a callback's ``on_step`` says stop).
+
+        As in SB3, ``reset_num_timesteps=False`` continues the step counter (``total_timesteps`` more steps):
+        with :meth:`load` this resumes a run from its last checkpoint."""
         if not (isinstance(total_timesteps, (int, np.integer)) and total_timesteps >= 1):
             raise ValueError(f"total_timesteps {total_timesteps!r} must be an int >= 1")
         if self.env is None:
@@ -541,7 +830,7 @@ class GRPO(BaseLearner):
         if callback is not None:
             callback.init_callback(self)
             callback.on_training_start(locals(), globals())
-        bar = make_progress_bar(total_timesteps, "GRPO") if progress_bar else None
+        bar = make_progress_bar(total_timesteps, "GRPO", initial=self.num_timesteps) if progress_bar else None
         start_time, start_step, iteration = time.time(), self.num_timesteps, 0
         while self.num_timesteps < total_timesteps:
             if callback is not None:
@@ -552,9 +841,10 @@ class GRPO(BaseLearner):
                 bar.update(self.num_timesteps - before)
             if rollout is None:
                 break
-            if callback is not None:
-                callback.on_rollout_end()
             self.last_metrics = self.train(rollout)
+            if callback is not None:  # after the update: a checkpoint saved here holds this rollout's learning
+                callback.update_locals({"self": self})
+                callback.on_rollout_end()
             iteration += 1
             if iteration % log_interval == 0:
                 self._log(self.last_metrics, start_time, start_step)
@@ -565,12 +855,13 @@ class GRPO(BaseLearner):
         return self
 
     def _log(self, metrics: dict[str, float], start_time: float, start_step: int) -> None:
-        for name in ("success_rate", "frac_groups_zero_std", "ep_len_mean"):
-            self.logger.record(f"rollout/{name}", metrics[name])
-        for name in ("pg_loss", "imitation_loss", "imitation_weight", "entropy", "kl", "clip_fraction", "approx_kl",
-                     "is_weight_mean", "loss"):  # fmt: skip
-            if name in metrics:
-                self.logger.record(f"train/{name}", metrics[name])
+        rollout_names = ("success_rate", "frac_groups_zero_std", "ep_len_mean", "groups_sampled", "groups_informative",
+                         "groups_rescued", "sampling_rounds", "relabelled_episodes")  # fmt: skip
+        for name, value in metrics.items():
+            if name in rollout_names or name.startswith("success_rate_task"):
+                self.logger.record(f"rollout/{name}", value)
+            elif name != "num_updates":
+                self.logger.record(f"train/{name}", value)
         elapsed = max(time.time() - start_time, 1e-9)
         self.logger.record("time/fps", (self.num_timesteps - start_step) / elapsed)
         self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
@@ -578,16 +869,40 @@ class GRPO(BaseLearner):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike) -> None:
-        """A directory: the policy checkpoint (``save_pretrained``), ``grpo.json`` and the optimizer state."""
-        self.policy.save_pretrained(path)
-        config = dataclasses.asdict(self.config)
-        with open(os.path.join(path, GRPO_CONFIG_FILENAME), "w") as file:
-            json.dump({**config, "num_timesteps": self.num_timesteps}, file, indent=2)
-        torch.save(self.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILENAME))
+        """A directory: the policy checkpoint (``save_pretrained``), ``grpo.json`` (hyperparameters, step counter,
+        policy version), the optimizer state and the RNG states (numpy's draws, torch's sampling).
+
+        Written into a temporary sibling directory and renamed into place, so a crash while saving leaves the
+        previous checkpoint (or none), never a half-written one."""
+        path = os.path.abspath(os.fspath(path))
+        parent, name = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        try:
+            self.policy.save_pretrained(tmp)
+            torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILENAME))
+            rng = {"numpy": self._rng.bit_generator.state, "torch": torch.get_rng_state()}
+            torch.save(rng, os.path.join(tmp, RNG_FILENAME))
+            state = {**dataclasses.asdict(self.config), "num_timesteps": self.num_timesteps}
+            state["policy_version"] = self.policy_version
+            with open(os.path.join(tmp, GRPO_CONFIG_FILENAME), "w") as file:  # written last: marks it complete
+                json.dump(state, file, indent=2)
+            if os.path.exists(path):
+                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+                os.rename(path, os.path.join(old, name))
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, env=None, demos: Any = None, device=None, **kwargs) -> GRPO:
-        """Rebuild from :meth:`save`; ``kwargs`` override saved hyperparameters (or set tensorboard_log, verbose).
+        """Rebuild from :meth:`save` -- weights, hyperparameters, step counter, optimizer and RNG states -- so
+        ``learn(..., reset_num_timesteps=False)`` continues the run; ``kwargs`` override saved hyperparameters
+        (or set tensorboard_log, verbose). With a ``cache_dir``, the success replay is refilled from the cache.
 
         With ``kl_coef > 0`` on a policy without LoRA, the reference is a copy of the *loaded* policy."""
         config_path = os.path.join(path, GRPO_CONFIG_FILENAME)
@@ -596,11 +911,46 @@ class GRPO(BaseLearner):
         with open(config_path) as file:
             saved = json.load(file)
         num_timesteps = int(saved.pop("num_timesteps", 0))
+        policy_version = int(saved.pop("policy_version", 0))
         model = cls(load_policy(path), env=env, demos=demos, device=device, **{**saved, **kwargs})
-        model.num_timesteps = num_timesteps
+        model.num_timesteps, model.policy_version = num_timesteps, policy_version
         optimizer_path = os.path.join(path, OPTIMIZER_FILENAME)
         if os.path.exists(optimizer_path):
             model.optimizer.load_state_dict(torch.load(optimizer_path, map_location=model.policy.device))
             for group in model.optimizer.param_groups:
                 group["lr"] = model.config.learning_rate
+        rng_path = os.path.join(path, RNG_FILENAME)
+        if os.path.exists(rng_path):
+            rng = torch.load(rng_path, weights_only=False)
+            model._rng.bit_generator.state = rng["numpy"]
+            torch.set_rng_state(rng["torch"])
         return model
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> str | None:
+    """The complete GRPO checkpoint under ``directory`` (itself or a subdirectory) with the most env steps,
+    or None. Temporary directories of a save that was interrupted are ignored."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return None
+    candidates = [directory] + [os.path.join(directory, name) for name in os.listdir(directory) if not name.startswith(".")]
+    best, best_steps = None, -1
+    for candidate in candidates:
+        config_path = os.path.join(candidate, GRPO_CONFIG_FILENAME)
+        if not os.path.isfile(config_path):
+            continue
+        try:
+            with open(config_path) as file:
+                steps = int(json.load(file).get("num_timesteps", 0))
+        except (OSError, ValueError):
+            continue
+        if steps > best_steps:
+            best, best_steps = candidate, steps
+    return best
+
+
+def _field(episode: Any, name: str, default: Any = None) -> Any:
+    """An attribute of an episode object, or an entry of an episode dict."""
+    if isinstance(episode, Mapping):
+        return episode.get(name, default)
+    return getattr(episode, name, default)

@@ -83,8 +83,9 @@ def _episode_parts(episode: Any) -> tuple[Mapping[str, Any], np.ndarray, int]:
     return observations, episode.actions, int(getattr(episode, "task_id", -1))
 
 
-def load_demonstrations(demos: Any, observation_keys: Sequence[str], action_dim: int) -> Transitions:
-    """Flatten ``demos`` (see the module docstring) into :class:`Transitions` with ``observation_keys``."""
+def episodes_of(demos: Any, observation_keys: Sequence[str]) -> Sequence[Any]:
+    """``demos`` (see the module docstring) as a sequence of episodes: a file or store is read (camera frames
+    only when ``observation_keys`` name a camera)."""
     if isinstance(demos, (str, os.PathLike)):
         path = os.fspath(demos)
         if os.path.isdir(path):
@@ -98,8 +99,14 @@ def load_demonstrations(demos: Any, observation_keys: Sequence[str], action_dim:
             demos = load_episodes(path, load_images=needs_images)
     if hasattr(demos, "episode_ids") and hasattr(demos, "load"):  # an EpisodeStore
         demos = [demos.load(episode_id) for episode_id in demos.episode_ids()]
-    if not isinstance(demos, Iterable):
+    if isinstance(demos, Mapping) or not isinstance(demos, Iterable):
         raise TypeError(f"demos must be a path, an EpisodeStore or a sequence of episodes: got {type(demos).__name__}")
+    return demos if isinstance(demos, Sequence) else list(demos)
+
+
+def load_demonstrations(demos: Any, observation_keys: Sequence[str], action_dim: int) -> Transitions:
+    """Flatten ``demos`` (see the module docstring) into :class:`Transitions` with ``observation_keys``."""
+    demos = episodes_of(demos, observation_keys)
     columns: dict[str, list] = {key: [] for key in observation_keys}
     actions_list, task_list = [], []
     for index, episode in enumerate(demos):

@@ -4,6 +4,7 @@ updates in the direction of the advantage, the offline term, SB3 surface, loggin
 from __future__ import annotations
 
 import glob
+import os
 
 import gymnasium as gym
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.grpo import GRPO
+from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint
 from gym_libero_vla.episode_store import Episode
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
@@ -87,7 +88,7 @@ def test_positive_advantage_raises_the_log_prob_of_its_tokens(env, instruction):
     policy = make_policy(instruction)
     model = GRPO(policy, env, group_size=2, num_groups=1, learning_rate=1e-3, num_epochs=4, minibatch_size=64, seed=0)
     rollout = model.collect_rollouts()
-    assert rollout.action_tokens.shape == (2 * MAX_EPISODE_STEPS, 7) and rollout.old_log_probs.shape == (20, 7)
+    assert rollout.action_tokens.shape == (2 * MAX_EPISODE_STEPS, 7) and rollout.behaviour_log_probs.shape == (20, 7)
     assert rollout.episode_index.tolist() == [0] * 10 + [1] * 10
     rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)  # pretend episode 0 succeeded
     winner, loser = np.arange(10), np.arange(10, 20)
@@ -191,3 +192,124 @@ def test_groups_start_only_from_the_given_init_states(env, instruction):
     assert {options["init_state_id"] for options in recording_env.reset_options} <= {3, 7}
     with pytest.raises(ValueError, match="init_state_ids"):
         GRPO(make_policy(instruction), env, init_state_ids=())
+
+
+# ---------------------------------------------------------------------- dynamic sampling, rescue, replay, staleness
+def test_dynamic_sampling_refills_until_groups_carry_signal(env, instruction):
+    # A random tiny policy fails every 10-step episode: no group carries signal, so every round is drawn.
+    model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1, max_sampling_rounds=3, seed=0)
+    rollout = model.collect_rollouts()
+    assert rollout.stats["groups_sampled"] == 3 and rollout.stats["groups_informative"] == 0
+    assert len(rollout.episodes) == 6 and model.num_timesteps == 6 * MAX_EPISODE_STEPS
+    metrics = model.train(rollout)
+    assert metrics["frac_groups_zero_std"] == 1.0 and metrics["groups_sampled"] == 3.0 and metrics["num_updates"] == 0
+    assert metrics["entropy"] > 0.0  # still reported when no online minibatch ran
+    filter_only = GRPO(
+        make_policy(instruction), env, group_size=2, num_groups=1, dynamic_sampling=False, max_sampling_rounds=3
+    )
+    assert filter_only.collect_rollouts().stats["groups_sampled"] == 1  # refill belongs to dynamic sampling
+
+
+def test_all_fail_groups_are_rescued_with_a_demo_that_the_update_moves_towards(env, instruction):
+    model = GRPO(
+        make_policy(instruction), env, demos=[demo(instruction)], group_size=2, num_groups=1, rescue_failed_groups=True,
+        max_sampling_rounds=3, learning_rate=1e-3, num_epochs=4, imitation_weight_max=0.0, seed=0,
+    )  # fmt: skip
+    rollout = model.collect_rollouts()
+    assert rollout.stats["groups_rescued"] == 1 and rollout.stats["groups_sampled"] == 1  # informative at once
+    assert [episode.source for episode in rollout.episodes] == ["online", "offline"]
+    assert rollout.episode_rewards.tolist() == [0.0, 1.0] and rollout.episode_online.tolist() == [True, False]
+    assert np.isnan(rollout.behaviour_log_probs[rollout.episode_index == 1]).all()  # the demo's mu is unknown
+    demo_steps = np.flatnonzero(rollout.episode_index == 1)
+    before = rollout_log_probs(model.policy, rollout, demo_steps)
+    metrics = model.train(rollout)
+    assert metrics["success_rate"] == 0.0  # the demo does not count as an online success
+    assert metrics["off_policy_fraction"] == pytest.approx(5 / 15)  # 5 demo steps of 15
+    assert rollout_log_probs(model.policy, rollout, demo_steps) > before + 0.1
+    with pytest.raises(ValueError, match="rescue_failed_groups needs demos"):
+        GRPO(make_policy(instruction), env, rescue_failed_groups=True)
+
+
+def test_stale_rollouts_get_proximal_ratios_and_truncated_importance_weights(env, instruction):
+    model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1, learning_rate=1e-2, is_clip=1.5, seed=0)
+    rollout = model.collect_rollouts()
+    rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)
+    fresh = model.train(rollout)
+    assert fresh["off_policy_fraction"] == 0.0 and fresh["pg_is_weight_mean"] == 1.0 and model.policy_version == 1
+    stale = model.train(rollout)  # the same episodes, now one policy version old
+    assert stale["off_policy_fraction"] == 1.0
+    assert stale["pg_is_weight_mean"] != 1.0 and 0.0 < stale["pg_is_weight_mean"] <= 1.5
+
+
+def test_successes_join_the_offline_term_and_persist_in_the_cache(env, instruction, tmp_path):
+    model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1, cache_dir=str(tmp_path / "cache"), seed=0)
+    rollout = model.collect_rollouts()
+    assert len(model.cache) == 2 and model.demos is None  # every rollout episode is cached; none succeeded
+    success = rollout.episodes[0]
+    success.success, success.rewards[-1] = True, 1.0
+    model._add_to_replay([success])
+    model._write_to_cache([success])
+    assert len(model.demos) == success.num_steps and model.demo_log_probs is not None  # replayed, with its mu
+    reopened = GRPO(make_policy(instruction), env, group_size=2, cache_dir=str(tmp_path / "cache"))
+    assert len(reopened.replay) == 1 and len(reopened.demos) == success.num_steps
+    no_replay = GRPO(make_policy(instruction), env, success_replay_size=0, cache_dir=str(tmp_path / "cache"))
+    assert no_replay.demos is None
+
+
+def test_resume_restores_steps_optimizer_and_rng(env, instruction, tmp_path):
+    model = GRPO(make_policy(instruction), env, demos=[demo(instruction)], group_size=2, num_groups=1, seed=5)
+    model.learn(2 * MAX_EPISODE_STEPS)
+    model.save(tmp_path / "ckpt")
+    model.save(tmp_path / "ckpt")  # overwriting a checkpoint goes through a temporary directory
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    resumed = GRPO.load(tmp_path / "ckpt", env=env, demos=[demo(instruction)])
+    assert (resumed.num_timesteps, resumed.policy_version) == (2 * MAX_EPISODE_STEPS, 1)
+    assert resumed._rng.integers(1 << 30) == model._rng.integers(1 << 30)  # the same draws continue
+    assert torch.equal(torch.get_rng_state(), torch.get_rng_state())
+    saved_state, loaded_state = model.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(saved_state[k]["exp_avg"], loaded_state[k]["exp_avg"]) for k in saved_state)
+    resumed.learn(2 * MAX_EPISODE_STEPS, reset_num_timesteps=False)
+    assert resumed.num_timesteps == 4 * MAX_EPISODE_STEPS and resumed.policy_version == 2
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt")
+    os.makedirs(tmp_path / ".ckpt.tmp-123")  # an interrupted save is not a checkpoint
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt") and latest_checkpoint(tmp_path / "none") is None
+
+
+class OpenMiddleDrawerAtStep3(gym.Wrapper):
+    """Opens LIBERO-Goal's middle drawer in the simulator before the 4th step: the goal of task 0 is reached."""
+
+    def reset(self, **kwargs):
+        self.steps = 0
+        return super().reset(**kwargs)
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == 4:
+            domain = self.env.unwrapped.libero_env.env
+            domain.sim.data.set_joint_qpos("wooden_cabinet_1_middle_level", -0.15)
+            domain.sim.forward()
+        return super().step(action)
+
+
+def test_hindsight_relabelled_episodes_are_replayed():
+    from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel
+
+    goal_env = gym.make("LiberoGoal-v0", obs_mode="state", max_episode_steps=MAX_EPISODE_STEPS, num_settle_steps=2)
+    env = OpenMiddleDrawerAtStep3(RolloutRelabel(goal_env))
+    try:
+        instructions = [task.instruction for task in goal_env.unwrapped.tasks]
+        torch.manual_seed(0)
+        policy = CompactVLA(
+            CompactVLAConfig(cameras=(), hidden_size=32, num_layers=1, num_heads=2),
+            ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7}),
+            WordTokenizer.from_texts(instructions),
+        )
+        model = GRPO(policy, env, group_size=2, num_groups=1, task_ids=(9,), seed=0)  # wine bottle: fails
+        rollout = model.collect_rollouts()
+        assert rollout.stats["relabelled_episodes"] == 2  # each failed episode opened the middle drawer
+        assert [episode.task_id for episode in model.replay] == [0, 0]
+        assert {episode.observations["instruction"] for episode in model.replay} == {instructions[0]}
+        assert len(model.demos) == 2 * 4  # 4 steps each, in the offline term
+        assert model.train(rollout)["relabelled_episodes"] == 2.0
+    finally:
+        env.close()
