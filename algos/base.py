@@ -42,6 +42,10 @@ class BaseLearner:
     def get_env(self):
         return self.env
 
+    def get_vec_normalize_env(self) -> None:
+        """SB3's hook for ``VecNormalize`` statistics (``EvalCallback`` and ``CheckpointCallback`` ask): none here."""
+        return None
+
     @property
     def logger(self) -> Logger:
         if self._logger is None:

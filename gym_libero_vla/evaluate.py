@@ -205,6 +205,25 @@ def _write_video(frames, video_dir: str, task_id: int, init_state_id: int, seed:
     return path
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a success rate of ``successes`` out of ``n`` episodes (z=1.96: 95%).
+
+    Unlike the normal approximation ``p +- z sqrt(p (1 - p) / n)`` it stays inside [0, 1] and is not empty at
+    0/n or n/n, which matters for the 20 episodes per task of a LIBERO evaluation (Wilson, 1927)::
+
+        center = (p + z^2 / 2n) / (1 + z^2 / n),  half = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n)
+    """
+    if not (isinstance(n, (int, np.integer)) and n >= 1):
+        raise ValueError(f"n {n!r} must be an int >= 1 (episodes)")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes {successes!r} must be in 0..{n}")
+    p = successes / n
+    denominator = 1.0 + z**2 / n
+    center = (p + z**2 / (2 * n)) / denominator
+    half = z * np.sqrt(p * (1.0 - p) / n + z**2 / (4 * n**2)) / denominator
+    return max(0.0, float(center - half)), min(1.0, float(center + half))
+
+
 def success_table(results: dict) -> str:
     """The per-task results as a Markdown table, with an "all" row."""
     lines = [

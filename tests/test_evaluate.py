@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from gym_libero_vla.evaluate import EvalArgs, env_kwargs_for_policy, main
+from gym_libero_vla.evaluate import EvalArgs, env_kwargs_for_policy, main, wilson_interval
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
@@ -57,3 +57,16 @@ def test_bad_suite_task_and_init_state_name_the_valid_choices(checkpoint, tmp_pa
         main(EvalArgs(checkpoint=checkpoint, task_ids=(12,), init_states=(0,), out_dir=str(tmp_path), progress=False))
     with pytest.raises(ValueError, match="unknown init_state_id 99 for task 0 of LiberoSpatial-v0: valid 0..49"):
         main(EvalArgs(checkpoint=checkpoint, task_ids=(0,), init_states=(99,), out_dir=str(tmp_path), progress=False))
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # 8/10, z = 1.96: center (0.8 + 0.19208) / 1.38416 = 0.71674, half 1.96 * sqrt(0.016 + 0.009604) / 1.38416 = 0.22658
+    assert wilson_interval(8, 10) == pytest.approx((0.49016, 0.94332), abs=1e-4)
+    # 0/10: center = half = 0.19208 / 1.38416, so the interval starts at 0 and is not empty
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27754), abs=1e-4)
+    low, high = wilson_interval(20, 20)
+    assert high == 1.0 and 0.8 < low < 0.85
+    with pytest.raises(ValueError, match="n 0 must be an int >= 1"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="successes 11 must be in 0..10"):
+        wilson_interval(11, 10)

@@ -178,6 +178,15 @@ class VLAPolicy(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> VLAPolicy:
         raise NotImplementedError
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the light action head on top of the backbone: the output layer that turns the
+        last hidden state into action-token logits (and what sits right under it). iRe-VLA's RL stage trains
+        only these, with the backbone frozen. Whatever their ``requires_grad``; learners set it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not say which parameters form its action head: implement head_parameters() "
+            "(iRe-VLA's head-only RL stage needs it; CompactVLA and HFVLAPolicy implement it)"
+        )
+
     # ------------------------------------------------------------------ shared
     @torch.no_grad()
     def act(

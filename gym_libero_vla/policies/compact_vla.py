@@ -230,6 +230,10 @@ class CompactVLA(VLAPolicy):
     def embed_tokens(self) -> nn.Embedding:
         return self.backbone.get_input_embeddings()
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The action head: ``lm_head`` and the transformer's final norm under it (not tied to the embeddings)."""
+        return list(self.lm_head.parameters()) + list(self.backbone.norm.parameters())
+
     # ------------------------------------------------------------------ the sequence
     def _prefix(self, obs_batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix embeddings ``(B, P, hidden)`` and attention mask ``(B, P)`` of a batch of observations."""

@@ -204,6 +204,15 @@ class HFVLAPolicy(VLAPolicy):
                 output = self._forward(next_ids, attention_mask, use_cache=True, **{self._cache_argument: cache})
         return torch.stack(tokens, dim=1), torch.stack(step_logits, dim=1)
 
+    def head_parameters(self) -> list[torch.nn.Parameter]:
+        """The action head: the language model's output layer (``get_output_embeddings()``; the shared table if the
+        model ties it to the input embeddings). Under a peft adapter with ``modules_to_save`` naming it, both the
+        frozen original and the trainable copy."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(self.model).__name__} has no output embeddings (get_output_embeddings() is None)")
+        return list(head.parameters())
+
     # ------------------------------------------------------------------ LoRA
     def add_lora(
         self,

@@ -1,0 +1,127 @@
+"""SB3 callbacks for learners whose checkpoints are directories and whose data comes in rollouts (GRPO, iRe-VLA).
+
+SB3's own callbacks work with our learners (``CheckpointCallback``, ``EvalCallback`` with a
+:class:`gym_libero_vla.sb3_vec_env.TextDummyVecEnv`, ``StopTrainingOnMaxEpisodes``, ...). These two fit
+LIBERO training better:
+
+- :class:`RolloutCheckpointCallback`: SB3's ``CheckpointCallback``, but it saves at the end of a rollout
+  (after the update, so a resumed run loses no collected data and repeats no update), names checkpoints
+  ``<prefix>_<steps>_steps/`` without ".zip", and keeps only the newest ``keep_last``.
+- :class:`LiberoEvalCallback`: SB3's ``EvalCallback`` on LIBERO's fixed evaluation protocol: every
+  ``eval_freq`` env steps, deterministic episodes on given (task, init state, seed) triples (held out from
+  training), ``eval/success_rate`` and per-task rates logged, the best policy saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+
+
+class RolloutCheckpointCallback(CheckpointCallback):
+    """Save ``model`` to ``<save_path>/<name_prefix>_<num_timesteps>_steps/`` at the first rollout end after
+    every ``save_freq`` env steps; delete all but the newest ``keep_last`` (None: keep all)."""
+
+    def __init__(self, save_freq: int, save_path: str, name_prefix: str = "model", keep_last: int | None = 3, verbose=0):
+        if not (isinstance(save_freq, int) and save_freq >= 1):
+            raise ValueError(f"save_freq {save_freq!r} must be an int >= 1 (env steps between checkpoints)")
+        if keep_last is not None and not (isinstance(keep_last, int) and keep_last >= 1):
+            raise ValueError(f"keep_last {keep_last!r} must be an int >= 1 or None")
+        super().__init__(save_freq, save_path, name_prefix, verbose=verbose)
+        self.keep_last = keep_last
+        self.saved: list[str] = []
+        self._last_save_step: int | None = None
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        self._last_save_step = self.model.num_timesteps  # a resumed run counts from where it restarted
+
+    def _checkpoint_path(self, checkpoint_type: str = "", extension: str = "") -> str:
+        return os.path.join(self.save_path, f"{self.name_prefix}_{checkpoint_type}{self.num_timesteps}_steps")
+
+    def _on_step(self) -> bool:
+        return True  # checkpoints are taken between rollouts, in _on_rollout_end
+
+    def _on_rollout_end(self) -> None:
+        if self.model.num_timesteps - self._last_save_step < self.save_freq:
+            return
+        self.num_timesteps = self.model.num_timesteps
+        path = self._checkpoint_path()
+        self.model.save(path)
+        self._last_save_step = self.model.num_timesteps
+        self.saved.append(path)
+        if self.verbose >= 1:
+            print(f"Saving model checkpoint to {path}")
+        while self.keep_last is not None and len(self.saved) > self.keep_last:
+            shutil.rmtree(self.saved.pop(0), ignore_errors=True)
+
+
+class LiberoEvalCallback(BaseCallback):
+    """Every ``eval_freq`` env steps (at a rollout end), evaluate the policy deterministically on every
+    (task, init state, seed) with :func:`gym_libero_vla.evaluate.evaluate_policy`; log ``eval/success_rate``
+    and ``eval/success_rate_task<t>``, append to ``<log_path>/evaluations.jsonl``, and save the best model to
+    ``best_model_save_path``. ``last_success_rate`` / ``best_success_rate`` hold the results."""
+
+    def __init__(
+        self,
+        env_id: str,
+        task_ids: Sequence[int] | None,
+        init_state_ids: Sequence[int],
+        eval_freq: int,
+        seeds: Sequence[int] = (0,),
+        max_episode_steps: int | None = None,
+        log_path: str | None = None,
+        best_model_save_path: str | None = None,
+        verbose: int = 0,
+    ):
+        super().__init__(verbose)
+        if not (isinstance(eval_freq, int) and eval_freq >= 1):
+            raise ValueError(f"eval_freq {eval_freq!r} must be an int >= 1 (env steps between evaluations)")
+        if not init_state_ids:
+            raise ValueError("init_state_ids is empty: give the held-out init states to evaluate on")
+        self.env_id, self.eval_freq, self.max_episode_steps = env_id, eval_freq, max_episode_steps
+        self.task_ids = None if task_ids is None else tuple(task_ids)
+        self.init_state_ids, self.seeds = tuple(init_state_ids), tuple(seeds)
+        self.log_path, self.best_model_save_path = log_path, best_model_save_path
+        self.last_success_rate: float | None = None
+        self.best_success_rate = -1.0
+        self._last_eval_step: int | None = None
+
+    def _init_callback(self) -> None:
+        self._last_eval_step = self.model.num_timesteps
+        for path in (self.log_path, self.best_model_save_path):
+            if path is not None:
+                os.makedirs(path, exist_ok=True)
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self.model.num_timesteps - self._last_eval_step < self.eval_freq:
+            return
+        from gym_libero_vla.evaluate import evaluate_policy
+
+        self._last_eval_step = self.model.num_timesteps
+        results = evaluate_policy(
+            self.model.policy, self.env_id, self.task_ids, self.init_state_ids, seeds=self.seeds,
+            max_episode_steps=self.max_episode_steps, progress=False,
+        )  # fmt: skip
+        self.last_success_rate = results["success_rate"]
+        self.logger.record("eval/success_rate", results["success_rate"])
+        for task_id, task in results["per_task"].items():
+            self.logger.record(f"eval/success_rate_task{task_id}", task["success_rate"])
+        if self.verbose >= 1:
+            print(f"Eval num_timesteps={self.model.num_timesteps}, success_rate={results['success_rate']:.2f}")
+        if self.log_path is not None:
+            record = {"num_timesteps": self.model.num_timesteps, "success_rate": results["success_rate"],
+                      "per_task": {str(t): task["success_rate"] for t, task in results["per_task"].items()}}  # fmt: skip
+            with open(os.path.join(self.log_path, "evaluations.jsonl"), "a") as file:
+                file.write(json.dumps(record) + "\n")
+        if results["success_rate"] > self.best_success_rate:
+            self.best_success_rate = results["success_rate"]
+            if self.best_model_save_path is not None:
+                self.model.save(os.path.join(self.best_model_save_path, "best_model"))
