@@ -460,6 +460,8 @@ class GRPO(BaseLearner):
         **hyperparameters: the fields of :class:`GRPOConfig`.
     """
 
+    config_class: type[GRPOConfig] = GRPOConfig
+
     def __init__(
         self,
         policy: VLAPolicy | str | os.PathLike,
@@ -470,11 +472,11 @@ class GRPO(BaseLearner):
         device: str | torch.device | None = None,
         **hyperparameters,
     ):
-        unknown = sorted(set(hyperparameters) - {field.name for field in dataclasses.fields(GRPOConfig)})
+        valid = sorted(field.name for field in dataclasses.fields(self.config_class))
+        unknown = sorted(set(hyperparameters) - set(valid))
         if unknown:
-            valid = sorted(field.name for field in dataclasses.fields(GRPOConfig))
-            raise ValueError(f"unknown GRPO hyperparameter(s) {unknown}: valid {valid}")
-        self.config = GRPOConfig(**hyperparameters)
+            raise ValueError(f"unknown {type(self).__name__} hyperparameter(s) {unknown}: valid {valid}")
+        self.config = self.config_class(**hyperparameters)
         if isinstance(policy, (str, os.PathLike)):
             policy = load_policy(policy)
         if not isinstance(policy, VLAPolicy):
@@ -496,8 +498,6 @@ class GRPO(BaseLearner):
         self.cache: EpisodeStore | None = None
         if self.config.cache_dir is not None:
             self._open_cache()
-        if self.config.rescue_failed_groups and not self.demo_episodes:
-            raise ValueError("rescue_failed_groups needs demos: pass demos= with successful episodes of the tasks")
         parameters = [p for p in policy.parameters() if p.requires_grad]
         if not parameters:
             raise ValueError("the policy has no trainable parameters")
@@ -822,6 +822,8 @@ class GRPO(BaseLearner):
             raise ValueError(f"total_timesteps {total_timesteps!r} must be an int >= 1")
         if self.env is None:
             raise ValueError("GRPO has no env: pass env= to GRPO(...) or GRPO.load(..., env=...)")
+        if self.config.rescue_failed_groups and not self.demo_episodes:
+            raise ValueError("rescue_failed_groups needs demos: pass demos= with successful episodes of the tasks")
         if reset_num_timesteps:
             self.num_timesteps = 0
         total_timesteps += 0 if reset_num_timesteps else self.num_timesteps
@@ -885,6 +887,7 @@ class GRPO(BaseLearner):
             torch.save(rng, os.path.join(tmp, RNG_FILENAME))
             state = {**dataclasses.asdict(self.config), "num_timesteps": self.num_timesteps}
             state["policy_version"] = self.policy_version
+            self._save_extra(tmp, state)
             with open(os.path.join(tmp, GRPO_CONFIG_FILENAME), "w") as file:  # written last: marks it complete
                 json.dump(state, file, indent=2)
             if os.path.exists(path):
@@ -897,6 +900,9 @@ class GRPO(BaseLearner):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _save_extra(self, directory: str, state: dict[str, Any]) -> None:
+        """Subclasses add their own state to a checkpoint being written (``state`` becomes ``grpo.json``)."""
 
     @classmethod
     def load(cls, path: str | os.PathLike, env=None, demos: Any = None, device=None, **kwargs) -> GRPO:

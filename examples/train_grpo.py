@@ -2,7 +2,12 @@
 
     python examples/train_grpo.py                      # defaults: 2 LIBERO-Spatial tasks, ~15 min on a 2-core CPU
     python examples/train_grpo.py --init-from runs/sft/final --total-timesteps 20000
+    python examples/train_grpo.py --algo irevla --output-dir runs/irevla    # iRe-VLA on the same work
     tensorboard --logdir runs/grpo
+
+Rerunning the same command after a crash (or a kill) resumes: the SFT warm start is reused, and GRPO
+continues from its newest checkpoint in ``output_dir/checkpoints`` with its optimizer, RNG, step counter and
+episode cache (``output_dir/cache``); ``--no-resume`` starts over.
 
 1. Demonstrations: the scripted expert's successful episodes on ``task_ids`` from init states
    ``0 .. demo_init_state_end - 1``, state mode with LIBERO's privileged object poses ("object_state"), cached
@@ -11,7 +16,10 @@
 3. Evaluate before: deterministic episodes on held-out init states (``eval_init_state_start ..``).
 4. GRPO (:mod:`gym_libero_vla.algos.grpo`): groups of episodes from the demos' init states, group-relative
    advantages, clipped surrogate, plus the demos' NLL weighted by how often the rollouts fail (offline
-   regularization). Checkpoints every ``checkpoint_freq`` env steps, TensorBoard under ``output_dir/tb``.
+   regularization); all-fail groups get a demo (Rollout Relabel's rescue) and successes are replayed with
+   importance weights. Or iRe-VLA (:mod:`gym_libero_vla.algos.irevla`) with ``--algo irevla``.
+   Checkpoints every ``checkpoint_freq`` env steps, TensorBoard under ``output_dir/tb``, optional periodic
+   evaluation (``eval_freq``).
 5. Evaluate after, on the same held-out init states; ``results.json`` holds both.
 
 Why privileged object poses: a state-only policy that sees just the gripper (proprio) cannot know where the
@@ -24,14 +32,16 @@ import dataclasses
 import json
 import os
 import time
+from typing import Literal
 
 import gymnasium as gym
 import torch
 import tyro
-from stable_baselines3.common.callbacks import CheckpointCallback
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
-from gym_libero_vla.algos.grpo import GRPO
+from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
+from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint
+from gym_libero_vla.algos.irevla import IReVLA
 from gym_libero_vla.algos.sft import SFT
 from gym_libero_vla.demos import action_stats, load_episodes
 from gym_libero_vla.evaluate import env_kwargs_for_policy, evaluate_policy, write_report
@@ -51,7 +61,12 @@ class Args:
     torch_threads: int = 1
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     output_dir: str = "runs/grpo"
-    """Checkpoints (``sft/``, ``checkpoints/``, ``final/``), TensorBoard (``tb/``), evaluations and results.json."""
+    """Checkpoints (``sft/``, ``checkpoints/``, ``final/``), TensorBoard (``tb/``), episode cache (``cache/``),
+    evaluations and results.json."""
+    algo: Literal["grpo", "irevla"] = "grpo"
+    """Online learner: "grpo" (GRPO with offline regularization) or "irevla" (iRe-VLA's RL/SL stages)."""
+    resume: bool = True
+    """Reuse the SFT warm start and continue from the newest checkpoint in output_dir when there is one."""
 
     # --- demonstrations
     demos: str | None = None
@@ -96,10 +111,24 @@ class Args:
     """Weight of the demos' NLL when every rollout succeeds."""
     kl_coef: float = 0.0
     """Weight of KL(pi || pi_ref) to the warm-started policy (0: no reference, DAPO's choice)."""
+    rescue_failed_groups: bool = True
+    """GRPO: put a demo into groups whose rollouts all failed, so they carry a learning signal."""
+    max_sampling_rounds: int = 2
+    """GRPO's dynamic sampling: draw up to this many rounds of num_groups groups while fewer carry signal."""
+    success_replay_size: int = 500
+    """GRPO: successful rollouts replayed beside the demos in the offline term (0: demos only)."""
+    rl_updates_per_stage: int = 2
+    """iRe-VLA: GRPO updates of the action head per RL stage."""
+    sl_steps_per_stage: int = 100
+    """iRe-VLA: supervised steps on demos + successes per SL stage."""
+    sl_learning_rate: float = 1e-4
+    """iRe-VLA: AdamW step size of the SL stages."""
     max_episode_steps: int | None = 160
     """Step limit of GRPO and evaluation episodes (the expert needs ~90-130 on Spatial; None: the suite's 220)."""
     checkpoint_freq: int = 1000
-    """Save a GRPO checkpoint every this many env steps (0: only the final one)."""
+    """Save a checkpoint after the first rollout past every this many env steps (0: only the final one)."""
+    eval_freq: int = 0
+    """Also evaluate on the held-out init states every this many env steps, logged as eval/* (0: never)."""
 
     # --- evaluation
     eval_init_state_start: int = 20
@@ -138,6 +167,13 @@ def warm_start(args: Args, episodes, instructions: list[str]):
     if args.init_from is not None:
         print(f"warm start: {args.init_from} (SFT skipped)")
         return load_policy(args.init_from)
+    sft_dir = os.path.join(args.output_dir, "sft")
+    if args.resume and os.path.exists(os.path.join(sft_dir, "sft.json")):
+        with open(os.path.join(sft_dir, "sft.json")) as file:
+            done = int(json.load(file).get("num_timesteps", 0))
+        if done >= args.sft_steps:
+            print(f"warm start: reusing {sft_dir} ({done} SFT steps)")
+            return load_policy(sft_dir)
     config = CompactVLAConfig(
         cameras=(), object_state_dim=episodes[0].observations["object_state"].shape[1],
         hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
@@ -155,11 +191,33 @@ def warm_start(args: Args, episodes, instructions: list[str]):
     return policy
 
 
-class GRPOCheckpointCallback(CheckpointCallback):
-    """SB3's CheckpointCallback; a GRPO checkpoint is a directory, so its name gets no ".zip"."""
+def make_learner(args: Args, policy, env, episodes):
+    """GRPO with offline regularization, or iRe-VLA, on the same env, demos and group settings."""
+    common = dict(
+        tensorboard_log=os.path.join(args.output_dir, "tb"), num_groups=args.num_groups, group_size=args.group_size,
+        learning_rate=args.learning_rate, num_epochs=args.num_epochs, minibatch_size=args.minibatch_size,
+        kl_coef=args.kl_coef, max_sampling_rounds=args.max_sampling_rounds, task_ids=args.task_ids,
+        init_state_ids=tuple(range(args.demo_init_state_end)), seed=args.seed,
+    )  # fmt: skip
+    if args.algo == "irevla":
+        return IReVLA(
+            policy, env, demos=episodes, rl_updates_per_stage=args.rl_updates_per_stage,
+            sl_steps_per_stage=args.sl_steps_per_stage, sl_batch_size=args.sft_batch_size,
+            sl_learning_rate=args.sl_learning_rate, success_store=os.path.join(args.output_dir, "successes"), **common,
+        )  # fmt: skip
+    return GRPO(
+        policy, env, demos=episodes, imitation_weight_min=args.imitation_weight_min,
+        imitation_weight_max=args.imitation_weight_max, rescue_failed_groups=args.rescue_failed_groups,
+        success_replay_size=args.success_replay_size, cache_dir=os.path.join(args.output_dir, "cache"), **common,
+    )  # fmt: skip
 
-    def _checkpoint_path(self, checkpoint_type: str = "", extension: str = "") -> str:
-        return os.path.join(self.save_path, f"{self.name_prefix}_{checkpoint_type}{self.num_timesteps}_steps")
+
+def resume_learner(args: Args, checkpoint: str, env, episodes):
+    """The learner saved in ``checkpoint``, with its optimizer, RNG and step counter."""
+    learner_class = IReVLA if args.algo == "irevla" else GRPO
+    model = learner_class.load(checkpoint, env=env, demos=episodes, tensorboard_log=os.path.join(args.output_dir, "tb"))
+    print(f"resuming {args.algo} from {checkpoint} at {model.num_timesteps} env steps")
+    return model
 
 
 def main(args: Args) -> dict:
@@ -181,46 +239,66 @@ def main(args: Args) -> dict:
     print(f"{len(episodes)} demos, {sum(len(episode) for episode in episodes)} transitions from {demos}")
     timings["demos"] = time.time() - start
 
-    # 2. SFT warm start.
-    policy = warm_start(args, episodes, [tasks[task_id].instruction for task_id in range(len(tasks))])
+    # 2. SFT warm start (when resuming, the newest checkpoint's policy instead).
+    checkpoint = latest_checkpoint(os.path.join(args.output_dir, "checkpoints")) if args.resume else None
+    if checkpoint is not None:
+        policy = load_policy(checkpoint)
+    else:
+        policy = warm_start(args, episodes, [tasks[task_id].instruction for task_id in range(len(tasks))])
     timings["sft"] = time.time() - start - sum(timings.values())
 
-    # 3. Evaluate before, on held-out init states.
+    # 3. Evaluate before, on held-out init states (reused when resuming).
     eval_init_states = tuple(range(args.eval_init_state_start, args.eval_init_state_start + args.eval_episodes_per_task))
 
-    def evaluate(stage: str) -> dict:
+    def evaluate(stage: str, evaluated_policy) -> dict:
         results = evaluate_policy(
-            policy, suite.env_id, args.task_ids, eval_init_states, seeds=(args.seed,),
+            evaluated_policy, suite.env_id, args.task_ids, eval_init_states, seeds=(args.seed,),
             max_episode_steps=args.max_episode_steps, video_episodes=args.video_episodes,
             video_dir=os.path.join(args.output_dir, f"eval_{stage}", "videos"), progress=args.progress_bar,
         )  # fmt: skip
-        print(f"\n{stage} GRPO:\n" + write_report(results, os.path.join(args.output_dir, f"eval_{stage}"), f"{stage} GRPO"))
+        print(
+            f"\n{stage} {args.algo}:\n"
+            + write_report(results, os.path.join(args.output_dir, f"eval_{stage}"), f"{stage} {args.algo}")
+        )
         return results
 
-    before = evaluate("before")
+    before_path = os.path.join(args.output_dir, "eval_before", "success.json")
+    if checkpoint is not None and os.path.exists(before_path):
+        with open(before_path) as file:
+            before = json.load(file)
+        before["per_task"] = {int(task_id): task for task_id, task in before["per_task"].items()}
+    else:
+        before = evaluate("before", policy)
     timings["eval_before"] = time.time() - start - sum(timings.values())
 
-    # 4. GRPO with the demos as offline regularization, on the demos' init states (evaluation's stay held out).
+    # 4. GRPO with the demos as offline regularization (or iRe-VLA), on the demos' init states (evaluation's stay held out).
     env_kwargs = env_kwargs_for_policy(policy)
     env = gym.make(suite.env_id, task_ids=args.task_ids, max_episode_steps=args.max_episode_steps, **env_kwargs)
-    model = GRPO(
-        policy, env, demos=episodes, tensorboard_log=os.path.join(args.output_dir, "tb"),
-        num_groups=args.num_groups, group_size=args.group_size, learning_rate=args.learning_rate,
-        num_epochs=args.num_epochs, minibatch_size=args.minibatch_size, kl_coef=args.kl_coef,
-        imitation_weight_min=args.imitation_weight_min, imitation_weight_max=args.imitation_weight_max,
-        task_ids=args.task_ids, init_state_ids=tuple(range(args.demo_init_state_end)), seed=args.seed,
-    )  # fmt: skip
-    callback = None
+    model = resume_learner(args, checkpoint, env, episodes) if checkpoint else make_learner(args, policy, env, episodes)
+    callbacks = []
     if args.checkpoint_freq > 0:
-        callback = GRPOCheckpointCallback(args.checkpoint_freq, os.path.join(args.output_dir, "checkpoints"), "grpo")
-    model.learn(args.total_timesteps, callback=callback, progress_bar=args.progress_bar)
+        callbacks.append(
+            RolloutCheckpointCallback(
+                args.checkpoint_freq, os.path.join(args.output_dir, "checkpoints"), args.algo, keep_last=2
+            )
+        )
+    if args.eval_freq > 0:
+        callbacks.append(
+            LiberoEvalCallback(
+                suite.env_id, args.task_ids, eval_init_states, args.eval_freq, seeds=(args.seed,),
+                max_episode_steps=args.max_episode_steps, log_path=os.path.join(args.output_dir, "eval_periodic"),
+            )
+        )  # fmt: skip
+    remaining = args.total_timesteps - model.num_timesteps
+    if remaining > 0:
+        model.learn(remaining, callback=callbacks, progress_bar=args.progress_bar, reset_num_timesteps=checkpoint is None)
     env.close()
     model.save(os.path.join(args.output_dir, "final"))
-    print(f"GRPO: {model.num_timesteps} env steps, last update {model.last_metrics}")
+    print(f"{args.algo}: {model.num_timesteps} env steps, last update {getattr(model, 'last_metrics', {})}")
     timings["grpo"] = time.time() - start - sum(timings.values())
 
     # 5. Evaluate after, on the same held-out init states.
-    after = evaluate("after")
+    after = evaluate("after", model.policy)
     timings["eval_after"] = time.time() - start - sum(timings.values())
     timings["total"] = time.time() - start
 
@@ -233,14 +311,15 @@ def main(args: Args) -> dict:
         "per_task_before": {str(t): task["success_rate"] for t, task in before["per_task"].items()},
         "per_task_after": {str(t): task["success_rate"] for t, task in after["per_task"].items()},
         "grpo_timesteps": model.num_timesteps,
-        "grpo_last_metrics": model.last_metrics,
+        "grpo_last_metrics": getattr(model, "last_metrics", {}),
+        "algo": args.algo,
         "checkpoint": os.path.join(args.output_dir, "final"),
         "seconds": timings,
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as file:
         json.dump(results, file, indent=2)
     print(f"success on held-out init states {eval_init_states[0]}..{eval_init_states[-1]}: "
-          f"before GRPO {before['success_rate']:.2f}, after GRPO {after['success_rate']:.2f} "
+          f"before {args.algo} {before['success_rate']:.2f}, after {args.algo} {after['success_rate']:.2f} "
           f"({timings['total']:.0f} s; {args.output_dir}/results.json)")  # fmt: skip
     return results
 

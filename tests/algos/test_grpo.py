@@ -227,7 +227,7 @@ def test_all_fail_groups_are_rescued_with_a_demo_that_the_update_moves_towards(e
     assert metrics["off_policy_fraction"] == pytest.approx(5 / 15)  # 5 demo steps of 15
     assert rollout_log_probs(model.policy, rollout, demo_steps) > before + 0.1
     with pytest.raises(ValueError, match="rescue_failed_groups needs demos"):
-        GRPO(make_policy(instruction), env, rescue_failed_groups=True)
+        GRPO(make_policy(instruction), env, rescue_failed_groups=True).learn(10)
 
 
 def test_stale_rollouts_get_proximal_ratios_and_truncated_importance_weights(env, instruction):

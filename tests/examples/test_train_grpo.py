@@ -27,7 +27,7 @@ def test_runs_end_to_end_with_tiny_budgets(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "before GRPO 0.00, after GRPO" in result.stdout
+    assert "before grpo 0.00, after grpo" in result.stdout
 
     with open(run / "results.json") as file:
         results = json.load(file)
@@ -38,13 +38,40 @@ def test_runs_end_to_end_with_tiny_budgets(tmp_path):
         assert (run / f"eval_{stage}" / "success.json").exists() and (run / f"eval_{stage}" / "success.png").exists()
         assert glob.glob(str(run / f"eval_{stage}" / "videos" / "*.mp4"))
     assert glob.glob(str(run / "tb" / "GRPO_1" / "events.out.tfevents.*")), "no TensorBoard events"
-    assert os.path.isdir(run / "checkpoints" / "grpo_5_steps"), os.listdir(run / "checkpoints")
+    assert os.listdir(run / "checkpoints") == ["grpo_10_steps"]  # saved after the update of the first rollout
 
     model = GRPO.load(run / "final")
     assert model.num_timesteps == results["grpo_timesteps"]
     obs = {"instruction": "pick up the black bowl", "state": np.zeros(8, np.float32), "object_state": np.zeros(70, np.float32)}
     action, _ = model.predict(obs, deterministic=True)
     assert action.shape == (7,) and np.all(np.isfinite(action))
+
+    # The same command with a larger budget resumes: SFT reused, GRPO continued from its checkpoint.
+    command[command.index("--total-timesteps") + 1] = "20"
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming grpo from" in result.stdout and "at 10 env steps" in result.stdout
+    with open(run / "results.json") as file:
+        assert json.load(file)["grpo_timesteps"] == 20
+    assert GRPO.load(run / "final").policy_version == 2
+
+
+def test_irevla_runs_on_the_same_pipeline(tmp_path):
+    run = tmp_path / "run"
+    command = [
+        sys.executable, SCRIPT, "--algo", "irevla", "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
+        "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2", "--hidden-size", "32", "--num-heads", "2",
+        "--total-timesteps", "10", "--num-groups", "1", "--group-size", "2", "--max-episode-steps", "5",
+        "--rl-updates-per-stage", "1", "--sl-steps-per-stage", "3", "--eval-episodes-per-task", "1", "--video-episodes", "0",
+        "--checkpoint-freq", "0", "--no-progress-bar",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "before irevla 0.00, after irevla" in result.stdout
+    with open(run / "results.json") as file:
+        results = json.load(file)
+    assert results["algo"] == "irevla" and results["grpo_timesteps"] in (10, 20)  # one or two sampling rounds
+    assert glob.glob(str(run / "tb" / "IReVLA_1" / "events.out.tfevents.*")), "no TensorBoard events"
 
 
 def test_help_documents_every_field():
