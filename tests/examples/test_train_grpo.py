@@ -6,12 +6,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
-from gym_libero_vla.algos.grpo import GRPO
+from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "train_grpo.py")
@@ -80,3 +82,33 @@ def test_help_documents_every_field():
     for flag in ("--task-ids", "--demo-episodes-per-task", "--init-from", "--sft-steps", "--total-timesteps",
                  "--group-size", "--num-groups", "--eval-init-state-start", "--max-episode-steps"):  # fmt: skip
         assert flag in result.stdout
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    command = [
+        sys.executable, SCRIPT, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
+        "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2", "--hidden-size", "32", "--num-heads", "2",
+        "--total-timesteps", "60", "--num-groups", "1", "--group-size", "2", "--max-episode-steps", "5",
+        "--eval-episodes-per-task", "1", "--video-episodes", "0", "--checkpoint-freq", "10", "--no-progress-bar",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not glob.glob(str(run / "checkpoints" / "grpo_*_steps" / "grpo.json")):
+            assert process.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)  # mid-run: between or during rollouts, maybe mid-save
+    finally:
+        process.kill()
+        process.wait()
+    saved = latest_checkpoint(run / "checkpoints")
+    steps_at_kill = GRPO.load(saved).num_timesteps
+    assert 10 <= steps_at_kill < 60
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming grpo from {saved} at {steps_at_kill} env steps" in result.stdout
+    with open(run / "results.json") as file:
+        assert json.load(file)["grpo_timesteps"] >= 60
+    assert not glob.glob(str(run / "checkpoints" / ".*"))  # no half-written checkpoint left behind
