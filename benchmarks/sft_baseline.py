@@ -462,10 +462,10 @@ def machine_info(torch_threads: int) -> dict:
     return info
 
 
-def command_line(args: Args) -> str:
-    """The command that reproduces ``args`` (flags only where they differ from the defaults)."""
-    parts = ["python", "benchmarks/sft_baseline.py"]
-    for field in dataclasses.fields(Args):
+def command_line(args, script: str = "benchmarks/sft_baseline.py") -> str:
+    """The command that runs ``script`` with ``args``, a tyro dataclass (flags only where they differ from its defaults)."""
+    parts = ["python", script]
+    for field in dataclasses.fields(args):
         value, flag = getattr(args, field.name), "--" + field.name.replace("_", "-")
         if value == field.default:
             continue

@@ -1,0 +1,809 @@
+"""SFT vs GRPO (issue #7): does GRPO with offline regularization beat behaviour cloning on LIBERO?
+
+One command, five policies on the same suite, the same held-out init states and the same env-step budget:
+
+- ``sft``: behaviour cloning on the scripted expert's demos (:mod:`benchmarks.sft_baseline`); every other
+  variant starts from this checkpoint.
+- ``grpo``: (a) plain GRPO -- group-relative clipped surrogate on binary success, no demos (imitation weight 0,
+  no success replay, no rescue of all-fail groups).
+- ``grpo_offline``: (b) GRPO with offline regularization -- the demos' NLL weighted by how often the rollouts
+  fail (``imitation_weight_max`` at all-fail down to ``imitation_weight_min`` at all-success), plus replayed
+  successes.
+- ``grpo_offline_relabel``: (c) (b) plus Rollout Relabel -- all-fail groups get a demo (group rescue) and the env
+  is wrapped in :class:`RolloutRelabel` (hindsight relabelling with LIBERO's BDDL goals). Relabelling needs tasks
+  that share a scene (LIBERO-Goal, LIBERO-90); on LIBERO-Spatial and LIBERO-Object no task's goal can be reached
+  in another's rollout, so there (c) is (b) plus group rescue; the report counts the relabelled episodes.
+- ``irevla``: (d) iRe-VLA -- head-only GRPO stages alternating with supervised stages on demos + successes.
+
+Every fine-tuned policy is trained once per ``--seeds`` entry (its own SFT checkpoint too, SFT seeded alike) on
+the demos' init states (0 .. demo_init_state_end - 1), then evaluated greedily on every task and every held-out
+init state (20..39 by default) with that seed as the reset seed. The report gives per-task success (over all
+seeds' episodes) with Wilson 95% intervals, the mean, the difference to SFT with Newcombe's 95% interval, the
+per-seed rates, the entropy of each learner's policy at the start and end of training (the collapse check), the
+wall time of every stage, and a plot: held-out success (a small subset, every ``--curve-every`` env steps) and
+entropy against env steps. It checks issue #7's targets as measured: (b) beats SFT by at least 5 points of mean
+success, and (b)'s entropy does not collapse (its end-of-training value stays above half its start-of-training
+value; the report says whether (a)'s did).
+
+    # LIBERO-Spatial and LIBERO-Object, state mode with privileged object poses, 3 seeds: about 16 h and 18 h
+    # on a shared 2-core CPU (per seed: SFT ~25 min, each fine-tuning ~30 min, evaluating 5 x 200 episodes ~2.5 h)
+    python benchmarks/sft_vs_grpo.py --suite spatial
+    python benchmarks/sft_vs_grpo.py --suite object
+    # a quicker look: two variants, one seed, two tasks
+    python benchmarks/sft_vs_grpo.py --variants sft grpo_offline --seeds 0 --task-ids 0 1 --total-timesteps 10000
+
+Every stage resumes after a kill, so running the same command again only does what is left and rewrites the
+report (which is also rewritten after every seed, so a long run shows its first results early): demos from
+``<demos>.parts/``; SFT from ``<output-dir>/sft_seed<s>/sft``; fine-tuning from the newest checkpoint in
+``<output-dir>/<variant>_seed<s>/checkpoints`` (``final/`` once done), with its learning curve in ``curve.jsonl``;
+evaluation from each directory's ``episodes.jsonl`` (episodes are reused for the same checkpoint). Writes
+``benchmarks/results/sft_vs_grpo_<suite>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import sft_baseline  # the sibling script: python puts benchmarks/ first on sys.path
+import torch
+import tyro
+from stable_baselines3.common.callbacks import BaseCallback
+
+import gym_libero_vla  # noqa: F401  (registers the env ids)
+from gym_libero_vla import suites
+from gym_libero_vla.algos.callbacks import RolloutCheckpointCallback
+from gym_libero_vla.algos.grpo import GRPO, GRPO_CONFIG_FILENAME, GRPOConfig, latest_checkpoint
+from gym_libero_vla.algos.irevla import IReVLA, IReVLAConfig
+from gym_libero_vla.algos.sft import SFT_CONFIG_FILENAME
+from gym_libero_vla.evaluate import env_kwargs_for_policy, run_episode, wilson_interval
+from gym_libero_vla.policies import load_policy
+from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
+
+VARIANTS = ("sft", "grpo", "grpo_offline", "grpo_offline_relabel", "irevla")
+FINE_TUNED = VARIANTS[1:]
+DESCRIPTIONS = {
+    "sft": "behaviour cloning on the demos; the start of every other variant",
+    "grpo": "(a) plain GRPO: clipped group-relative surrogate only (no demos, no success replay, no rescue)",
+    "grpo_offline": "(b) GRPO + offline regularization: adaptive demo NLL and success replay",
+    "grpo_offline_relabel": "(c) (b) + Rollout Relabel: all-fail groups rescued with a demo, hindsight relabelling",
+    "irevla": "(d) iRe-VLA: head-only GRPO stages alternating with SL stages on demos + successes",
+}
+TARGET_DELTA = 0.05
+"""Issue #7: (b) should beat SFT by at least this much mean success."""
+COLLAPSE_RATIO = 0.5
+"""Entropy "collapses" when its end-of-training value falls below this fraction of its start-of-training value."""
+
+
+@dataclasses.dataclass
+class Args:
+    suite: str = "spatial"
+    """LIBERO suite: short name (spatial, object, goal, 10, 90), LIBERO name or env id."""
+    task_ids: tuple[int, ...] | None = None
+    """Tasks to train on and evaluate (default: every task of the suite)."""
+    object_state: bool = True
+    """Give the policies LIBERO's privileged object poses (state mode; without them a small policy sees only the
+    gripper and hardly ever succeeds)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Training seeds: SFT and each variant are trained once per seed and evaluated with it as the reset seed."""
+    variants: tuple[str, ...] = VARIANTS
+    """Which of sft, grpo, grpo_offline, grpo_offline_relabel, irevla to run (SFT is trained anyway as the start)."""
+    output_dir: str | None = None
+    """Checkpoints, curves and episodes, one subdirectory per variant and seed (default runs/sft_vs_grpo/<suite>)."""
+    json_out: str | None = None
+    """Report JSON; the Markdown and the plot go next to it as .md and .png
+    (default benchmarks/results/sft_vs_grpo_<suite>.json)."""
+
+    # --- demonstrations
+    demos: str | None = None
+    """Demo HDF5 file (default data/<suite>_state.hdf5, shared with sft_baseline.py). Used as it is when it exists;
+    otherwise generated with the scripted expert (resuming <demos>.parts/)."""
+    episodes_per_task: int = 20
+    """Successful demos per task to generate (only when the demo file is missing)."""
+    demo_init_state_end: int = 20
+    """Demos and GRPO groups use init states 0 .. demo_init_state_end - 1; evaluation must start past them."""
+    filter_noops: bool = True
+    """Drop no-op steps from the demos, as OpenVLA's processed LIBERO data."""
+
+    # --- SFT
+    sft_checkpoint: str | None = None
+    """Start every seed's fine-tuning from this policy checkpoint instead of training SFT per seed (sft_steps and
+    the SFT settings below are then unused; its sft row is evaluated once per seed)."""
+    sft_steps: int = 15000
+    """SFT gradient steps per seed (a checkpoint with fewer is continued)."""
+    sft_batch_size: int = 64
+    """Demo transitions per SFT step (also iRe-VLA's SL batch)."""
+    sft_learning_rate: float = 3e-4
+    """AdamW step size of SFT."""
+    sft_save_every: int = 1000
+    """Save the SFT checkpoint every this many steps, so that a kill loses at most that many."""
+    hidden_size: int = 128
+    """CompactVLA transformer width."""
+    num_layers: int = 2
+    """CompactVLA transformer blocks."""
+    num_heads: int = 4
+    """CompactVLA attention heads."""
+
+    # --- fine-tuning (the same for every variant unless said otherwise)
+    total_timesteps: int = 40000
+    """Env-step budget of each fine-tuning run (whole rollouts: the last one may overshoot)."""
+    num_groups: int = 2
+    """(task, init state) pairs per GRPO rollout."""
+    group_size: int = 4
+    """Episodes per (task, init state): the G of GRPO."""
+    learning_rate: float = 3e-5
+    """GRPO's AdamW step size (iRe-VLA's RL stage too)."""
+    num_epochs: int = 2
+    """Passes over each rollout."""
+    minibatch_size: int = 128
+    """Env steps per GRPO gradient step."""
+    dynamic_sampling: bool = True
+    """Leave all-equal groups out of the policy-gradient term (DAPO)."""
+    max_sampling_rounds: int = 2
+    """Dynamic sampling's refill: up to this many rounds of num_groups groups per rollout."""
+    entropy_coef: float = 0.0
+    """Entropy bonus of every GRPO loss (0: none, so that a collapse shows)."""
+    imitation_weight_max: float = 1.0
+    """(b), (c): weight of the demos' NLL when every rollout fails."""
+    imitation_weight_min: float = 0.1
+    """(b), (c): weight of the demos' NLL when every rollout succeeds."""
+    success_replay_size: int = 500
+    """(b), (c): successful rollouts replayed beside the demos in the offline term."""
+    rl_updates_per_stage: int = 2
+    """(d): GRPO updates of the action head per RL stage."""
+    sl_steps_per_stage: int = 100
+    """(d): supervised steps on demos + successes per SL stage."""
+    sl_learning_rate: float = 1e-4
+    """(d): AdamW step size of the SL stages."""
+    rollout_max_episode_steps: int | None = None
+    """Step limit of training rollouts (default: max_episode_steps)."""
+    checkpoint_every: int = 2000
+    """Save a fine-tuning checkpoint after the first rollout past every this many env steps."""
+
+    # --- evaluation
+    eval_init_state_start: int = 20
+    """First evaluation init state (>= demo_init_state_end: held out from demos and GRPO groups)."""
+    eval_num_init_states: int = 20
+    """Evaluation init states per task: eval_init_state_start .. + eval_num_init_states - 1."""
+    max_episode_steps: int | None = None
+    """Step limit of evaluation episodes (default: the suite's, OpenVLA's evaluation limits)."""
+    curve_every: int = 10000
+    """Learning curve: evaluate on the curve subset after the first rollout past every this many env steps
+    (0: only at the start and the end, from the SFT and final evaluations)."""
+    curve_num_init_states: int = 1
+    """Curve subset: the first this many evaluation init states of every task, greedy, the run's seed (each curve
+    point costs this many episodes per task)."""
+    torch_threads: int = 1
+    """Torch CPU threads; more than the free cores slows small models down a lot."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def baseline_args(args: Args, seed: int) -> sft_baseline.Args:
+    """``args`` as :mod:`sft_baseline` reads them, for its demo, SFT and input-check functions."""
+    return sft_baseline.Args(
+        suite=args.suite, obs_mode="state", object_state=args.object_state, task_ids=args.task_ids, demos=args.demos,
+        episodes_per_task=args.episodes_per_task, demo_init_state_end=args.demo_init_state_end,
+        filter_noops=args.filter_noops, sft_steps=args.sft_steps, batch_size=args.sft_batch_size,
+        learning_rate=args.sft_learning_rate, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        num_heads=args.num_heads, save_every=args.sft_save_every, seed=seed,
+        eval_init_state_start=args.eval_init_state_start, eval_num_init_states=args.eval_num_init_states,
+        seeds=args.seeds, max_episode_steps=args.max_episode_steps, torch_threads=args.torch_threads,
+        progress=args.progress,
+    )  # fmt: skip
+
+
+def grpo_hyperparameters(args: Args, task_ids: tuple[int, ...], seed: int) -> dict:
+    """The GRPO settings every variant shares; groups come from the demos' init states only."""
+    return dict(
+        num_groups=args.num_groups, group_size=args.group_size, learning_rate=args.learning_rate,
+        num_epochs=args.num_epochs, minibatch_size=args.minibatch_size, dynamic_sampling=args.dynamic_sampling,
+        max_sampling_rounds=args.max_sampling_rounds, entropy_coef=args.entropy_coef, task_ids=task_ids,
+        init_state_ids=tuple(range(args.demo_init_state_end)), seed=seed,
+    )  # fmt: skip
+
+
+def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int, ...]]:
+    """Fail before any work on input that cannot run; returns (suite, task_ids, evaluation init state ids)."""
+    unknown = [variant for variant in args.variants if variant not in VARIANTS]
+    if unknown or not args.variants:
+        raise ValueError(f"unknown variant(s) {unknown or '(none given)'}: valid {VARIANTS}")
+    if len(set(args.variants)) != len(args.variants):
+        raise ValueError(f"variants {args.variants} name one twice")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"seeds {args.seeds} must be distinct and at least one")
+    for name, minimum in (("total_timesteps", 1), ("checkpoint_every", 1), ("curve_every", 0), ("curve_num_init_states", 1),
+                          ("rl_updates_per_stage", 1), ("sl_steps_per_stage", 0)):  # fmt: skip
+        value = getattr(args, name)
+        if not (isinstance(value, int) and value >= minimum):
+            raise ValueError(f"{name} {value!r} must be an int >= {minimum}")
+    if args.curve_num_init_states > args.eval_num_init_states:
+        raise ValueError(
+            f"curve_num_init_states {args.curve_num_init_states} must be <= eval_num_init_states {args.eval_num_init_states}"
+        )
+    if args.eval_init_state_start < args.demo_init_state_end:
+        raise ValueError(
+            f"eval_init_state_start {args.eval_init_state_start} lies inside the training init states "
+            f"0..{args.demo_init_state_end - 1} (demos and GRPO groups): give >= {args.demo_init_state_end}"
+        )
+    if args.rollout_max_episode_steps is not None and args.rollout_max_episode_steps < 1:
+        raise ValueError(f"rollout_max_episode_steps {args.rollout_max_episode_steps} must be >= 1")
+    baseline = baseline_args(args, args.seeds[0])
+    suite, task_ids, init_state_ids = sft_baseline.check_args(baseline)  # names bad suites, tasks, init states
+    GRPOConfig(**grpo_hyperparameters(args, task_ids, args.seeds[0]))  # the learners' own checks, before any work
+    GRPOConfig(imitation_weight_max=args.imitation_weight_max, imitation_weight_min=args.imitation_weight_min,
+               success_replay_size=args.success_replay_size)  # fmt: skip
+    IReVLAConfig(rl_updates_per_stage=args.rl_updates_per_stage, sl_steps_per_stage=args.sl_steps_per_stage,
+                 sl_batch_size=args.sft_batch_size, sl_learning_rate=args.sl_learning_rate)  # fmt: skip
+    if args.sft_checkpoint is not None:
+        if not os.path.isdir(args.sft_checkpoint):
+            raise ValueError(f"sft_checkpoint {args.sft_checkpoint!r} is not a directory")
+        sft_baseline.check_policy_inputs(load_policy(args.sft_checkpoint), baseline, f"sft_checkpoint {args.sft_checkpoint}")
+    return suite, task_ids, init_state_ids
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+def prepare_sft(args: Args, seed: int, episodes, instructions: list[str], output_dir: str) -> dict:
+    """The SFT checkpoint of ``seed``: ``--sft-checkpoint`` as it is, or ``<output_dir>/sft_seed<seed>/sft`` trained
+    (or continued) to ``sft_steps`` with sft_baseline's resumable loop. Returns its path, steps and wall seconds."""
+    if args.sft_checkpoint is not None:
+        path = args.sft_checkpoint
+        steps = int(_read_json(os.path.join(path, SFT_CONFIG_FILENAME)).get("num_timesteps", 0))
+        seconds = _read_json(os.path.join(path, sft_baseline.TRAIN_RECORD)).get("seconds")  # made by sft_baseline.py
+        return {"path": path, "steps": steps, "seconds": seconds, "steps_this_run": 0}
+    directory = os.path.join(output_dir, f"sft_seed{seed}")
+    path = os.path.join(directory, "sft")
+    baseline = baseline_args(args, seed)
+    model, record = sft_baseline.load_or_create_sft(baseline, episodes, instructions, path, os.path.join(directory, "tb"))
+    this_run = sft_baseline.train(model, record, args.sft_steps, path, args.sft_save_every, args.progress)
+    return {"path": path, "steps": model.num_timesteps, "seconds": record["seconds"], "steps_this_run": this_run["steps"]}
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as file:
+        return json.load(file)
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+def learner_metrics(model) -> dict:
+    """The scalars of the learner's last policy update (iRe-VLA: of its last RL-stage update)."""
+    return model.last_rl_metrics if isinstance(model, IReVLA) else model.last_metrics
+
+
+class LearningCurve(BaseCallback):
+    """After every update, append the learner's entropy and rollout success to ``path`` (JSONL); at the first update
+    past every ``curve_every`` env steps, also the greedy success on ``runs`` ((task, init state, seed) triples held
+    out from training), in an env of its own. ``train_seconds`` in the rows counts training only, across resumes."""
+
+    def __init__(self, path: str, env_id: str, runs, curve_every: int, max_episode_steps: int, seconds_before: float):
+        super().__init__()
+        self.path, self.env_id, self.runs, self.curve_every = path, env_id, list(runs), curve_every
+        self.max_episode_steps, self.seconds_before = max_episode_steps, seconds_before
+        self.env = None
+        self.eval_seconds = 0.0  # spent in curve evaluations this run (not training)
+
+    def _init_callback(self) -> None:
+        self.start = time.perf_counter()
+        self.next_eval = self._next_multiple(self.model.num_timesteps)
+
+    def _next_multiple(self, steps: int) -> int | None:
+        return (steps // self.curve_every + 1) * self.curve_every if self.curve_every else None
+
+    def train_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.start - self.eval_seconds
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        metrics, steps = learner_metrics(self.model), self.model.num_timesteps
+        row = {"kind": "update", "num_timesteps": steps, "train_seconds": self.train_seconds()}
+        for name in ("entropy", "success_rate", "imitation_weight", "frac_groups_zero_std", "groups_rescued",
+                     "relabelled_episodes"):  # fmt: skip
+            row[name] = metrics.get(name)
+        self.append(row)
+        if self.next_eval is not None and steps >= self.next_eval:
+            self.next_eval = self._next_multiple(steps)
+            start = time.perf_counter()
+            policy = self.model.policy
+            if self.env is None:
+                task_ids = sorted({task_id for task_id, _, _ in self.runs})
+                self.env = gym.make(self.env_id, task_ids=task_ids, max_episode_steps=self.max_episode_steps,
+                                    **env_kwargs_for_policy(policy))  # fmt: skip
+            was_training = policy.training
+            policy.eval()
+            successes = sum(run_episode(policy, self.env, *run, True, False)[0] for run in self.runs)
+            policy.train(was_training)
+            seconds = time.perf_counter() - start
+            self.eval_seconds += seconds
+            self.append({"kind": "eval", "num_timesteps": steps, "successes": int(successes), "episodes": len(self.runs),
+                         "success_rate": successes / len(self.runs), "seconds": seconds})  # fmt: skip
+
+    def _on_training_end(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as file:
+            file.write(json.dumps(row) + "\n")
+
+
+def resume_curve(path: str, num_timesteps: int) -> list[dict]:
+    """The curve rows up to ``num_timesteps`` (the checkpoint a run resumes from); the file is rewritten to them,
+    since the rows past it describe updates the resumed run does again."""
+    rows = [row for row in sft_baseline.read_episodes(path) if row["num_timesteps"] <= num_timesteps]
+    with open(path + ".tmp", "w") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+    return rows
+
+
+def make_learner(variant: str, args: Args, policy, env, episodes, hyperparameters: dict, run_dir: str):
+    """A fresh learner of ``variant`` on the SFT ``policy``."""
+    tensorboard_log = os.path.join(run_dir, "tb")
+    if variant == "irevla":
+        return IReVLA(
+            policy, env, demos=episodes, rl_updates_per_stage=args.rl_updates_per_stage,
+            sl_steps_per_stage=args.sl_steps_per_stage, sl_batch_size=args.sft_batch_size,
+            sl_learning_rate=args.sl_learning_rate, success_store=os.path.join(run_dir, "successes"),
+            tensorboard_log=tensorboard_log, **hyperparameters,
+        )  # fmt: skip
+    if variant == "grpo":  # (a): the policy-gradient term alone
+        return GRPO(
+            policy, env, demos=None, imitation_weight_max=0.0, imitation_weight_min=0.0, success_replay_size=0,
+            rescue_failed_groups=False, tensorboard_log=tensorboard_log, **hyperparameters,
+        )  # fmt: skip
+    return GRPO(  # (b), (c): plus the offline term; (c) also rescues all-fail groups
+        policy, env, demos=episodes, imitation_weight_max=args.imitation_weight_max,
+        imitation_weight_min=args.imitation_weight_min, success_replay_size=args.success_replay_size,
+        rescue_failed_groups=variant == "grpo_offline_relabel", cache_dir=os.path.join(run_dir, "cache"),
+        tensorboard_log=tensorboard_log, **hyperparameters,
+    )  # fmt: skip
+
+
+def saved_steps(checkpoint: str | None) -> int:
+    """Env steps of a learner checkpoint; -1 when there is none."""
+    if checkpoint is None or not os.path.exists(os.path.join(checkpoint, GRPO_CONFIG_FILENAME)):
+        return -1
+    return int(_read_json(os.path.join(checkpoint, GRPO_CONFIG_FILENAME)).get("num_timesteps", 0))
+
+
+def fine_tune(variant: str, args: Args, seed: int, sft: dict, episodes, run_dir: str, suite, task_ids, curve_runs,
+              max_episode_steps: int) -> dict:  # fmt: skip
+    """Train ``variant`` from the SFT checkpoint to ``total_timesteps`` env steps into ``<run_dir>/checkpoints/final``,
+    resuming from the newest checkpoint there; a finished run is not touched. Returns its path, steps and curve rows."""
+    checkpoints, curve_path = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "curve.jsonl")
+    final = os.path.join(checkpoints, "final")
+    if saved_steps(final) >= args.total_timesteps:
+        print(f"{variant} seed {seed}: {final} has {saved_steps(final)} env steps (>= {args.total_timesteps}): not training")
+        return {"checkpoint": final, "steps": saved_steps(final), "steps_this_run": 0,
+                "curve": sft_baseline.read_episodes(curve_path)}  # fmt: skip
+    resume_from = latest_checkpoint(checkpoints)
+    if saved_steps(final) >= max(saved_steps(resume_from), 0):  # on a tie final also holds iRe-VLA's last SL stage
+        resume_from = final
+    policy = load_policy(sft["path"])
+    rollout_limit = args.rollout_max_episode_steps or max_episode_steps
+    env = gym.make(suite.env_id, task_ids=task_ids, max_episode_steps=rollout_limit, **env_kwargs_for_policy(policy))
+    if variant == "grpo_offline_relabel":
+        env = RolloutRelabel(env, target_task_ids=task_ids, observation_keys=policy.observation_keys)
+    demos = None if variant == "grpo" else episodes
+    if resume_from is not None:
+        learner_class = IReVLA if variant == "irevla" else GRPO
+        model = learner_class.load(resume_from, env=env, demos=demos, tensorboard_log=os.path.join(run_dir, "tb"))
+        print(f"{variant} seed {seed}: resuming from {resume_from} at {model.num_timesteps} env steps", flush=True)
+    else:
+        model = make_learner(variant, args, policy, env, demos, grpo_hyperparameters(args, task_ids, seed), run_dir)
+    steps_before = model.num_timesteps
+    rows = resume_curve(curve_path, steps_before) if os.path.exists(curve_path) else []
+    seconds_before = max([row["train_seconds"] for row in rows if row["kind"] == "update"], default=0.0)
+    curve = LearningCurve(curve_path, suite.env_id, curve_runs, args.curve_every, max_episode_steps, seconds_before)
+    try:
+        if args.total_timesteps > steps_before:
+            print(f"{variant} seed {seed}: {steps_before} -> {args.total_timesteps} env steps", flush=True)
+            callbacks = [RolloutCheckpointCallback(args.checkpoint_every, checkpoints, variant, keep_last=2), curve]
+            model.learn(args.total_timesteps - steps_before, callback=callbacks, tb_log_name=variant,
+                        reset_num_timesteps=False, progress_bar=args.progress)  # fmt: skip
+        elif variant == "irevla":  # killed after the checkpoint of its last RL update: the SL stage after it is owed
+            model.train_sl_stage()
+    finally:
+        env.close()
+    model.save(final)
+    return {"checkpoint": final, "steps": model.num_timesteps, "steps_this_run": model.num_timesteps - steps_before,
+            "curve": sft_baseline.read_episodes(curve_path)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate_checkpoint(path: str, steps: int, env_id: str, runs, max_episode_steps: int, directory: str, progress: bool):
+    """One greedy episode per (task, init state, seed) of ``runs`` for the policy of ``path``, appended to
+    ``<directory>/episodes.jsonl``; episodes already there for the same weights are reused. Returns (rows, run now)."""
+    os.makedirs(directory, exist_ok=True)
+    checkpoint = {"steps": steps, "sha": sft_baseline.checkpoint_fingerprint(path)}
+    episodes_path = os.path.join(directory, "episodes.jsonl")
+    policy = load_policy(path)
+    return sft_baseline.evaluate_resumably(policy, env_id, runs, max_episode_steps, episodes_path, checkpoint, progress)
+
+
+def success_on(rows: list[dict], runs) -> float:
+    """Success rate of the rows of ``runs`` ((task, init state, seed) triples)."""
+    wanted = set(runs)
+    outcomes = [row["success"] for row in rows if (row["task_id"], row["init_state_id"], row["seed"]) in wanted]
+    return float(np.mean(outcomes))
+
+
+def run_record(variant: str, seed: int, trained: dict, rows: list[dict], run_now: int, curve_runs, sft_curve_rate: float):
+    """What the report keeps of one fine-tuning run: its curve (from the SFT start to the final evaluation), the
+    entropy at the start and end of training (each the mean of the first / last tenth of its updates), counts."""
+    updates = [row for row in trained["curve"] if row["kind"] == "update"]
+    evals = [row for row in trained["curve"] if row["kind"] == "eval"]
+    entropies = [row["entropy"] for row in updates if row["entropy"] is not None]
+    tenth = max(1, math.ceil(len(entropies) / 10))
+    return {
+        "variant": variant, "seed": seed, "checkpoint": trained["checkpoint"], "steps": trained["steps"],
+        "steps_this_run": trained["steps_this_run"], "rows": rows, "episodes_this_run": run_now,
+        "success_rate": float(np.mean([row["success"] for row in rows])),
+        "train_seconds": updates[-1]["train_seconds"] if updates else None,
+        "curve_eval_seconds": float(sum(row["seconds"] for row in evals)),
+        "eval_seconds": float(sum(row["seconds"] for row in rows)),
+        "entropy_start": float(np.mean(entropies[:tenth])) if entropies else None,
+        "entropy_end": float(np.mean(entropies[-tenth:])) if entropies else None,
+        "updates": len(updates),
+        "groups_rescued": int(sum(row["groups_rescued"] or 0 for row in updates)),
+        "relabelled_episodes": int(sum(row["relabelled_episodes"] or 0 for row in updates)),
+        "curve": {
+            "success": [[0, sft_curve_rate]] + [[row["num_timesteps"], row["success_rate"]] for row in evals]
+            + [[trained["steps"], success_on(rows, curve_runs)]],
+            "entropy": [[row["num_timesteps"], row["entropy"]] for row in updates if row["entropy"] is not None],
+            "rollout_success": [[row["num_timesteps"], row["success_rate"]] for row in updates],
+        },
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- report
+def difference_interval(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
+    """95% interval of ``p_a - p_b`` from the two Wilson intervals (Newcombe, 1998, method 10). It treats the two
+    samples as independent; ours share init states, which makes it conservative."""
+    p_a, p_b = successes_a / n_a, successes_b / n_b
+    (low_a, high_a), (low_b, high_b) = wilson_interval(successes_a, n_a), wilson_interval(successes_b, n_b)
+    delta = p_a - p_b
+    return delta - math.hypot(p_a - low_a, high_b - p_b), delta + math.hypot(high_a - p_a, p_b - low_b)
+
+
+def variant_summary(runs: list[dict], task_ids, instructions: dict) -> dict:
+    """Per-task and overall success over every seed's episodes (Wilson 95%), per-seed rates, entropy, wall time."""
+    rows = [row for run in runs for row in run["rows"]]
+    per_task = {
+        str(task_id): {"instruction": instructions[task_id],
+                       **sft_baseline.success_summary([row for row in rows if row["task_id"] == task_id])}
+        for task_id in task_ids
+    }  # fmt: skip
+    seed_rates = [run["success_rate"] for run in runs]
+    overall = {
+        **sft_baseline.success_summary(rows),
+        "mean_of_task_rates": float(np.mean([entry["success_rate"] for entry in per_task.values()])),
+        "seeds": [run["seed"] for run in runs], "seed_rates": seed_rates,
+        "seed_std": float(np.std(seed_rates, ddof=1)) if len(seed_rates) > 1 else 0.0,
+    }  # fmt: skip
+    starts = [run["entropy_start"] for run in runs if run.get("entropy_start") is not None]
+    ends = [run["entropy_end"] for run in runs if run.get("entropy_end") is not None]
+    entropy = {"start": float(np.mean(starts)) if starts else None, "end": float(np.mean(ends)) if ends else None}
+    entropy["end_over_start"] = entropy["end"] / entropy["start"] if starts and ends and entropy["start"] > 0 else None
+    train_seconds = [run["train_seconds"] for run in runs]
+    return {
+        "per_task": per_task, "overall": overall, "entropy": entropy,
+        "steps": [run["steps"] for run in runs],
+        "train_seconds": None if None in train_seconds else float(sum(train_seconds)),
+        "curve_eval_seconds": float(sum(run.get("curve_eval_seconds", 0.0) for run in runs)),
+        "eval_seconds": float(sum(run["eval_seconds"] for run in runs)),
+        "groups_rescued": sum(run.get("groups_rescued", 0) for run in runs),
+        "relabelled_episodes": sum(run.get("relabelled_episodes", 0) for run in runs),
+    }  # fmt: skip
+
+
+def delta_vs(summary: dict, baseline: dict, task_ids) -> dict:
+    """``summary`` minus ``baseline`` success, overall, per task and per seed, with Newcombe 95% intervals."""
+
+    def delta(entry, base):
+        interval = difference_interval(entry["successes"], entry["episodes"], base["successes"], base["episodes"])
+        return {"delta": entry["success_rate"] - base["success_rate"], "ci95": list(interval)}
+
+    per_seed = [rate - base for rate, base in zip(summary["overall"]["seed_rates"], baseline["overall"]["seed_rates"])]
+    return {
+        "overall": delta(summary["overall"], baseline["overall"]),
+        "per_task": {str(t): delta(summary["per_task"][str(t)], baseline["per_task"][str(t)]) for t in task_ids},
+        "per_seed": per_seed,
+    }
+
+
+def check_targets(results: dict) -> dict:
+    """Issue #7's two targets, measured: (b) beats SFT by >= 5 points; its entropy holds up better than (a)'s."""
+    targets = {}
+    if "sft" in results and "grpo_offline" in results:
+        delta = results["grpo_offline"]["delta_vs_sft"]["overall"]
+        targets["grpo_offline_beats_sft"] = {
+            "wanted": f"grpo_offline mean success >= sft + {TARGET_DELTA:.2f}", "delta": delta["delta"],
+            "ci95": delta["ci95"], "met": delta["delta"] >= TARGET_DELTA,
+        }  # fmt: skip
+    if "grpo" in results and "grpo_offline" in results:
+        plain, offline = results["grpo"]["entropy"]["end_over_start"], results["grpo_offline"]["entropy"]["end_over_start"]
+        if plain is not None and offline is not None:
+            targets["grpo_offline_entropy_holds"] = {
+                "wanted": f"grpo_offline's entropy does not collapse (end >= {COLLAPSE_RATIO} x start)",
+                "grpo_offline_end_over_start": offline, "grpo_end_over_start": plain,
+                "grpo_collapsed": plain < COLLAPSE_RATIO, "met": offline >= COLLAPSE_RATIO,
+            }  # fmt: skip
+    return targets
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return f"{value:+.3f}"
+    return "[" + ", ".join(_rounded(item) for item in value) + "]" if isinstance(value, list) else str(value)
+
+
+def _cell(entry: dict) -> str:
+    low, high = entry["ci95"]
+    return f"{entry['success_rate']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: the success table (variants as columns), targets, setup, wall times."""
+    results, evaluation, setup = report["results"], report["eval"], report["setup"]
+    names = [variant for variant in VARIANTS if variant in results]
+    inputs = "state" + (" + object_state" if report["object_state"] else "")
+    lines = [
+        f"## SFT vs GRPO: {report['env_id']}, {inputs}",
+        "",
+        f"Success on held-out init states {sft_baseline._ranges(evaluation['init_state_ids'])} of every task, seeds "
+        f"{', '.join(map(str, report['seeds']))} (one greedy episode per task, init state and seed, at most "
+        f"{evaluation['max_episode_steps']} steps); [Wilson 95% interval] over all seeds' episodes.",
+        "",
+        "| task | " + " | ".join(names) + " |",
+        "|---:|" + ":---:|" * len(names),
+    ]
+    for task_id in report["task_ids"]:
+        lines.append(f"| {task_id} | " + " | ".join(_cell(results[name]["per_task"][str(task_id)]) for name in names) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{_cell(results[name]['overall'])}**" for name in names) + " |")
+
+    def row(title, cell):
+        lines.append(f"| {title} | " + " | ".join(cell(name, results[name]) for name in names) + " |")
+
+    def delta_cell(name, result):
+        if "delta_vs_sft" not in result:
+            return "-"
+        delta = result["delta_vs_sft"]["overall"]
+        return f"{delta['delta']:+.2f} [{delta['ci95'][0]:+.2f}, {delta['ci95'][1]:+.2f}]"
+
+    def entropy_cell(name, result):
+        entropy = result["entropy"]
+        return "-" if entropy["start"] is None else f"{entropy['start']:.2f} -> {entropy['end']:.2f}"
+
+    row("Δ vs sft [Newcombe 95%]", delta_cell)
+    row("per seed", lambda name, result: " / ".join(f"{rate:.2f}" for rate in result["overall"]["seed_rates"]))
+    row("entropy start -> end", entropy_cell)
+    row("env steps", lambda name, result: "-" if name == "sft" else " / ".join(str(steps) for steps in result["steps"]))
+    per_task = results[names[0]]["per_task"]
+    lines += ["", "Tasks: " + "; ".join(f"{t} = {per_task[str(t)]['instruction']}" for t in report["task_ids"])]
+
+    lines += ["", "Targets (issue #7):"]
+    for name, target in report["targets"].items():
+        verdict = "met" if target["met"] else "**NOT met**"
+        measured = ", ".join(f"{key} {_rounded(value)}" for key, value in target.items() if key not in ("wanted", "met"))
+        lines.append(f"- {name}: {target['wanted']}: {verdict} ({measured})")
+    if not report["targets"]:
+        lines.append("- not measured: they need the sft, grpo and grpo_offline variants")
+
+    lines += ["", "Variants:"]
+    for name in names:
+        extra = ""
+        if name == "grpo_offline_relabel":
+            extra = (f"; {results[name]['groups_rescued']} all-fail groups rescued, {results[name]['relabelled_episodes']} "
+                     f"episodes relabelled ({setup['relabel_note']})")  # fmt: skip
+        lines.append(f"- {name}: {DESCRIPTIONS[name]}{extra}")
+
+    curve_when = f"every {setup['curve_every']} env steps" if setup["curve_every"] else "at the start and end"
+    held_out = evaluation["held_out_note"]
+    if not evaluation["held_out"]:
+        held_out = "**" + held_out.replace("not held out", "NOT HELD OUT", 1) + "**"
+    lines += [
+        "",
+        f"Setup: SFT {setup['sft']}; fine-tuning budget {setup['total_timesteps']} env steps per run, groups of "
+        f"{setup['group_size']} episodes from {setup['num_groups']} (task, init state) pairs per rollout, training "
+        f"init states {sft_baseline._ranges(setup['train_init_state_ids'])}, rollouts of at most "
+        f"{setup['rollout_max_episode_steps']} steps; learning curve on init states "
+        f"{sft_baseline._ranges(evaluation['curve_init_state_ids'])} {curve_when}; {held_out}.",
+        "",
+        "| wall time (s, all seeds) | training | curve evaluations | evaluation | env steps / s |",
+        "|:---|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        result = results[name]
+        train = "untimed" if result["train_seconds"] is None else f"{result['train_seconds']:.0f}"
+        rate = "-" if name == "sft" or not result["train_seconds"] else f"{sum(result['steps']) / result['train_seconds']:.1f}"
+        lines.append(f"| {name} | {train} | {result['curve_eval_seconds']:.0f} | {result['eval_seconds']:.0f} | {rate} |")
+    demos, machine = report["demos"], report["machine"]
+    made = f"generated in {demos['seconds']:.0f} s" if demos["generated_this_run"] else "reused"
+    lines += [
+        "",
+        f"- demos: {demos['path']} ({made}), {demos['num_demos']} demos, {demos['num_transitions']} transitions",
+        f"- machine: {machine['cpu_count']} CPUs, {machine['platform']}, torch {machine['torch']} on "
+        f"{machine['torch_threads']} thread(s), load average {machine['load_average_1min_at_end']}",
+        f"- command: `{report['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    """Two panels: held-out success (curve subset) vs env steps, and the policy's entropy on its rollouts vs env
+    steps; a thin line per seed and, with several seeds, their mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(VARIANTS, ("tab:gray", "tab:red", "tab:blue", "tab:green", "tab:purple")))
+    figure, (success_axes, entropy_axes) = plt.subplots(1, 2, figsize=(12, 4.2))
+    sft_start = [run["curve"]["success"][0][1] for run in report["runs"] if run["variant"] != "sft"]
+    if sft_start:
+        success_axes.axhline(float(np.mean(sft_start)), color=colors["sft"], linestyle="--", label="sft (start)")
+    for variant in FINE_TUNED:
+        runs = [run for run in report["runs"] if run["variant"] == variant]
+        if not runs:
+            continue
+        several = len(runs) > 1
+        for index, run in enumerate(runs):
+            label = None if several or index else variant
+            steps, rates = zip(*run["curve"]["success"])
+            success_axes.plot(steps, rates, color=colors[variant], alpha=0.3 if several else 1.0, marker=".", label=label)
+            if run["curve"]["entropy"]:
+                steps, entropies = zip(*run["curve"]["entropy"])
+                entropy_axes.plot(steps, entropies, color=colors[variant], alpha=0.5, label=None if index else variant)
+        if several:  # the seeds' k-th points, averaged
+            length = min(len(run["curve"]["success"]) for run in runs)
+            points = np.array([run["curve"]["success"][:length] for run in runs], dtype=float).mean(axis=0)
+            success_axes.plot(points[:, 0], points[:, 1], color=colors[variant], linewidth=2, marker="o", label=variant)
+    curve_states = sft_baseline._ranges(report["eval"]["curve_init_state_ids"])
+    success_axes.set(xlabel="env steps", ylabel="success rate", ylim=(0.0, 1.0),
+                     title=f"{report['env_id']}: held-out init states {curve_states}, greedy")  # fmt: skip
+    entropy_axes.set(xlabel="env steps", ylabel="mean token entropy (nats)", title="entropy of the policy on its rollouts")
+    for axes in (success_axes, entropy_axes):
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(report: dict, json_out: str) -> None:
+    base = os.path.splitext(json_out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+    with open(json_out, "w") as file:
+        json.dump(report, file, indent=2)
+    table = markdown(report)
+    with open(base + ".md", "w") as file:
+        file.write(table)
+    plot(report, base + ".png")
+    print(table)
+    print(f"wrote {json_out}, {base}.md and {base}.png", flush=True)
+
+
+def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instructions, demos: dict, runs: list[dict]) -> dict:
+    """Summaries per variant (over the seeds done), deltas to SFT, targets, the runs with their curves and outcomes."""
+    seeds = [seed for seed in args.seeds if any(run["seed"] == seed for run in runs)]
+    results = {}
+    for variant in VARIANTS:
+        of_variant = [run for run in runs if run["variant"] == variant and variant in args.variants]
+        if of_variant:
+            results[variant] = {"description": DESCRIPTIONS[variant], **variant_summary(of_variant, task_ids, instructions)}
+    for variant, result in results.items():
+        if variant != "sft" and "sft" in results:
+            result["delta_vs_sft"] = delta_vs(result, results["sft"], task_ids)
+    rollout_limit = args.rollout_max_episode_steps or args.max_episode_steps or suite.max_episode_steps
+    shares_scene = any(other in task_ids for task_id in task_ids for other, _ in scene_goals(suite.libero_name, task_id))
+    sft_setup = f"{args.sft_steps} steps of {args.sft_batch_size} transitions per seed, CompactVLA width {args.hidden_size}"
+    if args.sft_checkpoint:
+        sft_setup = f"the checkpoint {args.sft_checkpoint} for every seed"
+    return {
+        "benchmark": "SFT vs GRPO with offline regularization (issue #7)",
+        "command": sft_baseline.command_line(args, "benchmarks/sft_vs_grpo.py"),
+        "args": dataclasses.asdict(args),
+        "env_id": suite.env_id, "object_state": args.object_state, "task_ids": list(task_ids), "seeds": seeds,
+        "demos": demos,
+        "eval": {
+            "init_state_ids": list(init_state_ids), "curve_init_state_ids": sorted({init for _, init, _ in curve_runs}),
+            "max_episode_steps": args.max_episode_steps or suite.max_episode_steps, "deterministic": True,
+            "held_out": demos["held_out"], "held_out_note": demos["held_out_note"],
+        },
+        "setup": {
+            "sft": sft_setup, "total_timesteps": args.total_timesteps, "num_groups": args.num_groups,
+            "group_size": args.group_size, "train_init_state_ids": list(range(args.demo_init_state_end)),
+            "rollout_max_episode_steps": rollout_limit, "curve_every": args.curve_every,
+            "relabel_note": "some tasks share a scene: relabelling can happen" if shares_scene else
+            "no two of these tasks share a scene, so no relabelling can happen: (c) is (b) + group rescue",
+        },
+        "results": results,
+        "targets": check_targets(results),
+        "runs": [
+            {**{key: value for key, value in run.items() if key != "rows"},
+             "outcomes": [[row["task_id"], row["init_state_id"], int(row["success"]), row["steps"]] for row in run["rows"]]}
+            for run in runs
+        ],
+        "machine": sft_baseline.machine_info(args.torch_threads),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(args: Args) -> dict:
+    torch.set_num_threads(args.torch_threads)
+    suite, task_ids, init_state_ids = check_args(args)
+    short_name = suite.libero_name.removeprefix("libero_")
+    demos_path = args.demos or f"data/{short_name}_state.hdf5"
+    output_dir = args.output_dir or os.path.join("runs", "sft_vs_grpo", short_name)
+    json_out = args.json_out or os.path.join("benchmarks", "results", f"sft_vs_grpo_{short_name}.json")
+    os.makedirs(output_dir, exist_ok=True)
+    instructions = {task.task_id: task.instruction for task in suites.suite_tasks(suite.libero_name)}
+    max_episode_steps = args.max_episode_steps or suite.max_episode_steps
+
+    # 1. Demos (generated when missing), shared by SFT, the offline terms, the rescues and iRe-VLA's SL stages.
+    start = time.perf_counter()
+    episodes, generated = sft_baseline.prepare_demos(baseline_args(args, args.seeds[0]), suite, task_ids, demos_path)
+    held_out, note = sft_baseline.held_out_note(episodes, task_ids, init_state_ids)
+    if not held_out:
+        print(f"{'=' * 100}\nWARNING: the evaluation is {note.replace('not held out', 'NOT HELD OUT', 1)}\n{'=' * 100}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        warnings.warn(f"evaluation {note}: success there overstates generalization to new init states", stacklevel=2)
+    demos = {
+        "path": demos_path, "generated_this_run": generated, "seconds": time.perf_counter() - start,
+        "num_demos": len(episodes), "num_transitions": int(sum(len(episode) for episode in episodes)),
+        "held_out": held_out, "held_out_note": note,
+    }  # fmt: skip
+
+    runs: list[dict] = []
+    report: dict = {}
+    for seed in args.seeds:
+        eval_runs = [(task_id, init_state_id, seed) for task_id in task_ids for init_state_id in init_state_ids]
+        curve_runs = [(task_id, init_state_id, seed) for task_id, init_state_id, _ in eval_runs
+                      if init_state_id < init_state_ids[0] + args.curve_num_init_states]  # fmt: skip
+
+        # 2. SFT of this seed, evaluated (on the curve subset at least: it is every learning curve's start).
+        sft = prepare_sft(args, seed, episodes, list(instructions.values()), output_dir)
+        rows, run_now = evaluate_checkpoint(
+            sft["path"], sft["steps"], suite.env_id, eval_runs if "sft" in args.variants else curve_runs, max_episode_steps,
+            os.path.join(output_dir, f"sft_seed{seed}"), args.progress,
+        )  # fmt: skip
+        sft_curve_rate = success_on(rows, curve_runs)
+        runs.append({
+            "variant": "sft", "seed": seed, "checkpoint": sft["path"], "steps": sft["steps"],
+            "steps_this_run": sft["steps_this_run"], "rows": rows, "episodes_this_run": run_now,
+            "success_rate": float(np.mean([row["success"] for row in rows])),
+            "train_seconds": sft["seconds"], "eval_seconds": float(sum(row["seconds"] for row in rows)),
+        })  # fmt: skip
+
+        # 3. Each fine-tuning variant from that SFT checkpoint, on the same budget; 4. its evaluation.
+        for variant in [variant for variant in FINE_TUNED if variant in args.variants]:
+            run_dir = os.path.join(output_dir, f"{variant}_seed{seed}")
+            trained = fine_tune(variant, args, seed, sft, episodes, run_dir, suite, task_ids, curve_runs, max_episode_steps)
+            rows, run_now = evaluate_checkpoint(
+                trained["checkpoint"], trained["steps"], suite.env_id, eval_runs, max_episode_steps, run_dir, args.progress
+            )
+            runs.append(run_record(variant, seed, trained, rows, run_now, curve_runs, sft_curve_rate))
+
+        # 5. The report over the seeds done so far.
+        report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
+        write_report(report, json_out)
+    return report
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

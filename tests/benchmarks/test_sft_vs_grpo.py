@@ -1,0 +1,110 @@
+"""benchmarks/sft_vs_grpo.py runs end to end with tiny budgets in the real simulator (demos generated, SFT, the four
+fine-tuning variants, evaluation, report and plot), and the same command again trains and evaluates nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # the script imports its sibling sft_baseline, as `python benchmarks/...`
+import sft_vs_grpo  # noqa: E402
+
+Args, main, VARIANTS = sft_vs_grpo.Args, sft_vs_grpo.main, sft_vs_grpo.VARIANTS
+
+
+def tiny_args(tmp_path, **overrides) -> Args:
+    """Task 0 of LIBERO-Spatial: 2 demos, 10 SFT steps of a width-32 policy, 20 env steps per variant (one group of
+    two 10-step episodes), one 10-step evaluation episode (held-out init state 20) per policy."""
+    values = dict(
+        suite="spatial", task_ids=(0,), seeds=(0,), demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2,
+        demo_init_state_end=2, sft_steps=10, sft_save_every=10, sft_batch_size=8, hidden_size=32, num_heads=2,
+        num_layers=1, total_timesteps=20, num_groups=1, group_size=2, num_epochs=1, minibatch_size=16,
+        max_sampling_rounds=1, rl_updates_per_stage=1, sl_steps_per_stage=2, checkpoint_every=10, max_episode_steps=10,
+        eval_init_state_start=20, eval_num_init_states=1, curve_every=10, curve_num_init_states=1,
+        output_dir=str(tmp_path / "run"), json_out=str(tmp_path / "results" / "sft_vs_grpo.json"), progress=False,
+    )  # fmt: skip
+    values.update(overrides)
+    return Args(**values)
+
+
+def line_count(path) -> int:
+    with open(path) as file:
+        return sum(1 for _ in file)
+
+
+def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):
+    args = tiny_args(tmp_path)
+    report = main(args)
+
+    with open(args.json_out) as file:
+        saved = json.load(file)
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert (tmp_path / "results" / "sft_vs_grpo.md").read_text().startswith("## SFT vs GRPO: LiberoSpatial-v0")
+    assert (tmp_path / "results" / "sft_vs_grpo.png").stat().st_size > 0
+    assert list(saved["results"]) == list(VARIANTS) and saved["seeds"] == [0] and saved["demos"]["generated_this_run"]
+    assert saved["eval"]["held_out"] and saved["eval"]["init_state_ids"] == [20]
+    sft = saved["results"]["sft"]["overall"]
+    for variant, result in saved["results"].items():
+        for entry in [result["overall"], *result["per_task"].values()]:
+            low, high = entry["ci95"]
+            assert 0.0 <= low <= entry["success_rate"] <= high <= 1.0
+            assert entry["episodes"] == 1 and entry["success_rate"] == entry["successes"] / entry["episodes"]
+        if variant != "sft":
+            assert result["steps"][0] >= 20  # the budget, in whole rollouts
+            delta = result["delta_vs_sft"]["overall"]
+            assert delta["delta"] == result["overall"]["success_rate"] - sft["success_rate"]
+            assert -1.0 <= delta["ci95"][0] <= delta["delta"] <= delta["ci95"][1] <= 1.0
+            assert result["entropy"]["start"] > 0 and result["entropy"]["end"] > 0
+    assert saved["results"]["grpo_offline_relabel"]["relabelled_episodes"] == 0  # no Spatial task shares a scene
+    assert "no relabelling can happen" in saved["setup"]["relabel_note"]
+    assert set(saved["targets"]) == {"grpo_offline_beats_sft", "grpo_offline_entropy_holds"}
+    runs = {(run["variant"], run["seed"]): run for run in saved["runs"]}
+    assert set(runs) == {(variant, 0) for variant in VARIANTS}
+    for variant in VARIANTS[1:]:
+        curve = runs[(variant, 0)]["curve"]
+        # SFT start, a curve evaluation past 10 env steps (the first rollout took 20), the final evaluation
+        assert [steps for steps, _ in curve["success"]] == [0, runs[(variant, 0)]["steps"], runs[(variant, 0)]["steps"]]
+        assert all(0.0 <= rate <= 1.0 for _, rate in curve["success"])
+        assert curve["entropy"] and all(math.isfinite(entropy) and entropy > 0 for _, entropy in curve["entropy"])
+        [(task_id, init_state_id, success, steps)] = runs[(variant, 0)]["outcomes"]
+        assert (task_id, init_state_id) == (0, 20) and success == saved["results"][variant]["overall"]["successes"]
+        assert 1 <= steps <= 10
+        assert runs[(variant, 0)]["steps_this_run"] == runs[(variant, 0)]["steps"]
+
+    # The same command again: nothing is trained or evaluated, the report is the same.
+    run_dir = tmp_path / "run"
+    files = {path: (line_count(path), os.path.getmtime(path)) for path in run_dir.glob("*/*.jsonl")}
+    final_mtimes = {path: os.path.getmtime(path / "model.safetensors") for path in run_dir.glob("*/checkpoints/final")}
+    assert len(final_mtimes) == 4 and len(files) == 4 * 2 + 1  # curve + episodes per variant, episodes of SFT
+    again = main(args)
+    assert all(run["steps_this_run"] == 0 and run["episodes_this_run"] == 0 for run in again["runs"])
+    assert {path: (line_count(path), os.path.getmtime(path)) for path in files} == files
+    assert {path: os.path.getmtime(path / "model.safetensors") for path in final_mtimes} == final_mtimes
+    assert again["results"] == report["results"]
+
+    # A larger budget continues each run from its final checkpoint (same SFT, SFT episodes reused).
+    longer = main(tiny_args(tmp_path, total_timesteps=40, variants=("sft", "grpo_offline", "irevla")))
+    for run in longer["runs"]:
+        if run["variant"] == "sft":
+            assert run["steps_this_run"] == 0 and run["episodes_this_run"] == 0
+        else:
+            assert run["steps"] >= 40 and run["steps_this_run"] == run["steps"] - runs[(run["variant"], 0)]["steps"]
+            assert run["episodes_this_run"] == 1  # new weights: evaluated again
+            assert [steps for steps, _ in run["curve"]["entropy"]] == [20, run["steps"]]
+
+
+def test_bad_input_names_the_valid_choices(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['ppo'\]: valid \('sft', 'grpo', 'grpo_offline', "):
+        main(tiny_args(tmp_path, variants=("sft", "ppo")))
+    with pytest.raises(ValueError, match="eval_init_state_start 10 lies inside the training init states 0..19"):
+        main(tiny_args(tmp_path, demo_init_state_end=20, eval_init_state_start=10))
+    with pytest.raises(ValueError, match="unknown task_id 12 for LiberoSpatial-v0: valid 0..9"):
+        main(tiny_args(tmp_path, task_ids=(12,)))
+    with pytest.raises(ValueError, match="group_size 1 must be an int >= 2"):
+        main(tiny_args(tmp_path, group_size=1))
+    assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
