@@ -9,7 +9,7 @@ restarted run picks up its data.
 Layout of a store directory::
 
     store.json          format name and version; an incompatible version refuses to open
-    index.sqlite        one row per episode: id, file, task, source, policy version, success, size, time
+    index.sqlite        one row per episode: id, file, task, source, policy version, success, size, time, group
     episodes/<uuid>.npz one compressed numpy archive per episode (arrays + a JSON metadata record)
 
 Why trust it:
@@ -26,6 +26,11 @@ Why trust it:
   dropped from the index, instead of crashing a learner or handing it garbage.
 - Episode ids are SQLite ``AUTOINCREMENT`` keys: increasing in insertion order, never reused after
   eviction, so "oldest" and "newest" are well defined.
+- Groups are atomic too. :meth:`EpisodeStore.append_many` writes the files of several episodes (a GRPO
+  group: the ``group_size`` rollouts of one (task, init state), tagged with one ``group_id``) and then
+  inserts all their rows in one transaction: a reader sees the whole group or none of it, and the ids of
+  one group are consecutive. :meth:`EpisodeStore.groups` lists the stored groups in commit order, so an
+  asynchronous learner can consume them FIFO behind a single "consumed through episode id" watermark.
 
 Bounded size: ``max_episodes`` and/or ``max_bytes``; on append, the writer evicts the oldest episodes
 whose source is evictable (online and relabelled; offline too only with ``evict_offline=True``),
@@ -60,7 +65,7 @@ CORRUPT_DIRNAME = "corrupt"
 ORPHAN_GRACE_S = 600.0  # an unindexed file younger than this may belong to an append in progress
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
 
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE IF NOT EXISTS episodes (
     episode_id INTEGER PRIMARY KEY AUTOINCREMENT,
     file TEXT NOT NULL UNIQUE,
@@ -73,14 +78,21 @@ CREATE TABLE IF NOT EXISTS episodes (
     total_reward REAL NOT NULL,
     num_bytes INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    env_id TEXT NOT NULL
-);
+    env_id TEXT NOT NULL,
+    group_id TEXT
+)
+"""
+# Stores written before groups existed lack the group_id column: added on open (NULL: in no group). The
+# change is additive, so the format version stays 1 and older readers still open the store.
+_MIGRATIONS = (("group_id", "ALTER TABLE episodes ADD COLUMN group_id TEXT"),)
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS episodes_by_task ON episodes (task_id, source, policy_version);
 CREATE INDEX IF NOT EXISTS episodes_by_source ON episodes (source, episode_id);
+CREATE INDEX IF NOT EXISTS episodes_by_group ON episodes (group_id, episode_id);
 """
 _COLUMNS = (
     "episode_id", "file", "task_id", "init_state_id", "source", "policy_version",
-    "success", "num_steps", "total_reward", "num_bytes", "created_at", "env_id",
+    "success", "num_steps", "total_reward", "num_bytes", "created_at", "env_id", "group_id",
 )  # fmt: skip
 
 
@@ -96,7 +108,8 @@ class Episode:
     each step, plus the first; rollouts) or ``T`` (demos without a final observation); a text entry that
     stays the same through the episode, like the instruction, is a plain ``str``. ``log_probs`` are the
     behaviour policy's log-probabilities of the actions (e.g. ``(T, 7)`` per action token), if known.
-    ``episode_id`` and ``created_at`` are set by the store.
+    ``group_id`` ties the episodes of one GRPO group together (None: in no group). ``episode_id`` and
+    ``created_at`` are set by the store.
     """
 
     observations: dict[str, np.ndarray | str]
@@ -111,6 +124,7 @@ class Episode:
     env_id: str = ""
     episode_id: int | None = None
     created_at: float = field(default_factory=time.time)
+    group_id: str | None = None
 
     def __post_init__(self):
         self.actions = np.asarray(self.actions)
@@ -122,6 +136,7 @@ class Episode:
         }
         self.success, self.task_id, self.init_state_id = bool(self.success), int(self.task_id), int(self.init_state_id)
         self.policy_version = int(self.policy_version)
+        self.group_id = None if self.group_id is None else str(self.group_id)
         if self.source not in SOURCES:
             raise ValueError(f"unknown episode source {self.source!r}: valid {SOURCES}")
         num_steps = len(self.actions) if self.actions.ndim else 0
@@ -226,7 +241,12 @@ class EpisodeStore:
             connection.execute("PRAGMA busy_timeout=60000")
             connection.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _SCHEMA.split(";"):
+                connection.execute(_TABLE)
+                columns = {row[1] for row in connection.execute("PRAGMA table_info(episodes)")}
+                for column, statement in _MIGRATIONS:
+                    if column not in columns:
+                        connection.execute(statement)
+                for statement in _INDEXES.split(";"):
                     if statement.strip():
                         connection.execute(statement)
                 connection.execute("COMMIT")
@@ -263,41 +283,51 @@ class EpisodeStore:
     # ------------------------------------------------------------------ writing
     def append(self, episode: Episode) -> int:
         """Store a finished episode (atomically) and evict over the bounds; returns its episode id."""
-        if not isinstance(episode, Episode):
-            raise TypeError(f"append takes an Episode: got {type(episode).__name__}")
-        file_name = f"{uuid.uuid4().hex}.npz"
-        file_path = os.path.join(self.episodes_dir, file_name)
-        _write_atomically(file_path, _episode_arrays(episode))
-        num_bytes = os.path.getsize(file_path)
+        return self.append_many([episode])[0]
+
+    def append_many(self, episodes: Sequence[Episode]) -> list[int]:
+        """Store several episodes as one unit -- all of them or, after a crash, none -- and evict over the
+        bounds (never one of these); returns their ids, consecutive and in order. A GRPO group goes in this
+        way, so a learner never sees half a group."""
+        episodes = list(episodes)
+        for episode in episodes:
+            if not isinstance(episode, Episode):
+                raise TypeError(f"append takes Episodes: got {type(episode).__name__}")
+        if not episodes:
+            return []
+        file_names = [f"{uuid.uuid4().hex}.npz" for _ in episodes]
+        file_paths = [os.path.join(self.episodes_dir, name) for name in file_names]
         try:
-            with self._transaction() as db:
-                cursor = db.execute(
-                    f"INSERT INTO episodes ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})",
-                    (
-                        file_name,
-                        episode.task_id,
-                        episode.init_state_id,
-                        episode.source,
-                        episode.policy_version,
-                        int(episode.success),
-                        episode.num_steps,
-                        episode.total_reward,
-                        num_bytes,
-                        episode.created_at,
-                        episode.env_id,
-                    ),  # fmt: skip
+            for episode, file_path in zip(episodes, file_paths):
+                _write_atomically(file_path, _episode_arrays(episode))
+            rows = [
+                (
+                    file_name, episode.task_id, episode.init_state_id, episode.source, episode.policy_version,
+                    int(episode.success), episode.num_steps, episode.total_reward, os.path.getsize(file_path),
+                    episode.created_at, episode.env_id, episode.group_id,
                 )
-                episode_id = int(cursor.lastrowid)
-                evicted = self._evict(db, keep=episode_id)
+                for episode, file_name, file_path in zip(episodes, file_names, file_paths)
+            ]  # fmt: skip
+            with self._transaction() as db:
+                episode_ids = []
+                for row in rows:  # one writer holds the lock: the ids of this transaction are consecutive
+                    cursor = db.execute(
+                        f"INSERT INTO episodes ({', '.join(_COLUMNS[1:])}) VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})",
+                        row,
+                    )
+                    episode_ids.append(int(cursor.lastrowid))
+                evicted = self._evict(db, keep_from=episode_ids[0])
         except BaseException:
-            _unlink(file_path)
+            for file_path in file_paths:
+                _unlink(file_path)
             raise
         for name in evicted:  # only after the rows are gone: a crash here leaves orphans, never dangling rows
             _unlink(os.path.join(self.episodes_dir, name))
-        episode.episode_id = episode_id
-        return episode_id
+        for episode, episode_id in zip(episodes, episode_ids):
+            episode.episode_id = episode_id
+        return episode_ids
 
-    def _evict(self, db: sqlite3.Connection, keep: int) -> list[str]:
+    def _evict(self, db: sqlite3.Connection, keep_from: int) -> list[str]:
         if self.max_episodes is None and self.max_bytes is None:
             return []
         count, total_bytes = db.execute("SELECT COUNT(*), COALESCE(SUM(num_bytes), 0) FROM episodes").fetchone()
@@ -308,8 +338,8 @@ class EpisodeStore:
         evictable = SOURCES if self.evict_offline else tuple(s for s in SOURCES if s != "offline")
         rows = db.execute(
             f"SELECT episode_id, file, num_bytes FROM episodes WHERE source IN ({', '.join('?' * len(evictable))}) "
-            "AND episode_id != ? ORDER BY episode_id",
-            (*evictable, keep),
+            "AND episode_id < ? ORDER BY episode_id",
+            (*evictable, keep_from),
         )
         victims: list[tuple[int, str]] = []
         for episode_id, name, num_bytes in rows:
@@ -319,7 +349,7 @@ class EpisodeStore:
             excess_episodes, excess_bytes = excess_episodes - 1, excess_bytes - num_bytes
         db.executemany("DELETE FROM episodes WHERE episode_id = ?", [(episode_id,) for episode_id, _ in victims])
         if excess_episodes > 0 or excess_bytes > 0:
-            logger.debug("episode store %s stays over its bounds: the rest is offline data or the newest episode", self.path)
+            logger.debug("episode store %s stays over its bounds: the rest is offline data or the newest episodes", self.path)
         return [name for _, name in victims]
 
     def remove_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> int:
@@ -374,6 +404,30 @@ class EpisodeStore:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM episodes {where} ORDER BY episode_id", params)
         return [dict(zip(_COLUMNS, row), success=bool(row[6])) for row in rows]
+
+    def groups(self, after_episode_id: int = 0) -> list[dict[str, Any]]:
+        """The stored groups whose episodes all have ids above ``after_episode_id``, in commit order.
+
+        One dict per ``group_id``: ``group_id``, ``episode_ids`` (all sources, oldest first), ``first_episode_id``,
+        ``last_episode_id``, ``num_online`` (its online episodes: a complete group has ``group_size`` of them,
+        fewer only when eviction took some), ``policy_version`` (the oldest of its online episodes),
+        ``task_id``, ``init_state_id``, ``num_steps`` (online steps) and ``num_successes``. Reads no episode file.
+        """
+        rows = self._db.execute(
+            "SELECT group_id, GROUP_CONCAT(episode_id), MIN(episode_id), MAX(episode_id), SUM(source = 'online'), "
+            "MIN(CASE WHEN source = 'online' THEN policy_version END), MIN(task_id), MIN(init_state_id), "
+            "SUM(CASE WHEN source = 'online' THEN num_steps ELSE 0 END), SUM(source = 'online' AND success) "
+            "FROM episodes WHERE group_id IS NOT NULL AND episode_id > ? GROUP BY group_id ORDER BY MIN(episode_id)",
+            (int(after_episode_id),),
+        )
+        names = ("first_episode_id", "last_episode_id", "num_online", "policy_version", "task_id", "init_state_id",
+                 "num_steps", "num_successes")  # fmt: skip
+        groups = []
+        for group_id, ids, *values in rows:
+            group = {"group_id": group_id, "episode_ids": sorted(int(i) for i in ids.split(","))}
+            group.update({name: int(value) if value is not None else -1 for name, value in zip(names, values)})
+            groups.append(group)
+        return groups
 
     def episode_ids(self, **filters) -> list[int]:
         """Ids of the episodes matching :meth:`records`'s filters, oldest first."""
@@ -484,6 +538,7 @@ def _episode_arrays(episode: Episode) -> dict[str, np.ndarray]:
         "source": episode.source,
         "env_id": episode.env_id,
         "created_at": episode.created_at,
+        "group_id": episode.group_id,
         "text_observations": {key: value for key, value in episode.observations.items() if isinstance(value, str)},
         "observation_keys": list(episode.observations),
     }
@@ -539,6 +594,7 @@ def _read_episode(path: str) -> Episode:
         log_probs=log_probs,
         env_id=meta["env_id"],
         created_at=meta["created_at"],
+        group_id=meta.get("group_id"),  # absent in files written before groups existed
     )
 
 

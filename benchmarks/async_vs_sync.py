@@ -1,0 +1,232 @@
+"""Asynchronous vs synchronous GRPO: the same configuration, the same number of learner updates, in one run.
+
+    python benchmarks/async_vs_sync.py                                  # tiny fresh policy, ~5 min on 2 cores
+    python benchmarks/async_vs_sync.py --init-from runs/grpo/sft --max-episode-steps 160 --num-updates 8
+
+Sync is plain :class:`~gym_libero_vla.algos.grpo.GRPO` in one process (collect ``num_groups`` groups, then
+update); async is :class:`~gym_libero_vla.algos.async_grpo.AsyncGRPO` with ``num_workers`` rollout workers
+feeding the trajectory cache while the learner updates. Both start from the same policy with the same seed
+and env settings (one env per process, or ``envs_per_worker`` sub-envs: the sync learner's env has as many),
+and both stop after ``num_updates`` updates. Wall times include starting up (simulators, worker processes).
+
+Printed and written as JSON: wall time, env steps/s, the learner's idle fraction (sync: the share of time spent
+collecting; async: waiting for groups), the workers' idle fraction (sync: the share not spent collecting;
+async: waiting), the speed-up, where the async workers' time goes (env steps, resets, weight loads,
+stragglers), and per-update success rates (the learning curves at equal updates).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+
+import gym_libero_vla  # noqa: F401  (registers the env ids)
+from gym_libero_vla.algos.async_grpo import AsyncGRPO
+from gym_libero_vla.algos.grpo import GRPO
+from gym_libero_vla.evaluate import env_kwargs_for_policy
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer, load_policy
+from gym_libero_vla.suites import resolve_suite, suite_tasks
+from gym_libero_vla.wrappers.action_tokenizer import ActionBins
+
+
+@dataclasses.dataclass
+class Args:
+    env_id: str = "LiberoSpatial-v0"
+    """LIBERO suite env (state mode)."""
+    task_ids: tuple[int, ...] = (0,)
+    """Tasks groups are drawn from."""
+    init_from: str | None = None
+    """Start from this policy checkpoint (e.g. an SFT warm start, whose successes give the curves a signal);
+    default: a fresh tiny CompactVLA (it never succeeds: the curves stay at 0, the timings are what counts)."""
+    hidden_size: int = 32
+    """Width of the fresh CompactVLA."""
+    max_episode_steps: int = 40
+    """Episode step limit."""
+    num_settle_steps: int = 10
+    """No-op steps after each reset."""
+    group_size: int = 4
+    """Episodes per group."""
+    num_groups: int = 2
+    """Groups per update."""
+    num_updates: int = 8
+    """Learner updates each way."""
+    learning_rate: float = 1e-4
+    """AdamW step size."""
+    num_epochs: int = 1
+    """Passes over each rollout."""
+    num_workers: int = 2
+    """Async rollout workers."""
+    envs_per_worker: int = 1
+    """Sub-envs per worker; the sync learner's env has as many."""
+    max_staleness: int = 2
+    """Async: skip groups more than this many versions old."""
+    backend: Literal["process", "ray"] = "process"
+    """Async workers: processes or Ray actors."""
+    seed: int = 0
+    """Seed of both runs."""
+    out: Path = Path("benchmarks/results/async_vs_sync.json")
+    """Where to write the JSON results."""
+
+
+def limited(algorithm: type[GRPO], max_updates: int) -> type[GRPO]:
+    """``algorithm`` that stops after ``max_updates`` updates and times its collection and updates."""
+
+    class Timed(algorithm):
+        def collect_rollouts(self, callback=None):
+            if self.policy_version >= max_updates:
+                return None
+            start = time.perf_counter()
+            rollout = super().collect_rollouts(callback)
+            self.collect_s += time.perf_counter() - start
+            return rollout
+
+        def train(self, rollout):
+            start = time.perf_counter()
+            metrics = super().train(rollout)
+            self.train_s += time.perf_counter() - start
+            self.curve.append({"update": self.policy_version, "seconds": time.perf_counter() - self.bench_start, **metrics})
+            return metrics
+
+    Timed.__name__ = f"Timed{algorithm.__name__}"
+    return Timed
+
+
+def make_policy(args: Args, instructions: list[str]):
+    if args.init_from is not None:
+        return load_policy(args.init_from)
+    torch.manual_seed(args.seed)
+    config = CompactVLAConfig(cameras=(), hidden_size=args.hidden_size, num_layers=1, num_heads=2)
+    return CompactVLA(config, ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7}),
+                      WordTokenizer.from_texts(instructions))  # fmt: skip
+
+
+def run(mode: str, args: Args, policy, workdir: str) -> dict:
+    torch.manual_seed(args.seed)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    env_kwargs = dict(task_ids=args.task_ids, max_episode_steps=args.max_episode_steps,
+                      num_settle_steps=args.num_settle_steps, **env_kwargs_for_policy(policy))  # fmt: skip
+    hyperparameters = dict(
+        num_groups=args.num_groups, group_size=args.group_size, learning_rate=args.learning_rate,
+        num_epochs=args.num_epochs, seed=args.seed, cache_dir=os.path.join(workdir, mode, "cache"),
+    )  # fmt: skip
+    if mode == "sync":
+        if args.envs_per_worker > 1:
+            env = gym.make_vec(args.env_id, num_envs=args.envs_per_worker, vectorization_mode="sync", **env_kwargs)
+        else:
+            env = gym.make(args.env_id, **env_kwargs)
+        model = limited(GRPO, args.num_updates)(policy, env, **hyperparameters)
+    else:
+        env = gym.make(args.env_id, **env_kwargs)
+        model = limited(AsyncGRPO, args.num_updates)(
+            policy, env, pipeline_dir=os.path.join(workdir, mode), num_workers=args.num_workers,
+            envs_per_worker=args.envs_per_worker, max_staleness=args.max_staleness, backend=args.backend,
+            **hyperparameters,
+        )  # fmt: skip
+    model.bench_start, model.collect_s, model.train_s, model.curve = start, 0.0, 0.0, []
+    model.learn(10**9)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    env.close()
+    curve = model.curve
+    steady = curve[-1]["seconds"] - curve[0]["seconds"]  # update 1 .. N: no start-up
+    result = {
+        "updates": model.policy_version,
+        "wall_s": wall,
+        "steady_s_per_update": steady / max(len(curve) - 1, 1),
+        "env_steps_trained": model.num_timesteps,
+        "env_steps_per_s": model.num_timesteps / wall,
+        "success_rate_per_update": [point["success_rate"] for point in curve],
+        "seconds_per_update": [point["seconds"] for point in curve],
+        "learner_process_cores_used": cpu / wall,
+    }
+    if mode == "sync":
+        result.update(
+            learner_idle_fraction=1.0 - model.train_s / wall,  # the learner waits while the envs step
+            worker_idle_fraction=1.0 - model.collect_s / wall,  # the envs wait while the learner updates
+            learner_update_fraction=model.train_s / wall,
+            cores_used=cpu / wall,  # CPU seconds per second: the share of the machine this run got
+        )
+    else:
+        last = curve[-1]
+        result.update({name.removeprefix("async/"): value for name, value in last.items() if name.startswith("async/")})
+        result["env_steps_produced_per_s"] = result.pop("env_steps_per_second")
+        result["staleness_mean_per_update"] = [point["async/staleness_mean"] for point in curve]
+        result["off_policy_fraction_per_update"] = [point["off_policy_fraction"] for point in curve]
+        result["weight_transfer_seconds_mean"] = float(np.mean([point["async/weight_transfer_seconds"] for point in curve]))
+        result["cores_used"] = (cpu + result.pop("worker_cpu_seconds")) / wall  # learner + workers
+    return result
+
+
+def main(args: Args) -> dict:
+    torch.set_num_threads(1)
+    suite = resolve_suite(args.env_id)
+    instructions = [task.instruction for task in suite_tasks(suite.libero_name)]
+    policy = make_policy(args, instructions)
+    workdir = tempfile.mkdtemp(prefix="async_vs_sync_")
+    try:
+        results = {mode: run(mode, args, copy.deepcopy(policy), workdir) for mode in ("sync", "async")}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    sync, asynchronous = results["sync"], results["async"]
+    half = args.num_updates // 2
+    report = {
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(args).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+        },  # fmt: skip
+        "sync": sync,
+        "async": asynchronous,
+        "speedup_wall": sync["wall_s"] / asynchronous["wall_s"],
+        "speedup_steady": sync["steady_s_per_update"] / asynchronous["steady_s_per_update"],
+        "success_rate_second_half": {
+            mode: float(np.mean(results[mode]["success_rate_per_update"][half:])) for mode in ("sync", "async")
+        },
+    }
+    rows = [
+        ("wall time (s)", "wall_s"), ("s per update after the first", "steady_s_per_update"),
+        ("env steps trained / s", "env_steps_per_s"), ("learner idle fraction", "learner_idle_fraction"),
+        ("worker idle fraction", "worker_idle_fraction"), ("learner update fraction", "learner_update_fraction"),
+        ("CPU cores used (CPU s / wall s)", "cores_used"),
+    ]  # fmt: skip
+    print(f"\n{args.num_updates} GRPO updates of {args.num_groups} x {args.group_size} episodes "
+          f"({args.max_episode_steps}-step limit), {args.num_workers} async {args.backend} workers\n")  # fmt: skip
+    print("| | sync | async |\n|---|---|---|")
+    for label, key in rows:
+        print(f"| {label} | {sync[key]:.3f} | {asynchronous[key]:.3f} |")
+    print(f"| success rate, updates {half + 1}..{args.num_updates} | {report['success_rate_second_half']['sync']:.3f} | "
+          f"{report['success_rate_second_half']['async']:.3f} |")  # fmt: skip
+    print(f"\nspeed-up: {report['speedup_wall']:.2f}x wall, {report['speedup_steady']:.2f}x per update after the first")
+    print("async workers' time: "
+          + ", ".join(f"{name} {asynchronous[key]:.2f}" for name, key in (
+              ("env steps", "worker_env_step_fraction"), ("resets", "worker_reset_fraction"),
+              ("weight loads", "worker_weight_load_fraction"), ("idle", "worker_idle_fraction"))))  # fmt: skip
+    print(
+        f"stragglers: {asynchronous['straggler_fraction']:.2f} of sub-env steps; weight publish "
+        f"{asynchronous['weight_transfer_seconds_mean'] * 1000:.1f} ms per update; staleness mean "
+        f"{np.mean(asynchronous['staleness_mean_per_update']):.2f}, skipped {asynchronous['groups_skipped_stale']:.0f}"
+    )
+    for mode in ("sync", "async"):
+        print(f"success per update ({mode}): {[round(rate, 2) for rate in results[mode]['success_rate_per_update']]}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
