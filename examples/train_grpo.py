@@ -32,13 +32,14 @@ import dataclasses
 import json
 import os
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import torch
 import tyro
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
+from gym_libero_vla.algos.async_grpo import AsyncGRPO
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
 from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint
 from gym_libero_vla.algos.irevla import IReVLA
@@ -67,6 +68,16 @@ class Args:
     """Online learner: "grpo" (GRPO with offline regularization) or "irevla" (iRe-VLA's RL/SL stages)."""
     resume: bool = True
     """Reuse the SFT warm start and continue from the newest checkpoint in output_dir when there is one."""
+    async_: Annotated[bool, tyro.conf.arg(name="async")] = False
+    """GRPO only: rollout worker processes keep filling an episode cache while the learner trains
+    (:class:`AsyncGRPO`); --no-async collects, then updates, in one process."""
+    num_workers: int = 2
+    """--async: rollout worker processes (or Ray actors)."""
+    backend: Literal["process", "ray"] = "process"
+    """--async: run the workers as local processes, or as Ray actors (a local Ray instance unless ray.init was
+    called with a cluster address)."""
+    max_staleness: int = 2
+    """--async: skip groups sampled more than this many policy versions ago (newer stale ones are IS-corrected)."""
 
     # --- demonstrations
     demos: str | None = None
@@ -200,13 +211,22 @@ def make_learner(args: Args, policy, env, episodes):
         init_state_ids=tuple(range(args.demo_init_state_end)), seed=args.seed,
     )  # fmt: skip
     if args.algo == "irevla":
+        if args.async_:
+            raise ValueError("--async runs GRPO's learner with rollout workers: use it with --algo grpo, not irevla")
         return IReVLA(
             policy, env, demos=episodes, rl_updates_per_stage=args.rl_updates_per_stage,
             sl_steps_per_stage=args.sl_steps_per_stage, sl_batch_size=args.sft_batch_size,
             sl_learning_rate=args.sl_learning_rate, success_store=os.path.join(args.output_dir, "successes"), **common,
         )  # fmt: skip
-    return GRPO(
-        policy, env, demos=episodes, imitation_weight_min=args.imitation_weight_min,
+    learner_class, pipeline = GRPO, {}
+    if args.async_:
+        learner_class = AsyncGRPO
+        pipeline = dict(
+            pipeline_dir=os.path.join(args.output_dir, "pipeline"), num_workers=args.num_workers, backend=args.backend,
+            max_staleness=args.max_staleness,
+        )  # fmt: skip
+    return learner_class(
+        policy, env, demos=episodes, **pipeline, imitation_weight_min=args.imitation_weight_min,
         imitation_weight_max=args.imitation_weight_max, rescue_failed_groups=args.rescue_failed_groups,
         success_replay_size=args.success_replay_size, cache_dir=os.path.join(args.output_dir, "cache"), **common,
     )  # fmt: skip
@@ -214,7 +234,7 @@ def make_learner(args: Args, policy, env, episodes):
 
 def resume_learner(args: Args, checkpoint: str, env, episodes):
     """The learner saved in ``checkpoint``, with its optimizer, RNG and step counter."""
-    learner_class = IReVLA if args.algo == "irevla" else GRPO
+    learner_class = IReVLA if args.algo == "irevla" else AsyncGRPO if args.async_ else GRPO
     model = learner_class.load(checkpoint, env=env, demos=episodes, tensorboard_log=os.path.join(args.output_dir, "tb"))
     print(f"resuming {args.algo} from {checkpoint} at {model.num_timesteps} env steps")
     return model

@@ -112,3 +112,26 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     with open(run / "results.json") as file:
         assert json.load(file)["grpo_timesteps"] >= 60
     assert not glob.glob(str(run / "checkpoints" / ".*"))  # no half-written checkpoint left behind
+
+
+def test_async_run_trains_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    command = [
+        sys.executable, SCRIPT, "--async", "--num-workers", "1", "--demos", str(tmp_path / "demos.hdf5"),
+        "--output-dir", str(run), "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2",
+        "--hidden-size", "32", "--num-heads", "2", "--total-timesteps", "20", "--num-groups", "1", "--group-size", "2",
+        "--max-episode-steps", "5", "--eval-episodes-per-task", "1", "--video-episodes", "0", "--checkpoint-freq", "10",
+        "--no-progress-bar",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(run / "results.json") as file:
+        assert json.load(file)["grpo_timesteps"] >= 20
+    assert os.path.isdir(run / "pipeline") and glob.glob(str(run / "tb" / "AsyncGRPO_1" / "events.out.tfevents.*"))
+
+    command[command.index("--total-timesteps") + 1] = "30"
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming grpo from" in result.stdout
+    with open(run / "results.json") as file:
+        assert json.load(file)["grpo_timesteps"] >= 30
