@@ -533,6 +533,7 @@ def check_targets(results: dict) -> dict:
         targets["grpo_offline_beats_sft"] = {
             "wanted": f"grpo_offline mean success >= sft + {TARGET_DELTA:.2f}", "delta": delta["delta"],
             "ci95": delta["ci95"], "met": delta["delta"] >= TARGET_DELTA,
+            "significant": delta["ci95"][0] > 0,  # the 95% interval of the difference excludes 0
         }  # fmt: skip
     if "grpo" in results and "grpo_offline" in results:
         plain, offline = results["grpo"]["entropy"]["end_over_start"], results["grpo_offline"]["entropy"]["end_over_start"]
@@ -598,7 +599,10 @@ def markdown(report: dict) -> str:
     lines += ["", "Targets (issue #7):"]
     for name, target in report["targets"].items():
         verdict = "met" if target["met"] else "**NOT met**"
-        measured = ", ".join(f"{key} {_rounded(value)}" for key, value in target.items() if key not in ("wanted", "met"))
+        if target["met"] and target.get("significant") is False:
+            verdict = "met on the point estimate only (**not significant**: the 95% interval includes 0)"
+        shown = {key: value for key, value in target.items() if key not in ("wanted", "met", "significant")}
+        measured = ", ".join(f"{key} {_rounded(value)}" for key, value in shown.items())
         lines.append(f"- {name}: {target['wanted']}: {verdict} ({measured})")
     if not report["targets"]:
         lines.append("- not measured: they need the sft, grpo and grpo_offline variants")
