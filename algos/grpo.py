@@ -42,6 +42,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -918,6 +919,12 @@ class GRPO(BaseLearner):
             saved = json.load(file)
         num_timesteps = int(saved.pop("num_timesteps", 0))
         policy_version = int(saved.pop("policy_version", 0))
+        # A checkpoint of a learner with more settings (AsyncGRPO's pipeline) resumes as this one without them.
+        known = {field.name for field in dataclasses.fields(cls.config_class)}
+        unused = sorted(set(saved) - known)
+        if unused:
+            warnings.warn(f"{os.fspath(path)!r}: {cls.__name__} does not use the saved setting(s) {unused}", stacklevel=2)
+            saved = {key: value for key, value in saved.items() if key in known}
         model = cls(load_policy(path), env=env, demos=demos, device=device, **{**saved, **kwargs})
         model.num_timesteps, model.policy_version = num_timesteps, policy_version
         optimizer_path = os.path.join(path, OPTIMIZER_FILENAME)

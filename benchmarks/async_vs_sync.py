@@ -12,7 +12,8 @@ and both stop after ``num_updates`` updates. Wall times include starting up (sim
 Printed and written as JSON: wall time, env steps/s, the learner's idle fraction (sync: the share of time spent
 collecting; async: waiting for groups), the workers' idle fraction (sync: the share not spent collecting;
 async: waiting), the speed-up, where the async workers' time goes (env steps, resets, weight loads,
-stragglers), and per-update success rates (the learning curves at equal updates).
+stragglers), and per-update success rates (the learning curves at equal updates), compared over all updates:
+each run's rollout success with its Wilson 95% interval, and async minus sync with Newcombe's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import tyro
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.algos.async_grpo import AsyncGRPO
 from gym_libero_vla.algos.grpo import GRPO
-from gym_libero_vla.evaluate import env_kwargs_for_policy
+from gym_libero_vla.evaluate import difference_interval, env_kwargs_for_policy, wilson_interval
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer, load_policy
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
@@ -148,6 +149,7 @@ def run(mode: str, args: Args, policy, workdir: str) -> dict:
         "env_steps_trained": model.num_timesteps,
         "env_steps_per_s": model.num_timesteps / wall,
         "success_rate_per_update": [point["success_rate"] for point in curve],
+        "episodes_per_update": [int(point.get("groups_sampled", args.num_groups)) * args.group_size for point in curve],
         "seconds_per_update": [point["seconds"] for point in curve],
         "learner_process_cores_used": cpu / wall,
     }
@@ -167,6 +169,24 @@ def run(mode: str, args: Args, policy, workdir: str) -> dict:
         result["weight_transfer_seconds_mean"] = float(np.mean([point["async/weight_transfer_seconds"] for point in curve]))
         result["cores_used"] = (cpu + result.pop("worker_cpu_seconds")) / wall  # learner + workers
     return result
+
+
+def curve_parity(sync: dict, asynchronous: dict) -> dict:
+    """Rollout success over every update of each run (Wilson 95%) and async minus sync (Newcombe 95%): the
+    learning curves compared at equal updates."""
+    totals = {}
+    for mode, result in (("sync", sync), ("async", asynchronous)):
+        episodes = result["episodes_per_update"]
+        successes = int(sum(round(rate * n) for rate, n in zip(result["success_rate_per_update"], episodes)))
+        totals[mode] = {"successes": successes, "episodes": int(sum(episodes)), "rate": successes / sum(episodes),
+                        "ci95": list(wilson_interval(successes, int(sum(episodes))))}  # fmt: skip
+    low, high = difference_interval(totals["async"]["successes"], totals["async"]["episodes"],
+                                    totals["sync"]["successes"], totals["sync"]["episodes"])  # fmt: skip
+    return {**totals, "difference": totals["async"]["rate"] - totals["sync"]["rate"], "difference_ci95": [low, high]}
+
+
+def fmt(interval) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def main(args: Args) -> dict:
@@ -196,6 +216,7 @@ def main(args: Args) -> dict:
         "success_rate_second_half": {
             mode: float(np.mean(results[mode]["success_rate_per_update"][half:])) for mode in ("sync", "async")
         },
+        "learning_curve_parity": curve_parity(sync, asynchronous),
     }
     rows = [
         ("wall time (s)", "wall_s"), ("s per update after the first", "steady_s_per_update"),
@@ -210,7 +231,13 @@ def main(args: Args) -> dict:
         print(f"| {label} | {sync[key]:.3f} | {asynchronous[key]:.3f} |")
     print(f"| success rate, updates {half + 1}..{args.num_updates} | {report['success_rate_second_half']['sync']:.3f} | "
           f"{report['success_rate_second_half']['async']:.3f} |")  # fmt: skip
-    print(f"\nspeed-up: {report['speedup_wall']:.2f}x wall, {report['speedup_steady']:.2f}x per update after the first")
+    parity = report["learning_curve_parity"]
+    print(f"| rollout success, all updates [Wilson 95%] | {parity['sync']['rate']:.3f} {fmt(parity['sync']['ci95'])} | "
+          f"{parity['async']['rate']:.3f} {fmt(parity['async']['ci95'])} |")  # fmt: skip
+    print(f"\nlearning curves at equal updates: async - sync = {parity['difference']:+.3f} "
+          f"[Newcombe 95% {parity['difference_ci95'][0]:+.3f}, {parity['difference_ci95'][1]:+.3f}] over "
+          f"{parity['async']['episodes']} vs {parity['sync']['episodes']} rollout episodes")  # fmt: skip
+    print(f"speed-up: {report['speedup_wall']:.2f}x wall, {report['speedup_steady']:.2f}x per update after the first")
     print("async workers' time: "
           + ", ".join(f"{name} {asynchronous[key]:.2f}" for name, key in (
               ("env steps", "worker_env_step_fraction"), ("resets", "worker_reset_fraction"),

@@ -63,7 +63,7 @@ from gym_libero_vla.algos.callbacks import RolloutCheckpointCallback
 from gym_libero_vla.algos.grpo import GRPO, GRPO_CONFIG_FILENAME, GRPOConfig, latest_checkpoint
 from gym_libero_vla.algos.irevla import IReVLA, IReVLAConfig
 from gym_libero_vla.algos.sft import SFT_CONFIG_FILENAME
-from gym_libero_vla.evaluate import env_kwargs_for_policy, run_episode, wilson_interval
+from gym_libero_vla.evaluate import difference_interval, env_kwargs_for_policy, run_episode
 from gym_libero_vla.policies import load_policy
 from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
 
@@ -470,15 +470,6 @@ def run_record(variant: str, seed: int, trained: dict, rows: list[dict], run_now
 
 
 # ---------------------------------------------------------------------------------------------- report
-def difference_interval(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
-    """95% interval of ``p_a - p_b`` from the two Wilson intervals (Newcombe, 1998, method 10). It treats the two
-    samples as independent; ours share init states, which makes it conservative."""
-    p_a, p_b = successes_a / n_a, successes_b / n_b
-    (low_a, high_a), (low_b, high_b) = wilson_interval(successes_a, n_a), wilson_interval(successes_b, n_b)
-    delta = p_a - p_b
-    return delta - math.hypot(p_a - low_a, high_b - p_b), delta + math.hypot(high_a - p_a, p_b - low_b)
-
-
 def variant_summary(runs: list[dict], task_ids, instructions: dict) -> dict:
     """Per-task and overall success over every seed's episodes (Wilson 95%), per-seed rates, entropy, wall time."""
     rows = [row for run in runs for row in run["rows"]]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Annotated, Literal
 
@@ -42,7 +43,7 @@ import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.algos.async_grpo import AsyncGRPO
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
 from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint
-from gym_libero_vla.algos.irevla import IReVLA
+from gym_libero_vla.algos.irevla import IREVLA_CONFIG_FILENAME, IReVLA
 from gym_libero_vla.algos.sft import SFT
 from gym_libero_vla.demos import action_stats, load_episodes
 from gym_libero_vla.evaluate import env_kwargs_for_policy, evaluate_policy, write_report
@@ -70,7 +71,7 @@ class Args:
     """Reuse the SFT warm start and continue from the newest checkpoint in output_dir when there is one."""
     async_: Annotated[bool, tyro.conf.arg(name="async")] = False
     """GRPO only: rollout worker processes keep filling an episode cache while the learner trains
-    (:class:`AsyncGRPO`); --no-async collects, then updates, in one process."""
+    (:class:`AsyncGRPO`); --sync (or --no-async) collects, then updates, in one process."""
     num_workers: int = 2
     """--async: rollout worker processes (or Ray actors)."""
     backend: Literal["process", "ray"] = "process"
@@ -235,6 +236,12 @@ def make_learner(args: Args, policy, env, episodes):
 def resume_learner(args: Args, checkpoint: str, env, episodes):
     """The learner saved in ``checkpoint``, with its optimizer, RNG and step counter."""
     learner_class = IReVLA if args.algo == "irevla" else AsyncGRPO if args.async_ else GRPO
+    saved_algo = "irevla" if os.path.exists(os.path.join(checkpoint, IREVLA_CONFIG_FILENAME)) else "grpo"
+    if saved_algo != args.algo:
+        raise ValueError(
+            f"{checkpoint} is a checkpoint of --algo {saved_algo}, but this run has --algo {args.algo}: rerun with "
+            f"--algo {saved_algo} to resume it, or choose another --output-dir (or --no-resume) to start a new run"
+        )
     model = learner_class.load(checkpoint, env=env, demos=episodes, tensorboard_log=os.path.join(args.output_dir, "tb"))
     print(f"resuming {args.algo} from {checkpoint} at {model.num_timesteps} env steps")
     return model
@@ -345,4 +352,5 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    # --sync is the spelling of --no-async that reads as the switch's other position (--async/--sync).
+    main(tyro.cli(Args, args=["--no-async" if arg == "--sync" else arg for arg in sys.argv[1:]]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -69,7 +70,8 @@ class EvalArgs:
 
 
 def env_kwargs_for_policy(policy: VLAPolicy) -> dict:
-    """``gym.make`` options that give exactly the observation entries ``policy.observation_keys`` names."""
+    """``gym.make`` options that give exactly the observation entries ``policy.observation_keys`` names (and the
+    policy's gripper convention, when it is not LIBERO's)."""
     keys = tuple(policy.observation_keys)
     cameras = tuple(key for key in keys if key in CAMERA_KEYS)
     kwargs: dict = {"obs_mode": "rgb+state" if cameras else "state"}
@@ -78,6 +80,8 @@ def env_kwargs_for_policy(policy: VLAPolicy) -> dict:
         kwargs["image_size"] = int(getattr(getattr(policy, "config", None), "image_size", 128))
     if "object_state" in keys:
         kwargs["privileged_state"] = True
+    if getattr(policy, "gripper_convention", "libero") != "libero":  # e.g. a raw OpenVLA checkpoint
+        kwargs["gripper_convention"] = policy.gripper_convention
     return kwargs
 
 
@@ -222,6 +226,16 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     center = (p + z**2 / (2 * n)) / denominator
     half = z * np.sqrt(p * (1.0 - p) / n + z**2 / (4 * n**2)) / denominator
     return max(0.0, float(center - half)), min(1.0, float(center + half))
+
+
+def difference_interval(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
+    """95% interval of ``p_a - p_b`` from the two Wilson intervals (Newcombe, 1998, method 10). It treats the two
+    samples as independent; for two policies evaluated on the same init states (paired samples) it is
+    conservative."""
+    p_a, p_b = successes_a / n_a, successes_b / n_b
+    (low_a, high_a), (low_b, high_b) = wilson_interval(successes_a, n_a), wilson_interval(successes_b, n_b)
+    delta = p_a - p_b
+    return delta - math.hypot(p_a - low_a, high_b - p_b), delta + math.hypot(high_a - p_a, p_b - low_b)
 
 
 def success_table(results: dict) -> str:

@@ -31,6 +31,7 @@ from gymnasium import spaces
 from gym_libero_vla import rendering
 from gym_libero_vla.instruction_space import InstructionText
 from gym_libero_vla.suites import libero_modules, quiet, resolve_suite, suite_tasks, task_init_states
+from gym_libero_vla.wrappers.openvla_gripper import GRIPPER_CONVENTIONS, openvla_gripper_to_libero
 
 OBS_MODES = ("state", "rgb", "rgb+state")
 # Our camera names -> robosuite camera names.
@@ -104,6 +105,9 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         render_size: side of the frame ``render()`` returns.
         num_settle_steps: no-op steps run inside ``reset`` after ``set_init_state``.
         max_cached_tasks: simulators kept alive for fast task switches.
+        gripper_convention: "libero" (the action's gripper is LIBERO's: -1 open, +1 close) or "openvla"
+            (OpenVLA's [0, 1] with 1 = open, binarised and inverted as OpenVLA's LIBERO evaluation does; see
+            :mod:`gym_libero_vla.wrappers.openvla_gripper`). Real OpenVLA LIBERO checkpoints need "openvla".
 
     Episode start: ``reset(options={"task_id": i, "init_state_id": j})`` picks both explicitly; with
     only a seed, ``task_id = task_ids[seed % len(task_ids)]`` and ``init_state_id =
@@ -130,8 +134,12 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         render_size: int = 256,
         num_settle_steps: int = NUM_SETTLE_STEPS,
         max_cached_tasks: int = 3,
+        gripper_convention: str = "libero",
     ):
         self.suite_spec = resolve_suite(suite)
+        if gripper_convention not in GRIPPER_CONVENTIONS:
+            raise ValueError(f"unknown gripper_convention {gripper_convention!r}: valid {list(GRIPPER_CONVENTIONS)}")
+        self.gripper_convention = gripper_convention
         self.suite = self.suite_spec.libero_name
         if obs_mode not in OBS_MODES:
             raise ValueError(f"unknown obs_mode {obs_mode!r}: valid {OBS_MODES}")
@@ -309,6 +317,8 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             )
         if not np.all(np.isfinite(action)):
             raise ValueError(f"action contains NaN or inf: {action.tolist()}")
+        if self.gripper_convention == "openvla":  # OpenVLA's [0, 1] gripper (1 = open) -> LIBERO's -1 open / +1 close
+            action = openvla_gripper_to_libero(action)
         raw_obs, _, success, _ = self._sim.step(np.clip(action, -1.0, 1.0))
         success = bool(success)  # LIBERO's `done` is its BDDL goal check
         return self._observation(raw_obs), float(success), success, False, self._info(success)

@@ -164,12 +164,13 @@ def _unlink(path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the worker
-class _EnvClock(gym.Wrapper):
-    """Adds up the seconds spent in ``reset`` (simulator builds, settle steps) and ``step`` (physics)."""
+class _Clock:
+    """Adds up the seconds spent in ``reset`` (simulator builds, settle steps) and ``step`` (physics).
 
-    def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.reset_s = self.step_s = 0.0
+    Mixed into a Gymnasium wrapper (single or vector env); the wrapper's ``__init__`` runs first."""
+
+    reset_s = 0.0
+    step_s = 0.0
 
     def reset(self, **kwargs):
         start = time.perf_counter()
@@ -186,26 +187,12 @@ class _EnvClock(gym.Wrapper):
             self.step_s += time.perf_counter() - start
 
 
-class _VectorEnvClock(gym.vector.VectorWrapper):
-    """:class:`_EnvClock` for a vector env."""
+class _EnvClock(_Clock, gym.Wrapper):
+    """:class:`_Clock` for a single env."""
 
-    def __init__(self, env: gym.vector.VectorEnv):
-        super().__init__(env)
-        self.reset_s = self.step_s = 0.0
 
-    def reset(self, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.env.reset(**kwargs)
-        finally:
-            self.reset_s += time.perf_counter() - start
-
-    def step(self, actions):
-        start = time.perf_counter()
-        try:
-            return self.env.step(actions)
-        finally:
-            self.step_s += time.perf_counter() - start
+class _VectorEnvClock(_Clock, gym.vector.VectorWrapper):
+    """:class:`_Clock` for a vector env."""
 
 
 class RolloutWorker:

@@ -36,6 +36,7 @@ from gym_libero_vla.policies.base import (
     write_policy_config,
 )
 from gym_libero_vla.wrappers.action_tokenizer import BINS_FILENAME, ActionBins
+from gym_libero_vla.wrappers.openvla_gripper import GRIPPER_CONVENTIONS
 
 OPENVLA_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 OPENVLA_EMPTY_TOKEN_ID = 29871  # OpenVLA-7B's predict_action appends Llama's "" token after the prompt
@@ -88,6 +89,10 @@ class HFVLAPolicy(VLAPolicy):
             tokenizer's ``vocab_size``, OpenVLA's choice; the embedding table may be larger).
         prompt_suffix_token_id: a token appended after the prompt (OpenVLA-7B: 29871), or None.
         base_model_path: where the base weights come from (a directory or hub id), for LoRA checkpoints.
+        gripper_convention: ``"libero"`` (the gripper token decodes to LIBERO's -1 open / +1 close) or
+            ``"openvla"`` (OpenVLA's [0, 1], 1 open: envs for it are wrapped in
+            :class:`~gym_libero_vla.wrappers.openvla_gripper.OpenVLAGripper`). ``from_pretrained`` picks
+            ``"openvla"`` for raw checkpoints whose bins come from OpenVLA's ``norm_stats``.
     """
 
     def __init__(
@@ -101,8 +106,12 @@ class HFVLAPolicy(VLAPolicy):
         prompt_suffix_token_id: int | None = None,
         base_model_path: str | None = None,
         trust_remote_code: bool = False,
+        gripper_convention: str = "libero",
     ):
         super().__init__()
+        if gripper_convention not in GRIPPER_CONVENTIONS:
+            raise ValueError(f"unknown gripper_convention {gripper_convention!r}: valid {list(GRIPPER_CONVENTIONS)}")
+        self.gripper_convention = gripper_convention
         if "{instruction}" not in prompt_template:
             raise ValueError(f"prompt_template {prompt_template!r} has no '{{instruction}}' field")
         self.model, self.processor, self.action_bins = model, processor, action_bins
@@ -257,6 +266,7 @@ class HFVLAPolicy(VLAPolicy):
                 "lora": self.lora_enabled,
                 "base_model_path": self.base_model_path,
                 "trust_remote_code": self.trust_remote_code,
+                "gripper_convention": self.gripper_convention,
             },
         )
 
@@ -296,6 +306,7 @@ class HFVLAPolicy(VLAPolicy):
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
         if action_bins is None and os.path.isfile(os.path.join(path, BINS_FILENAME)):
             action_bins = ActionBins.load(path)
+        bins_from_norm_stats = action_bins is None
         if action_bins is None:
             action_bins = _bins_from_model_config(model, unnorm_key)
         if action_bins is None:
@@ -305,9 +316,11 @@ class HFVLAPolicy(VLAPolicy):
             )
         kwargs = {
             key: saved[key]
-            for key in ("prompt_template", "camera", "action_vocab_size", "prompt_suffix_token_id")
+            for key in ("prompt_template", "camera", "action_vocab_size", "prompt_suffix_token_id", "gripper_convention")
             if key in saved
         }
+        if not saved and bins_from_norm_stats:  # OpenVLA's data keep the gripper in [0, 1], 1 = open
+            kwargs["gripper_convention"] = "openvla"
         if not saved and getattr(model.config, "model_type", None) == "openvla":
             kwargs["prompt_suffix_token_id"] = OPENVLA_EMPTY_TOKEN_ID
         kwargs.update(policy_kwargs)

@@ -65,7 +65,7 @@ def test_irevla_runs_on_the_same_pipeline(tmp_path):
         "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2", "--hidden-size", "32", "--num-heads", "2",
         "--total-timesteps", "10", "--num-groups", "1", "--group-size", "2", "--max-episode-steps", "5",
         "--rl-updates-per-stage", "1", "--sl-steps-per-stage", "3", "--eval-episodes-per-task", "1", "--video-episodes", "0",
-        "--checkpoint-freq", "0", "--no-progress-bar",
+        "--checkpoint-freq", "5", "--no-progress-bar",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -74,6 +74,14 @@ def test_irevla_runs_on_the_same_pipeline(tmp_path):
         results = json.load(file)
     assert results["algo"] == "irevla" and results["grpo_timesteps"] in (10, 20)  # one or two sampling rounds
     assert glob.glob(str(run / "tb" / "IReVLA_1" / "events.out.tfevents.*")), "no TensorBoard events"
+
+    # Resuming its output dir as a GRPO run is refused before anything is loaded or written.
+    checkpoints_before = sorted(os.listdir(run / "checkpoints"))
+    command[command.index("--algo") + 1] = "grpo"
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "is a checkpoint of --algo irevla, but this run has --algo grpo" in result.stderr
+    assert sorted(os.listdir(run / "checkpoints")) == checkpoints_before
 
 
 def test_help_documents_every_field():
@@ -135,3 +143,13 @@ def test_async_run_trains_and_resumes(tmp_path):
     assert "resuming grpo from" in result.stdout
     with open(run / "results.json") as file:
         assert json.load(file)["grpo_timesteps"] >= 30
+
+    # The switch's other position, --sync, continues the same run with the synchronous learner.
+    command[command.index("--async")] = "--sync"
+    command[command.index("--total-timesteps") + 1] = "40"
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming grpo from" in result.stdout
+    assert glob.glob(str(run / "tb" / "GRPO_1" / "events.out.tfevents.*")), "--sync did not run the synchronous GRPO"
+    with open(run / "results.json") as file:
+        assert json.load(file)["grpo_timesteps"] >= 40

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from gym_libero_vla.evaluate import env_kwargs_for_policy
 from gym_libero_vla.policies import HFVLAPolicy, load_policy
 from gym_libero_vla.policies.base import POLICY_CONFIG_FILENAME
 
@@ -68,6 +70,27 @@ def test_from_pretrained_offline_and_save_load(base_checkpoint, action_bins, mak
     torch.testing.assert_close(loaded.log_prob(obs, tokens)[0], policy.log_prob(obs, tokens)[0])
 
 
+def test_openvla_norm_stats_give_bins_and_openvla_gripper(base_checkpoint, tmp_path):
+    """A raw checkpoint with OpenVLA's ``norm_stats``: bins from them, and OpenVLA's [0, 1] gripper, which the
+    env is told about (gym.make(..., gripper_convention="openvla")) and which a saved policy keeps."""
+    directory = tmp_path / "openvla_like"
+    shutil.copytree(base_checkpoint, directory)
+    statistics = {"q01": [-0.7, -0.8, -0.9, -0.1, -0.15, -0.2, 0.0], "q99": [0.75, 0.85, 0.9, 0.12, 0.17, 0.25, 1.0]}
+    with open(directory / "config.json") as file:
+        config = json.load(file)
+    config["norm_stats"] = {"libero_spatial_no_noops": {"action": statistics}, "bridge_orig": {"action": statistics}}
+    with open(directory / "config.json", "w") as file:
+        json.dump(config, file)
+    with pytest.raises(ValueError, match=r"pass unnorm_key, one of \['bridge_orig', 'libero_spatial_no_noops'\]"):
+        HFVLAPolicy.from_pretrained(directory)
+    policy = HFVLAPolicy.from_pretrained(directory, unnorm_key="libero_spatial_no_noops")
+    np.testing.assert_allclose(policy.action_bins.low[:6], statistics["q01"][:6])
+    assert policy.gripper_convention == "openvla"
+    assert env_kwargs_for_policy(policy)["gripper_convention"] == "openvla"
+    policy.save_pretrained(tmp_path / "saved")
+    assert load_policy(tmp_path / "saved").gripper_convention == "openvla"
+
+
 def test_lora_round_trip_saves_only_the_adapter(base_checkpoint, action_bins, make_obs, tmp_path):
     policy = HFVLAPolicy.from_pretrained(base_checkpoint, action_bins=action_bins)
     obs = make_obs(2, cameras=("agentview",))
@@ -104,6 +127,8 @@ def test_bad_inputs_raise_clear_errors(llava_and_processor, action_bins, make_ob
         policy.act({key: value for key, value in obs.items() if key != "agentview"})
     with pytest.raises(ValueError, match="instruction"):
         HFVLAPolicy(*llava_and_processor, action_bins, prompt_template="What now?")
+    with pytest.raises(ValueError, match=r"unknown gripper_convention 'bridge': valid \['libero', 'openvla'\]"):
+        HFVLAPolicy(*llava_and_processor, action_bins, gripper_convention="bridge")
 
 
 def test_hub_id_loads_only_from_local_files():
