@@ -167,7 +167,7 @@ def _unlink(path: str) -> None:
 class _Clock:
     """Adds up the seconds spent in ``reset`` (simulator builds, settle steps) and ``step`` (physics).
 
-    Mixed into a Gymnasium wrapper (single or vector env); the wrapper's ``__init__`` runs first."""
+    A mixin for a Gymnasium wrapper (single or vector env); it has no ``__init__``, the wrapper's sets ``env``."""
 
     reset_s = 0.0
     step_s = 0.0

@@ -90,7 +90,8 @@ class HFVLAPolicy(VLAPolicy):
         prompt_suffix_token_id: a token appended after the prompt (OpenVLA-7B: 29871), or None.
         base_model_path: where the base weights come from (a directory or hub id), for LoRA checkpoints.
         gripper_convention: ``"libero"`` (the gripper token decodes to LIBERO's -1 open / +1 close) or
-            ``"openvla"`` (OpenVLA's [0, 1], 1 open: envs for it are wrapped in
+            ``"openvla"`` (OpenVLA's [0, 1], 1 open: envs made for it with ``env_kwargs_for_policy`` get
+            ``gripper_convention="openvla"``, the conversion of
             :class:`~gym_libero_vla.wrappers.openvla_gripper.OpenVLAGripper`). ``from_pretrained`` picks
             ``"openvla"`` for raw checkpoints whose bins come from OpenVLA's ``norm_stats``.
     """
