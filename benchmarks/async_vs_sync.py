@@ -176,10 +176,11 @@ def curve_parity(sync: dict, asynchronous: dict) -> dict:
     learning curves compared at equal updates."""
     totals = {}
     for mode, result in (("sync", sync), ("async", asynchronous)):
-        episodes = result["episodes_per_update"]
-        successes = int(sum(round(rate * n) for rate, n in zip(result["success_rate_per_update"], episodes)))
-        totals[mode] = {"successes": successes, "episodes": int(sum(episodes)), "rate": successes / sum(episodes),
-                        "ci95": list(wilson_interval(successes, int(sum(episodes))))}  # fmt: skip
+        per_update = result["episodes_per_update"]
+        successes = int(sum(round(rate * n) for rate, n in zip(result["success_rate_per_update"], per_update)))
+        episodes = int(sum(per_update))
+        totals[mode] = {"successes": successes, "episodes": episodes, "rate": successes / episodes,
+                        "ci95": list(wilson_interval(successes, episodes))}  # fmt: skip
     low, high = difference_interval(totals["async"]["successes"], totals["async"]["episodes"],
                                     totals["sync"]["successes"], totals["sync"]["episodes"])  # fmt: skip
     return {**totals, "difference": totals["async"]["rate"] - totals["sync"]["rate"], "difference_ci95": [low, high]}

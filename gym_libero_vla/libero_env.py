@@ -31,7 +31,7 @@ from gymnasium import spaces
 from gym_libero_vla import rendering
 from gym_libero_vla.instruction_space import InstructionText
 from gym_libero_vla.suites import libero_modules, quiet, resolve_suite, suite_tasks, task_init_states
-from gym_libero_vla.wrappers.openvla_gripper import GRIPPER_CONVENTIONS, openvla_gripper_to_libero
+from gym_libero_vla.wrappers.openvla_gripper import check_gripper_convention, openvla_gripper_to_libero
 
 OBS_MODES = ("state", "rgb", "rgb+state")
 # Our camera names -> robosuite camera names.
@@ -137,9 +137,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         gripper_convention: str = "libero",
     ):
         self.suite_spec = resolve_suite(suite)
-        if gripper_convention not in GRIPPER_CONVENTIONS:
-            raise ValueError(f"unknown gripper_convention {gripper_convention!r}: valid {list(GRIPPER_CONVENTIONS)}")
-        self.gripper_convention = gripper_convention
+        self.gripper_convention = check_gripper_convention(gripper_convention)
         self.suite = self.suite_spec.libero_name
         if obs_mode not in OBS_MODES:
             raise ValueError(f"unknown obs_mode {obs_mode!r}: valid {OBS_MODES}")

@@ -32,6 +32,13 @@ GRIPPER_CONVENTIONS = ("libero", "openvla")
 (0 close, 1 open), converted by :class:`OpenVLAGripper`."""
 
 
+def check_gripper_convention(convention: str) -> str:
+    """``convention`` if it is one of :data:`GRIPPER_CONVENTIONS`, else a ``ValueError`` naming the valid ones."""
+    if convention not in GRIPPER_CONVENTIONS:
+        raise ValueError(f"unknown gripper_convention {convention!r}: valid {list(GRIPPER_CONVENTIONS)}")
+    return convention
+
+
 def openvla_gripper_to_libero(action: np.ndarray, binarize: bool = True) -> np.ndarray:
     """A copy of ``action`` (last dimension the gripper) with OpenVLA's gripper (``[0, 1]``, 1 = open) turned
     into LIBERO's (``-1`` = open, ``+1`` = close), binarised unless ``binarize=False``."""

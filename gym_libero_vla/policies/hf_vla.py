@@ -36,7 +36,7 @@ from gym_libero_vla.policies.base import (
     write_policy_config,
 )
 from gym_libero_vla.wrappers.action_tokenizer import BINS_FILENAME, ActionBins
-from gym_libero_vla.wrappers.openvla_gripper import GRIPPER_CONVENTIONS
+from gym_libero_vla.wrappers.openvla_gripper import check_gripper_convention
 
 OPENVLA_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 OPENVLA_EMPTY_TOKEN_ID = 29871  # OpenVLA-7B's predict_action appends Llama's "" token after the prompt
@@ -110,9 +110,7 @@ class HFVLAPolicy(VLAPolicy):
         gripper_convention: str = "libero",
     ):
         super().__init__()
-        if gripper_convention not in GRIPPER_CONVENTIONS:
-            raise ValueError(f"unknown gripper_convention {gripper_convention!r}: valid {list(GRIPPER_CONVENTIONS)}")
-        self.gripper_convention = gripper_convention
+        self.gripper_convention = check_gripper_convention(gripper_convention)
         if "{instruction}" not in prompt_template:
             raise ValueError(f"prompt_template {prompt_template!r} has no '{{instruction}}' field")
         self.model, self.processor, self.action_bins = model, processor, action_bins
