@@ -63,7 +63,7 @@ from gym_libero_vla.algos.callbacks import RolloutCheckpointCallback
 from gym_libero_vla.algos.grpo import GRPO, GRPO_CONFIG_FILENAME, GRPOConfig, latest_checkpoint
 from gym_libero_vla.algos.irevla import IReVLA, IReVLAConfig
 from gym_libero_vla.algos.sft import SFT_CONFIG_FILENAME
-from gym_libero_vla.evaluate import difference_interval, env_kwargs_for_policy, run_episode
+from gym_libero_vla.evaluate import difference_interval, env_kwargs_for_policy, make_eval_envs, run_episodes_batched
 from gym_libero_vla.policies import load_policy
 from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
 
@@ -180,6 +180,9 @@ class Args:
     curve_num_init_states: int = 1
     """Curve subset: the first this many evaluation init states of every task, greedy, the run's seed (each curve
     point costs this many episodes per task)."""
+    eval_num_envs: int = 8
+    """Evaluation envs run side by side in one process, the policy acting on all of them in one batched call
+    (~0.3 GB each); 1 runs the episodes one after another. The outcomes do not depend on it."""
     torch_threads: int = 1
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     progress: bool = True
@@ -196,8 +199,8 @@ def baseline_args(args: Args, seed: int) -> sft_baseline.Args:
         learning_rate=args.sft_learning_rate, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_heads=args.num_heads, save_every=args.sft_save_every, seed=seed,
         eval_init_state_start=args.eval_init_state_start, eval_num_init_states=args.eval_num_init_states,
-        seeds=args.seeds, max_episode_steps=args.max_episode_steps, torch_threads=args.torch_threads,
-        progress=args.progress,
+        seeds=args.seeds, max_episode_steps=args.max_episode_steps, eval_num_envs=args.eval_num_envs,
+        torch_threads=args.torch_threads, progress=args.progress,
     )  # fmt: skip
 
 
@@ -285,11 +288,11 @@ class LearningCurve(BaseCallback):
     past every ``curve_every`` env steps, also the greedy success on ``runs`` ((task, init state, seed) triples held
     out from training), in an env of its own. ``train_seconds`` in the rows counts training only, across resumes."""
 
-    def __init__(self, path: str, env_id: str, runs, curve_every: int, max_episode_steps: int, seconds_before: float):
+    def __init__(self, path: str, env_id: str, runs, curve_every: int, max_episode_steps: int, seconds_before: float,
+                 num_envs: int = 1):  # fmt: skip
         super().__init__()
         self.path, self.env_id, self.runs, self.curve_every = path, env_id, list(runs), curve_every
-        self.max_episode_steps, self.seconds_before = max_episode_steps, seconds_before
-        self.env = None
+        self.max_episode_steps, self.seconds_before, self.num_envs = max_episode_steps, seconds_before, num_envs
         self.eval_seconds = 0.0  # spent in curve evaluations this run (not training)
 
     def _init_callback(self) -> None:
@@ -316,23 +319,22 @@ class LearningCurve(BaseCallback):
             self.next_eval = self._next_multiple(steps)
             start = time.perf_counter()
             policy = self.model.policy
-            if self.env is None:
-                task_ids = sorted({task_id for task_id, _, _ in self.runs})
-                self.env = gym.make(self.env_id, task_ids=task_ids, max_episode_steps=self.max_episode_steps,
-                                    **env_kwargs_for_policy(policy))  # fmt: skip
+            task_ids = sorted({task_id for task_id, _, _ in self.runs})
+            # Made for each curve point and closed after it: the simulators would otherwise sit in memory all run.
+            envs = make_eval_envs(self.env_id, min(self.num_envs, len(self.runs)), task_ids,
+                                  max_episode_steps=self.max_episode_steps, **env_kwargs_for_policy(policy))  # fmt: skip
             was_training = policy.training
             policy.eval()
-            successes = sum(run_episode(policy, self.env, *run, True, False)[0] for run in self.runs)
-            policy.train(was_training)
+            try:
+                successes = sum(result.success for result in run_episodes_batched(policy, envs, self.runs))
+            finally:
+                policy.train(was_training)
+                for env in envs:
+                    env.close()
             seconds = time.perf_counter() - start
             self.eval_seconds += seconds
             self.append({"kind": "eval", "num_timesteps": steps, "successes": int(successes), "episodes": len(self.runs),
                          "success_rate": successes / len(self.runs), "seconds": seconds})  # fmt: skip
-
-    def _on_training_end(self) -> None:
-        if self.env is not None:
-            self.env.close()
-            self.env = None
 
     def append(self, row: dict) -> None:
         with open(self.path, "a") as file:
@@ -407,7 +409,8 @@ def fine_tune(variant: str, args: Args, seed: int, sft: dict, episodes, run_dir:
     steps_before = model.num_timesteps
     rows = resume_curve(curve_path, steps_before) if os.path.exists(curve_path) else []
     seconds_before = max([row["train_seconds"] for row in rows if row["kind"] == "update"], default=0.0)
-    curve = LearningCurve(curve_path, suite.env_id, curve_runs, args.curve_every, max_episode_steps, seconds_before)
+    curve = LearningCurve(curve_path, suite.env_id, curve_runs, args.curve_every, max_episode_steps, seconds_before,
+                          args.eval_num_envs)  # fmt: skip
     try:
         if args.total_timesteps > steps_before:
             print(f"{variant} seed {seed}: {steps_before} -> {args.total_timesteps} env steps", flush=True)
@@ -424,14 +427,17 @@ def fine_tune(variant: str, args: Args, seed: int, sft: dict, episodes, run_dir:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate_checkpoint(path: str, steps: int, env_id: str, runs, max_episode_steps: int, directory: str, progress: bool):
+def evaluate_checkpoint(path: str, steps: int, env_id: str, runs, max_episode_steps: int, directory: str,
+                        args: Args):  # fmt: skip
     """One greedy episode per (task, init state, seed) of ``runs`` for the policy of ``path``, appended to
     ``<directory>/episodes.jsonl``; episodes already there for the same weights are reused. Returns (rows, run now)."""
     os.makedirs(directory, exist_ok=True)
     checkpoint = {"steps": steps, "sha": sft_baseline.checkpoint_fingerprint(path)}
     episodes_path = os.path.join(directory, "episodes.jsonl")
     policy = load_policy(path)
-    return sft_baseline.evaluate_resumably(policy, env_id, runs, max_episode_steps, episodes_path, checkpoint, progress)
+    return sft_baseline.evaluate_resumably(
+        policy, env_id, runs, max_episode_steps, episodes_path, checkpoint, args.progress, args.eval_num_envs
+    )
 
 
 def success_on(rows: list[dict], runs) -> float:
@@ -775,7 +781,7 @@ def main(args: Args) -> dict:
         sft = prepare_sft(args, seed, episodes, list(instructions.values()), output_dir)
         rows, run_now = evaluate_checkpoint(
             sft["path"], sft["steps"], suite.env_id, eval_runs if "sft" in args.variants else curve_runs, max_episode_steps,
-            os.path.join(output_dir, f"sft_seed{seed}"), args.progress,
+            os.path.join(output_dir, f"sft_seed{seed}"), args,
         )  # fmt: skip
         sft_curve_rate = success_on(rows, curve_runs)
         runs.append({
@@ -790,7 +796,7 @@ def main(args: Args) -> dict:
             run_dir = os.path.join(output_dir, f"{variant}_seed{seed}")
             trained = fine_tune(variant, args, seed, sft, episodes, run_dir, suite, task_ids, curve_runs, max_episode_steps)
             rows, run_now = evaluate_checkpoint(
-                trained["checkpoint"], trained["steps"], suite.env_id, eval_runs, max_episode_steps, run_dir, args.progress
+                trained["checkpoint"], trained["steps"], suite.env_id, eval_runs, max_episode_steps, run_dir, args
             )
             runs.append(run_record(variant, seed, trained, rows, run_now, curve_runs, sft_curve_rate))
 

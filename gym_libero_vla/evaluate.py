@@ -16,12 +16,13 @@ one that reads "object_state". Writes ``success.md`` (the Markdown table, also p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated
 
 import gymnasium as gym
@@ -30,7 +31,7 @@ import torch
 import tyro
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
-from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy
+from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy, stack_observations
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 
 CAMERA_KEYS = ("agentview", "wrist")
@@ -63,6 +64,9 @@ class EvalArgs:
     """Record this many episodes (the first ones) as mp4; 0 records none."""
     out_dir: str = "runs/eval"
     """success.md, success.json, success.png and videos/ go here."""
+    num_envs: int = 4
+    """Envs run side by side in this process, the policy acting on all of them in one batched call (each
+    holds one simulator, ~0.3 GB); 1 runs the episodes one after another."""
     torch_threads: int = 1
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     progress: bool = True
@@ -85,6 +89,18 @@ def env_kwargs_for_policy(policy: VLAPolicy) -> dict:
     return kwargs
 
 
+def check_init_states(env: gym.Env, task_ids: Sequence[int], init_state_ids: Sequence[int]) -> None:
+    """A clear error for an init state id that ``env`` does not have for one of ``task_ids``."""
+    for task_id in task_ids:
+        num_init_states = env.unwrapped.num_init_states(task_id)
+        bad = [i for i in init_state_ids if not 0 <= i < num_init_states]
+        if bad:
+            raise ValueError(
+                f"unknown init_state_id {bad[0]} for task {task_id} of {env.spec.id if env.spec else env}: "
+                f"valid 0..{num_init_states - 1}"
+            )
+
+
 def evaluate_policy(
     policy: VLAPolicy,
     env_id: str,
@@ -96,8 +112,10 @@ def evaluate_policy(
     video_episodes: int = 0,
     video_dir: str | None = None,
     progress: bool = True,
+    num_envs: int = 1,
 ) -> dict:
-    """Success of ``policy`` on every (task, init state, seed) of ``env_id``; one episode each.
+    """Success of ``policy`` on every (task, init state, seed) of ``env_id``; one episode each, ``num_envs`` at a
+    time with one batched policy call per step (:func:`run_episodes_batched`).
 
     Returns ``{"env_id", "task_ids", "init_state_ids", "seeds", "max_episode_steps", "success_rate" (over all
     episodes), "per_task": {task_id: {"instruction", "successes", "episodes", "success_rate"}}, "episodes":
@@ -116,18 +134,11 @@ def evaluate_policy(
     env_kwargs = env_kwargs_for_policy(policy)
     if max_episode_steps is not None:
         env_kwargs["max_episode_steps"] = int(max_episode_steps)
-    if video_episodes > 0:
-        env_kwargs["render_mode"] = "rgb_array"
-    # The env validates task_ids and names the valid range.
-    env = gym.make(suite.env_id, task_ids=task_ids, **env_kwargs)
+    # The env validates task_ids and names the valid range. Videos come from an env of their own (a renderer
+    # costs ~0.7 GB per env), the rest from num_envs envs side by side.
+    envs = make_eval_envs(suite.env_id, num_envs, task_ids, **env_kwargs)
     try:
-        for task_id in task_ids:
-            num_init_states = env.unwrapped.num_init_states(task_id)
-            bad = [i for i in init_state_ids if not 0 <= i < num_init_states]
-            if bad:
-                raise ValueError(
-                    f"unknown init_state_id {bad[0]} for task {task_id} of {suite.env_id}: valid 0..{num_init_states - 1}"
-                )
+        check_init_states(envs[0], task_ids, init_state_ids)
         runs = [(task_id, init_state_id, seed) for task_id in task_ids for init_state_id in init_state_ids for seed in seeds]
         bar = None
         if progress:
@@ -136,25 +147,34 @@ def evaluate_policy(
             bar = tqdm(total=len(runs), desc=f"evaluate {suite.env_id}", unit="episode")
         was_training = policy.training
         policy.eval()
-        episodes, videos, successes = [], [], 0
+        outcomes, videos = {}, []
         start = time.time()
-        for run_index, (task_id, init_state_id, seed) in enumerate(runs):
-            record = run_index < video_episodes
-            success, length, frames = run_episode(policy, env, task_id, init_state_id, seed, deterministic, record)
-            successes += success
-            episodes.append(
-                {"task_id": task_id, "init_state_id": init_state_id, "seed": seed, "success": success, "length": length}
-            )
-            if record:
-                videos.append(_write_video(frames, video_dir, task_id, init_state_id, seed, success))
+
+        def done(run: tuple[int, int, int], success: bool, length: int) -> None:
+            outcomes[run] = {"task_id": run[0], "init_state_id": run[1], "seed": run[2], "success": success,
+                             "length": length}  # fmt: skip
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(success_rate=f"{successes / (run_index + 1):.2f}")
+                bar.set_postfix(success_rate=f"{np.mean([row['success'] for row in outcomes.values()]):.2f}")
+
+        if video_episodes > 0:
+            video_env = gym.make(suite.env_id, task_ids=task_ids, render_mode="rgb_array", **env_kwargs)
+            try:
+                for run in runs[:video_episodes]:
+                    success, length, frames = run_episode(policy, video_env, *run, deterministic, True)
+                    videos.append(_write_video(frames, video_dir, *run, success))
+                    done(run, success, length)
+            finally:
+                video_env.close()
+        for result in run_episodes_batched(policy, envs, runs[video_episodes:], deterministic):
+            done((result.task_id, result.init_state_id, result.seed), result.success, result.length)
+        episodes = [outcomes[run] for run in runs]  # in the order of runs, however the envs finished them
         if bar is not None:
             bar.close()
         policy.train(was_training)
     finally:
-        env.close()
+        for env in envs:
+            env.close()
 
     per_task = {}
     for task_id in task_ids:
@@ -196,6 +216,105 @@ def run_episode(
             frames.append(env.render())
         if terminated or truncated:
             return bool(terminated), length, frames
+
+
+@dataclasses.dataclass
+class EpisodeResult:
+    """One finished episode of :func:`run_episodes_batched`. ``seconds`` is the episode's share of the wall time:
+    its own resets and env steps, plus its part of each batched policy call (the call's time over the envs in it)."""
+
+    task_id: int
+    init_state_id: int
+    seed: int
+    success: bool
+    length: int
+    seconds: float
+
+
+@dataclasses.dataclass
+class _Slot:  # an env of run_episodes_batched and the episode it is in
+    run: tuple[int, int, int]
+    obs: dict
+    length: int
+    seconds: float
+
+
+def make_eval_envs(env_id: str, num_envs: int, task_ids: Sequence[int] | None = None, **env_kwargs) -> list[gym.Env]:
+    """``num_envs`` envs of ``env_id`` in this process for :func:`run_episodes_batched`. With several, each keeps
+    one task's simulator (``max_cached_tasks=1``): the batched runner keeps an env on one task as long as it can."""
+    if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
+        raise ValueError(f"num_envs {num_envs!r} must be an int >= 1")
+    if num_envs > 1:
+        env_kwargs.setdefault("max_cached_tasks", 1)
+    envs: list[gym.Env] = []
+    try:
+        for _ in range(num_envs):
+            envs.append(gym.make(env_id, task_ids=task_ids, **env_kwargs))
+    except BaseException:
+        for env in envs:
+            env.close()
+        raise
+    return envs
+
+
+def run_episodes_batched(
+    policy: VLAPolicy,
+    envs: Sequence[gym.Env],
+    runs: Sequence[tuple[int, int, int]],
+    deterministic: bool = True,
+) -> Iterator[EpisodeResult]:
+    """One episode per (task, init state, seed) of ``runs``, ``len(envs)`` at a time, yielded as each ends.
+
+    The envs step one after another in this process, but the policy acts on all of them in one batched call:
+    a small policy on a CPU costs about as much for 8 observations as for 1, so the policy's share of an
+    evaluation shrinks ``len(envs)``-fold. Each episode is the same as :func:`run_episode`'s for its triple
+    (reset with its seed and options, then actions until termination or truncation), so results do not depend
+    on how many envs run them, up to float rounding in batched matmuls. A freed env takes the next run of its
+    own task (no simulator rebuild) and otherwise of the task with the most runs left per env already on it, so
+    the envs spread over the tasks.
+    """
+    if not envs:
+        raise ValueError("envs is empty: give at least one env")
+    pending: dict[int, collections.deque] = {}
+    for run in runs:
+        pending.setdefault(int(run[0]), collections.deque()).append(tuple(int(value) for value in run))
+    slots: list[_Slot | None] = [None] * len(envs)
+
+    def start(index: int, current_task: int | None) -> None:
+        slots[index] = None
+        if not pending:
+            return
+        if current_task not in pending:
+            on_task = collections.Counter(slot.run[0] for slot in slots if slot is not None)
+            current_task = max(pending, key=lambda task_id: len(pending[task_id]) / (1 + on_task[task_id]))
+        run = pending[current_task].popleft()
+        if not pending[current_task]:
+            del pending[current_task]
+        begin = time.perf_counter()
+        task_id, init_state_id, seed = run
+        obs, _ = envs[index].reset(seed=seed, options={"task_id": task_id, "init_state_id": init_state_id})
+        slots[index] = _Slot(run, obs, 0, time.perf_counter() - begin)
+
+    for index in range(len(envs)):
+        start(index, None)
+    while True:
+        active = [index for index, slot in enumerate(slots) if slot is not None]
+        if not active:
+            return
+        begin = time.perf_counter()
+        with torch.no_grad():
+            actions, _, _ = policy.act(stack_observations([slots[index].obs for index in active]), deterministic)
+        actions = actions.cpu().numpy()
+        share = (time.perf_counter() - begin) / len(active)
+        for row, index in enumerate(active):
+            slot = slots[index]
+            begin = time.perf_counter()
+            slot.obs, _, terminated, truncated, _ = envs[index].step(actions[row])
+            slot.length += 1
+            slot.seconds += share + time.perf_counter() - begin
+            if terminated or truncated:
+                yield EpisodeResult(*slot.run, bool(terminated), slot.length, slot.seconds)
+                start(index, slot.run[0])
 
 
 def _write_video(frames, video_dir: str, task_id: int, init_state_id: int, seed: int, success: bool) -> str:
@@ -315,6 +434,7 @@ def main(args: EvalArgs) -> dict:
         policy, suite.env_id, args.task_ids, init_state_ids, seeds=args.seeds,
         max_episode_steps=args.max_episode_steps, deterministic=args.deterministic,
         video_episodes=args.video_episodes, video_dir=os.path.join(args.out_dir, "videos"), progress=args.progress,
+        num_envs=args.num_envs,
     )  # fmt: skip
     results["checkpoint"] = os.fspath(args.checkpoint)
     title = f"{os.path.basename(os.path.normpath(args.checkpoint))} on {suite.env_id}"

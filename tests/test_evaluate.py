@@ -5,10 +5,20 @@ from __future__ import annotations
 import json
 import os
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
-from gym_libero_vla.evaluate import EvalArgs, env_kwargs_for_policy, main, wilson_interval
+from gym_libero_vla.evaluate import (
+    EvalArgs,
+    env_kwargs_for_policy,
+    evaluate_policy,
+    main,
+    make_eval_envs,
+    run_episode,
+    run_episodes_batched,
+    wilson_interval,
+)
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
@@ -43,6 +53,67 @@ def test_writes_table_json_plot_and_video(checkpoint, tmp_path, capsys):
     assert (out_dir / "success.png").read_bytes()[:4] == b"\x89PNG"
     (video,) = results["videos"]
     assert video.endswith(".mp4") and os.path.getsize(video) > 0
+
+
+class StepLog(gym.Wrapper):
+    """Observer for the test: every episode's (task, init state, seed) and the states and actions it went through."""
+
+    def __init__(self, env, log: dict):
+        super().__init__(env)
+        self.log, self.key, self.tasks = log, None, []
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self.key = (options["task_id"], options["init_state_id"], seed)
+        self.tasks.append(options["task_id"])
+        self.log[self.key] = [obs["state"].copy()]
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.log[self.key] += [np.asarray(action).copy(), obs["state"].copy()]
+        return obs, reward, terminated, truncated, info
+
+
+def test_batched_episodes_are_the_sequential_ones():
+    """Envs side by side with one batched policy call per step run exactly the episodes run_episode runs one by
+    one: same states, same actions, same outcome, for every (task, init state, seed)."""
+    policy = tiny_policy(object_state_dim=70).eval()
+    runs = [(task_id, init_state_id, seed) for task_id in (0, 3) for init_state_id in (20, 21) for seed in (0, 1)]
+    kwargs = {"max_episode_steps": 12, **env_kwargs_for_policy(policy)}
+    sequential, batched = {}, {}
+    env = StepLog(gym.make("LiberoSpatial-v0", task_ids=(0, 3), **kwargs), sequential)
+    outcomes = {run: run_episode(policy, env, *run, True, False)[:2] for run in runs}
+    env.close()
+    envs = [StepLog(env, batched) for env in make_eval_envs("LiberoSpatial-v0", 3, (0, 3), **kwargs)]
+    results = list(run_episodes_batched(policy, envs, runs))
+    for env in envs:
+        env.close()
+    assert sorted((r.task_id, r.init_state_id, r.seed) for r in results) == sorted(runs)  # each run once
+    assert {(r.task_id, r.init_state_id, r.seed): (r.success, r.length) for r in results} == outcomes
+    assert sequential.keys() == batched.keys()
+    for run in runs:
+        assert len(batched[run]) == len(sequential[run]) == 2 * 12 + 1
+        np.testing.assert_allclose(np.concatenate(batched[run]), np.concatenate(sequential[run]), atol=1e-6)
+    assert all(result.seconds > 0 for result in results)
+    # The envs spread over the tasks (the most runs left per env on it) and keep to theirs while it has runs left:
+    # task 0's two envs run out first, and one of them moves to task 3 (the only task switch).
+    assert [env.tasks[0] for env in envs] == [0, 3, 0]
+    assert [len(set(env.tasks)) for env in envs] == [2, 1, 1]
+
+
+def test_evaluate_policy_results_do_not_depend_on_num_envs():
+    policy = tiny_policy()
+    one, three = (
+        evaluate_policy(policy, "LiberoSpatial-v0", (1, 2), (20, 21), max_episode_steps=5, progress=False, num_envs=n)
+        for n in (1, 3)
+    )
+    assert one["episodes"] == three["episodes"]  # the same episodes, listed in the order of the runs
+    assert [(e["task_id"], e["init_state_id"]) for e in three["episodes"]] == [(1, 20), (1, 21), (2, 20), (2, 21)]
+    with pytest.raises(ValueError, match="num_envs 0 must be an int >= 1"):
+        make_eval_envs("LiberoSpatial-v0", 0)
+    with pytest.raises(ValueError, match="envs is empty"):
+        next(run_episodes_batched(policy, [], [(0, 20, 0)]))
 
 
 def test_env_follows_what_the_policy_reads():

@@ -64,6 +64,17 @@ def batch_observation(obs: Mapping[str, Any]) -> dict[str, Any]:
     return dict(obs)
 
 
+def stack_observations(observations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Single-env observations (e.g. of several envs stepped in one process) -> one batch: instructions as a
+    list, every array stacked on a new first axis."""
+    if not observations:
+        raise ValueError("no observations to stack")
+    return {
+        key: [obs[key] for obs in observations] if isinstance(value, str) else np.stack([obs[key] for obs in observations])
+        for key, value in observations[0].items()
+    }
+
+
 def instructions_of(obs_batch: Mapping[str, Any]) -> list[str]:
     """The batch's instructions as a list of str, with a clear error for anything else."""
     if "instruction" not in obs_batch:
