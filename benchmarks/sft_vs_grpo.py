@@ -33,7 +33,7 @@ value; the report says whether (a)'s did).
     python benchmarks/sft_vs_grpo.py --variants sft grpo_offline --seeds 0 --task-ids 0 1 --total-timesteps 10000
 
 Every stage resumes after a kill, so running the same command again only does what is left and rewrites the
-report (which is also rewritten after every seed, so a long run shows its first results early): demos from
+report (which is also rewritten after every fine-tuning run, so a long run shows its first results early): demos from
 ``<demos>.parts/``; SFT from ``<output-dir>/sft_seed<s>/sft``; fine-tuning from the newest checkpoint in
 ``<output-dir>/<variant>_seed<s>/checkpoints`` (``final/`` once done), with its learning curve in ``curve.jsonl``;
 evaluation from each directory's ``episodes.jsonl`` (episodes are reused for the same checkpoint). Writes
@@ -593,6 +593,9 @@ def markdown(report: dict) -> str:
     per_task = results[names[0]]["per_task"]
     lines += ["", "Tasks: " + "; ".join(f"{t} = {per_task[str(t)]['instruction']}" for t in report["task_ids"])]
 
+    if report.get("missing_runs"):
+        lines += ["", f"**Partial report** (written as runs finish): not done yet: {', '.join(report['missing_runs'])}. "
+                  "Each Δ compares a variant with SFT on the seeds that variant has."]  # fmt: skip
     lines += ["", "Targets (issue #7):"]
     for name, target in report["targets"].items():
         verdict = "met" if target["met"] else "**NOT met**"
@@ -687,14 +690,19 @@ def plot(report: dict, path: str) -> None:
 
 
 def write_report(report: dict, json_out: str) -> None:
+    """The JSON, the Markdown table and the plot, each written to a temporary file and renamed into place, so
+    that a kill leaves the previous report whole."""
     base = os.path.splitext(json_out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
-    with open(json_out, "w") as file:
-        json.dump(report, file, indent=2)
     table = markdown(report)
-    with open(base + ".md", "w") as file:
+    with open(json_out + ".tmp", "w") as file:
+        json.dump(report, file, indent=2)
+    with open(base + ".md.tmp", "w") as file:
         file.write(table)
-    plot(report, base + ".png")
+    plot(report, base + ".tmp.png")
+    for temporary, path in ((json_out + ".tmp", json_out), (base + ".md.tmp", base + ".md"),
+                            (base + ".tmp.png", base + ".png")):  # fmt: skip
+        os.replace(temporary, path)
     print(table)
     print(f"wrote {json_out}, {base}.md and {base}.png", flush=True)
 
@@ -709,7 +717,14 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
             results[variant] = {"description": DESCRIPTIONS[variant], **variant_summary(of_variant, task_ids, instructions)}
     for variant, result in results.items():
         if variant != "sft" and "sft" in results:
-            result["delta_vs_sft"] = delta_vs(result, results["sft"], task_ids)
+            # Against SFT on the same seeds (a report written mid-run may have SFT for a seed whose variants are not
+            # all done yet): the same init states and reset seeds on both sides.
+            variant_seeds = set(result["overall"]["seeds"])
+            sft_runs = [run for run in runs if run["variant"] == "sft" and run["seed"] in variant_seeds]
+            if {run["seed"] for run in sft_runs} == variant_seeds:
+                result["delta_vs_sft"] = delta_vs(result, variant_summary(sft_runs, task_ids, instructions), task_ids)
+    done = {(run["variant"], run["seed"]) for run in runs}
+    missing = [f"{variant} seed {seed}" for seed in args.seeds for variant in args.variants if (variant, seed) not in done]
     rollout_limit = args.rollout_max_episode_steps or args.max_episode_steps or suite.max_episode_steps
     shares_scene = any(other in task_ids for task_id in task_ids for other, _ in scene_goals(suite.libero_name, task_id))
     sft_setup = f"{args.sft_steps} steps of {args.sft_batch_size} transitions per seed, CompactVLA width {args.hidden_size}"
@@ -733,6 +748,7 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
             "relabel_note": "some tasks share a scene: relabelling can happen" if shares_scene else
             "no two of these tasks share a scene, so no relabelling can happen: (c) is (b) + group rescue",
         },
+        "complete": not missing, "missing_runs": missing,
         "results": results,
         "targets": check_targets(results),
         "runs": [
@@ -800,9 +816,12 @@ def main(args: Args) -> dict:
             )
             runs.append(run_record(variant, seed, trained, rows, run_now, curve_runs, sft_curve_rate))
 
-        # 5. The report over the seeds done so far.
-        report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
-        write_report(report, json_out)
+            # 5. The report over the runs done so far, rewritten after each (a long run shows results early).
+            report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
+            write_report(report, json_out)
+        if not any(variant in args.variants for variant in FINE_TUNED):  # sft alone
+            report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
+            write_report(report, json_out)
     return report
 
 

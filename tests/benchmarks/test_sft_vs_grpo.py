@@ -108,3 +108,36 @@ def test_bad_input_names_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="group_size 1 must be an int >= 2"):
         main(tiny_args(tmp_path, group_size=1))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
+
+
+def test_report_after_every_run_compares_each_variant_with_sft_on_its_own_seeds(tmp_path, monkeypatch):
+    """The report is rewritten as each fine-tuning run ends. Mid-run, a variant may lack a seed that SFT already has
+    (here grpo_offline seed 1, after grpo seed 1): its Δ must then be against SFT on the same seeds."""
+    written = []
+    write_report = sft_vs_grpo.write_report
+
+    def keep_a_copy(report, json_out):
+        written.append(json.loads(json.dumps(report)))
+        write_report(report, json_out)
+
+    monkeypatch.setattr(sft_vs_grpo, "write_report", keep_a_copy)
+    final = main(tiny_args(tmp_path, seeds=(0, 1), variants=("sft", "grpo", "grpo_offline")))
+    assert [report["missing_runs"] for report in written] == [
+        ["grpo_offline seed 0", "sft seed 1", "grpo seed 1", "grpo_offline seed 1"],
+        ["sft seed 1", "grpo seed 1", "grpo_offline seed 1"],
+        ["grpo_offline seed 1"],
+        [],
+    ]
+    assert written[-1]["complete"] and not written[2]["complete"]
+    assert "**Partial report**" in sft_vs_grpo.markdown(written[2]) and "Partial" not in sft_vs_grpo.markdown(final)
+    middle = written[2]["results"]
+    assert middle["sft"]["overall"]["seeds"] == [0, 1] and middle["grpo_offline"]["overall"]["seeds"] == [0]
+    rate = {(run["variant"], run["seed"]): run["success_rate"] for run in written[2]["runs"]}
+    assert middle["grpo_offline"]["delta_vs_sft"]["overall"]["delta"] == rate[("grpo_offline", 0)] - rate[("sft", 0)]
+    assert middle["grpo_offline"]["delta_vs_sft"]["per_seed"] == [rate[("grpo_offline", 0)] - rate[("sft", 0)]]
+    assert middle["grpo"]["delta_vs_sft"]["per_seed"] == [rate[("grpo", s)] - rate[("sft", s)] for s in (0, 1)]
+    assert final["results"]["grpo_offline"]["delta_vs_sft"]["per_seed"] == [
+        rate[("grpo_offline", 0)] - rate[("sft", 0)],
+        final["results"]["grpo_offline"]["overall"]["seed_rates"][1] - final["results"]["sft"]["overall"]["seed_rates"][1],
+    ]
+    assert not list((tmp_path / "results").glob("*.tmp*"))  # every report file renamed into place
