@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 
@@ -24,7 +25,9 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 
 class RolloutCheckpointCallback(CheckpointCallback):
     """Save ``model`` to ``<save_path>/<name_prefix>_<num_timesteps>_steps/`` at the first rollout end after
-    every ``save_freq`` env steps; delete all but the newest ``keep_last`` (None: keep all)."""
+    every ``save_freq`` env steps; delete all but the newest ``keep_last`` (None: keep all). A resumed run counts
+    the checkpoints of this prefix already in ``save_path`` up to the step it resumes at among them, so they are
+    pruned too; any past that step (a run resumed from an older checkpoint) are left alone."""
 
     def __init__(self, save_freq: int, save_path: str, name_prefix: str = "model", keep_last: int | None = 3, verbose=0):
         if not (isinstance(save_freq, int) and save_freq >= 1):
@@ -39,6 +42,14 @@ class RolloutCheckpointCallback(CheckpointCallback):
     def _init_callback(self) -> None:
         super()._init_callback()
         self._last_save_step = self.model.num_timesteps  # a resumed run counts from where it restarted
+        pattern = re.compile(rf"{re.escape(self.name_prefix)}_(\d+)_steps")
+        earlier = []
+        for name in os.listdir(self.save_path):
+            match = pattern.fullmatch(name)
+            path = os.path.join(self.save_path, name)
+            if match and int(match.group(1)) <= self.model.num_timesteps and path not in self.saved:
+                earlier.append((int(match.group(1)), path))
+        self.saved = [path for _, path in sorted(earlier)] + self.saved
 
     def _checkpoint_path(self, checkpoint_type: str = "", extension: str = "") -> str:
         return os.path.join(self.save_path, f"{self.name_prefix}_{checkpoint_type}{self.num_timesteps}_steps")

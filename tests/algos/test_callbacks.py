@@ -75,6 +75,12 @@ def test_rollout_checkpoints_keep_the_newest_and_resume(env, policy_factory, tmp
     assert sorted(os.listdir(tmp_path)) == ["grpo_40_steps", "grpo_60_steps"]
     resumed = GRPO.load(latest_checkpoint(tmp_path), env=env)
     assert resumed.num_timesteps == 6 * STEPS and resumed.policy_version == 3
+    # A resumed run prunes the checkpoints it found as well, not those of a later step or of another prefix.
+    os.makedirs(tmp_path / "grpo_1000_steps")
+    os.makedirs(tmp_path / "sft_20_steps")
+    again = RolloutCheckpointCallback(save_freq=2 * STEPS, save_path=str(tmp_path), name_prefix="grpo", keep_last=2)
+    resumed.learn(2 * STEPS, callback=again, reset_num_timesteps=False)
+    assert sorted(os.listdir(tmp_path)) == ["grpo_1000_steps", "grpo_60_steps", "grpo_80_steps", "sft_20_steps"]
     with pytest.raises(ValueError, match="save_freq 0"):
         RolloutCheckpointCallback(save_freq=0, save_path=str(tmp_path))
 
