@@ -43,6 +43,7 @@ evaluation from each directory's ``episodes.jsonl`` (episodes are reused for the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -164,6 +165,9 @@ class Args:
     """(d): AdamW step size of the SL stages."""
     rollout_max_episode_steps: int | None = None
     """Step limit of training rollouts (default: max_episode_steps)."""
+    rollout_num_envs: int = 4
+    """Envs a group's episodes run in side by side (``gym.make_vec``, sync, in the learner's process), the policy
+    acting on all of them in one batched call; must divide group_size. 1: one episode after another."""
     checkpoint_every: int = 2000
     """Save a fine-tuning checkpoint after the first rollout past every this many env steps."""
 
@@ -236,6 +240,10 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
         raise ValueError(
             f"eval_init_state_start {args.eval_init_state_start} lies inside the training init states "
             f"0..{args.demo_init_state_end - 1} (demos and GRPO groups): give >= {args.demo_init_state_end}"
+        )
+    if not (isinstance(args.rollout_num_envs, int) and args.rollout_num_envs >= 1) or args.group_size % args.rollout_num_envs:
+        raise ValueError(
+            f"rollout_num_envs {args.rollout_num_envs!r} must be an int >= 1 that divides group_size {args.group_size}"
         )
     if args.rollout_max_episode_steps is not None and args.rollout_max_episode_steps < 1:
         raise ValueError(f"rollout_max_episode_steps {args.rollout_max_episode_steps} must be >= 1")
@@ -381,6 +389,18 @@ def saved_steps(checkpoint: str | None) -> int:
     return int(_read_json(os.path.join(checkpoint, GRPO_CONFIG_FILENAME)).get("num_timesteps", 0))
 
 
+def make_rollout_env(args: Args, env_id: str, task_ids, max_episode_steps: int, policy, relabel: bool):
+    """The training env: one LIBERO env, or ``rollout_num_envs`` of them as a sync vector env (a group's episodes
+    side by side; each env keeps two tasks' simulators); wrapped in :class:`RolloutRelabel` for (c)."""
+    kwargs = dict(task_ids=task_ids, max_episode_steps=max_episode_steps, **env_kwargs_for_policy(policy))
+    wrap = functools.partial(RolloutRelabel, target_task_ids=task_ids, observation_keys=policy.observation_keys)
+    if args.rollout_num_envs == 1:
+        env = gym.make(env_id, **kwargs)
+        return wrap(env) if relabel else env
+    return gym.make_vec(env_id, num_envs=args.rollout_num_envs, vectorization_mode="sync",
+                        wrappers=[wrap] if relabel else None, max_cached_tasks=2, **kwargs)  # fmt: skip
+
+
 def fine_tune(variant: str, args: Args, seed: int, sft: dict, episodes, run_dir: str, suite, task_ids, curve_runs,
               max_episode_steps: int) -> dict:  # fmt: skip
     """Train ``variant`` from the SFT checkpoint to ``total_timesteps`` env steps into ``<run_dir>/checkpoints/final``,
@@ -396,9 +416,7 @@ def fine_tune(variant: str, args: Args, seed: int, sft: dict, episodes, run_dir:
         resume_from = final
     policy = load_policy(sft["path"])
     rollout_limit = args.rollout_max_episode_steps or max_episode_steps
-    env = gym.make(suite.env_id, task_ids=task_ids, max_episode_steps=rollout_limit, **env_kwargs_for_policy(policy))
-    if variant == "grpo_offline_relabel":
-        env = RolloutRelabel(env, target_task_ids=task_ids, observation_keys=policy.observation_keys)
+    env = make_rollout_env(args, suite.env_id, task_ids, rollout_limit, policy, relabel=variant == "grpo_offline_relabel")
     demos = None if variant == "grpo" else episodes
     if resume_from is not None:
         learner_class = IReVLA if variant == "irevla" else GRPO

@@ -19,11 +19,12 @@ Args, main, VARIANTS = sft_vs_grpo.Args, sft_vs_grpo.main, sft_vs_grpo.VARIANTS
 
 def tiny_args(tmp_path, **overrides) -> Args:
     """Task 0 of LIBERO-Spatial: 2 demos, 10 SFT steps of a width-32 policy, 20 env steps per variant (one group of
-    two 10-step episodes), one 10-step evaluation episode (held-out init state 20) per policy."""
+    two 10-step episodes, side by side in a sync vector env), one 10-step evaluation episode (held-out init state
+    20) per policy."""
     values = dict(
         suite="spatial", task_ids=(0,), seeds=(0,), demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2,
         demo_init_state_end=2, sft_steps=10, sft_save_every=10, sft_batch_size=8, hidden_size=32, num_heads=2,
-        num_layers=1, total_timesteps=20, num_groups=1, group_size=2, num_epochs=1, minibatch_size=16,
+        num_layers=1, total_timesteps=20, num_groups=1, group_size=2, rollout_num_envs=2, num_epochs=1, minibatch_size=16,
         max_sampling_rounds=1, rl_updates_per_stage=1, sl_steps_per_stage=2, checkpoint_every=10, max_episode_steps=10,
         eval_init_state_start=20, eval_num_init_states=1, curve_every=10, curve_num_init_states=1,
         output_dir=str(tmp_path / "run"), json_out=str(tmp_path / "results" / "sft_vs_grpo.json"), progress=False,
@@ -106,7 +107,9 @@ def test_bad_input_names_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="unknown task_id 12 for LiberoSpatial-v0: valid 0..9"):
         main(tiny_args(tmp_path, task_ids=(12,)))
     with pytest.raises(ValueError, match="group_size 1 must be an int >= 2"):
-        main(tiny_args(tmp_path, group_size=1))
+        main(tiny_args(tmp_path, group_size=1, rollout_num_envs=1))
+    with pytest.raises(ValueError, match="rollout_num_envs 3 must be an int >= 1 that divides group_size 2"):
+        main(tiny_args(tmp_path, rollout_num_envs=3))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
 
 
