@@ -642,8 +642,8 @@ def markdown(report: dict) -> str:
         f"Setup: SFT {setup['sft']}; fine-tuning budget {setup['total_timesteps']} env steps per run, groups of "
         f"{setup['group_size']} episodes from {setup['num_groups']} (task, init state) pairs per rollout, training "
         f"init states {sft_baseline._ranges(setup['train_init_state_ids'])}, rollouts of at most "
-        f"{setup['rollout_max_episode_steps']} steps; learning curve on init states "
-        f"{sft_baseline._ranges(evaluation['curve_init_state_ids'])} {curve_when}; {held_out}.",
+        f"{setup['rollout_max_episode_steps']} steps ({setup.get('rollout_num_envs', 1)} side by side); learning curve "
+        f"on init states {sft_baseline._ranges(evaluation['curve_init_state_ids'])} {curve_when}; {held_out}.",
         "",
         "| wall time (s, all seeds) | training | curve evaluations | evaluation | env steps / s |",
         "|:---|---:|---:|---:|---:|",
@@ -762,7 +762,8 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
         "setup": {
             "sft": sft_setup, "total_timesteps": args.total_timesteps, "num_groups": args.num_groups,
             "group_size": args.group_size, "train_init_state_ids": list(range(args.demo_init_state_end)),
-            "rollout_max_episode_steps": rollout_limit, "curve_every": args.curve_every,
+            "rollout_max_episode_steps": rollout_limit, "rollout_num_envs": args.rollout_num_envs,
+            "eval_num_envs": args.eval_num_envs, "curve_every": args.curve_every,
             "relabel_note": "some tasks share a scene: relabelling can happen" if shares_scene else
             "no two of these tasks share a scene, so no relabelling can happen: (c) is (b) + group rescue",
         },
