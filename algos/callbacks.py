@@ -73,9 +73,10 @@ class RolloutCheckpointCallback(CheckpointCallback):
 
 class LiberoEvalCallback(BaseCallback):
     """Every ``eval_freq`` env steps (at a rollout end), evaluate the policy deterministically on every
-    (task, init state, seed) with :func:`gym_libero_vla.evaluate.evaluate_policy`; log ``eval/success_rate``
-    and ``eval/success_rate_task<t>``, append to ``<log_path>/evaluations.jsonl``, and save the best model to
-    ``best_model_save_path``. ``last_success_rate`` / ``best_success_rate`` hold the results."""
+    (task, init state, seed) with :func:`gym_libero_vla.evaluate.evaluate_policy` (``num_envs`` side by side);
+    log ``eval/success_rate`` and ``eval/success_rate_task<t>``, append to ``<log_path>/evaluations.jsonl``, and
+    save the best model to ``best_model_save_path``. ``last_success_rate`` / ``best_success_rate`` hold the
+    results."""
 
     def __init__(
         self,
@@ -87,6 +88,7 @@ class LiberoEvalCallback(BaseCallback):
         max_episode_steps: int | None = None,
         log_path: str | None = None,
         best_model_save_path: str | None = None,
+        num_envs: int = 1,
         verbose: int = 0,
     ):
         super().__init__(verbose)
@@ -97,7 +99,7 @@ class LiberoEvalCallback(BaseCallback):
         self.env_id, self.eval_freq, self.max_episode_steps = env_id, eval_freq, max_episode_steps
         self.task_ids = None if task_ids is None else tuple(task_ids)
         self.init_state_ids, self.seeds = tuple(init_state_ids), tuple(seeds)
-        self.log_path, self.best_model_save_path = log_path, best_model_save_path
+        self.log_path, self.best_model_save_path, self.num_envs = log_path, best_model_save_path, num_envs
         self.last_success_rate: float | None = None
         self.best_success_rate = -1.0
         self._last_eval_step: int | None = None
@@ -119,7 +121,7 @@ class LiberoEvalCallback(BaseCallback):
         self._last_eval_step = self.model.num_timesteps
         results = evaluate_policy(
             self.model.policy, self.env_id, self.task_ids, self.init_state_ids, seeds=self.seeds,
-            max_episode_steps=self.max_episode_steps, progress=False,
+            max_episode_steps=self.max_episode_steps, progress=False, num_envs=self.num_envs,
         )  # fmt: skip
         self.last_success_rate = results["success_rate"]
         self.logger.record("eval/success_rate", results["success_rate"])

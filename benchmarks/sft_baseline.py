@@ -50,7 +50,14 @@ from gym_libero_vla.evaluate import (
     run_episodes_batched,
     wilson_interval,
 )
-from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, VLAPolicy, WordTokenizer, load_policy
+from gym_libero_vla.policies import (
+    CompactVLA,
+    CompactVLAConfig,
+    VLAPolicy,
+    WordTokenizer,
+    load_policy,
+    resolve_device,
+)
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 OBS_MODES = ("state", "rgb+state")
@@ -113,6 +120,8 @@ class Args:
     """SFT checkpoint (sft/), TensorBoard runs (tb/) and episodes.jsonl (default runs/sft_baseline/<suite>_<mode>)."""
     json_out: str | None = None
     """Report JSON; the Markdown table goes next to it as .md (default benchmarks/results/sft_baseline_<suite>_<mode>.json)."""
+    device: str = "cpu"
+    """Torch device of the policy for SFT and evaluation: cpu, cuda, cuda:<index>, mps or auto."""
     eval_num_envs: int = 8
     """Evaluation envs run side by side in this process, the policy acting on all of them in one batched call
     (~0.3 GB each in state mode); 1 runs the episodes one after another. The outcomes do not depend on it."""
@@ -126,6 +135,7 @@ class Args:
 def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int, ...]]:
     """Fail before any work on input that cannot run; returns (suite, task_ids, eval init state ids)."""
     suite = suites.resolve_suite(args.suite)  # names the valid suites
+    resolve_device(args.device)  # names the devices this machine has
     if args.obs_mode not in OBS_MODES:
         raise ValueError(f"unknown obs_mode {args.obs_mode!r}: valid {OBS_MODES}")
     for name in ("image_size", "episodes_per_task", "demo_init_state_end", "sft_steps", "batch_size", "save_every",
@@ -288,8 +298,9 @@ def load_or_create_sft(args: Args, episodes: list[Episode], instructions: list[s
     if os.path.exists(path):
         check_policy_inputs(load_policy(path), args, f"checkpoint {path}")
         model = SFT.load(
-            path, demos=episodes, learning_rate=args.learning_rate, batch_size=args.batch_size, tensorboard_log=tb_dir
-        )
+            path, demos=episodes, learning_rate=args.learning_rate, batch_size=args.batch_size, tensorboard_log=tb_dir,
+            device=resolve_device(args.device),
+        )  # fmt: skip
         record_path = os.path.join(path, TRAIN_RECORD)
         if os.path.exists(record_path):
             with open(record_path) as file:
@@ -312,7 +323,7 @@ def load_or_create_sft(args: Args, episodes: list[Episode], instructions: list[s
     policy = CompactVLA(config, bins, WordTokenizer.from_texts(instructions))
     model = SFT(
         policy, demos=episodes, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed,
-        tensorboard_log=tb_dir,
+        tensorboard_log=tb_dir, device=resolve_device(args.device),
     )  # fmt: skip
     return model, {"num_timesteps": 0, "seconds": 0.0, "untimed_steps": 0, "last_metrics": None, "init_from": None}
 

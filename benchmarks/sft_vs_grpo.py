@@ -65,7 +65,7 @@ from gym_libero_vla.algos.grpo import GRPO, GRPO_CONFIG_FILENAME, GRPOConfig, la
 from gym_libero_vla.algos.irevla import IReVLA, IReVLAConfig
 from gym_libero_vla.algos.sft import SFT_CONFIG_FILENAME
 from gym_libero_vla.evaluate import difference_interval, env_kwargs_for_policy, make_eval_envs, run_episodes_batched
-from gym_libero_vla.policies import load_policy
+from gym_libero_vla.policies import load_policy, resolve_device
 from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
 
 VARIANTS = ("sft", "grpo", "grpo_offline", "grpo_offline_relabel", "irevla")
@@ -184,6 +184,9 @@ class Args:
     curve_num_init_states: int = 1
     """Curve subset: the first this many evaluation init states of every task, greedy, the run's seed (each curve
     point costs this many episodes per task)."""
+    device: str = "cpu"
+    """Torch device of the policies (SFT, fine-tuning, evaluation): cpu, cuda, cuda:<index>, mps or auto. The
+    simulators stay on the CPU."""
     eval_num_envs: int = 8
     """Evaluation envs run side by side in one process, the policy acting on all of them in one batched call
     (~0.3 GB each); 1 runs the episodes one after another. The outcomes do not depend on it."""
@@ -203,7 +206,7 @@ def baseline_args(args: Args, seed: int) -> sft_baseline.Args:
         learning_rate=args.sft_learning_rate, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_heads=args.num_heads, save_every=args.sft_save_every, seed=seed,
         eval_init_state_start=args.eval_init_state_start, eval_num_init_states=args.eval_num_init_states,
-        seeds=args.seeds, max_episode_steps=args.max_episode_steps, eval_num_envs=args.eval_num_envs,
+        seeds=args.seeds, max_episode_steps=args.max_episode_steps, device=args.device, eval_num_envs=args.eval_num_envs,
         torch_threads=args.torch_threads, progress=args.progress,
     )  # fmt: skip
 
@@ -414,13 +417,16 @@ def fine_tune(variant: str, args: Args, seed: int, sft: dict, episodes, run_dir:
     resume_from = latest_checkpoint(checkpoints)
     if saved_steps(final) >= max(saved_steps(resume_from), 0):  # on a tie final also holds iRe-VLA's last SL stage
         resume_from = final
-    policy = load_policy(sft["path"])
+    device = resolve_device(args.device)
+    policy = load_policy(sft["path"]).to(device)
     rollout_limit = args.rollout_max_episode_steps or max_episode_steps
     env = make_rollout_env(args, suite.env_id, task_ids, rollout_limit, policy, relabel=variant == "grpo_offline_relabel")
     demos = None if variant == "grpo" else episodes
     if resume_from is not None:
         learner_class = IReVLA if variant == "irevla" else GRPO
-        model = learner_class.load(resume_from, env=env, demos=demos, tensorboard_log=os.path.join(run_dir, "tb"))
+        model = learner_class.load(
+            resume_from, env=env, demos=demos, device=device, tensorboard_log=os.path.join(run_dir, "tb")
+        )
         print(f"{variant} seed {seed}: resuming from {resume_from} at {model.num_timesteps} env steps", flush=True)
     else:
         model = make_learner(variant, args, policy, env, demos, grpo_hyperparameters(args, task_ids, seed), run_dir)
@@ -452,7 +458,7 @@ def evaluate_checkpoint(path: str, steps: int, env_id: str, runs, max_episode_st
     os.makedirs(directory, exist_ok=True)
     checkpoint = {"steps": steps, "sha": sft_baseline.checkpoint_fingerprint(path)}
     episodes_path = os.path.join(directory, "episodes.jsonl")
-    policy = load_policy(path)
+    policy = load_policy(path).to(resolve_device(args.device))
     return sft_baseline.evaluate_resumably(
         policy, env_id, runs, max_episode_steps, episodes_path, checkpoint, args.progress, args.eval_num_envs
     )

@@ -47,7 +47,7 @@ from gym_libero_vla.algos.irevla import IREVLA_CONFIG_FILENAME, IReVLA
 from gym_libero_vla.algos.sft import SFT
 from gym_libero_vla.demos import action_stats, load_episodes
 from gym_libero_vla.evaluate import env_kwargs_for_policy, evaluate_policy, write_report
-from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer, load_policy
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer, load_policy, resolve_device
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
@@ -149,6 +149,11 @@ class Args:
     """Evaluation episodes per task (init states eval_init_state_start, +1, ...); deterministic decoding."""
     video_episodes: int = 1
     """Record this many evaluation episodes as mp4 (before and after)."""
+    eval_num_envs: int = 4
+    """Evaluation envs run side by side, the policy acting on all of them in one batched call (same episodes)."""
+    device: str = "cpu"
+    """Torch device of the policy (SFT, GRPO / iRe-VLA learner, evaluation): cpu, cuda, cuda:<index>, mps or auto.
+    The simulators, and --async's rollout workers, stay on the CPU."""
     progress_bar: bool = True
     """Show progress bars."""
 
@@ -194,7 +199,7 @@ def warm_start(args: Args, episodes, instructions: list[str]):
     policy = CompactVLA(config, bins, WordTokenizer.from_texts(instructions))
     model = SFT(
         policy, demos=episodes, learning_rate=args.sft_learning_rate, batch_size=args.sft_batch_size, seed=args.seed,
-        tensorboard_log=os.path.join(args.output_dir, "tb"),
+        tensorboard_log=os.path.join(args.output_dir, "tb"), device=resolve_device(args.device),
     )  # fmt: skip
     start = time.time()
     model.learn(args.sft_steps, progress_bar=args.progress_bar)
@@ -242,7 +247,10 @@ def resume_learner(args: Args, checkpoint: str, env, episodes):
             f"{checkpoint} is a checkpoint of --algo {saved_algo}, but this run has --algo {args.algo}: rerun with "
             f"--algo {saved_algo} to resume it, or choose another --output-dir (or --no-resume) to start a new run"
         )
-    model = learner_class.load(checkpoint, env=env, demos=episodes, tensorboard_log=os.path.join(args.output_dir, "tb"))
+    model = learner_class.load(
+        checkpoint, env=env, demos=episodes, device=resolve_device(args.device),
+        tensorboard_log=os.path.join(args.output_dir, "tb"),
+    )  # fmt: skip
     print(f"resuming {args.algo} from {checkpoint} at {model.num_timesteps} env steps")
     return model
 
@@ -253,6 +261,9 @@ def main(args: Args) -> dict:
               f"0..{args.demo_init_state_end - 1}: they are not held out")  # fmt: skip
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
+    device = resolve_device(args.device)  # a clear error for a device this machine lacks, before any work
+    if args.eval_num_envs < 1:
+        raise ValueError(f"eval_num_envs {args.eval_num_envs} must be >= 1")
     suite = resolve_suite(args.env_id)
     tasks = suite_tasks(suite.libero_name)
     start = time.time()
@@ -272,6 +283,7 @@ def main(args: Args) -> dict:
         policy = load_policy(checkpoint)
     else:
         policy = warm_start(args, episodes, [tasks[task_id].instruction for task_id in range(len(tasks))])
+    policy = policy.to(device)
     timings["sft"] = time.time() - start - sum(timings.values())
 
     # 3. Evaluate before, on held-out init states (reused when resuming).
@@ -282,6 +294,7 @@ def main(args: Args) -> dict:
             evaluated_policy, suite.env_id, args.task_ids, eval_init_states, seeds=(args.seed,),
             max_episode_steps=args.max_episode_steps, video_episodes=args.video_episodes,
             video_dir=os.path.join(args.output_dir, f"eval_{stage}", "videos"), progress=args.progress_bar,
+            num_envs=args.eval_num_envs,
         )  # fmt: skip
         print(
             f"\n{stage} {args.algo}:\n"
@@ -314,6 +327,7 @@ def main(args: Args) -> dict:
             LiberoEvalCallback(
                 suite.env_id, args.task_ids, eval_init_states, args.eval_freq, seeds=(args.seed,),
                 max_episode_steps=args.max_episode_steps, log_path=os.path.join(args.output_dir, "eval_periodic"),
+                num_envs=args.eval_num_envs,
             )
         )  # fmt: skip
     remaining = args.total_timesteps - model.num_timesteps

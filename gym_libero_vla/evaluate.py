@@ -136,7 +136,8 @@ def evaluate_policy(
         env_kwargs["max_episode_steps"] = int(max_episode_steps)
     # The env validates task_ids and names the valid range. Videos come from an env of their own (a renderer
     # costs ~0.7 GB per env), the rest from num_envs envs side by side.
-    envs = make_eval_envs(suite.env_id, num_envs, task_ids, **env_kwargs)
+    batched_runs = len(task_ids) * len(init_state_ids) * len(seeds) - video_episodes
+    envs = make_eval_envs(suite.env_id, max(1, min(num_envs, batched_runs)), task_ids, **env_kwargs)
     try:
         check_init_states(envs[0], task_ids, init_state_ids)
         runs = [(task_id, init_state_id, seed) for task_id in task_ids for init_state_id in init_state_ids for seed in seeds]

@@ -57,6 +57,28 @@ def action_logits_from_vocab(logits: torch.Tensor, vocab_size: int, num_bins: in
     return logits[..., vocab_size - num_bins : vocab_size].flip(-1)
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:<index>"``, ``"mps"`` or ``"auto"`` (the first GPU if there is one, else the
+    CPU) -> a ``torch.device`` that exists on this machine; anything else is a clear error naming the choices."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except (RuntimeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {name!r}: valid 'cpu', 'cuda', 'cuda:<index>', 'mps' or 'auto'")
+    available = ["cpu"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        available.append("mps")
+    if resolved.type == "cuda" and (not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} is not available on this machine: valid here {available} (or 'auto')")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} is not available on this machine: valid here {available} (or 'auto')")
+    return resolved
+
+
 def batch_observation(obs: Mapping[str, Any]) -> dict[str, Any]:
     """One env's observation -> a batch of one; a batched observation (tuple of instructions) is returned as is."""
     if isinstance(obs.get("instruction"), str):

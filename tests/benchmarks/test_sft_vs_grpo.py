@@ -110,6 +110,8 @@ def test_bad_input_names_the_valid_choices(tmp_path):
         main(tiny_args(tmp_path, group_size=1, rollout_num_envs=1))
     with pytest.raises(ValueError, match="rollout_num_envs 3 must be an int >= 1 that divides group_size 2"):
         main(tiny_args(tmp_path, rollout_num_envs=3))
+    with pytest.raises(ValueError, match="device 'cuda:64' is not available on this machine"):
+        main(tiny_args(tmp_path, device="cuda:64"))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
 
 

@@ -92,6 +92,15 @@ def test_help_documents_every_field():
         assert flag in result.stdout
 
 
+def test_unavailable_device_is_refused_before_any_work(tmp_path):
+    command = [sys.executable, SCRIPT, "--device", "cuda:64", "--output-dir", str(tmp_path / "run"),
+               "--demos", str(tmp_path / "demos.hdf5")]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "device 'cuda:64' is not available on this machine: valid here ['cpu'" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     command = [
