@@ -122,9 +122,10 @@ class Args:
     """Report JSON; the Markdown table goes next to it as .md (default benchmarks/results/sft_baseline_<suite>_<mode>.json)."""
     device: str = "cpu"
     """Torch device of the policy for SFT and evaluation: cpu, cuda, cuda:<index>, mps or auto."""
-    eval_num_envs: int = 8
-    """Evaluation envs run side by side in this process, the policy acting on all of them in one batched call
-    (~0.3 GB each in state mode); 1 runs the episodes one after another. The outcomes do not depend on it."""
+    eval_num_envs: int | None = None
+    """Evaluation envs run side by side in this process, the policy acting on all of them in one batched call;
+    1 runs the episodes one after another. The outcomes do not depend on it. Default: 8 in state mode (~0.3 GB
+    each), 2 in rgb+state mode (~1 GB each with a renderer, and rendering dominates the step anyway)."""
     torch_threads: int = 1
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     progress: bool = True
@@ -138,8 +139,7 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     resolve_device(args.device)  # names the devices this machine has
     if args.obs_mode not in OBS_MODES:
         raise ValueError(f"unknown obs_mode {args.obs_mode!r}: valid {OBS_MODES}")
-    for name in ("image_size", "episodes_per_task", "demo_init_state_end", "sft_steps", "batch_size", "save_every",
-                 "eval_num_envs"):  # fmt: skip
+    for name in ("image_size", "episodes_per_task", "demo_init_state_end", "sft_steps", "batch_size", "save_every"):
         value = getattr(args, name)
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} {value!r} must be an int >= 1")
@@ -150,6 +150,8 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
         )
     if not args.seeds:
         raise ValueError("seeds is empty: give at least one evaluation seed")
+    if args.eval_num_envs is not None and not (isinstance(args.eval_num_envs, int) and args.eval_num_envs >= 1):
+        raise ValueError(f"eval_num_envs {args.eval_num_envs!r} must be an int >= 1 (or left out for the default)")
     if args.max_episode_steps is not None and args.max_episode_steps < 1:
         raise ValueError(f"max_episode_steps {args.max_episode_steps} must be >= 1")
     if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, "sft.json")):
@@ -170,6 +172,13 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
                 f"valid 0..{num_init_states - 1}"
             )
     return suite, task_ids, init_state_ids
+
+
+def eval_num_envs(args) -> int:
+    """``args.eval_num_envs``, or its default for ``args.obs_mode``: 8 in state mode, 2 in rgb+state mode."""
+    if args.eval_num_envs is not None:
+        return args.eval_num_envs
+    return 8 if args.obs_mode == "state" else 2
 
 
 def check_policy_inputs(policy: VLAPolicy, args: Args, source: str) -> None:
@@ -589,7 +598,7 @@ def main(args: Args) -> dict:
     start = time.perf_counter()
     rows, run_now = evaluate_resumably(
         model.policy, suite.env_id, runs, max_episode_steps, os.path.join(output_dir, "episodes.jsonl"), checkpoint,
-        args.progress, args.eval_num_envs,
+        args.progress, eval_num_envs(args),
     )  # fmt: skip
 
     # 4. Report.

@@ -50,6 +50,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -89,8 +90,13 @@ class Args:
     """LIBERO suite: short name (spatial, object, goal, 10, 90), LIBERO name or env id."""
     task_ids: tuple[int, ...] | None = None
     """Tasks to train on and evaluate (default: every task of the suite)."""
+    obs_mode: Literal["state", "rgb+state"] = "state"
+    """"state": proprio (+ object poses); "rgb+state": agentview frames too (e.g. an OpenVLA checkpoint given as
+    --sft-checkpoint, on a GPU with --device cuda). Rendering makes rgb+state ~10x slower on a CPU."""
+    image_size: int = 64
+    """Side of the agentview frames (rgb+state only); the demos' frames and the policy's must have it."""
     object_state: bool = True
-    """Give the policies LIBERO's privileged object poses (state mode; without them a small policy sees only the
+    """Give the policies LIBERO's privileged object poses (without them a small state-mode policy sees only the
     gripper and hardly ever succeeds)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Training seeds: SFT and each variant are trained once per seed and evaluated with it as the reset seed."""
@@ -104,8 +110,9 @@ class Args:
 
     # --- demonstrations
     demos: str | None = None
-    """Demo HDF5 file (default data/<suite>_state.hdf5, shared with sft_baseline.py). Used as it is when it exists;
-    otherwise generated with the scripted expert (resuming <demos>.parts/)."""
+    """Demo HDF5 file (default data/<suite>_state.hdf5, or data/<suite>_rgb<image_size>.hdf5 in rgb+state mode;
+    shared with sft_baseline.py). Used as it is when it exists; otherwise generated with the scripted expert
+    (resuming <demos>.parts/)."""
     episodes_per_task: int = 20
     """Successful demos per task to generate (only when the demo file is missing)."""
     demo_init_state_end: int = 20
@@ -167,7 +174,8 @@ class Args:
     """Step limit of training rollouts (default: max_episode_steps)."""
     rollout_num_envs: int = 4
     """Envs a group's episodes run in side by side (``gym.make_vec``, sync, in the learner's process), the policy
-    acting on all of them in one batched call; must divide group_size. 1: one episode after another."""
+    acting on all of them in one batched call; must divide group_size. 1: one episode after another. Each env
+    keeps two tasks' simulators (~0.3 GB each, ~1 GB with a renderer in rgb+state mode)."""
     checkpoint_every: int = 2000
     """Save a fine-tuning checkpoint after the first rollout past every this many env steps."""
 
@@ -187,9 +195,10 @@ class Args:
     device: str = "cpu"
     """Torch device of the policies (SFT, fine-tuning, evaluation): cpu, cuda, cuda:<index>, mps or auto. The
     simulators stay on the CPU."""
-    eval_num_envs: int = 8
-    """Evaluation envs run side by side in one process, the policy acting on all of them in one batched call
-    (~0.3 GB each); 1 runs the episodes one after another. The outcomes do not depend on it."""
+    eval_num_envs: int | None = None
+    """Evaluation envs run side by side in one process, the policy acting on all of them in one batched call;
+    1 runs the episodes one after another. The outcomes do not depend on it. Default: 8 in state mode (~0.3 GB
+    each), 2 in rgb+state mode (~1 GB each with a renderer, and rendering dominates the step anyway)."""
     torch_threads: int = 1
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     progress: bool = True
@@ -200,13 +209,15 @@ class Args:
 def baseline_args(args: Args, seed: int) -> sft_baseline.Args:
     """``args`` as :mod:`sft_baseline` reads them, for its demo, SFT and input-check functions."""
     return sft_baseline.Args(
-        suite=args.suite, obs_mode="state", object_state=args.object_state, task_ids=args.task_ids, demos=args.demos,
+        suite=args.suite, obs_mode=args.obs_mode, image_size=args.image_size, object_state=args.object_state,
+        task_ids=args.task_ids, demos=args.demos,
         episodes_per_task=args.episodes_per_task, demo_init_state_end=args.demo_init_state_end,
         filter_noops=args.filter_noops, sft_steps=args.sft_steps, batch_size=args.sft_batch_size,
         learning_rate=args.sft_learning_rate, hidden_size=args.hidden_size, num_layers=args.num_layers,
         num_heads=args.num_heads, save_every=args.sft_save_every, seed=seed,
         eval_init_state_start=args.eval_init_state_start, eval_num_init_states=args.eval_num_init_states,
-        seeds=args.seeds, max_episode_steps=args.max_episode_steps, device=args.device, eval_num_envs=args.eval_num_envs,
+        seeds=args.seeds, max_episode_steps=args.max_episode_steps, device=args.device,
+        eval_num_envs=args.eval_num_envs,
         torch_threads=args.torch_threads, progress=args.progress,
     )  # fmt: skip
 
@@ -434,7 +445,7 @@ def fine_tune(variant: str, args: Args, seed: int, sft: dict, episodes, run_dir:
     rows = resume_curve(curve_path, steps_before) if os.path.exists(curve_path) else []
     seconds_before = max([row["train_seconds"] for row in rows if row["kind"] == "update"], default=0.0)
     curve = LearningCurve(curve_path, suite.env_id, curve_runs, args.curve_every, max_episode_steps, seconds_before,
-                          args.eval_num_envs)  # fmt: skip
+                          sft_baseline.eval_num_envs(args))  # fmt: skip
     try:
         if args.total_timesteps > steps_before:
             print(f"{variant} seed {seed}: {steps_before} -> {args.total_timesteps} env steps", flush=True)
@@ -460,7 +471,7 @@ def evaluate_checkpoint(path: str, steps: int, env_id: str, runs, max_episode_st
     episodes_path = os.path.join(directory, "episodes.jsonl")
     policy = load_policy(path).to(resolve_device(args.device))
     return sft_baseline.evaluate_resumably(
-        policy, env_id, runs, max_episode_steps, episodes_path, checkpoint, args.progress, args.eval_num_envs
+        policy, env_id, runs, max_episode_steps, episodes_path, checkpoint, args.progress, sft_baseline.eval_num_envs(args)
     )
 
 
@@ -582,7 +593,10 @@ def markdown(report: dict) -> str:
     """The report as Markdown: the success table (variants as columns), targets, setup, wall times."""
     results, evaluation, setup = report["results"], report["eval"], report["setup"]
     names = [variant for variant in VARIANTS if variant in results]
-    inputs = "state" + (" + object_state" if report["object_state"] else "")
+    mode = report.get("obs_mode", "state")
+    inputs = ("state" if mode == "state" else f"agentview {report.get('image_size')} px + state") + (
+        " + object_state" if report["object_state"] else ""
+    )
     lines = [
         f"## SFT vs GRPO: {report['env_id']}, {inputs}",
         "",
@@ -758,7 +772,8 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
         "benchmark": "SFT vs GRPO with offline regularization (issue #7)",
         "command": sft_baseline.command_line(args, "benchmarks/sft_vs_grpo.py"),
         "args": dataclasses.asdict(args),
-        "env_id": suite.env_id, "object_state": args.object_state, "task_ids": list(task_ids), "seeds": seeds,
+        "env_id": suite.env_id, "obs_mode": args.obs_mode, "image_size": args.image_size,
+        "object_state": args.object_state, "task_ids": list(task_ids), "seeds": seeds,
         "demos": demos,
         "eval": {
             "init_state_ids": list(init_state_ids), "curve_init_state_ids": sorted({init for _, init, _ in curve_runs}),
@@ -769,7 +784,7 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
             "sft": sft_setup, "total_timesteps": args.total_timesteps, "num_groups": args.num_groups,
             "group_size": args.group_size, "train_init_state_ids": list(range(args.demo_init_state_end)),
             "rollout_max_episode_steps": rollout_limit, "rollout_num_envs": args.rollout_num_envs,
-            "eval_num_envs": args.eval_num_envs, "curve_every": args.curve_every,
+            "eval_num_envs": sft_baseline.eval_num_envs(args), "curve_every": args.curve_every,
             "relabel_note": "some tasks share a scene: relabelling can happen" if shares_scene else
             "no two of these tasks share a scene, so no relabelling can happen: (c) is (b) + group rescue",
         },
@@ -790,7 +805,9 @@ def main(args: Args) -> dict:
     torch.set_num_threads(args.torch_threads)
     suite, task_ids, init_state_ids = check_args(args)
     short_name = suite.libero_name.removeprefix("libero_")
-    demos_path = args.demos or f"data/{short_name}_state.hdf5"
+    demos_path = args.demos or (
+        f"data/{short_name}_state.hdf5" if args.obs_mode == "state" else f"data/{short_name}_rgb{args.image_size}.hdf5"
+    )
     output_dir = args.output_dir or os.path.join("runs", "sft_vs_grpo", short_name)
     json_out = args.json_out or os.path.join("benchmarks", "results", f"sft_vs_grpo_{short_name}.json")
     os.makedirs(output_dir, exist_ok=True)

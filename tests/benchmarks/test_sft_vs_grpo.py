@@ -8,7 +8,11 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
+
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
+from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # the script imports its sibling sft_baseline, as `python benchmarks/...`
@@ -112,6 +116,15 @@ def test_bad_input_names_the_valid_choices(tmp_path):
         main(tiny_args(tmp_path, rollout_num_envs=3))
     with pytest.raises(ValueError, match="device 'cuda:64' is not available on this machine"):
         main(tiny_args(tmp_path, device="cuda:64"))
+    # --sft-checkpoint must read what --obs-mode gives: a state-mode policy is refused in rgb+state mode.
+    state_policy = tmp_path / "state_policy"
+    CompactVLA(
+        CompactVLAConfig(cameras=(), object_state_dim=70, hidden_size=16, num_layers=1, num_heads=2),
+        ActionBins(low=-np.ones(7, np.float32), high=np.ones(7, np.float32), num_bins=16),
+        WordTokenizer.from_texts(["pick up the black bowl"]),
+    ).save_pretrained(state_policy)
+    with pytest.raises(ValueError, match=r"reads cameras \(\), but --obs-mode rgb\+state means \('agentview',\)"):
+        main(tiny_args(tmp_path, obs_mode="rgb+state", image_size=32, sft_checkpoint=str(state_policy)))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
 
 
