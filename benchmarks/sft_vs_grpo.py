@@ -25,10 +25,15 @@ entropy against env steps. It checks issue #7's targets as measured: (b) beats S
 success, and (b)'s entropy does not collapse (its end-of-training value stays above half its start-of-training
 value; the report says whether (a)'s did).
 
-    # LIBERO-Spatial and LIBERO-Object, state mode with privileged object poses, 3 seeds: about 16 h and 18 h
-    # on a shared 2-core CPU (per seed: SFT ~25 min, each fine-tuning ~30 min, evaluating 5 x 200 episodes ~2.5 h)
+    # LIBERO-Spatial and LIBERO-Object, state mode with privileged object poses, 3 seeds, one core each: about
+    # 12 h per suite on a 2-core CPU running both (per seed: SFT ~25 min, each fine-tuning ~35 min, evaluating
+    # 5 x 200 episodes ~1.5 h with 8 envs side by side)
     python benchmarks/sft_vs_grpo.py --suite spatial
     python benchmarks/sft_vs_grpo.py --suite object
+    # from an OpenVLA checkpoint on a GPU: PATH is a policy checkpoint, e.g. written by
+    # HFVLAPolicy.from_pretrained(<local OpenVLA dir>).save_pretrained(PATH); frames at the env's 128 px
+    python benchmarks/sft_vs_grpo.py --suite spatial --sft-checkpoint PATH --obs-mode rgb+state --image-size 128 \
+        --no-object-state --device cuda
     # a quicker look: two variants, one seed, two tasks
     python benchmarks/sft_vs_grpo.py --variants sft grpo_offline --seeds 0 --task-ids 0 1 --total-timesteps 10000
 
