@@ -175,6 +175,11 @@ class GRPOConfig:
     """The ratio's upper clip: 1 + clip_high (DAPO's clip-higher keeps exploring tokens alive)."""
     advantage_eps: float = 1e-6
     """Added to the group's std before dividing."""
+    temperature: float = 1.0
+    """Rollouts sample ``softmax(logits / temperature)``: above 1 explores more, below 1 stays nearer the greedy
+    policy (whose success a poorly calibrated SFT policy's samples can fall far short of). The policy-gradient
+    ratio, the proximal log-probs, the entropy and the KL use the same tempered distribution, so the update is
+    exact for the policy that sampled; the imitation term stays at temperature 1."""
     dynamic_sampling: bool = True
     """Leave groups with all-equal rewards (zero advantage) out of the policy-gradient term (DAPO)."""
     max_sampling_rounds: int = 1
@@ -220,7 +225,7 @@ class GRPOConfig:
         ):  # fmt: skip
             if not _is_int(getattr(self, name), minimum):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be an int >= {minimum}")
-        for name in ("learning_rate", "clip_low", "clip_high", "advantage_eps"):
+        for name in ("learning_rate", "clip_low", "clip_high", "advantage_eps", "temperature"):
             if not (_is_finite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be a finite number > 0")
         if self.clip_low >= 1.0:
@@ -347,9 +352,10 @@ def _relabelled_from(info: dict, env_index: int, vector: bool) -> list[Episode]:
 
 
 def run_episodes(
-    policy: VLAPolicy, env, options: dict, num_episodes: int, on_step, policy_version: int = 0
+    policy: VLAPolicy, env, options: dict, num_episodes: int, on_step, policy_version: int = 0, temperature: float = 1.0
 ) -> tuple[list[Episode], list[Episode]]:
-    """``num_episodes`` episodes from the same reset options, sampled (not greedy) from ``policy``.
+    """``num_episodes`` episodes from the same reset options, sampled (not greedy) from ``policy`` at
+    ``temperature``.
 
     A vector env runs ``num_envs`` of them at a time (every sub-env reset with the same options); a plain
     env one at a time. Returns ``(episodes, relabelled)``: :class:`Episode` s holding the observations the
@@ -370,7 +376,7 @@ def run_episodes(
         done = np.zeros(num_envs, dtype=bool)
         while not done.all():
             obs_batch = {key: obs[key] for key in keys}
-            actions, _, log_probs = policy.act(obs_batch, deterministic=False)
+            actions, _, log_probs = policy.act(obs_batch, deterministic=False, temperature=temperature)
             actions, log_probs = actions.cpu().numpy(), log_probs.cpu().numpy()
             if vector:
                 obs, rewards, terminated, truncated, info = env.step(actions)
@@ -637,7 +643,7 @@ class GRPO(BaseLearner):
             for _ in range(config.num_groups):
                 options = self._draw_group_start(task_ids)
                 group, group_relabelled = run_episodes(
-                    policy, self.env, options, config.group_size, on_step, self.policy_version
+                    policy, self.env, options, config.group_size, on_step, self.policy_version, config.temperature
                 )
                 if stopped:
                     return None
@@ -671,7 +677,8 @@ class GRPO(BaseLearner):
         for start in range(0, len(indices), batch):
             part = indices[start : start + batch]
             tokens = torch.as_tensor(rollout.action_tokens[part], device=self.policy.device)
-            out[start : start + len(part)] = self.policy.log_prob(rollout.batch(part), tokens)[0].cpu().numpy()
+            log_probs = self.policy.log_prob(rollout.batch(part), tokens, self.config.temperature)[0]
+            out[start : start + len(part)] = log_probs.cpu().numpy()
         return out
 
     def train(self, rollout: GroupRollout) -> dict[str, float]:
@@ -728,7 +735,7 @@ class GRPO(BaseLearner):
                     old_log_probs = torch.as_tensor(proximal[indices], device=device)
                     token_weights = torch.as_tensor(weights[indices], device=device)
                     advantages = step_advantages[indices].to(device)[:, None]  # same A for the 7 tokens of a step
-                    log_probs, entropy = policy.log_prob(obs, action_tokens)
+                    log_probs, entropy = policy.log_prob(obs, action_tokens, config.temperature)
                     pg_loss, clip_fraction, approx_kl = clipped_surrogate(
                         log_probs, old_log_probs, advantages, config.clip_low, config.clip_high, token_weights
                     )
@@ -782,7 +789,7 @@ class GRPO(BaseLearner):
     def _rollout_entropy(self, rollout: GroupRollout, max_steps: int = 256) -> float:
         indices = np.linspace(0, len(rollout.action_tokens) - 1, min(max_steps, len(rollout.action_tokens))).astype(int)
         tokens = torch.as_tensor(rollout.action_tokens[indices], device=self.policy.device)
-        return self.policy.log_prob(rollout.batch(indices), tokens)[1].mean().item()
+        return self.policy.log_prob(rollout.batch(indices), tokens, self.config.temperature)[1].mean().item()
 
     def _imitation_loss(self) -> tuple[torch.Tensor, float]:
         """(IS-weighted) NLL of a random batch of offline tokens, and the mean importance weight."""
@@ -800,10 +807,11 @@ class GRPO(BaseLearner):
 
     @torch.no_grad()
     def _reference_log_probs(self, obs: Mapping[str, Any], action_tokens: torch.Tensor) -> torch.Tensor:
+        temperature = self.config.temperature
         if self.reference_policy is not None:
-            return self.reference_policy.log_prob(obs, action_tokens)[0]
+            return self.reference_policy.log_prob(obs, action_tokens, temperature)[0]
         with self.policy.disable_adapter():
-            return self.policy.log_prob(obs, action_tokens)[0]
+            return self.policy.log_prob(obs, action_tokens, temperature)[0]
 
     # ------------------------------------------------------------------ the loop
     def learn(

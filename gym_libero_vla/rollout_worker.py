@@ -87,6 +87,8 @@ class WorkerSpec:
     """Tasks to draw groups from (None: every task of the env)."""
     init_state_ids: tuple[int, ...] | None = None
     """Init states to draw groups from (None: all of each task's)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (GRPO's ``temperature``)."""
     cache_max_episodes: int | None = None
     """The store's bound (the writer evicts the oldest online episodes past it)."""
     max_queued_groups: int = 8
@@ -287,7 +289,9 @@ class RolloutWorker:
             return keep_going()
 
         options = self._draw_group_start()
-        episodes, relabelled = run_episodes(self.policy, self.env, options, self.spec.group_size, on_step, self.policy_version)
+        episodes, relabelled = run_episodes(
+            self.policy, self.env, options, self.spec.group_size, on_step, self.policy_version, self.spec.temperature
+        )
         stats["reset_s"] += self.env.reset_s - reset_before
         stats["env_step_s"] += self.env.step_s - step_before
         stats["busy_s"] += time.perf_counter() - start

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,6 +56,26 @@ def action_logits_from_vocab(logits: torch.Tensor, vocab_size: int, num_bins: in
     if logits.shape[-1] < vocab_size:
         raise ValueError(f"logits have {logits.shape[-1]} entries: fewer than the action vocab_size {vocab_size}")
     return logits[..., vocab_size - num_bins : vocab_size].flip(-1)
+
+
+def check_temperature(temperature: float) -> float:
+    """A sampling temperature must be a finite number > 0 (1: the policy's own distribution)."""
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise ValueError(f"temperature {temperature!r} must be a finite number > 0 (1 samples the policy as it is)")
+    return float(temperature)
+
+
+def choose_token(logits: torch.Tensor, deterministic: bool, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step: ``(B, num_bins)`` logits -> ``(token (B,), logits / temperature as float32)``. Greedy
+    (argmax, which no temperature changes) or a sample of ``softmax(logits / temperature)``."""
+    scaled = logits.float() / temperature
+    token = scaled.argmax(-1) if deterministic else torch.distributions.Categorical(logits=scaled).sample()
+    return token, scaled
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -200,8 +221,11 @@ class VLAPolicy(nn.Module):
         given the observation and ``action_tokens[:, :i]``. One forward pass; differentiable."""
         raise NotImplementedError
 
-    def _sample_tokens(self, obs_batch: Mapping[str, Any], deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Autoregressive decoding: ``(tokens (B, action_dim) int64, logits (B, action_dim, num_bins))``."""
+    def _sample_tokens(
+        self, obs_batch: Mapping[str, Any], deterministic: bool, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Autoregressive decoding, each token chosen by :func:`choose_token`: ``(tokens (B, action_dim) int64,
+        logits (B, action_dim, num_bins))``, the logits divided by ``temperature``."""
         raise NotImplementedError
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -223,7 +247,7 @@ class VLAPolicy(nn.Module):
     # ------------------------------------------------------------------ shared
     @torch.no_grad()
     def act(
-        self, obs_batch: Mapping[str, Any], deterministic: bool = False
+        self, obs_batch: Mapping[str, Any], deterministic: bool = False, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose actions for a batch of observations.
 
@@ -231,18 +255,24 @@ class VLAPolicy(nn.Module):
         int64 ``(B, action_dim)`` tokens in ``0..num_bins-1`` and their float32 log-probabilities
         ``(B, action_dim)`` under the policy, all on the policy's device. ``deterministic`` takes the most
         likely token at each step (greedy decoding, as OpenVLA's ``predict_action``); otherwise tokens are
-        sampled from ``softmax(logits)`` with torch's global RNG.
+        sampled from ``softmax(logits / temperature)`` with torch's global RNG, and the log-probabilities are
+        those of that tempered distribution (what :meth:`log_prob` gives at the same ``temperature``).
         """
-        tokens, logits = self._sample_tokens(obs_batch, deterministic)
+        check_temperature(temperature)
+        tokens, logits = self._sample_tokens(obs_batch, deterministic, temperature)
         token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
         actions = torch.as_tensor(self.action_bins.decode(tokens.cpu().numpy()), device=tokens.device)
         return actions, tokens, token_log_probs
 
-    def log_prob(self, obs_batch: Mapping[str, Any], action_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob(
+        self, obs_batch: Mapping[str, Any], action_tokens, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token ``log pi(a_i | o, a_<i)`` and entropy ``H(pi(. | o, a_<i))``, both ``(B, action_dim)``,
-        differentiable, in one forward pass. ``action_tokens``: ``(B, action_dim)`` ints in ``0..num_bins-1``."""
+        differentiable, in one forward pass, of ``softmax(logits / temperature)`` (1: the policy itself).
+        ``action_tokens``: ``(B, action_dim)`` ints in ``0..num_bins-1``."""
+        check_temperature(temperature)
         action_tokens = self.check_action_tokens(action_tokens, len(instructions_of(obs_batch)))
-        log_probs = torch.log_softmax(self.action_logits(obs_batch, action_tokens).float(), dim=-1)
+        log_probs = torch.log_softmax(self.action_logits(obs_batch, action_tokens).float() / temperature, dim=-1)
         token_log_probs = log_probs.gather(-1, action_tokens[..., None]).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return token_log_probs, entropy

@@ -35,6 +35,7 @@ from torch import nn
 from gym_libero_vla.policies.base import (
     VLAPolicy,
     action_logits_from_vocab,
+    choose_token,
     image_batch,
     instructions_of,
     load_action_bins,
@@ -293,7 +294,9 @@ class CompactVLA(VLAPolicy):
         tokens = self.check_action_tokens(action_tokens, prefix.shape[0])
         return self._action_logits_after(prefix, mask, tokens[:, :-1])  # a_i is predicted after a_<i
 
-    def _sample_tokens(self, obs_batch: Mapping[str, Any], deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample_tokens(
+        self, obs_batch: Mapping[str, Any], deterministic: bool, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode the 7 tokens with a KV cache: the prefix is encoded once, then one position per token."""
         prefix, mask = self._prefix(obs_batch)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count, padding does not
@@ -303,10 +306,7 @@ class CompactVLA(VLAPolicy):
         tokens, step_logits = [], []
         for index in range(self.action_dim):
             logits = action_logits_from_vocab(self.lm_head(hidden), self.vocab_size, self.num_bins)[:, -1]
-            if deterministic:
-                token = logits.argmax(-1)
-            else:
-                token = torch.distributions.Categorical(logits=logits.float()).sample()
+            token, logits = choose_token(logits, deterministic, temperature)
             tokens.append(token)
             step_logits.append(logits)
             if index + 1 == self.action_dim:

@@ -29,6 +29,7 @@ from gym_libero_vla.policies.base import (
     POLICY_CONFIG_FILENAME,
     VLAPolicy,
     action_logits_from_vocab,
+    choose_token,
     image_batch,
     instructions_of,
     lora_config,
@@ -192,17 +193,16 @@ class HFVLAPolicy(VLAPolicy):
         logits = logits[:, logits.shape[1] - self.action_dim - 1 : logits.shape[1] - 1]
         return action_logits_from_vocab(logits, self.action_vocab_size, self.num_bins)
 
-    def _sample_tokens(self, obs_batch: Mapping[str, Any], deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample_tokens(
+        self, obs_batch: Mapping[str, Any], deterministic: bool, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self._encode(obs_batch)
         attention_mask = inputs["attention_mask"]
         output = self._forward(inputs["input_ids"], attention_mask, pixel_values=inputs["pixel_values"], use_cache=True)
         tokens, step_logits = [], []
         for step in range(self.action_dim):
             logits = action_logits_from_vocab(output.logits[:, -1], self.action_vocab_size, self.num_bins)
-            if deterministic:
-                token = logits.argmax(-1)
-            else:
-                token = torch.distributions.Categorical(logits=logits.float()).sample()
+            token, logits = choose_token(logits, deterministic, temperature)
             tokens.append(token)
             step_logits.append(logits)
             if step + 1 < self.action_dim:  # feed the token back, reusing the KV cache

@@ -20,7 +20,13 @@ from stable_baselines3.common.callbacks import BaseCallback
 from gym_libero_vla.algos.async_grpo import AsyncGRPO
 from gym_libero_vla.episode_store import Episode, EpisodeStore
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
-from gym_libero_vla.rollout_worker import publish_weights, read_latest_weights, trainable_tensors
+from gym_libero_vla.rollout_worker import (
+    RolloutWorker,
+    WorkerSpec,
+    publish_weights,
+    read_latest_weights,
+    trainable_tensors,
+)
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 MAX_EPISODE_STEPS = 10
@@ -77,9 +83,10 @@ def learner_log(pipeline_dir) -> list[dict]:
 def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path):
     policy = make_policy(instruction)
     before = [p.detach().clone() for p in policy.parameters()]
+    start = make_policy(instruction)  # the same weights, kept as they were
     model = AsyncGRPO(
         policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, imitation_batch_size=8, num_workers=2,
-        pipeline_dir=str(tmp_path / "pipeline"), seed=0,
+        pipeline_dir=str(tmp_path / "pipeline"), seed=0, temperature=1.5,
     )  # fmt: skip
     model.learn(3 * GROUP_STEPS)
     assert model.num_timesteps == 3 * GROUP_STEPS and model.policy_version == 3 and model.worker_pool is None
@@ -97,6 +104,17 @@ def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path)
     groups = {group["group_id"]: group for group in assert_groups_whole(tmp_path / "pipeline" / "cache")}
     assert len(set(trained)) == 3 and set(trained) <= set(groups)
     assert model.consumed_through == groups[trained[-1]]["last_episode_id"]
+    # The workers sampled at the learner's temperature: version-0 episodes carry the starting policy's tempered
+    # log-probs.
+    store = EpisodeStore(tmp_path / "pipeline" / "cache")
+    first = [store.load(row["episode_id"]) for row in store.records(source="online") if row["policy_version"] == 0]
+    assert first
+    for episode in first:
+        batch = {key: value if key != "instruction" else [value] * episode.num_steps
+                 for key, value in episode.observations.items()}  # fmt: skip
+        with torch.no_grad():
+            expected = start.log_prob(batch, start.action_bins.encode(episode.actions), 1.5)[0].numpy()
+        np.testing.assert_allclose(episode.log_probs, expected, atol=1e-5)
     published = read_latest_weights(str(tmp_path / "pipeline"))
     assert published["version"] == 3 and published["consumed_through"] == model.consumed_through
     # A checkpoint keeps the watermark; the loaded learner continues after it.
@@ -104,6 +122,27 @@ def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path)
     loaded = AsyncGRPO.load(tmp_path / "ckpt", env=env)
     assert (loaded.consumed_through, loaded.policy_version, loaded.num_timesteps) == (model.consumed_through, 3, 60)
     assert loaded.config.num_workers == 2 and loaded.config.pipeline_dir == str(tmp_path / "pipeline")
+
+
+def test_a_worker_samples_at_its_specs_temperature(env, instruction, tmp_path):
+    """A worker's episodes carry the log-probs of the tempered policy that sampled them (GRPO's ratio is taken
+    against them at the same temperature)."""
+    policy = make_policy(instruction)
+    spec = WorkerSpec(env_spec=env.spec, pipeline_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), group_size=2,
+                      temperature=2.0, seed=0)  # fmt: skip
+    worker = RolloutWorker(spec, worker_id=0, policy=policy)
+    try:
+        episodes = worker.run_group()
+    finally:
+        worker.close()
+    assert len(episodes) == 2
+    for episode in episodes:
+        batch = {key: value if key != "instruction" else [value] * episode.num_steps
+                 for key, value in episode.observations.items()}  # fmt: skip
+        tokens = policy.action_bins.encode(episode.actions)
+        with torch.no_grad():
+            expected = policy.log_prob(batch, tokens, 2.0)[0].numpy()
+        np.testing.assert_allclose(episode.log_probs, expected, atol=1e-5)
 
 
 class KillWorkerOnce(BaseCallback):

@@ -230,6 +230,27 @@ def test_all_fail_groups_are_rescued_with_a_demo_that_the_update_moves_towards(e
         GRPO(make_policy(instruction), env, rescue_failed_groups=True).learn(10)
 
 
+def test_tempered_rollouts_are_trained_on_the_distribution_that_sampled_them(env, instruction):
+    """temperature=3: the episodes' behaviour log-probs are the tempered policy's, and the update's ratio uses the
+    same temperature, so the first (and only) minibatch of a fresh rollout has ratio 1: no clipping, KL 0."""
+    policy = make_policy(instruction)
+    model = GRPO(policy, env, group_size=2, num_groups=1, num_epochs=1, minibatch_size=64, temperature=3.0, seed=0)
+    rollout = model.collect_rollouts()
+    everything = np.arange(len(rollout.action_tokens))
+    with torch.no_grad():
+        tempered, tempered_entropy = policy.log_prob(rollout.batch(everything), rollout.action_tokens, 3.0)
+        plain, plain_entropy = policy.log_prob(rollout.batch(everything), rollout.action_tokens)
+    np.testing.assert_allclose(rollout.behaviour_log_probs, tempered.numpy(), atol=1e-5)
+    assert np.abs(rollout.behaviour_log_probs - plain.numpy()).max() > 0.1
+    assert tempered_entropy.mean() > plain_entropy.mean()
+    rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)
+    metrics = model.train(rollout)
+    assert metrics["num_updates"] == 1 and metrics["clip_fraction"] == 0.0 and abs(metrics["approx_kl"]) < 1e-6
+    assert metrics["entropy"] == pytest.approx(tempered_entropy.mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="temperature 0 must be a finite number > 0"):
+        GRPO(make_policy(instruction), env, temperature=0)
+
+
 def test_stale_rollouts_get_proximal_ratios_and_truncated_importance_weights(env, instruction):
     model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1, learning_rate=1e-2, is_clip=1.5, seed=0)
     rollout = model.collect_rollouts()

@@ -83,6 +83,28 @@ def test_deterministic_act_is_greedy_and_repeatable(action_bins):
     assert torch.equal(logits.argmax(-1), first[1])  # each token is the argmax given the previous ones
 
 
+def test_temperature_scales_the_logits_of_sampling_and_log_prob(action_bins):
+    policy = make_policy(action_bins, **CONFIGS["state"])
+    obs = batch_for("state", batch_size=64)
+    torch.manual_seed(0)
+    _, tokens, token_log_probs = policy.act(obs, temperature=2.5)
+    logits = policy.action_logits(obs, tokens).float()
+    expected = torch.log_softmax(logits / 2.5, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(token_log_probs, expected, atol=1e-5, rtol=1e-5)
+    log_probs, entropy = policy.log_prob(obs, tokens, temperature=2.5)
+    torch.testing.assert_close(log_probs, expected, atol=1e-5, rtol=1e-5)
+    assert bool((entropy > policy.log_prob(obs, tokens)[1]).all())  # flatter than the policy itself
+    # A very low temperature samples the greedy tokens; greedy decoding ignores the temperature.
+    greedy = policy.act(obs, deterministic=True)[1]
+    assert torch.equal(policy.act(obs, temperature=1e-4)[1], greedy)
+    assert torch.equal(policy.act(obs, deterministic=True, temperature=5.0)[1], greedy)
+    for bad in (0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            policy.act(obs, temperature=bad)
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            policy.log_prob(obs, tokens, temperature=bad)
+
+
 def test_save_load_gives_identical_outputs(action_bins, tmp_path):
     policy = make_policy(action_bins, **CONFIGS["rgb+state"])
     obs = batch_for("rgb+state")

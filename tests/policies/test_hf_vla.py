@@ -54,6 +54,10 @@ def test_act_log_prob_consistency_and_batching(llava_and_processor, action_bins,
     first, second = policy.act(obs, deterministic=True), policy.act(obs, deterministic=True)
     assert torch.equal(first[1], second[1])
     assert torch.equal(policy.action_logits(obs, first[1]).argmax(-1), first[1])
+    # Tempered sampling (GRPO's temperature): the KV-cache decoding and the teacher-forced pass agree on it too.
+    _, tokens, token_log_probs = policy.act(obs, temperature=1.7)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.log_prob(obs, tokens, 1.7)[0], token_log_probs, atol=1e-5, rtol=1e-5)
 
 
 def test_from_pretrained_offline_and_save_load(base_checkpoint, action_bins, make_obs, tmp_path):
