@@ -263,6 +263,7 @@ def run_episodes_batched(
     envs: Sequence[gym.Env],
     runs: Sequence[tuple[int, int, int]],
     deterministic: bool = True,
+    temperature: float = 1.0,
 ) -> Iterator[EpisodeResult]:
     """One episode per (task, init state, seed) of ``runs``, ``len(envs)`` at a time, yielded as each ends.
 
@@ -272,7 +273,8 @@ def run_episodes_batched(
     (reset with its seed and options, then actions until termination or truncation), so results do not depend
     on how many envs run them, up to float rounding in batched matmuls. A freed env takes the next run of its
     own task (no simulator rebuild) and otherwise of the task with the most runs left per env already on it, so
-    the envs spread over the tasks.
+    the envs spread over the tasks. Without ``deterministic``, actions are sampled at ``temperature`` (torch's
+    global RNG; sampled episodes do depend on how many envs share a batch).
     """
     if not envs:
         raise ValueError("envs is empty: give at least one env")
@@ -304,7 +306,8 @@ def run_episodes_batched(
             return
         begin = time.perf_counter()
         with torch.no_grad():
-            actions, _, _ = policy.act(stack_observations([slots[index].obs for index in active]), deterministic)
+            batch = stack_observations([slots[index].obs for index in active])
+            actions, _, _ = policy.act(batch, deterministic, temperature)
         actions = actions.cpu().numpy()
         share = (time.perf_counter() - begin) / len(active)
         for row, index in enumerate(active):
