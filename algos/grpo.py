@@ -19,7 +19,7 @@ of the policy that produced them (stale rollouts, relabelled episodes) are impor
 truncated ratio ``min(pi / mu, is_clip)`` (truncated IS, as in Retrace / V-trace); scripted or human
 demos carry none and get weight 1 (plain behaviour cloning). The full loss per minibatch:
 
-    loss = pg_loss + imitation_weight * imitation_loss - entropy_coef * entropy + kl_coef * kl(pi || pi_ref)
+    loss = pg_coef * pg_loss + imitation_weight * imitation_loss - entropy_coef * entropy + kl_coef * kl(pi || pi_ref)
 
 with the k3 estimator of the KL to the reference policy (the base model without its LoRA adapter, or a
 frozen copy of the initial policy).
@@ -196,6 +196,9 @@ class GRPOConfig:
     and policy version); a new run (or a resumed one) refills its success replay from it."""
     cache_max_episodes: int | None = 20_000
     """Evict the oldest cached online episodes past this many (None: keep all)."""
+    pg_coef: float = 1.0
+    """Weight of the policy-gradient term. 0 leaves the offline term alone on the same rollouts (their
+    successes still enter the replay and set the imitation weight): the ablation that shows what RL adds."""
     kl_coef: float = 0.0
     """Weight of KL(pi || pi_ref); 0 (DAPO's choice) builds no reference policy."""
     entropy_coef: float = 0.0
@@ -230,7 +233,7 @@ class GRPOConfig:
                 raise ValueError(f"{name} {getattr(self, name)!r} must be a finite number > 0")
         if self.clip_low >= 1.0:
             raise ValueError(f"clip_low {self.clip_low!r} must be < 1: the ratio's lower bound 1 - clip_low must stay > 0")
-        for name in ("kl_coef", "entropy_coef", "imitation_weight_min", "imitation_weight_max"):
+        for name in ("pg_coef", "kl_coef", "entropy_coef", "imitation_weight_min", "imitation_weight_max"):
             if not (_is_finite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be a finite number >= 0")
         if self.imitation_weight_min > self.imitation_weight_max:
@@ -740,7 +743,7 @@ class GRPO(BaseLearner):
                         log_probs, old_log_probs, advantages, config.clip_low, config.clip_high, token_weights
                     )
                     entropy_loss = entropy.mean()
-                    loss = pg_loss - config.entropy_coef * entropy_loss
+                    loss = config.pg_coef * pg_loss - config.entropy_coef * entropy_loss
                     if config.kl_coef > 0:
                         kl = k3_kl(log_probs, self._reference_log_probs(obs, action_tokens)).mean()
                         loss = loss + config.kl_coef * kl

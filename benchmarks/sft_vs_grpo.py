@@ -74,7 +74,9 @@ from gym_libero_vla.evaluate import difference_interval, env_kwargs_for_policy, 
 from gym_libero_vla.policies import load_policy, resolve_device
 from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
 
-VARIANTS = ("sft", "grpo", "grpo_offline", "grpo_offline_relabel", "irevla")
+VARIANTS = ("sft", "grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "offline_only")
+ISSUE_VARIANTS = VARIANTS[:5]
+"""The ones issue #7 names, run by default; ``offline_only`` is an ablation to ask for."""
 FINE_TUNED = VARIANTS[1:]
 DESCRIPTIONS = {
     "sft": "behaviour cloning on the demos; the start of every other variant",
@@ -82,6 +84,8 @@ DESCRIPTIONS = {
     "grpo_offline": "(b) GRPO + offline regularization: adaptive demo NLL and success replay",
     "grpo_offline_relabel": "(c) (b) + Rollout Relabel: all-fail groups rescued with a demo, hindsight relabelling",
     "irevla": "(d) iRe-VLA: head-only GRPO stages alternating with SL stages on demos + successes",
+    "offline_only": "(e) ablation: (b) without its policy-gradient term (pg_coef 0), the same rollouts feeding only "
+    "the success replay and the imitation weight; (b) minus (e) is what RL adds over more imitation",
 }
 TARGET_DELTA = 0.05
 """Issue #7: (b) should beat SFT by at least this much mean success."""
@@ -105,8 +109,9 @@ class Args:
     gripper and hardly ever succeeds)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Training seeds: SFT and each variant are trained once per seed and evaluated with it as the reset seed."""
-    variants: tuple[str, ...] = VARIANTS
-    """Which of sft, grpo, grpo_offline, grpo_offline_relabel, irevla to run (SFT is trained anyway as the start)."""
+    variants: tuple[str, ...] = ISSUE_VARIANTS
+    """Which of sft, grpo, grpo_offline, grpo_offline_relabel, irevla (the default) and the ablation offline_only
+    to run (SFT is trained anyway as the start)."""
     output_dir: str | None = None
     """Checkpoints, curves and episodes, one subdirectory per variant and seed (default runs/sft_vs_grpo/<suite>)."""
     json_out: str | None = None
@@ -396,11 +401,11 @@ def make_learner(variant: str, args: Args, policy, env, episodes, hyperparameter
             policy, env, demos=None, imitation_weight_max=0.0, imitation_weight_min=0.0, success_replay_size=0,
             rescue_failed_groups=False, tensorboard_log=tensorboard_log, **hyperparameters,
         )  # fmt: skip
-    return GRPO(  # (b), (c): plus the offline term; (c) also rescues all-fail groups
+    return GRPO(  # (b), (c): plus the offline term; (c) also rescues all-fail groups; (e): the offline term alone
         policy, env, demos=episodes, imitation_weight_max=args.imitation_weight_max,
         imitation_weight_min=args.imitation_weight_min, success_replay_size=args.success_replay_size,
-        rescue_failed_groups=variant == "grpo_offline_relabel", cache_dir=os.path.join(run_dir, "cache"),
-        tensorboard_log=tensorboard_log, **hyperparameters,
+        rescue_failed_groups=variant == "grpo_offline_relabel", pg_coef=0.0 if variant == "offline_only" else 1.0,
+        cache_dir=os.path.join(run_dir, "cache"), tensorboard_log=tensorboard_log, **hyperparameters,
     )  # fmt: skip
 
 
@@ -701,7 +706,7 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip(VARIANTS, ("tab:gray", "tab:red", "tab:blue", "tab:green", "tab:purple")))
+    colors = dict(zip(VARIANTS, ("tab:gray", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")))
     figure, (success_axes, entropy_axes) = plt.subplots(1, 2, figsize=(12, 4.2))
     sft_start = [run["curve"]["success"][0][1] for run in report["runs"] if run["variant"] != "sft"]
     if sft_start:

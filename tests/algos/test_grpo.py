@@ -251,6 +251,24 @@ def test_tempered_rollouts_are_trained_on_the_distribution_that_sampled_them(env
         GRPO(make_policy(instruction), env, temperature=0)
 
 
+def test_pg_coef_zero_leaves_only_the_offline_term(env, instruction):
+    """The offline-only ablation: an informative rollout alone moves nothing; with demos, only imitation does."""
+    policy = make_policy(instruction)
+    model = GRPO(policy, env, group_size=2, num_groups=1, learning_rate=1e-2, pg_coef=0.0, seed=0)
+    rollout = model.collect_rollouts()
+    rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)
+    before = [p.detach().clone() for p in policy.parameters()]
+    metrics = model.train(rollout)
+    assert metrics["num_updates"] >= 1 and metrics["pg_loss"] != 0.0  # computed and logged, weighted by 0
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    with_demos = GRPO(policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, imitation_batch_size=4,
+                      learning_rate=1e-2, pg_coef=0.0, seed=0)  # fmt: skip
+    with_demos.train(rollout)
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    with pytest.raises(ValueError, match="pg_coef -1.0 must be a finite number >= 0"):
+        GRPO(make_policy(instruction), env, pg_coef=-1.0)
+
+
 def test_stale_rollouts_get_proximal_ratios_and_truncated_importance_weights(env, instruction):
     model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1, learning_rate=1e-2, is_clip=1.5, seed=0)
     rollout = model.collect_rollouts()

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # the script imports its sibling sft_baseline, as `python benchmarks/...`
 import sft_vs_grpo  # noqa: E402
 
-Args, main, VARIANTS = sft_vs_grpo.Args, sft_vs_grpo.main, sft_vs_grpo.VARIANTS
+Args, main, VARIANTS = sft_vs_grpo.Args, sft_vs_grpo.main, sft_vs_grpo.ISSUE_VARIANTS
 
 
 def tiny_args(tmp_path, **overrides) -> Args:
@@ -159,3 +159,12 @@ def test_report_after_every_run_compares_each_variant_with_sft_on_its_own_seeds(
         final["results"]["grpo_offline"]["overall"]["seed_rates"][1] - final["results"]["sft"]["overall"]["seed_rates"][1],
     ]
     assert not list((tmp_path / "results").glob("*.tmp*"))  # every report file renamed into place
+
+
+def test_offline_only_ablation_trains_without_the_policy_gradient_term(tmp_path):
+    report = main(tiny_args(tmp_path, variants=("sft", "offline_only")))
+    assert list(report["results"]) == ["sft", "offline_only"]
+    assert "(e) ablation" in sft_vs_grpo.markdown(report)
+    with open(tmp_path / "run" / "offline_only_seed0" / "checkpoints" / "final" / "grpo.json") as file:
+        saved = json.load(file)
+    assert saved["pg_coef"] == 0.0 and saved["imitation_weight_max"] == 1.0 and saved["num_timesteps"] >= 20
