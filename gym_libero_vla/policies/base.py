@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -62,7 +63,7 @@ def check_temperature(temperature: float) -> float:
     """A sampling temperature must be a finite number > 0 (1: the policy's own distribution)."""
     if (
         isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
+        or not isinstance(temperature, numbers.Real)  # numpy scalars too
         or not math.isfinite(temperature)
         or temperature <= 0
     ):
