@@ -55,7 +55,7 @@ from gym_libero_vla.algos.base import BaseLearner
 from gym_libero_vla.algos.base import progress_bar as make_progress_bar
 from gym_libero_vla.algos.sft import Transitions, episodes_of, load_demonstrations
 from gym_libero_vla.episode_store import Episode, EpisodeStore
-from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy
+from gym_libero_vla.policies.base import VLAPolicy, batch_observation, check_temperature, load_policy
 from gym_libero_vla.wrappers.rollout_relabel import rescue_failed_group
 
 GRPO_CONFIG_FILENAME = "grpo.json"
@@ -228,9 +228,10 @@ class GRPOConfig:
         ):  # fmt: skip
             if not _is_int(getattr(self, name), minimum):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be an int >= {minimum}")
-        for name in ("learning_rate", "clip_low", "clip_high", "advantage_eps", "temperature"):
+        for name in ("learning_rate", "clip_low", "clip_high", "advantage_eps"):
             if not (_is_finite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be a finite number > 0")
+        check_temperature(self.temperature)  # the same rule as the policies' sampling
         if self.clip_low >= 1.0:
             raise ValueError(f"clip_low {self.clip_low!r} must be < 1: the ratio's lower bound 1 - clip_low must stay > 0")
         for name in ("pg_coef", "kl_coef", "entropy_coef", "imitation_weight_min", "imitation_weight_max"):

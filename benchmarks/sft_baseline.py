@@ -399,6 +399,16 @@ def read_episodes(path: str) -> list[dict]:
     return rows
 
 
+def recorded_episodes(episodes_path: str, checkpoint_sha: str, max_episode_steps: int) -> dict[tuple, dict]:
+    """The rows of ``episodes_path`` run by the weights of ``checkpoint_sha`` with this step limit, by
+    (task, init state, seed)."""
+    return {
+        (row["task_id"], row["init_state_id"], row["seed"]): row
+        for row in read_episodes(episodes_path)
+        if row.get("checkpoint_sha") == checkpoint_sha and row.get("max_episode_steps") == max_episode_steps
+    }
+
+
 def evaluate_resumably(
     policy: VLAPolicy, env_id: str, runs: list[tuple[int, int, int]], max_episode_steps: int, episodes_path: str,
     checkpoint: dict, progress: bool, num_envs: int = 1,
@@ -406,17 +416,13 @@ def evaluate_resumably(
     """One deterministic episode per (task, init state, seed) of ``runs``, ``num_envs`` at a time
     (:func:`run_episodes_batched`), each appended to ``episodes_path`` as it ends; those already there for the
     same checkpoint and step limit are not run again. Returns (rows, run now)."""
-    done = {
-        (row["task_id"], row["init_state_id"], row["seed"]): row
-        for row in read_episodes(episodes_path)
-        if row.get("checkpoint_sha") == checkpoint["sha"] and row.get("max_episode_steps") == max_episode_steps
-    }
+    done = recorded_episodes(episodes_path, checkpoint["sha"], max_episode_steps)
     todo = [run for run in runs if run not in done]
     print(f"evaluation: {len(runs) - len(todo)} of {len(runs)} episodes already in {episodes_path}", flush=True)
     if todo:
         task_ids = sorted({task_id for task_id, _, _ in runs})
         envs = make_eval_envs(
-            env_id, min(num_envs, len(todo)), task_ids, max_episode_steps=max_episode_steps,
+            env_id, num_envs, task_ids, num_runs=len(todo), max_episode_steps=max_episode_steps,
             **env_kwargs_for_policy(policy),
         )  # fmt: skip
         if "object_state" in policy.observation_keys:

@@ -215,6 +215,10 @@ class Args:
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     progress: bool = True
     """Show progress bars."""
+    report_only: bool = False
+    """Train and evaluate nothing: write the report from the runs already finished (trained to total_timesteps
+    and evaluated on every episode), listing the others as missing. E.g. after running the key comparison first
+    (``--variants sft grpo_offline --seeds 0 1 2``), or to rebuild the report files of an interrupted run."""
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -305,6 +309,18 @@ def prepare_sft(args: Args, seed: int, episodes, instructions: list[str], output
     return {"path": path, "steps": model.num_timesteps, "seconds": record["seconds"], "steps_this_run": this_run["steps"]}
 
 
+def finished_sft(args: Args, seed: int, output_dir: str) -> dict | None:
+    """What :func:`prepare_sft` returns, for an SFT checkpoint already trained to ``sft_steps``; else None."""
+    if args.sft_checkpoint is not None:
+        return prepare_sft(args, seed, None, [], output_dir)  # used as it is: nothing to train
+    path = os.path.join(output_dir, f"sft_seed{seed}", "sft")
+    record = _read_json(os.path.join(path, SFT_CONFIG_FILENAME))
+    if int(record.get("num_timesteps", -1)) < args.sft_steps:
+        return None
+    seconds = _read_json(os.path.join(path, sft_baseline.TRAIN_RECORD)).get("seconds")
+    return {"path": path, "steps": int(record["num_timesteps"]), "seconds": seconds, "steps_this_run": 0}
+
+
 def _read_json(path: str) -> dict:
     if not os.path.exists(path):
         return {}
@@ -356,7 +372,7 @@ class LearningCurve(BaseCallback):
             policy = self.model.policy
             task_ids = sorted({task_id for task_id, _, _ in self.runs})
             # Made for each curve point and closed after it: the simulators would otherwise sit in memory all run.
-            envs = make_eval_envs(self.env_id, min(self.num_envs, len(self.runs)), task_ids,
+            envs = make_eval_envs(self.env_id, self.num_envs, task_ids, num_runs=len(self.runs),
                                   max_episode_steps=self.max_episode_steps, **env_kwargs_for_policy(policy))  # fmt: skip
             was_training = policy.training
             policy.eval()
@@ -428,16 +444,26 @@ def make_rollout_env(args: Args, env_id: str, task_ids, max_episode_steps: int, 
                         wrappers=[wrap] if relabel else None, max_cached_tasks=2, **kwargs)  # fmt: skip
 
 
+def finished_training(run_dir: str, total_timesteps: int) -> dict | None:
+    """What :func:`fine_tune` returns, for a run whose final checkpoint has ``total_timesteps``; else None."""
+    final = os.path.join(run_dir, "checkpoints", "final")
+    if saved_steps(final) < total_timesteps:
+        return None
+    return {"checkpoint": final, "steps": saved_steps(final), "steps_this_run": 0,
+            "curve": sft_baseline.read_episodes(os.path.join(run_dir, "curve.jsonl"))}  # fmt: skip
+
+
 def fine_tune(variant: str, args: Args, seed: int, sft: dict, episodes, run_dir: str, suite, task_ids, curve_runs,
               max_episode_steps: int) -> dict:  # fmt: skip
     """Train ``variant`` from the SFT checkpoint to ``total_timesteps`` env steps into ``<run_dir>/checkpoints/final``,
     resuming from the newest checkpoint there; a finished run is not touched. Returns its path, steps and curve rows."""
+    trained = finished_training(run_dir, args.total_timesteps)
+    if trained is not None:
+        print(f"{variant} seed {seed}: {trained['checkpoint']} has {trained['steps']} env steps "
+              f"(>= {args.total_timesteps}): not training", flush=True)  # fmt: skip
+        return trained
     checkpoints, curve_path = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "curve.jsonl")
     final = os.path.join(checkpoints, "final")
-    if saved_steps(final) >= args.total_timesteps:
-        print(f"{variant} seed {seed}: {final} has {saved_steps(final)} env steps (>= {args.total_timesteps}): not training")
-        return {"checkpoint": final, "steps": saved_steps(final), "steps_this_run": 0,
-                "curve": sft_baseline.read_episodes(curve_path)}  # fmt: skip
     resume_from = latest_checkpoint(checkpoints)
     if saved_steps(final) >= max(saved_steps(resume_from), 0):  # on a tie final also holds iRe-VLA's last SL stage
         resume_from = final
@@ -486,6 +512,15 @@ def evaluate_checkpoint(path: str, steps: int, env_id: str, runs, max_episode_st
     return sft_baseline.evaluate_resumably(
         policy, env_id, runs, max_episode_steps, episodes_path, checkpoint, args.progress, sft_baseline.eval_num_envs(args)
     )
+
+
+def recorded_evaluation(path: str, runs, max_episode_steps: int, directory: str) -> list[dict] | None:
+    """The rows :func:`evaluate_checkpoint` would return, when every episode of ``runs`` is already recorded for the
+    weights of ``path``; else None."""
+    done = sft_baseline.recorded_episodes(
+        os.path.join(directory, "episodes.jsonl"), sft_baseline.checkpoint_fingerprint(path), max_episode_steps
+    )
+    return [done[run] for run in runs] if all(run in done for run in runs) else None
 
 
 def success_on(rows: list[dict], runs) -> float:
@@ -783,7 +818,7 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
         sft_setup = f"the checkpoint {args.sft_checkpoint} for every seed"
     return {
         "benchmark": "SFT vs GRPO with offline regularization (issue #7)",
-        "command": sft_baseline.command_line(args, "benchmarks/sft_vs_grpo.py"),
+        "command": sft_baseline.command_line(dataclasses.replace(args, report_only=False), "benchmarks/sft_vs_grpo.py"),
         "args": dataclasses.asdict(args),
         "env_id": suite.env_id, "obs_mode": args.obs_mode, "image_size": args.image_size,
         "object_state": args.object_state, "task_ids": list(task_ids), "seeds": seeds,
@@ -827,6 +862,8 @@ def main(args: Args) -> dict:
     instructions = {task.task_id: task.instruction for task in suites.suite_tasks(suite.libero_name)}
     max_episode_steps = args.max_episode_steps or suite.max_episode_steps
 
+    if args.report_only and not os.path.exists(demos_path):
+        raise ValueError(f"report_only: no demos at {demos_path}, so no run can have finished: run without it first")
     # 1. Demos (generated when missing), shared by SFT, the offline terms, the rescues and iRe-VLA's SL stages.
     start = time.perf_counter()
     episodes, generated = sft_baseline.prepare_demos(baseline_args(args, args.seeds[0]), suite, task_ids, demos_path)
@@ -849,11 +886,20 @@ def main(args: Args) -> dict:
                       if init_state_id < init_state_ids[0] + args.curve_num_init_states]  # fmt: skip
 
         # 2. SFT of this seed, evaluated (on the curve subset at least: it is every learning curve's start).
-        sft = prepare_sft(args, seed, episodes, list(instructions.values()), output_dir)
-        rows, run_now = evaluate_checkpoint(
-            sft["path"], sft["steps"], suite.env_id, eval_runs if "sft" in args.variants else curve_runs, max_episode_steps,
-            os.path.join(output_dir, f"sft_seed{seed}"), args,
-        )  # fmt: skip
+        sft_dir = os.path.join(output_dir, f"sft_seed{seed}")
+        sft_runs = eval_runs if "sft" in args.variants else curve_runs
+        if args.report_only:
+            sft = finished_sft(args, seed, output_dir)
+            rows = None if sft is None else recorded_evaluation(sft["path"], sft_runs, max_episode_steps, sft_dir)
+            if rows is None:
+                print(f"sft seed {seed}: not trained or not evaluated: seed {seed} left out of the report", flush=True)
+                continue
+            run_now = 0
+        else:
+            sft = prepare_sft(args, seed, episodes, list(instructions.values()), output_dir)
+            rows, run_now = evaluate_checkpoint(
+                sft["path"], sft["steps"], suite.env_id, sft_runs, max_episode_steps, sft_dir, args
+            )
         sft_curve_rate = success_on(rows, curve_runs)
         runs.append({
             "variant": "sft", "seed": seed, "checkpoint": sft["path"], "steps": sft["steps"],
@@ -865,18 +911,35 @@ def main(args: Args) -> dict:
         # 3. Each fine-tuning variant from that SFT checkpoint, on the same budget; 4. its evaluation.
         for variant in [variant for variant in FINE_TUNED if variant in args.variants]:
             run_dir = os.path.join(output_dir, f"{variant}_seed{seed}")
-            trained = fine_tune(variant, args, seed, sft, episodes, run_dir, suite, task_ids, curve_runs, max_episode_steps)
-            rows, run_now = evaluate_checkpoint(
-                trained["checkpoint"], trained["steps"], suite.env_id, eval_runs, max_episode_steps, run_dir, args
-            )
+            if args.report_only:
+                trained = finished_training(run_dir, args.total_timesteps)
+                rows = None if trained is None else recorded_evaluation(
+                    trained["checkpoint"], eval_runs, max_episode_steps, run_dir
+                )  # fmt: skip
+                if rows is None:
+                    print(f"{variant} seed {seed}: not trained or not evaluated: left out of the report", flush=True)
+                    continue
+                run_now = 0
+            else:
+                trained = fine_tune(variant, args, seed, sft, episodes, run_dir, suite, task_ids, curve_runs,
+                                    max_episode_steps)  # fmt: skip
+                rows, run_now = evaluate_checkpoint(
+                    trained["checkpoint"], trained["steps"], suite.env_id, eval_runs, max_episode_steps, run_dir, args
+                )
             runs.append(run_record(variant, seed, trained, rows, run_now, curve_runs, sft_curve_rate))
 
             # 5. The report over the runs done so far, rewritten after each (a long run shows results early).
+            if not args.report_only:
+                report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
+                write_report(report, json_out)
+        if not args.report_only and not any(variant in args.variants for variant in FINE_TUNED):  # sft alone
             report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
             write_report(report, json_out)
-        if not any(variant in args.variants for variant in FINE_TUNED):  # sft alone
-            report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
-            write_report(report, json_out)
+    if args.report_only:
+        if not runs:
+            raise ValueError(f"report_only: no finished run of seeds {list(args.seeds)} in {output_dir}: nothing to report")
+        report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
+        write_report(report, json_out)
     return report
 
 

@@ -137,7 +137,7 @@ def evaluate_policy(
     # The env validates task_ids and names the valid range. Videos come from an env of their own (a renderer
     # costs ~0.7 GB per env), the rest from num_envs envs side by side.
     batched_runs = len(task_ids) * len(init_state_ids) * len(seeds) - video_episodes
-    envs = make_eval_envs(suite.env_id, max(1, min(num_envs, batched_runs)), task_ids, **env_kwargs)
+    envs = make_eval_envs(suite.env_id, num_envs, task_ids, num_runs=batched_runs, **env_kwargs)
     try:
         check_init_states(envs[0], task_ids, init_state_ids)
         runs = [(task_id, init_state_id, seed) for task_id in task_ids for init_state_id in init_state_ids for seed in seeds]
@@ -240,11 +240,16 @@ class _Slot:  # an env of run_episodes_batched and the episode it is in
     seconds: float
 
 
-def make_eval_envs(env_id: str, num_envs: int, task_ids: Sequence[int] | None = None, **env_kwargs) -> list[gym.Env]:
+def make_eval_envs(
+    env_id: str, num_envs: int, task_ids: Sequence[int] | None = None, *, num_runs: int | None = None, **env_kwargs
+) -> list[gym.Env]:
     """``num_envs`` envs of ``env_id`` in this process for :func:`run_episodes_batched`. With several, each keeps
-    one task's simulator (``max_cached_tasks=1``): the batched runner keeps an env on one task as long as it can."""
+    one task's simulator (``max_cached_tasks=1``): the batched runner keeps an env on one task as long as it can.
+    ``num_runs``, the episodes they are for, caps the count (envs beyond it would sit idle); at least one is made."""
     if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
         raise ValueError(f"num_envs {num_envs!r} must be an int >= 1")
+    if num_runs is not None:
+        num_envs = max(1, min(int(num_envs), int(num_runs)))
     if num_envs > 1:
         env_kwargs.setdefault("max_cached_tasks", 1)
     envs: list[gym.Env] = []

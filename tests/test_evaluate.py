@@ -112,6 +112,11 @@ def test_evaluate_policy_results_do_not_depend_on_num_envs():
     assert [(e["task_id"], e["init_state_id"]) for e in three["episodes"]] == [(1, 20), (1, 21), (2, 20), (2, 21)]
     with pytest.raises(ValueError, match="num_envs 0 must be an int >= 1"):
         make_eval_envs("LiberoSpatial-v0", 0)
+    for num_runs, expected in ((2, 2), (0, 1)):  # no env that would sit idle, and always one
+        envs = make_eval_envs("LiberoSpatial-v0", 3, (1,), num_runs=num_runs)
+        assert len(envs) == expected
+        for env in envs:
+            env.close()
     with pytest.raises(ValueError, match="envs is empty"):
         next(run_episodes_batched(policy, [], [(0, 20, 0)]))
 

@@ -92,6 +92,20 @@ def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):
     assert {path: os.path.getmtime(path / "model.safetensors") for path in final_mtimes} == final_mtimes
     assert again["results"] == report["results"]
 
+    # --report-only over more seeds than ran: the finished runs' report, the others missing, nothing run or written
+    # but the report files.
+    only = main(tiny_args(tmp_path, seeds=(0, 1), report_only=True, json_out=str(tmp_path / "only" / "report.json")))
+    assert only["results"] == report["results"] and only["missing_runs"] == [f"{v} seed 1" for v in VARIANTS]
+    assert all(run["steps_this_run"] == 0 and run["episodes_this_run"] == 0 for run in only["runs"])
+    assert {path: (line_count(path), os.path.getmtime(path)) for path in run_dir.glob("*/*.jsonl")} == files
+    assert sorted(os.listdir(run_dir)) == sorted(f"{variant}_seed0" for variant in VARIANTS)
+    assert "--report-only" not in only["command"] and "--seeds 0 1" in only["command"]
+    assert "**Partial report**" in (tmp_path / "only" / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"report_only: no finished run of seeds \[1\] in "):
+        main(tiny_args(tmp_path, seeds=(1,), report_only=True))
+    with pytest.raises(ValueError, match="report_only: no demos at .*missing.hdf5, so no run can have finished"):
+        main(tiny_args(tmp_path, report_only=True, demos=str(tmp_path / "missing.hdf5")))
+
     # A larger budget continues each run from its final checkpoint (same SFT, SFT episodes reused).
     longer = main(tiny_args(tmp_path, total_timesteps=40, variants=("sft", "grpo_offline", "irevla")))
     for run in longer["runs"]:
