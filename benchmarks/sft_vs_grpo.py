@@ -36,6 +36,9 @@ value; the report says whether (a)'s did).
         --no-object-state --device cuda
     # a quicker look: two variants, one seed, two tasks
     python benchmarks/sft_vs_grpo.py --variants sft grpo_offline --seeds 0 --task-ids 0 1 --total-timesteps 10000
+    # the key comparison on every seed first, then the full report from whatever has finished (nothing is run)
+    python benchmarks/sft_vs_grpo.py --suite spatial --variants sft grpo_offline
+    python benchmarks/sft_vs_grpo.py --suite spatial --report-only
 
 Every stage resumes after a kill, so running the same command again only does what is left and rewrites the
 report (which is also rewritten after every fine-tuning run, so a long run shows its first results early): demos from
