@@ -15,15 +15,15 @@ One command, five policies on the same suite, the same held-out init states and 
   in another's rollout, so there (c) is (b) plus group rescue; the report counts the relabelled episodes.
 - ``irevla``: (d) iRe-VLA -- head-only GRPO stages alternating with supervised stages on demos + successes.
 
-Every fine-tuned policy is trained once per ``--seeds`` entry (its own SFT checkpoint too, SFT seeded alike) on
-the demos' init states (0 .. demo_init_state_end - 1), then evaluated greedily on every task and every held-out
-init state (20..39 by default) with that seed as the reset seed. The report gives per-task success (over all
-seeds' episodes) with Wilson 95% intervals, the mean, the difference to SFT with Newcombe's 95% interval, the
-per-seed rates, the entropy of each learner's policy at the start and end of training (the collapse check), the
-wall time of every stage, and a plot: held-out success (a small subset, every ``--curve-every`` env steps) and
-entropy against env steps. It checks issue #7's targets as measured: (b) beats SFT by at least 5 points of mean
-success, and (b)'s entropy does not collapse (its end-of-training value stays above half its start-of-training
-value; the report says whether (a)'s did).
+Every fine-tuned policy is trained once per ``--seeds`` entry (its own SFT checkpoint too, SFT seeded alike) on the
+demos' init states (0 .. demo_init_state_end - 1), then evaluated greedily on every task and every held-out init
+state (20..39 by default) with that seed as the reset seed. The report gives per-task success (over all seeds'
+episodes) with Wilson 95% intervals, the mean, the difference to SFT with a 95% interval from a paired bootstrap
+over the evaluation starts, the per-seed rates, the entropy of each learner's policy at the start and end of
+training (the collapse check), the wall time of every stage, and a plot: held-out success (a small subset, every
+``--curve-every`` env steps) and entropy against env steps. It checks issue #7's targets as measured: (b) beats SFT
+by at least 5 points of mean success, and (b)'s entropy does not collapse (its end-of-training value stays above
+half its start-of-training value; the report says whether (a)'s did).
 
     # LIBERO-Spatial and LIBERO-Object, state mode with privileged object poses, 3 seeds, one core each: about
     # 12 h per suite on a 2-core CPU running both (per seed: SFT ~25 min, each fine-tuning ~35 min, evaluating
@@ -73,7 +73,13 @@ from gym_libero_vla.algos.callbacks import RolloutCheckpointCallback
 from gym_libero_vla.algos.grpo import GRPO, GRPO_CONFIG_FILENAME, GRPOConfig, latest_checkpoint
 from gym_libero_vla.algos.irevla import IReVLA, IReVLAConfig
 from gym_libero_vla.algos.sft import SFT_CONFIG_FILENAME
-from gym_libero_vla.evaluate import difference_interval, env_kwargs_for_policy, make_eval_envs, run_episodes_batched
+from gym_libero_vla.evaluate import (
+    difference_interval,
+    env_kwargs_for_policy,
+    make_eval_envs,
+    paired_difference_interval,
+    run_episodes_batched,
+)
 from gym_libero_vla.policies import load_policy, resolve_device
 from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
 
@@ -593,17 +599,37 @@ def variant_summary(runs: list[dict], task_ids, instructions: dict) -> dict:
     }  # fmt: skip
 
 
-def delta_vs(summary: dict, baseline: dict, task_ids) -> dict:
-    """``summary`` minus ``baseline`` success, overall, per task and per seed, with Newcombe 95% intervals."""
+def start_success(runs: list[dict]) -> dict[tuple[int, int], float]:
+    """Success per evaluation start (task, init state), averaged over the runs' (seeds') episodes from it."""
+    outcomes: dict[tuple[int, int], list[float]] = {}
+    for run in runs:
+        for row in run["rows"]:
+            outcomes.setdefault((row["task_id"], row["init_state_id"]), []).append(float(row["success"]))
+    return {start: float(np.mean(values)) for start, values in outcomes.items()}
 
-    def delta(entry, base):
-        interval = difference_interval(entry["successes"], entry["episodes"], base["successes"], base["episodes"])
-        return {"delta": entry["success_rate"] - base["success_rate"], "ci95": list(interval)}
+
+def delta_vs(summary: dict, baseline: dict, task_ids, runs: list[dict], baseline_runs: list[dict]) -> dict:
+    """``summary`` minus ``baseline`` success, overall, per task and per seed. ``ci95``: paired bootstrap over the
+    evaluation starts (both sides averaged over their seeds per start; resampled within tasks), the interval the
+    targets use; ``ci95_newcombe``: Newcombe's on the pooled episodes, which counts a start once per seed as if
+    the episodes were independent (too narrow when a seed barely changes a greedy episode, as on these suites)."""
+    mine, theirs = start_success(runs), start_success(baseline_runs)
+    if set(mine) != set(theirs):
+        raise ValueError("a variant and its baseline must be evaluated on the same (task, init state) starts")
+    starts = sorted(mine)
+
+    def delta(entry, base, task_id=None):
+        chosen = [start for start in starts if task_id is None or start[0] == task_id]
+        differences = [mine[start] - theirs[start] for start in chosen]
+        paired = paired_difference_interval(differences, [task for task, _ in chosen])
+        newcombe = difference_interval(entry["successes"], entry["episodes"], base["successes"], base["episodes"])
+        return {"delta": entry["success_rate"] - base["success_rate"], "ci95": list(paired),
+                "ci95_newcombe": list(newcombe), "starts": len(chosen)}  # fmt: skip
 
     per_seed = [rate - base for rate, base in zip(summary["overall"]["seed_rates"], baseline["overall"]["seed_rates"])]
     return {
         "overall": delta(summary["overall"], baseline["overall"]),
-        "per_task": {str(t): delta(summary["per_task"][str(t)], baseline["per_task"][str(t)]) for t in task_ids},
+        "per_task": {str(t): delta(summary["per_task"][str(t)], baseline["per_task"][str(t)], t) for t in task_ids},
         "per_seed": per_seed,
     }
 
@@ -653,7 +679,11 @@ def markdown(report: dict) -> str:
         "",
         f"Success on held-out init states {sft_baseline._ranges(evaluation['init_state_ids'])} of every task, seeds "
         f"{', '.join(map(str, report['seeds']))} (one greedy episode per task, init state and seed, at most "
-        f"{evaluation['max_episode_steps']} steps); [Wilson 95% interval] over all seeds' episodes.",
+        f"{evaluation['max_episode_steps']} steps); [Wilson 95% interval] over all seeds' episodes, each counted as "
+        "independent, so with several seeds too narrow (a start's episodes under different reset seeds are alike; "
+        "SFT's are mostly the same). Δ: the difference to SFT on the same seeds, [95% interval] from a paired "
+        "bootstrap over the starts (task, init state), seeds averaged per start; the per-seed row shows how much "
+        "training seeds differ.",
         "",
         "| task | " + " | ".join(names) + " |",
         "|---:|" + ":---:|" * len(names),
@@ -675,7 +705,7 @@ def markdown(report: dict) -> str:
         entropy = result["entropy"]
         return "-" if entropy["start"] is None else f"{entropy['start']:.2f} -> {entropy['end']:.2f}"
 
-    row("Δ vs sft [Newcombe 95%]", delta_cell)
+    row("Δ vs sft [paired 95%]", delta_cell)
     row("per seed", lambda name, result: " / ".join(f"{rate:.2f}" for rate in result["overall"]["seed_rates"]))
     row("entropy start -> end", entropy_cell)
     row("env steps", lambda name, result: "-" if name == "sft" else " / ".join(str(steps) for steps in result["steps"]))
@@ -811,7 +841,10 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
             variant_seeds = set(result["overall"]["seeds"])
             sft_runs = [run for run in runs if run["variant"] == "sft" and run["seed"] in variant_seeds]
             if {run["seed"] for run in sft_runs} == variant_seeds:
-                result["delta_vs_sft"] = delta_vs(result, variant_summary(sft_runs, task_ids, instructions), task_ids)
+                result["delta_vs_sft"] = delta_vs(
+                    result, variant_summary(sft_runs, task_ids, instructions), task_ids,
+                    [run for run in runs if run["variant"] == variant], sft_runs,
+                )  # fmt: skip
     done = {(run["variant"], run["seed"]) for run in runs}
     missing = [f"{variant} seed {seed}" for seed in args.seeds for variant in args.variants if (variant, seed) not in done]
     rollout_limit = args.rollout_max_episode_steps or args.max_episode_steps or suite.max_episode_steps

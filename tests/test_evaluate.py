@@ -11,10 +11,12 @@ import pytest
 
 from gym_libero_vla.evaluate import (
     EvalArgs,
+    difference_interval,
     env_kwargs_for_policy,
     evaluate_policy,
     main,
     make_eval_envs,
+    paired_difference_interval,
     run_episode,
     run_episodes_batched,
     wilson_interval,
@@ -146,3 +148,27 @@ def test_wilson_interval_matches_hand_computed_values():
         wilson_interval(0, 0)
     with pytest.raises(ValueError, match="successes 11 must be in 0..10"):
         wilson_interval(11, 10)
+
+
+def test_paired_difference_interval_uses_the_pairing_and_keeps_strata():
+    # B succeeds on 40 of 200 starts; A on the same 40 and 10 more. Counted as independent samples (Newcombe) the
+    # +0.05 is within noise; paired, A never does worse on a start, and the interval excludes 0.
+    b = np.array([1.0] * 40 + [0.0] * 160)
+    a = b.copy()
+    a[40:50] = 1.0
+    low, high = paired_difference_interval(a - b)
+    assert 0.0 < low < 0.05 < high < 0.1
+    assert difference_interval(50, 200, 40, 200)[0] < 0.0
+    assert paired_difference_interval(a - b) == (low, high)  # seeded: a report is reproducible
+    # Within strata the resampled starts keep each stratum's count: 4 starts at +1, 4 at 0 always average 0.5.
+    differences, tasks = [1.0] * 4 + [0.0] * 4, [0] * 4 + [1] * 4
+    assert paired_difference_interval(differences, tasks) == (0.5, 0.5)
+    low, high = paired_difference_interval(differences)  # unstratified, the mean varies
+    assert low < 0.5 < high
+    assert paired_difference_interval(np.zeros(20)) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="differences must be a non-empty 1-D sequence"):
+        paired_difference_interval([])
+    with pytest.raises(ValueError, match="strata has shape \\(3,\\), differences \\(2,\\)"):
+        paired_difference_interval([0.0, 1.0], [0, 0, 1])
+    with pytest.raises(ValueError, match="confidence 1.5 must lie in"):
+        paired_difference_interval([0.0, 1.0], confidence=1.5)

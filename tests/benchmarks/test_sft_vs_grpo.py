@@ -64,6 +64,8 @@ def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):
             delta = result["delta_vs_sft"]["overall"]
             assert delta["delta"] == result["overall"]["success_rate"] - sft["success_rate"]
             assert -1.0 <= delta["ci95"][0] <= delta["delta"] <= delta["ci95"][1] <= 1.0
+            assert -1.0 <= delta["ci95_newcombe"][0] <= delta["delta"] <= delta["ci95_newcombe"][1] <= 1.0
+            assert delta["starts"] == 1  # one held-out start, paired across the two policies
             assert result["entropy"]["start"] > 0 and result["entropy"]["end"] > 0
     assert saved["results"]["grpo_offline_relabel"]["relabelled_episodes"] == 0  # no Spatial task shares a scene
     assert "no relabelling can happen" in saved["setup"]["relabel_note"]
