@@ -306,10 +306,7 @@ def prepare_sft(args: Args, seed: int, episodes, instructions: list[str], output
     """The SFT checkpoint of ``seed``: ``--sft-checkpoint`` as it is, or ``<output_dir>/sft_seed<seed>/sft`` trained
     (or continued) to ``sft_steps`` with sft_baseline's resumable loop. Returns its path, steps and wall seconds."""
     if args.sft_checkpoint is not None:
-        path = args.sft_checkpoint
-        steps = int(_read_json(os.path.join(path, SFT_CONFIG_FILENAME)).get("num_timesteps", 0))
-        seconds = _read_json(os.path.join(path, sft_baseline.TRAIN_RECORD)).get("seconds")  # made by sft_baseline.py
-        return {"path": path, "steps": steps, "seconds": seconds, "steps_this_run": 0}
+        return saved_sft(args.sft_checkpoint)
     directory = os.path.join(output_dir, f"sft_seed{seed}")
     path = os.path.join(directory, "sft")
     baseline = baseline_args(args, seed)
@@ -318,16 +315,19 @@ def prepare_sft(args: Args, seed: int, episodes, instructions: list[str], output
     return {"path": path, "steps": model.num_timesteps, "seconds": record["seconds"], "steps_this_run": this_run["steps"]}
 
 
+def saved_sft(path: str) -> dict:
+    """What :func:`prepare_sft` returns for the SFT checkpoint at ``path``, as it is."""
+    steps = int(_read_json(os.path.join(path, SFT_CONFIG_FILENAME)).get("num_timesteps", 0))
+    seconds = _read_json(os.path.join(path, sft_baseline.TRAIN_RECORD)).get("seconds")  # made by sft_baseline.py
+    return {"path": path, "steps": steps, "seconds": seconds, "steps_this_run": 0}
+
+
 def finished_sft(args: Args, seed: int, output_dir: str) -> dict | None:
     """What :func:`prepare_sft` returns, for an SFT checkpoint already trained to ``sft_steps``; else None."""
     if args.sft_checkpoint is not None:
-        return prepare_sft(args, seed, None, [], output_dir)  # used as it is: nothing to train
-    path = os.path.join(output_dir, f"sft_seed{seed}", "sft")
-    record = _read_json(os.path.join(path, SFT_CONFIG_FILENAME))
-    if int(record.get("num_timesteps", -1)) < args.sft_steps:
-        return None
-    seconds = _read_json(os.path.join(path, sft_baseline.TRAIN_RECORD)).get("seconds")
-    return {"path": path, "steps": int(record["num_timesteps"]), "seconds": seconds, "steps_this_run": 0}
+        return saved_sft(args.sft_checkpoint)  # used as it is: nothing to train
+    sft = saved_sft(os.path.join(output_dir, f"sft_seed{seed}", "sft"))
+    return sft if os.path.isdir(sft["path"]) and sft["steps"] >= args.sft_steps else None
 
 
 def _read_json(path: str) -> dict:
