@@ -725,6 +725,12 @@ def markdown(report: dict) -> str:
         lines.append(f"- {name}: {target['wanted']}: {verdict} ({measured})")
     if not report["targets"]:
         lines.append("- not measured: they need the sft, grpo and grpo_offline variants")
+    ablation = results.get("grpo_offline", {}).get("delta_vs_offline_only")
+    if ablation:
+        overall = ablation["overall"]
+        lines += ["", f"Ablation (e): grpo_offline − offline_only = {overall['delta']:+.2f} [paired 95% "
+                  f"{overall['ci95'][0]:+.2f}, {overall['ci95'][1]:+.2f}] over {overall['starts']} starts: what the "
+                  "policy-gradient term adds to imitating the same demos and replayed successes."]  # fmt: skip
 
     lines += ["", "Variants:"]
     for name in names:
@@ -845,6 +851,17 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
                     result, variant_summary(sft_runs, task_ids, instructions), task_ids,
                     [run for run in runs if run["variant"] == variant], sft_runs,
                 )  # fmt: skip
+    if "grpo_offline" in results and "offline_only" in results:
+        # The ablation's question: what does the policy-gradient term add over imitating the same offline data?
+        # (b) against (e) on the seeds both have; (e) trains on the same demos and successes with pg_coef 0.
+        seeds_both = set(results["grpo_offline"]["overall"]["seeds"]) & set(results["offline_only"]["overall"]["seeds"])
+        pair = {name: [run for run in runs if run["variant"] == name and run["seed"] in seeds_both]
+                for name in ("grpo_offline", "offline_only")}  # fmt: skip
+        if seeds_both:
+            summaries = {name: variant_summary(of_name, task_ids, instructions) for name, of_name in pair.items()}
+            results["grpo_offline"]["delta_vs_offline_only"] = delta_vs(
+                summaries["grpo_offline"], summaries["offline_only"], task_ids, pair["grpo_offline"], pair["offline_only"]
+            )
     done = {(run["variant"], run["seed"]) for run in runs}
     missing = [f"{variant} seed {seed}" for seed in args.seeds for variant in args.variants if (variant, seed) not in done]
     rollout_limit = args.rollout_max_episode_steps or args.max_episode_steps or suite.max_episode_steps

@@ -9,20 +9,24 @@ The behaviour is a waypoint state machine, as in the scripted policies used to c
 for MimicGen / RoboCasa-style pipelines: for ``on``/``in`` goals, approach above the object, descend,
 grasp, lift, carry above the target, lower, release, retreat; a failed grasp (the object did not rise
 with the gripper) is retried. ``turnon`` (LIBERO-Goal's stove knob) grasps the knob and yaws the gripper.
-Goals without a script (opening/closing drawers, placing into a closed drawer, pushing a plate) raise
-``NotImplementedError`` at ``reset``. The expert never decides success: callers judge it by the env's
+``open``/``close`` of a cabinet drawer turns the gripper horizontal, grasps the handle from the front and
+pulls or pushes it along the drawer's slide joint. Goals without a script (placing into a drawer, hinged
+doors such as the microwave's, drawers whose handle is too low for the horizontal hand, pushing a plate)
+raise ``NotImplementedError`` at ``reset``. The expert never decides success: callers judge it by the env's
 ``terminated`` / reward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
 POS_SCALE = 0.05  # metres per unit action: robosuite OSC_POSE output_max for position
 ROT_SCALE = 0.5  # radians per unit action: OSC_POSE output_max for rotation
 GRIPPER_OPEN, GRIPPER_CLOSE = -1.0, 1.0
+HAND_HALF_WIDTH = 0.105  # the Panda hand's collision box reaches this far each way along the fingers' closing axis
 
 
 def _axisangle_from_matrix(rotation: np.ndarray) -> np.ndarray:
@@ -141,6 +145,8 @@ class Waypoint:
     max_steps: int = 60
     max_speed: float = 1.0
     """Largest translation action component (1.0 = 5 cm a step); pushing and turning go slower."""
+    until: Callable[[], bool] | None = None
+    """Ends the phase early when it returns True (e.g. a drawer's joint reached its open range)."""
 
 
 class ScriptedExpert:
@@ -184,6 +190,7 @@ class ScriptedExpert:
         self.retries = 0
         self.held_by_neck = False
         self.base_rotation = self._eef_rotation()
+        self.home = self._eef_pos()
         self.target_rotation = self.base_rotation.copy()
         self.plan = self._plan_task()
         self.phase_steps = 0
@@ -200,7 +207,8 @@ class ScriptedExpert:
                 continue
             eef = self._eef_pos()
             error = step.position - eef
-            if np.linalg.norm(error) < step.tolerance or self.phase_steps >= step.max_steps:
+            reached = np.linalg.norm(error) < step.tolerance or (step.until is not None and step.until())
+            if reached or self.phase_steps >= step.max_steps:
                 self.plan.pop(0)
                 self.phase_steps = 0
                 continue
@@ -242,9 +250,13 @@ class ScriptedExpert:
             if kind in ("on", "in") and self._is_flat(predicate[1]):
                 raise NotImplementedError(f"scripted expert cannot move flat {predicate[1]} (needs a push): {predicate}")
             elif kind in ("on", "in") and self._is_articulated_region(predicate[2]):
-                raise NotImplementedError(f"scripted expert cannot open a drawer before placing into it: {predicate}")
+                # Opening the drawer works, but the bowl grasps that follow fail next to the pulled-out drawer.
+                raise NotImplementedError(f"scripted expert cannot place into a drawer: {predicate}")
             elif kind in ("on", "in"):
                 plan += self._plan_pick_place(predicate[1], predicate[2], kind)
+            elif kind in ("open", "close") and self._is_articulated_region(predicate[1]):
+                self._drawer(predicate[1], predicate)
+                plan.append(lambda region=predicate[1], opening=kind == "open": self._drawer_waypoints(region, opening))
             elif kind == "turnon":
                 plan.append(lambda fixture=predicate[1]: self._turn_knob_waypoints(fixture))
             else:
@@ -475,3 +487,94 @@ class ScriptedExpert:
         # Positive yaw is counter-clockwise seen from above: the stove's hinge turns on for positive angles.
         self.target_rotation = _yaw_matrix(angle) @ self._eef_rotation()
         return [Waypoint("turn", position, GRIPPER_CLOSE, tolerance=0.0, max_steps=30)]
+
+    # ------------------------------------------------------------------ drawers (cabinets of LIBERO-Goal, -10, -90)
+    def _drawer(self, region: str, predicate: list) -> tuple[int, float, dict]:
+        """(slide joint id, sign of the qpos change that opens it, LIBERO's open/close ranges) of a drawer region
+        like ``wooden_cabinet_1_top_region``; raises ``NotImplementedError`` for what the script cannot do."""
+        site = self.domain.object_sites_dict[region]
+        model = self.scene.model
+        joint = model.joint(site.joints[0]).id
+        if model.jnt_type[joint] != 2:  # 2: slide; hinged doors (microwave) have no script
+            raise NotImplementedError(f"scripted expert can only open sliding drawers, not hinged {region}: {predicate}")
+        ranges = self.domain.get_object(site.parent_name).object_properties["articulation"]
+        opens = float(np.sign(np.mean(ranges["default_open_ranges"]) - np.mean(ranges["default_close_ranges"])))
+        handle_z = self._drawer_handle(joint, opens)[0][2]
+        if "table" in self._body_names() and handle_z - HAND_HALF_WIDTH < self.scene.body_box("table").high[2] + 0.01:
+            # the horizontal hand closes its fingers vertically and spans ~21 cm that way: it would hit the table
+            raise NotImplementedError(f"scripted expert cannot reach {region}: its handle is too low: {predicate}")
+        return joint, opens, ranges
+
+    def _body_names(self) -> set[str]:
+        model = self.scene.model
+        return {model.body(body).name for body in range(model.nbody)}
+
+    def _drawer_handle(self, joint: int, opens: float) -> tuple[np.ndarray, np.ndarray, int]:
+        """(handle position, horizontal world direction that opens the drawer, drawer body). The handle is the
+        drawer's colliding geom that sticks out furthest along that direction."""
+        model, data = self.scene.model, self.scene.data
+        body = int(model.jnt_bodyid[joint])
+        pull = opens * (data.xmat[body].reshape(3, 3) @ model.jnt_axis[joint])
+        pull[2] = 0.0
+        pull /= np.linalg.norm(pull)
+        geoms = np.flatnonzero((model.geom_bodyid == body) & ((model.geom_contype != 0) | (model.geom_conaffinity != 0)))
+        handle = data.geom_xpos[max(geoms, key=lambda geom: data.geom_xpos[geom] @ pull)].copy()
+        return handle, pull, body
+
+    def _drawer_waypoints(self, region: str, opening: bool) -> list:
+        """Grasp the drawer's handle from the front with the gripper horizontal, pull (or push) it along the
+        slide joint into LIBERO's open (closed) range, release, back off and turn the gripper down again."""
+        joint, opens, ranges = self._drawer(region, ["open" if opening else "close", region])
+        data, address = self.scene.data, self.scene.model.jnt_qposadr[joint]
+        if opening:
+            target = min(ranges["default_open_ranges"]) if opens < 0 else max(ranges["default_open_ranges"])
+        else:  # LIBERO's is_close is strict at the range's edge: aim past it, into the joint's slack
+            target = max(ranges["default_close_ranges"]) if opens < 0 else min(ranges["default_close_ranges"])
+        towards = opens if opening else -opens  # sign of the qpos change this script makes
+
+        def there() -> bool:
+            return (data.qpos[address] - target) * towards >= (-0.005 if opening else 0.0)
+
+        if there():
+            return []
+        handle, pull, _ = self._drawer_handle(joint, opens)
+        travel = abs(target - data.qpos[address]) + 0.02  # the grasp gives a little
+        moved = handle + (travel if opening else -travel) * pull
+        away = moved + 0.08 * pull
+        self.target_rotation = self._horizontal_rotation(approach=-pull)
+        return [
+            Waypoint("turn", self._eef_pos(), GRIPPER_OPEN, tolerance=0.0, max_steps=15),
+            Waypoint("approach-handle", handle + 0.12 * pull, GRIPPER_OPEN, tolerance=0.01, max_steps=80),
+            Waypoint("reach-handle", handle, GRIPPER_OPEN, tolerance=0.006, max_steps=40, max_speed=0.5),
+            Waypoint("grasp-handle", handle, GRIPPER_CLOSE, tolerance=0.0, max_steps=12),
+            Waypoint(
+                "pull" if opening else "push", moved, GRIPPER_CLOSE, tolerance=0.01, max_steps=60, max_speed=0.4, until=there
+            ),
+            Waypoint("release-handle", moved, GRIPPER_OPEN, tolerance=0.0, max_steps=8),
+            Waypoint("back-off", away, GRIPPER_OPEN, tolerance=0.01, max_steps=30),
+            lambda: self._turn_down(),
+        ]
+
+    def _horizontal_rotation(self, approach: np.ndarray) -> np.ndarray:
+        """Grip-site orientation pointing along ``approach`` (horizontal) with the fingers closing vertically,
+        of the two such the one nearer the current orientation. The grip site's z axis points from the hand
+        to the fingertips and its x axis is the fingers' closing axis."""
+        current = self._eef_rotation()
+        best = None
+        for sign in (1.0, -1.0):
+            closing = np.array([0.0, 0.0, sign])
+            rotation = np.stack([closing, np.cross(approach, closing), approach], axis=1)
+            angle = np.linalg.norm(_axisangle_from_matrix(rotation @ current.T))
+            if best is None or angle < best[0]:
+                best = (angle, rotation)
+        return best[1]
+
+    def _turn_down(self) -> list:
+        """Back to the episode's first pose: the arm turns the gripper down again easily there."""
+        self.target_rotation = self.base_rotation.copy()
+
+        def down() -> bool:
+            turned = np.linalg.norm(_axisangle_from_matrix(self.target_rotation @ self._eef_rotation().T)) < 0.05
+            return turned and np.linalg.norm(self.home - self._eef_pos()) < 0.03
+
+        return [Waypoint("turn-down", self.home, GRIPPER_OPEN, tolerance=0.0, max_steps=60, until=down)]

@@ -178,9 +178,17 @@ def test_report_after_every_run_compares_each_variant_with_sft_on_its_own_seeds(
 
 
 def test_offline_only_ablation_trains_without_the_policy_gradient_term(tmp_path):
-    report = main(tiny_args(tmp_path, variants=("sft", "offline_only")))
-    assert list(report["results"]) == ["sft", "offline_only"]
-    assert "(e) ablation" in sft_vs_grpo.markdown(report)
+    report = main(tiny_args(tmp_path, variants=("sft", "grpo_offline", "offline_only")))
+    assert list(report["results"]) == ["sft", "grpo_offline", "offline_only"]
+    text = sft_vs_grpo.markdown(report)
+    assert "(e) ablation" in text
+    # (b) against (e): the same paired comparison as against SFT, with (e) as the baseline
+    results = report["results"]
+    ablation = results["grpo_offline"]["delta_vs_offline_only"]["overall"]
+    wanted = results["grpo_offline"]["overall"]["success_rate"] - results["offline_only"]["overall"]["success_rate"]
+    assert ablation["delta"] == pytest.approx(wanted) and ablation["starts"] == 1
+    assert f"Ablation (e): grpo_offline − offline_only = {ablation['delta']:+.2f}" in text
+    assert "delta_vs_offline_only" not in results["offline_only"]
     with open(tmp_path / "run" / "offline_only_seed0" / "checkpoints" / "final" / "grpo.json") as file:
         saved = json.load(file)
     assert saved["pg_coef"] == 0.0 and saved["imitation_weight_max"] == 1.0 and saved["num_timesteps"] >= 20

@@ -53,11 +53,40 @@ def test_expert_solves_object_tasks(object_env, task_id, init_state_id):
     assert success, f"LIBERO-Object task {task_id}, init state {init_state_id}: no success after {steps} steps"
 
 
-def test_expert_refuses_goals_it_has_no_script_for():
-    env = gym.make("LiberoGoal-v0", obs_mode="state", max_cached_tasks=1)
+# Opening pulls LIBERO-Goal's middle drawer out of a closed cabinet; closing pushes a LIBERO-90 scene's open top
+# drawer back in; the last one closes the drawer, turns the gripper down again and then picks and places a bowl.
+@pytest.mark.parametrize(
+    "env_id, task_id, init_state_id, instruction",
+    [
+        ("LiberoGoal-v0", 0, 3, "open the middle drawer of the cabinet"),
+        ("Libero90-v0", 0, 5, "close the top drawer of the cabinet"),
+        ("Libero90-v0", 1, 2, "close the top drawer of the cabinet and put the black bowl on top of it"),
+    ],
+)
+def test_expert_opens_and_closes_drawers(env_id, task_id, init_state_id, instruction):
+    env = gym.make(env_id, obs_mode="state", max_cached_tasks=1)
     try:
-        env.reset(seed=0, options={"task_id": 0, "init_state_id": 0})  # "open the middle drawer"
-        with pytest.raises(NotImplementedError, match="open"):
+        assert env.unwrapped.tasks[task_id].instruction == instruction
+        success, steps = run_expert(env, task_id, init_state_id)
+    finally:
+        env.close()
+    assert success, f"{env_id} task {task_id}, init state {init_state_id}: no success after {steps} steps"
+
+
+@pytest.mark.parametrize(
+    "env_id, task_id, message",
+    [
+        ("LiberoGoal-v0", 3, "cannot place into a drawer"),  # "open the top drawer and put the bowl inside"
+        ("LiberoGoal-v0", 5, "needs a push"),  # "push the plate to the front of the stove"
+        ("Libero90-v0", 6, "handle is too low"),  # "open the bottom drawer of the cabinet"
+        ("Libero90-v0", 35, "no script for goal predicate"),  # "open the microwave"
+    ],
+)
+def test_expert_refuses_goals_it_has_no_script_for(env_id, task_id, message):
+    env = gym.make(env_id, obs_mode="state", max_cached_tasks=1)
+    try:
+        env.reset(seed=0, options={"task_id": task_id, "init_state_id": 0})
+        with pytest.raises(NotImplementedError, match=message):
             ScriptedExpert(env).reset()
     finally:
         env.close()
