@@ -84,7 +84,11 @@ def main(args: Args) -> dict:
                     "episodes": len(results),
                     "success_rate": float(np.mean([r["success"] for r in results])),
                     "mean_length": float(np.mean([r["num_steps"] for r in results])),
-                    "mean_success_length": float(np.mean([r["num_steps"] for r in results if r["success"]] or [np.nan])),
+                    "mean_success_length": (  # JSON null, not NaN, when no episode succeeded
+                        float(np.mean([r["num_steps"] for r in results if r["success"]]))
+                        if any(r["success"] for r in results)
+                        else None
+                    ),
                     "seconds_per_episode_state": float(np.mean([r["seconds"] for r in results])),
                     "failed_init_states": [i for i, r in enumerate(results) if not r["success"]],
                 }
@@ -119,7 +123,8 @@ def main(args: Args) -> dict:
             continue
         print(
             f"| {env_id} | {task_id} | {entry['success_rate']:.0%} ({entry['episodes']}) | {entry['mean_length']:.0f} "
-            f"({entry['mean_success_length']:.0f}) | {entry['seconds_per_episode_state']:.1f} | {entry['instruction']} |"
+            f"({'-' if entry['mean_success_length'] is None else format(entry['mean_success_length'], '.0f')}) | "
+            f"{entry['seconds_per_episode_state']:.1f} | {entry['instruction']} |"
         )
     print()
     print("| suite | success (all tasks) | s/episode state | s/episode rgb+state | s/step rgb+state |")
@@ -128,10 +133,11 @@ def main(args: Args) -> dict:
         entries = [e for e in suite_report["tasks"].values() if "error" not in e]
         rate = np.mean([e["success_rate"] for e in entries]) if entries else float("nan")
         state_s = np.mean([e["seconds_per_episode_state"] for e in entries]) if entries else float("nan")
-        rgb = suite_report.get("rgb", {})
+        rgb = suite_report.get("rgb")  # absent with --rgb-episodes 0
+        rgb_cells = f"{rgb['seconds_per_episode']:.1f} | {rgb['seconds_per_step']:.3f}" if rgb else "- | -"
         print(
             f"| {env_id} | {rate:.1%} ({len(entries)}/{len(suite_report['tasks'])} tasks scripted) | {state_s:.1f} | "
-            f"{rgb.get('seconds_per_episode', float('nan')):.1f} | {rgb.get('seconds_per_step', float('nan')):.3f} |"
+            f"{rgb_cells} |"
         )
     os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
     with open(args.json_out, "w") as f:
