@@ -362,11 +362,15 @@ def run_episodes(
     ``temperature``.
 
     A vector env runs ``num_envs`` of them at a time (every sub-env reset with the same options); a plain
-    env one at a time. Returns ``(episodes, relabelled)``: :class:`Episode` s holding the observations the
-    policy read (``T`` steps, the final observation left out), the actions (bin centres), per-step rewards,
-    ``success``, the token log-probs and ``policy_version``; and any hindsight-relabelled episodes a
-    :class:`RolloutRelabel` wrapper emitted. ``on_step(num_steps)`` is called after each env step with the
-    number of episode steps it took; False stops early (and two empty lists come back).
+    env one at a time. A sub-env whose episode ends before the others' is reset to the same options at once
+    (Gymnasium's ``reset_mask``): left to Gymnasium's autoreset it would start a random task on the next step,
+    often building a new simulator and evicting a cached one, only to be stepped until the group ends.
+
+    Returns ``(episodes, relabelled)``: :class:`Episode` s holding the observations the policy read (``T``
+    steps, the final observation left out), the actions (bin centres), per-step rewards, ``success``, the token
+    log-probs and ``policy_version``; and any hindsight-relabelled episodes a :class:`RolloutRelabel` wrapper
+    emitted. ``on_step(num_steps)`` is called after each env step with the number of episode steps it took;
+    False stops early (and two empty lists come back).
     """
     vector = _is_vector_env(env)
     num_envs = env.num_envs if vector else 1
@@ -399,6 +403,8 @@ def run_episodes(
                 if finished[env_index]:
                     relabelled += _relabelled_from(info, env_index, vector)
             done |= finished
+            if vector and finished.any() and not done.all():
+                env.reset(options={**options, "reset_mask": finished})  # a fresh dict: Gymnasium pops the mask
             if not on_step(len(stepped)):
                 return [], []
         for steps in running:

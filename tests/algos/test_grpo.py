@@ -12,7 +12,7 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint
+from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint, run_episodes
 from gym_libero_vla.episode_store import Episode
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
@@ -352,3 +352,25 @@ def test_hindsight_relabelled_episodes_are_replayed():
         assert model.train(rollout)["relabelled_episodes"] == 2.0
     finally:
         env.close()
+
+
+def test_a_sub_env_that_finishes_first_waits_on_its_own_task(instruction):
+    """With Gymnasium's autoreset, a sub-env whose episode ended would start a random task on the next step (a
+    simulator build, and the eviction of a cached one) while the group's other episodes run on."""
+
+    def make(max_episode_steps: int):
+        kwargs = dict(obs_mode="state", task_ids=tuple(range(10)), max_cached_tasks=1, num_settle_steps=2)
+        return lambda: gym.make("LiberoSpatial-v0", max_episode_steps=max_episode_steps, **kwargs)
+
+    vector_env = gym.vector.SyncVectorEnv([make(4), make(8)])  # sub-env 0 finishes 4 steps before sub-env 1
+    try:
+        vector_env.reset(seed=0)
+        options = {"task_id": 0, "init_state_id": 3}
+        episodes, _ = run_episodes(make_policy(instruction), vector_env, options, 2, on_step=lambda steps: True)
+        assert [len(episode.actions) for episode in episodes] == [4, 8]
+        assert [episode.task_id for episode in episodes] == [0, 0]
+        for sub_env in vector_env.envs:  # still (or again) on the group's start, not on a random task
+            assert sub_env.unwrapped.current_task.task_id == 0 and sub_env.unwrapped._init_state_id == 3
+            assert list(sub_env.unwrapped._simulators) == [0]  # its one cached simulator was kept, not evicted
+    finally:
+        vector_env.close()
