@@ -488,7 +488,7 @@ class ScriptedExpert:
         self.target_rotation = _yaw_matrix(angle) @ self._eef_rotation()
         return [Waypoint("turn", position, GRIPPER_CLOSE, tolerance=0.0, max_steps=30)]
 
-    # ------------------------------------------------------------------ drawers (cabinets of LIBERO-Goal, -10, -90)
+    # ------------------------------------------------------------------ drawers (cabinets of LIBERO-Goal and LIBERO-90)
     def _drawer(self, region: str, predicate: list) -> tuple[int, float, dict]:
         """(slide joint id, sign of the qpos change that opens it, LIBERO's open/close ranges) of a drawer region
         like ``wooden_cabinet_1_top_region``; raises ``NotImplementedError`` for what the script cannot do."""
