@@ -489,9 +489,10 @@ class ScriptedExpert:
         return [Waypoint("turn", position, GRIPPER_CLOSE, tolerance=0.0, max_steps=30)]
 
     # ------------------------------------------------------------------ drawers (cabinets of LIBERO-Goal and LIBERO-90)
-    def _drawer(self, region: str, predicate: list) -> tuple[int, float, dict]:
-        """(slide joint id, sign of the qpos change that opens it, LIBERO's open/close ranges) of a drawer region
-        like ``wooden_cabinet_1_top_region``; raises ``NotImplementedError`` for what the script cannot do."""
+    def _drawer(self, region: str, predicate: list) -> tuple[int, float, dict, np.ndarray, np.ndarray]:
+        """(slide joint id, sign of the qpos change that opens it, LIBERO's open/close ranges, handle position, pull
+        direction) of a drawer region like ``wooden_cabinet_1_top_region``; raises ``NotImplementedError`` for what
+        the script cannot do."""
         site = self.domain.object_sites_dict[region]
         model = self.scene.model
         joint = model.joint(site.joints[0]).id
@@ -499,19 +500,16 @@ class ScriptedExpert:
             raise NotImplementedError(f"scripted expert can only open sliding drawers, not hinged {region}: {predicate}")
         ranges = self.domain.get_object(site.parent_name).object_properties["articulation"]
         opens = float(np.sign(np.mean(ranges["default_open_ranges"]) - np.mean(ranges["default_close_ranges"])))
-        handle_z = self._drawer_handle(joint, opens)[0][2]
-        if "table" in self._body_names() and handle_z - HAND_HALF_WIDTH < self.scene.body_box("table").high[2] + 0.01:
+        handle, pull = self._drawer_handle(joint, opens)
+        has_table = any(model.body(body).name == "table" for body in range(model.nbody))
+        if has_table and handle[2] - HAND_HALF_WIDTH < self.scene.body_box("table").high[2] + 0.01:
             # the horizontal hand closes its fingers vertically and spans ~21 cm that way: it would hit the table
             raise NotImplementedError(f"scripted expert cannot reach {region}: its handle is too low: {predicate}")
-        return joint, opens, ranges
+        return joint, opens, ranges, handle, pull
 
-    def _body_names(self) -> set[str]:
-        model = self.scene.model
-        return {model.body(body).name for body in range(model.nbody)}
-
-    def _drawer_handle(self, joint: int, opens: float) -> tuple[np.ndarray, np.ndarray, int]:
-        """(handle position, horizontal world direction that opens the drawer, drawer body). The handle is the
-        drawer's colliding geom that sticks out furthest along that direction."""
+    def _drawer_handle(self, joint: int, opens: float) -> tuple[np.ndarray, np.ndarray]:
+        """(handle position, horizontal world direction that opens the drawer). The handle is the drawer's
+        colliding geom that sticks out furthest along that direction."""
         model, data = self.scene.model, self.scene.data
         body = int(model.jnt_bodyid[joint])
         pull = opens * (data.xmat[body].reshape(3, 3) @ model.jnt_axis[joint])
@@ -519,12 +517,12 @@ class ScriptedExpert:
         pull /= np.linalg.norm(pull)
         geoms = np.flatnonzero((model.geom_bodyid == body) & ((model.geom_contype != 0) | (model.geom_conaffinity != 0)))
         handle = data.geom_xpos[max(geoms, key=lambda geom: data.geom_xpos[geom] @ pull)].copy()
-        return handle, pull, body
+        return handle, pull
 
     def _drawer_waypoints(self, region: str, opening: bool) -> list:
         """Grasp the drawer's handle from the front with the gripper horizontal, pull (or push) it along the
         slide joint into LIBERO's open (closed) range, release, back off and turn the gripper down again."""
-        joint, opens, ranges = self._drawer(region, ["open" if opening else "close", region])
+        joint, opens, ranges, handle, pull = self._drawer(region, ["open" if opening else "close", region])
         data, address = self.scene.data, self.scene.model.jnt_qposadr[joint]
         if opening:
             target = min(ranges["default_open_ranges"]) if opens < 0 else max(ranges["default_open_ranges"])
@@ -537,7 +535,6 @@ class ScriptedExpert:
 
         if there():
             return []
-        handle, pull, _ = self._drawer_handle(joint, opens)
         travel = abs(target - data.qpos[address]) + 0.02  # the grasp gives a little
         moved = handle + (travel if opening else -travel) * pull
         away = moved + 0.08 * pull
