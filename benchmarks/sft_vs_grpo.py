@@ -46,6 +46,15 @@ report (which is also rewritten after every fine-tuning run, so a long run shows
 ``<output-dir>/<variant>_seed<s>/checkpoints`` (``final/`` once done), with its learning curve in ``curve.jsonl``;
 evaluation from each directory's ``episodes.jsonl`` (episodes are reused for the same checkpoint). Writes
 ``benchmarks/results/sft_vs_grpo_<suite>.{json,md,png}``.
+
+On a machine without those directories (a fresh clone), ``--previous-reports`` lets the runs of a committed report
+stand in for the ones missing here, so that adding a seed or a variant does not redo what the report already
+measured (their settings, demos and SFT weights are checked against this command's):
+
+    python benchmarks/sft_vs_grpo.py --suite object --sft-checkpoint runs/sft_baseline/object_state/sft \
+        --variants sft grpo_offline offline_only --seeds 0 1 \
+        --previous-reports benchmarks/results/sft_vs_grpo_object_ablation.json benchmarks/results/sft_vs_grpo_object.json \
+        --json-out benchmarks/results/sft_vs_grpo_object_ablation.json
 """
 
 from __future__ import annotations
@@ -96,6 +105,7 @@ DESCRIPTIONS = {
     "offline_only": "(e) ablation: (b) without its policy-gradient term (pg_coef 0), the same rollouts feeding only "
     "the success replay and the imitation weight; (b) minus (e) is what RL adds over more imitation",
 }
+BENCHMARK = "SFT vs GRPO with offline regularization (issue #7)"
 TARGET_DELTA = 0.05
 """Issue #7: (b) should beat SFT by at least this much mean success."""
 COLLAPSE_RATIO = 0.5
@@ -228,6 +238,13 @@ class Args:
     """Train and evaluate nothing: write the report from the runs already finished (trained to total_timesteps
     and evaluated on every episode), listing the others as missing. E.g. after running the key comparison first
     (``--variants sft grpo_offline --seeds 0 1 2``), or to rebuild the report files of an interrupted run."""
+    previous_reports: tuple[str, ...] = ()
+    """Report JSONs of this benchmark (e.g. the committed benchmarks/results/sft_vs_grpo_<suite>.json) whose runs stand
+    in for the runs this machine has no directory of: a fresh machine adds seeds or variants to a report without
+    redoing the runs already measured. Each must have been measured with this command's settings (only seeds,
+    variants, paths, device, threads and progress may differ; the others are checked and any difference named), on
+    as many demos, and, where it records them, from the same SFT weights. Where several have a run, the first gives
+    it; the report says which runs were reused and from where."""
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -299,6 +316,77 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
             raise ValueError(f"sft_checkpoint {args.sft_checkpoint!r} is not a directory")
         sft_baseline.check_policy_inputs(load_policy(args.sft_checkpoint), baseline, f"sft_checkpoint {args.sft_checkpoint}")
     return suite, task_ids, init_state_ids
+
+
+# ---------------------------------------------------------------------------------------------- earlier reports' runs
+SETTINGS_NOT_MEASURED = ("seeds", "variants", "output_dir", "json_out", "demos", "device", "eval_num_envs",
+                         "torch_threads", "progress", "report_only", "previous_reports")  # fmt: skip
+"""Args that do not change what a run measures: a previous report may differ from this command in these only."""
+
+
+def previous_runs(args: Args, demos: dict) -> dict[tuple[str, int], dict]:
+    """The runs of ``args.previous_reports`` by (variant, seed), the first report's where several have one, as
+    :func:`main` keeps runs: episode rows rebuilt from the outcomes (each row's seconds the run's mean), nothing
+    trained or evaluated this run, and ``reused_from`` naming the report. Refuses a report made with other settings
+    or other demos, naming the difference."""
+    mine = json.loads(json.dumps(dataclasses.asdict(args)))
+    defaults = json.loads(json.dumps(dataclasses.asdict(Args())))
+    found: dict[tuple[str, int], dict] = {}
+    for path in args.previous_reports:
+        report = _read_json(path)
+        if report.get("benchmark") != BENCHMARK:
+            raise ValueError(f"previous report {path!r} is not a report of this benchmark ({BENCHMARK!r}): "
+                             "give the .json that benchmarks/sft_vs_grpo.py wrote")  # fmt: skip
+        theirs = report["args"]
+        differing = [f"{key} {theirs.get(key, defaults[key])!r} there, {value!r} here" for key, value in mine.items()
+                     if key not in SETTINGS_NOT_MEASURED and theirs.get(key, defaults[key]) != value]  # fmt: skip
+        if differing:
+            raise ValueError(f"previous report {path} was measured with other settings, so its runs cannot stand in "
+                             f"for this command's: {'; '.join(differing)}")  # fmt: skip
+        for key in ("num_demos", "num_transitions"):
+            if report["demos"][key] != demos[key]:
+                raise ValueError(f"previous report {path} trained on other demos: {key} {report['demos'][key]} there, "
+                                 f"{demos[key]} in {demos['path']} here")  # fmt: skip
+        for run in report["runs"]:
+            if (run["variant"], run["seed"]) in found:
+                continue
+            seconds = run["eval_seconds"] / max(len(run["outcomes"]), 1)
+            rows = [{"task_id": task_id, "init_state_id": init_state_id, "seed": run["seed"], "success": bool(success),
+                     "steps": steps, "seconds": seconds}
+                    for task_id, init_state_id, success, steps in run["outcomes"]]  # fmt: skip
+            kept = {key: value for key, value in run.items() if key != "outcomes"}
+            found[(run["variant"], run["seed"])] = {**kept, "rows": rows, "steps_this_run": 0, "episodes_this_run": 0,
+                                                    "reused_from": path}  # fmt: skip
+    return found
+
+
+def reusable(previous: dict, variant: str, seed: int, here: str, runs) -> dict | None:
+    """The previous report's run of (variant, seed), when this machine has nothing of it at ``here`` (a run
+    directory, or SFT's episodes file: a run begun here is this machine's to finish) and the report has its episodes
+    from every start of ``runs``; its rows are those starts'. Else None."""
+    run = previous.get((variant, seed))
+    if run is None or os.path.exists(here):
+        return None
+    by_run = {(row["task_id"], row["init_state_id"], row["seed"]): row for row in run["rows"]}
+    if not all(start in by_run for start in runs):
+        return None
+    print(f"{variant} seed {seed}: taken from {run['reused_from']} (no {here} here)", flush=True)
+    return {**run, "rows": [by_run[start] for start in runs]}
+
+
+def check_same_sft(run: dict, fingerprint: str | None, sft_path: str | None) -> None:
+    """A reused run must have started from (or be) the SFT weights this command's new runs start from, where it
+    records which; one that does not record them is used with a warning."""
+    recorded, name = run.get("sft_fingerprint"), f"{run['variant']} seed {run['seed']} of {run['reused_from']}"
+    if fingerprint is None:
+        return
+    if recorded is None:
+        warnings.warn(f"{name} records no SFT fingerprint: that it started from the weights of {sft_path} "
+                      f"({fingerprint}) is not checked", stacklevel=2)  # fmt: skip
+    elif recorded != fingerprint:
+        raise ValueError(f"{name} started from SFT weights {recorded}, but {sft_path} has {fingerprint}: its "
+                         "results cannot be pooled with runs from these weights (use its SFT checkpoint, or leave "
+                         "it out)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- SFT
@@ -769,7 +857,20 @@ def markdown(report: dict) -> str:
         f"{machine['torch_threads']} thread(s), load average {machine['load_average_1min_at_end']}",
         f"- command: `{report['command']}`",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + reused_lines(report["runs"])) + "\n"
+
+
+def reused_lines(runs: list[dict]) -> list[str]:
+    """One Markdown line per previous report that runs were taken from, naming them."""
+    reused: dict[str, dict[str, list[int]]] = {}
+    for run in runs:
+        if run.get("reused_from"):
+            reused.setdefault(run["reused_from"], {}).setdefault(run["variant"], []).append(run["seed"])
+    return [
+        f"- taken from {path} (measured before, with these settings; not rerun here): "
+        + "; ".join(f"{variant} seed {', '.join(map(str, seeds))}" for variant, seeds in of_path.items())
+        for path, of_path in reused.items()
+    ]
 
 
 def plot(report: dict, path: str) -> None:
@@ -870,7 +971,7 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
     if args.sft_checkpoint:
         sft_setup = f"the checkpoint {args.sft_checkpoint} for every seed"
     return {
-        "benchmark": "SFT vs GRPO with offline regularization (issue #7)",
+        "benchmark": BENCHMARK,
         "command": sft_baseline.command_line(dataclasses.replace(args, report_only=False), "benchmarks/sft_vs_grpo.py"),
         "args": dataclasses.asdict(args),
         "env_id": suite.env_id, "obs_mode": args.obs_mode, "image_size": args.image_size,
@@ -892,13 +993,20 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
         "complete": not missing, "missing_runs": missing,
         "results": results,
         "targets": check_targets(results),
-        "runs": [
-            {**{key: value for key, value in run.items() if key != "rows"},
-             "outcomes": [[row["task_id"], row["init_state_id"], int(row["success"]), row["steps"]] for row in run["rows"]]}
-            for run in runs
-        ],
+        "runs": build_report_runs(runs),
         "machine": sft_baseline.machine_info(args.torch_threads),
     }  # fmt: skip
+
+
+def build_report_runs(runs: list[dict]) -> list[dict]:
+    """The runs as the report keeps them: each episode row reduced to its outcome (task, init state, success, steps)."""
+    return [
+        {
+            **{key: value for key, value in run.items() if key != "rows"},
+            "outcomes": [[row["task_id"], row["init_state_id"], int(row["success"]), row["steps"]] for row in run["rows"]],
+        }
+        for run in runs
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -933,37 +1041,55 @@ def main(args: Args) -> dict:
 
     runs: list[dict] = []
     report: dict = {}
+    previous = previous_runs(args, demos)
+    tuned = [variant for variant in FINE_TUNED if variant in args.variants]
     for seed in args.seeds:
         eval_runs = [(task_id, init_state_id, seed) for task_id in task_ids for init_state_id in init_state_ids]
         curve_runs = [(task_id, init_state_id, seed) for task_id, init_state_id, _ in eval_runs
                       if init_state_id < init_state_ids[0] + args.curve_num_init_states]  # fmt: skip
-
-        # 2. SFT of this seed, evaluated (on the curve subset at least: it is every learning curve's start).
         sft_dir = os.path.join(output_dir, f"sft_seed{seed}")
         sft_runs = eval_runs if "sft" in args.variants else curve_runs
-        if args.report_only:
-            sft = finished_sft(args, seed, output_dir)
-            rows = None if sft is None else recorded_evaluation(sft["path"], sft_runs, max_episode_steps, sft_dir)
-            if rows is None:
-                print(f"sft seed {seed}: not trained or not evaluated: seed {seed} left out of the report", flush=True)
-                continue
-            run_now = 0
+        run_dirs = {variant: os.path.join(output_dir, f"{variant}_seed{seed}") for variant in tuned}
+        sft_reused = reusable(previous, "sft", seed, os.path.join(sft_dir, "episodes.jsonl"), sft_runs)
+        tuned_reused = {variant: reusable(previous, variant, seed, run_dirs[variant], eval_runs) for variant in tuned}
+
+        # 2. SFT of this seed, evaluated (on the curve subset at least: it is every learning curve's start).
+        if args.report_only or (sft_reused is not None and None not in tuned_reused.values()):
+            sft = finished_sft(args, seed, output_dir)  # nothing to train: only its weights' fingerprint is wanted
         else:
             sft = prepare_sft(args, seed, episodes, list(instructions.values()), output_dir)
-            rows, run_now = evaluate_checkpoint(
-                sft["path"], sft["steps"], suite.env_id, sft_runs, max_episode_steps, sft_dir, args
-            )
-        sft_curve_rate = success_on(rows, curve_runs)
-        runs.append({
-            "variant": "sft", "seed": seed, "checkpoint": sft["path"], "steps": sft["steps"],
-            "steps_this_run": sft["steps_this_run"], "rows": rows, "episodes_this_run": run_now,
-            "success_rate": float(np.mean([row["success"] for row in rows])),
-            "train_seconds": sft["seconds"], "eval_seconds": float(sum(row["seconds"] for row in rows)),
-        })  # fmt: skip
+        fingerprint = None if sft is None else sft_baseline.checkpoint_fingerprint(sft["path"])
+        if sft_reused is not None:
+            check_same_sft(sft_reused, fingerprint, sft and sft["path"])
+            sft_run = sft_reused
+        else:
+            if args.report_only:
+                rows = None if sft is None else recorded_evaluation(sft["path"], sft_runs, max_episode_steps, sft_dir)
+                if rows is None:
+                    print(f"sft seed {seed}: not trained or not evaluated: seed {seed} left out of the report", flush=True)
+                    continue
+                run_now = 0
+            else:
+                rows, run_now = evaluate_checkpoint(
+                    sft["path"], sft["steps"], suite.env_id, sft_runs, max_episode_steps, sft_dir, args
+                )
+            sft_run = {
+                "variant": "sft", "seed": seed, "checkpoint": sft["path"], "steps": sft["steps"],
+                "steps_this_run": sft["steps_this_run"], "rows": rows, "episodes_this_run": run_now,
+                "success_rate": float(np.mean([row["success"] for row in rows])),
+                "train_seconds": sft["seconds"], "eval_seconds": float(sum(row["seconds"] for row in rows)),
+                "sft_fingerprint": fingerprint,
+            }  # fmt: skip
+        runs.append(sft_run)
+        sft_curve_rate = success_on(sft_run["rows"], curve_runs)
 
         # 3. Each fine-tuning variant from that SFT checkpoint, on the same budget; 4. its evaluation.
-        for variant in [variant for variant in FINE_TUNED if variant in args.variants]:
-            run_dir = os.path.join(output_dir, f"{variant}_seed{seed}")
+        for variant in tuned:
+            run_dir = run_dirs[variant]
+            if tuned_reused[variant] is not None:
+                check_same_sft(tuned_reused[variant], fingerprint, sft and sft["path"])
+                runs.append(tuned_reused[variant])
+                continue
             if args.report_only:
                 trained = finished_training(run_dir, args.total_timesteps)
                 rows = None if trained is None else recorded_evaluation(
@@ -979,18 +1105,17 @@ def main(args: Args) -> dict:
                 rows, run_now = evaluate_checkpoint(
                     trained["checkpoint"], trained["steps"], suite.env_id, eval_runs, max_episode_steps, run_dir, args
                 )
-            runs.append(run_record(variant, seed, trained, rows, run_now, curve_runs, sft_curve_rate))
+            runs.append({**run_record(variant, seed, trained, rows, run_now, curve_runs, sft_curve_rate),
+                         "sft_fingerprint": fingerprint})  # fmt: skip
 
             # 5. The report over the runs done so far, rewritten after each (a long run shows results early).
             if not args.report_only:
                 report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
                 write_report(report, json_out)
-        if not args.report_only and not any(variant in args.variants for variant in FINE_TUNED):  # sft alone
-            report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
-            write_report(report, json_out)
-    if args.report_only:
-        if not runs:
-            raise ValueError(f"report_only: no finished run of seeds {list(args.seeds)} in {output_dir}: nothing to report")
+    if not runs:  # report_only (training adds an SFT run per seed)
+        where = " or ".join([output_dir, *args.previous_reports])
+        raise ValueError(f"report_only: no finished run of seeds {list(args.seeds)} in {where}: nothing to report")
+    if args.report_only or len(report.get("runs", ())) != len(runs):  # runs reused (or SFT alone) since the last
         report = build_report(args, suite, task_ids, init_state_ids, curve_runs, instructions, demos, runs)
         write_report(report, json_out)
     return report

@@ -3,6 +3,7 @@ fine-tuning variants, evaluation, report and plot), and the same command again t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -192,3 +193,63 @@ def test_offline_only_ablation_trains_without_the_policy_gradient_term(tmp_path)
     with open(tmp_path / "run" / "offline_only_seed0" / "checkpoints" / "final" / "grpo.json") as file:
         saved = json.load(file)
     assert saved["pg_coef"] == 0.0 and saved["imitation_weight_max"] == 1.0 and saved["num_timesteps"] >= 20
+
+
+def test_previous_reports_stand_in_for_runs_this_machine_lacks(tmp_path):
+    """A fresh machine (a new output directory, only the committed report) adds the ablation to a report: the
+    report's SFT and (b) runs are reused as measured, only (e) is trained and evaluated."""
+    first = main(tiny_args(tmp_path, variants=("sft", "grpo_offline")))
+    previous = str(tmp_path / "results" / "sft_vs_grpo.json")
+    fresh = tmp_path / "fresh"
+    args = tiny_args(tmp_path, variants=("sft", "grpo_offline", "offline_only"), output_dir=str(fresh),
+                     previous_reports=(previous,), json_out=str(tmp_path / "added" / "report.json"))  # fmt: skip
+    added = main(args)
+
+    runs = {run["variant"]: run for run in added["runs"]}
+    for variant in ("sft", "grpo_offline"):
+        assert runs[variant]["reused_from"] == previous and runs[variant]["episodes_this_run"] == 0
+        assert added["results"][variant]["overall"] == first["results"][variant]["overall"]
+    assert added["results"]["grpo_offline"]["delta_vs_sft"] == first["results"]["grpo_offline"]["delta_vs_sft"]
+    assert "reused_from" not in runs["offline_only"] and runs["offline_only"]["steps_this_run"] >= 20
+    assert runs["offline_only"]["episodes_this_run"] == 1 and "delta_vs_offline_only" in added["results"]["grpo_offline"]
+    # SFT was trained again here (the ablation starts from it), to the weights the reused runs record; its episodes
+    # were not run again, and no directory was made for the reused (b).
+    assert runs["offline_only"]["sft_fingerprint"] == runs["sft"]["sft_fingerprint"] is not None
+    assert sorted(os.listdir(fresh)) == ["offline_only_seed0", "sft_seed0"]
+    assert not (fresh / "sft_seed0" / "episodes.jsonl").exists()
+    text = (tmp_path / "added" / "report.md").read_text()
+    assert f"- taken from {previous} (measured before, with these settings; not rerun here): sft seed 0; " \
+           "grpo_offline seed 0" in text  # fmt: skip
+    with open(args.json_out) as file:
+        saved = json.load(file)
+    assert [run["outcomes"] for run in saved["runs"][:2]] == [run["outcomes"] for run in first["runs"]]
+
+    # The same report again from its own JSON, with nothing here: the same results, nothing run.
+    again = main(dataclasses.replace(args, output_dir=str(tmp_path / "empty"), previous_reports=(args.json_out,),
+                                     report_only=True, json_out=str(tmp_path / "again" / "report.json")))  # fmt: skip
+    assert again["results"] == json.loads(json.dumps(added["results"]))
+    assert all(run["reused_from"] == args.json_out for run in again["runs"])
+
+    # A report from before runs recorded their SFT weights: used, with a warning that they are not checked.
+    with open(previous) as file:
+        older = json.load(file)
+    for run in older["runs"]:
+        del run["sft_fingerprint"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    with pytest.warns(UserWarning, match=r"seed 0 of .*older.json records no SFT fingerprint: that it started "):
+        mixed = main(dataclasses.replace(args, previous_reports=(str(tmp_path / "older.json"),), report_only=True,
+                                         json_out=str(tmp_path / "mixed" / "report.json")))  # fmt: skip
+    assert [run.get("reused_from") for run in mixed["runs"]] == [str(tmp_path / "older.json")] * 2 + [None]
+
+    # Runs measured otherwise are refused, naming why.
+    with pytest.raises(ValueError, match=r"measured with other settings.*: total_timesteps 20 there, 40 here"):
+        main(dataclasses.replace(args, total_timesteps=40, report_only=True))
+    with pytest.raises(ValueError, match=r"is not a report of this benchmark"):
+        main(dataclasses.replace(args, previous_reports=(str(tmp_path / "missing.json"),), report_only=True))
+    with open(previous) as file:
+        other_weights = json.load(file)
+    for run in other_weights["runs"]:
+        run["sft_fingerprint"] = "0123456789abcdef"
+    (tmp_path / "other.json").write_text(json.dumps(other_weights))
+    with pytest.raises(ValueError, match=r"sft seed 0 of .*other.json started from SFT weights 0123456789abcdef, but "):
+        main(dataclasses.replace(args, output_dir=str(tmp_path / "fresh2"), previous_reports=(str(tmp_path / "other.json"),)))
