@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -493,13 +494,27 @@ def machine_info(torch_threads: int) -> dict:
         "torch_threads": torch_threads,
         "load_average_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
-    try:
-        import mujoco
-
-        info["mujoco"] = mujoco.__version__
-    except ImportError:
-        pass
+    # The simulator's results depend on these and on the CPU: the same code has made different demos (a few
+    # episodes of LIBERO-Spatial flip between success and failure) on two machines.
+    for package in ("mujoco", "robosuite", "numpy", "scipy"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    info["cpu_model"] = cpu_model()
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def command_line(args, script: str = "benchmarks/sft_baseline.py") -> str:

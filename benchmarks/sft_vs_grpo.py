@@ -49,7 +49,9 @@ evaluation from each directory's ``episodes.jsonl`` (episodes are reused for the
 
 On a machine without those directories (a fresh clone), ``--previous-reports`` lets the runs of a committed report
 stand in for the ones missing here, so that adding a seed or a variant does not redo what the report already
-measured (their settings, demos and SFT weights are checked against this command's):
+measured (their settings, demos and SFT weights are checked against this command's). Regenerated demos can differ
+from one machine to another (the simulator's floats do: a few LIBERO-Spatial expert episodes flip between success
+and failure), and then the check refuses: such a machine needs the report's demo file and SFT checkpoint.
 
     python benchmarks/sft_vs_grpo.py --suite object --sft-checkpoint runs/sft_baseline/object_state/sft \
         --variants sft grpo_offline offline_only --seeds 0 1 \
