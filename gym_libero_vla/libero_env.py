@@ -302,6 +302,12 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         raw_obs = sim.set_init_state(init_state)
         for _ in range(self.num_settle_steps):
             raw_obs, _, _, _ = sim.step(SETTLE_ACTION)
+        # set_init_state moves the robot without telling its controller, which caches the end-effector pose
+        # and Jacobian from the reset pose until its next run. LIBERO's first settle step is computed from
+        # that stale pose (kept, as its evaluations do); the first policy action must not be, or an episode
+        # started with num_settle_steps=0 (demo replay) diverges from the recording at its first step.
+        for robot in sim.robots:
+            robot.controller.new_update = True
         self._sim, self._task, self._init_state_id = sim, self.tasks[task_id], init_state_id
         return self._observation(raw_obs), self._info(success=False)
 

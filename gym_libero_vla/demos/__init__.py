@@ -16,6 +16,7 @@ from gym_libero_vla.demos.libero_hdf5 import (
     drop_noops,
     load_episodes,
     noop_mask,
+    replay,
     replay_success,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "drop_noops",
     "load_episodes",
     "noop_mask",
+    "replay",
     "replay_success",
 ]

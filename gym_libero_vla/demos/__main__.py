@@ -23,7 +23,14 @@ def main() -> None:
         print(json.dumps({"out": args.out, **counts}))
     else:
         results = replay_file(args)
-        print(json.dumps({"file": args.file, "replayed": len(results), "successes": int(sum(results))}))
+        summary = {
+            "file": args.file,
+            "replayed": len(results),
+            "successes": sum(r["success"] for r in results),
+            "exact_replays": sum(r["max_state_drift"] == 0.0 for r in results),
+            "max_state_drift": max((r["max_state_drift"] for r in results), default=0.0),
+        }
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ so replay resets an env made with ``num_settle_steps=0`` to ``states[0]`` and st
 (:func:`replay_file`). It also resets with the episode's recorded ``seed`` (LIBERO re-samples fixture
 placements, e.g. the cabinet and stove, at every reset and MuJoCo states do not hold them) and restores
 the gripper's integrated command and MuJoCo's solver warm start, saved as ``replay_*`` demo attributes.
-Replay is close but not bit-exact (states drift by millimetres over an episode), so it is a check that
-the actions still succeed, not a reproduction of every state.
+On the machine that recorded a file, replay retraces its ``states`` exactly; another machine's
+simulator build can drift (``max_state_drift`` in the report says how far), and a marginal demo may then
+fail.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Literal
 
 import numpy as np
 
-from gym_libero_vla.demos.libero_hdf5 import IMAGE_KEYS, LiberoHDF5, replay_success
+from gym_libero_vla.demos.libero_hdf5 import IMAGE_KEYS, LiberoHDF5, replay
 
 PARTS_SUFFIX = ".parts"
 FORMAT_VERSION = 1
@@ -373,8 +374,9 @@ def generate(args: GenerateArgs) -> dict:
     return counts
 
 
-def replay_file(args: ReplayArgs) -> list[bool]:
-    """Replay each demo of ``args.file``; one bool per demo, True when the env reports success."""
+def replay_file(args: ReplayArgs) -> list[dict]:
+    """Replay each demo of ``args.file``: per demo its name, ``success`` (the env's) and ``max_state_drift``
+    (largest difference between a replayed and a recorded MuJoCo state entry; 0.0 is an exact replay)."""
     import gymnasium as gym
 
     import gym_libero_vla  # noqa: F401
@@ -391,7 +393,9 @@ def replay_file(args: ReplayArgs) -> list[bool]:
             for index, episode in enumerate(demos):
                 if args.max_episodes is not None and index >= args.max_episodes:
                     break
-                results.append(replay_success(env, episode))
+                success, states = replay(env, episode)
+                drift = float(np.abs(states - episode.states[: len(states)]).max())
+                results.append({"demo": episode.name, "success": success, "max_state_drift": drift})
         finally:
             env.close()
     return results

@@ -356,11 +356,13 @@ def action_stats(episodes: Sequence[Episode]) -> ActionStats:
     return ActionStats.from_actions(np.concatenate([episode.actions for episode in episodes]))
 
 
-def replay_success(env, episode: Episode) -> bool:
-    """Replay ``episode``'s actions open-loop from ``states[0]``; True if the env reports success.
+def replay(env, episode: Episode) -> tuple[bool, np.ndarray]:
+    """Replay ``episode``'s actions open-loop from ``states[0]``: (success, the sim state before each action).
 
     The reset uses the episode's recorded ``seed`` (when the file has one), which fixes LIBERO's fixture
-    placement as it was during recording, and restores the recorded gripper command and solver warm start.
+    placement as it was during recording, and restores the recorded gripper command and solver warm start,
+    so on the machine that recorded it the replay retraces ``states`` exactly. Another machine's simulator
+    build may drift: compare the returned states with ``episode.states`` to see where.
 
     ``env`` must be a gym_libero_vla env of the episode's suite made with ``num_settle_steps=0``: the
     recorded ``states[0]`` already is the state the first action was taken from, so settling again
@@ -376,15 +378,24 @@ def replay_success(env, episode: Episode) -> bool:
             "states[0] is already settled"
         )
     env.reset(seed=episode.seed, options={"task_id": episode.task_id, "init_state": episode.states[0]})
-    domain = env.unwrapped.libero_env.env
+    libero_env = env.unwrapped.libero_env
+    domain = libero_env.env
     if "gripper_current_action" in episode.replay_state:
         domain.robots[0].gripper.current_action = episode.replay_state["gripper_current_action"].copy()
     if "qacc_warmstart" in episode.replay_state:
         domain.sim.data.qacc_warmstart[:] = episode.replay_state["qacc_warmstart"]
+    states = []
+    success = False
     for action in episode.actions:
+        states.append(libero_env.get_sim_state())
         _, _, terminated, truncated, _ = env.step(action)
-        if terminated:
-            return True
-        if truncated:
-            return False
+        if terminated or truncated:
+            success = bool(terminated)
+            break
+    return success, np.asarray(states)
+
+
+def replay_success(env, episode: Episode) -> bool:
+    """True if replaying ``episode`` (see :func:`replay`) ends in the env's success."""
+    return replay(env, episode)[0]
     return False

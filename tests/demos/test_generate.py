@@ -52,8 +52,12 @@ def test_generate_writes_official_layout(spatial_demo_file):
         np.testing.assert_allclose(demos[0].observation(0)["state"], obs["state"], atol=1e-6)
 
 
-def test_replay_reproduces_success(spatial_demo_file):
-    assert replay_file(ReplayArgs(file=str(spatial_demo_file))) == [True, True]
+def test_replay_retraces_the_recording_exactly(spatial_demo_file):
+    results = replay_file(ReplayArgs(file=str(spatial_demo_file)))
+    assert [(r["demo"], r["success"], r["max_state_drift"]) for r in results] == [
+        ("demo_0", True, 0.0),
+        ("demo_1", True, 0.0),
+    ]
 
 
 def test_replay_needs_an_env_without_settle_steps(spatial_demo_file):
