@@ -398,4 +398,3 @@ def replay(env, episode: Episode) -> tuple[bool, np.ndarray]:
 def replay_success(env, episode: Episode) -> bool:
     """True if replaying ``episode`` (see :func:`replay`) ends in the env's success."""
     return replay(env, episode)[0]
-    return False
