@@ -97,6 +97,13 @@ from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
 VARIANTS = ("sft", "grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "offline_only")
 ISSUE_VARIANTS = VARIANTS[:5]
 """The ones issue #7 names, run by default; ``offline_only`` is an ablation to ask for."""
+PAIRED_COMPARISONS = (
+    ("grpo_offline", "offline_only",
+     ("Ablation (e)", "what the policy-gradient term adds to imitating the same demos and replayed successes")),
+    ("grpo_offline", "grpo", ("(b) vs (a)", "what the offline regularization adds to plain GRPO")),
+)
+"""Pairs of variants compared head to head (besides each against SFT) when both are in a report: (variant,
+baseline, (label, what the difference measures)); the result is ``results[variant]["delta_vs_<baseline>"]``."""
 FINE_TUNED = VARIANTS[1:]
 DESCRIPTIONS = {
     "sft": "behaviour cloning on the demos; the start of every other variant",
@@ -815,12 +822,13 @@ def markdown(report: dict) -> str:
         lines.append(f"- {name}: {target['wanted']}: {verdict} ({measured})")
     if not report["targets"]:
         lines.append("- not measured: they need the sft, grpo and grpo_offline variants")
-    ablation = results.get("grpo_offline", {}).get("delta_vs_offline_only")
-    if ablation:
-        overall = ablation["overall"]
-        lines += ["", f"Ablation (e): grpo_offline − offline_only = {overall['delta']:+.2f} [paired 95% "
-                  f"{overall['ci95'][0]:+.2f}, {overall['ci95'][1]:+.2f}] over {overall['starts']} starts: what the "
-                  "policy-gradient term adds to imitating the same demos and replayed successes."]  # fmt: skip
+    for variant, baseline, meaning in PAIRED_COMPARISONS:
+        paired = results.get(variant, {}).get(f"delta_vs_{baseline}")
+        if paired:
+            overall = paired["overall"]
+            lines += ["", f"{meaning[0]}: {variant} − {baseline} = {overall['delta']:+.2f} [paired 95% "
+                      f"{overall['ci95'][0]:+.2f}, {overall['ci95'][1]:+.2f}] over {overall['starts']} starts: "
+                      f"{meaning[1]}."]  # fmt: skip
 
     lines += ["", "Variants:"]
     for name in names:
@@ -954,16 +962,18 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
                     result, variant_summary(sft_runs, task_ids, instructions), task_ids,
                     [run for run in runs if run["variant"] == variant], sft_runs,
                 )  # fmt: skip
-    if "grpo_offline" in results and "offline_only" in results:
-        # The ablation's question: what does the policy-gradient term add over imitating the same offline data?
-        # (b) against (e) on the seeds both have; (e) trains on the same demos and successes with pg_coef 0.
-        seeds_both = set(results["grpo_offline"]["overall"]["seeds"]) & set(results["offline_only"]["overall"]["seeds"])
+    for variant, baseline, _ in PAIRED_COMPARISONS:
+        # (b) against (e): what the policy-gradient term adds over imitating the same offline data (pg_coef 0);
+        # (b) against (a): what the offline regularization adds to plain GRPO. On the seeds both have.
+        if variant not in results or baseline not in results:
+            continue
+        seeds_both = set(results[variant]["overall"]["seeds"]) & set(results[baseline]["overall"]["seeds"])
         pair = {name: [run for run in runs if run["variant"] == name and run["seed"] in seeds_both]
-                for name in ("grpo_offline", "offline_only")}  # fmt: skip
+                for name in (variant, baseline)}  # fmt: skip
         if seeds_both:
             summaries = {name: variant_summary(of_name, task_ids, instructions) for name, of_name in pair.items()}
-            results["grpo_offline"]["delta_vs_offline_only"] = delta_vs(
-                summaries["grpo_offline"], summaries["offline_only"], task_ids, pair["grpo_offline"], pair["offline_only"]
+            results[variant][f"delta_vs_{baseline}"] = delta_vs(
+                summaries[variant], summaries[baseline], task_ids, pair[variant], pair[baseline]
             )
     done = {(run["variant"], run["seed"]) for run in runs}
     missing = [f"{variant} seed {seed}" for seed in args.seeds for variant in args.variants if (variant, seed) not in done]

@@ -171,6 +171,12 @@ def test_report_after_every_run_compares_each_variant_with_sft_on_its_own_seeds(
     assert middle["grpo_offline"]["delta_vs_sft"]["overall"]["delta"] == rate[("grpo_offline", 0)] - rate[("sft", 0)]
     assert middle["grpo_offline"]["delta_vs_sft"]["per_seed"] == [rate[("grpo_offline", 0)] - rate[("sft", 0)]]
     assert middle["grpo"]["delta_vs_sft"]["per_seed"] == [rate[("grpo", s)] - rate[("sft", s)] for s in (0, 1)]
+    # (b) against (a) head to head, also on the seeds both have (seed 0 here), and said in the Markdown
+    versus_grpo = middle["grpo_offline"]["delta_vs_grpo"]
+    assert versus_grpo["per_seed"] == [rate[("grpo_offline", 0)] - rate[("grpo", 0)]]
+    assert versus_grpo["overall"]["delta"] == pytest.approx(rate[("grpo_offline", 0)] - rate[("grpo", 0)])
+    assert f"(b) vs (a): grpo_offline − grpo = {versus_grpo['overall']['delta']:+.2f}" in sft_vs_grpo.markdown(written[2])
+    assert "delta_vs_grpo" not in middle["grpo"] and "delta_vs_offline_only" not in middle["grpo_offline"]
     assert final["results"]["grpo_offline"]["delta_vs_sft"]["per_seed"] == [
         rate[("grpo_offline", 0)] - rate[("sft", 0)],
         final["results"]["grpo_offline"]["overall"]["seed_rates"][1] - final["results"]["sft"]["overall"]["seed_rates"][1],
