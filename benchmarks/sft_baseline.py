@@ -59,6 +59,7 @@ from gym_libero_vla.policies import (
     load_policy,
     resolve_device,
 )
+from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 OBS_MODES = ("state", "rgb+state")
@@ -199,19 +200,21 @@ def check_policy_inputs(policy: VLAPolicy, args: Args, source: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- demos
 def prepare_demos(args: Args, suite: suites.SuiteSpec, task_ids: tuple[int, ...], path: str) -> tuple[list[Episode], bool]:
-    """The successful demos of ``task_ids`` in ``path``, generated first if the file is missing."""
-    generated = not os.path.exists(path)
-    if generated:
-        resuming = " (resuming " + path + PARTS_SUFFIX + ")" if os.path.isdir(path + PARTS_SUFFIX) else ""
-        print(f"{path} not found: generating it with the scripted expert{resuming}", flush=True)
-        counts = generate(
-            GenerateArgs(
-                suite=suite.libero_name, out=path, episodes_per_task=args.episodes_per_task, task_ids=task_ids,
-                init_state_start=0, init_state_end=args.demo_init_state_end, obs_mode=args.obs_mode,
-                image_size=args.image_size, object_state=args.object_state, seed=args.seed, progress=args.progress,
-            )
-        )  # fmt: skip
-        print(f"demos: {counts}")
+    """The successful demos of ``task_ids`` in ``path``, generated first if the file is missing (one process
+    generates; another wanting the same file waits for it and loads the result)."""
+    with exclusive(path + ".lock", f"demos {path}"):
+        generated = not os.path.exists(path)
+        if generated:
+            resuming = " (resuming " + path + PARTS_SUFFIX + ")" if os.path.isdir(path + PARTS_SUFFIX) else ""
+            print(f"{path} not found: generating it with the scripted expert{resuming}", flush=True)
+            counts = generate(
+                GenerateArgs(
+                    suite=suite.libero_name, out=path, episodes_per_task=args.episodes_per_task, task_ids=task_ids,
+                    init_state_start=0, init_state_end=args.demo_init_state_end, obs_mode=args.obs_mode,
+                    image_size=args.image_size, object_state=args.object_state, seed=args.seed, progress=args.progress,
+                )
+            )  # fmt: skip
+            print(f"demos: {counts}")
     episodes = load_episodes(path, filter_noops=args.filter_noops, load_images=args.obs_mode == "rgb+state")
     present = sorted({episode.task_id for episode in episodes})
     missing = [task_id for task_id in task_ids if task_id not in present]
@@ -416,57 +419,59 @@ def evaluate_resumably(
 ) -> tuple[list[dict], int]:  # fmt: skip
     """One deterministic episode per (task, init state, seed) of ``runs``, ``num_envs`` at a time
     (:func:`run_episodes_batched`), each appended to ``episodes_path`` as it ends; those already there for the
-    same checkpoint and step limit are not run again. Returns (rows, run now)."""
-    done = recorded_episodes(episodes_path, checkpoint["sha"], max_episode_steps)
-    todo = [run for run in runs if run not in done]
-    print(f"evaluation: {len(runs) - len(todo)} of {len(runs)} episodes already in {episodes_path}", flush=True)
-    if todo:
-        task_ids = sorted({task_id for task_id, _, _ in runs})
-        envs = make_eval_envs(
-            env_id, num_envs, task_ids, num_runs=len(todo), max_episode_steps=max_episode_steps,
-            **env_kwargs_for_policy(policy),
-        )  # fmt: skip
-        if "object_state" in policy.observation_keys:
-            env_dim, policy_dim = envs[0].observation_space["object_state"].shape[0], policy.config.object_state_dim
-            if env_dim != policy_dim:
+    same checkpoint and step limit are not run again (also those another process evaluating into the same file
+    wrote while this one waited for it). Returns (rows, run now)."""
+    with exclusive(episodes_path + ".lock", f"evaluation into {episodes_path}"):  # another process may be on it
+        done = recorded_episodes(episodes_path, checkpoint["sha"], max_episode_steps)
+        todo = [run for run in runs if run not in done]
+        print(f"evaluation: {len(runs) - len(todo)} of {len(runs)} episodes already in {episodes_path}", flush=True)
+        if todo:
+            task_ids = sorted({task_id for task_id, _, _ in runs})
+            envs = make_eval_envs(
+                env_id, num_envs, task_ids, num_runs=len(todo), max_episode_steps=max_episode_steps,
+                **env_kwargs_for_policy(policy),
+            )  # fmt: skip
+            if "object_state" in policy.observation_keys:
+                env_dim, policy_dim = envs[0].observation_space["object_state"].shape[0], policy.config.object_state_dim
+                if env_dim != policy_dim:
+                    for env in envs:
+                        env.close()
+                    raise ValueError(f"the policy reads {policy_dim} object_state numbers but {env_id} gives {env_dim}")
+            if os.path.exists(episodes_path) and os.path.getsize(episodes_path):
+                with open(episodes_path, "rb") as file:
+                    file.seek(-1, os.SEEK_END)
+                    cut_short = file.read(1) != b"\n"
+            else:
+                cut_short = False
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(todo), desc=f"evaluate {env_id}", unit="episode")
+            policy.eval()
+            try:
+                with open(episodes_path, "a") as file:
+                    if cut_short:
+                        file.write("\n")  # end the line a kill cut short, so the next one stays readable
+                    for result in run_episodes_batched(policy, envs, todo, deterministic=True):
+                        row = {
+                            "task_id": result.task_id, "init_state_id": result.init_state_id, "seed": result.seed,
+                            "success": result.success, "steps": result.length, "seconds": result.seconds,
+                            "checkpoint_steps": checkpoint["steps"], "checkpoint_sha": checkpoint["sha"],
+                            "max_episode_steps": max_episode_steps, "num_envs": len(envs),
+                        }  # fmt: skip
+                        file.write(json.dumps(row) + "\n")
+                        file.flush()
+                        os.fsync(file.fileno())
+                        done[(result.task_id, result.init_state_id, result.seed)] = row
+                        if bar is not None:
+                            bar.update(1)
+            finally:
                 for env in envs:
                     env.close()
-                raise ValueError(f"the policy reads {policy_dim} object_state numbers but {env_id} gives {env_dim}")
-        if os.path.exists(episodes_path) and os.path.getsize(episodes_path):
-            with open(episodes_path, "rb") as file:
-                file.seek(-1, os.SEEK_END)
-                cut_short = file.read(1) != b"\n"
-        else:
-            cut_short = False
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), desc=f"evaluate {env_id}", unit="episode")
-        policy.eval()
-        try:
-            with open(episodes_path, "a") as file:
-                if cut_short:
-                    file.write("\n")  # end the line a kill cut short, so the next one stays readable
-                for result in run_episodes_batched(policy, envs, todo, deterministic=True):
-                    row = {
-                        "task_id": result.task_id, "init_state_id": result.init_state_id, "seed": result.seed,
-                        "success": result.success, "steps": result.length, "seconds": result.seconds,
-                        "checkpoint_steps": checkpoint["steps"], "checkpoint_sha": checkpoint["sha"],
-                        "max_episode_steps": max_episode_steps, "num_envs": len(envs),
-                    }  # fmt: skip
-                    file.write(json.dumps(row) + "\n")
-                    file.flush()
-                    os.fsync(file.fileno())
-                    done[(result.task_id, result.init_state_id, result.seed)] = row
-                    if bar is not None:
-                        bar.update(1)
-        finally:
-            for env in envs:
-                env.close()
-            if bar is not None:
-                bar.close()
-    return [done[run] for run in runs], len(todo)
+                if bar is not None:
+                    bar.close()
+        return [done[run] for run in runs], len(todo)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -605,10 +610,11 @@ def main(args: Args) -> dict:
 
     # 2. SFT, continued from <output_dir>/sft (or --init-from) up to sft_steps.
     checkpoint_path = os.path.join(output_dir, "sft")
-    model, record = load_or_create_sft(
-        args, episodes, list(instructions.values()), checkpoint_path, os.path.join(output_dir, "tb")
-    )
-    this_run = train(model, record, args.sft_steps, checkpoint_path, args.save_every, args.progress)
+    with exclusive(checkpoint_path + ".lock", f"SFT {checkpoint_path}"):
+        model, record = load_or_create_sft(
+            args, episodes, list(instructions.values()), checkpoint_path, os.path.join(output_dir, "tb")
+        )
+        this_run = train(model, record, args.sft_steps, checkpoint_path, args.save_every, args.progress)
     fit = demo_fit(model.policy, model.demos)
     timed_steps = model.num_timesteps - record["untimed_steps"]
 

@@ -45,7 +45,9 @@ report (which is also rewritten after every fine-tuning run, so a long run shows
 ``<demos>.parts/``; SFT from ``<output-dir>/sft_seed<s>/sft``; fine-tuning from the newest checkpoint in
 ``<output-dir>/<variant>_seed<s>/checkpoints`` (``final/`` once done), with its learning curve in ``curve.jsonl``;
 evaluation from each directory's ``episodes.jsonl`` (episodes are reused for the same checkpoint). Writes
-``benchmarks/results/sft_vs_grpo_<suite>.{json,md,png}``.
+``benchmarks/results/sft_vs_grpo_<suite>.{json,md,png}``. Commands sharing an ``--output-dir`` (e.g. one per variant,
+to use more cores) can run side by side: each stage holds a lock (``gym_libero_vla/run_lock.py``) on its files, so
+a second command wanting the same demos, SFT, run or evaluation waits for the first and then reuses its work.
 
 On a machine without those directories (a fresh clone), ``--previous-reports`` lets the runs of a committed report
 stand in for the ones missing here, so that adding a seed or a variant does not redo what the report already
@@ -92,14 +94,18 @@ from gym_libero_vla.evaluate import (
     run_episodes_batched,
 )
 from gym_libero_vla.policies import load_policy, resolve_device
+from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
 
 VARIANTS = ("sft", "grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "offline_only")
 ISSUE_VARIANTS = VARIANTS[:5]
 """The ones issue #7 names, run by default; ``offline_only`` is an ablation to ask for."""
 PAIRED_COMPARISONS = (
-    ("grpo_offline", "offline_only",
-     ("Ablation (e)", "what the policy-gradient term adds to imitating the same demos and replayed successes")),
+    (
+        "grpo_offline",
+        "offline_only",
+        ("Ablation (e)", "what the policy-gradient term adds to imitating the same demos and replayed successes"),
+    ),
     ("grpo_offline", "grpo", ("(b) vs (a)", "what the offline regularization adds to plain GRPO")),
 )
 """Pairs of variants compared head to head (besides each against SFT) when both are in a report: (variant,
@@ -407,8 +413,9 @@ def prepare_sft(args: Args, seed: int, episodes, instructions: list[str], output
     directory = os.path.join(output_dir, f"sft_seed{seed}")
     path = os.path.join(directory, "sft")
     baseline = baseline_args(args, seed)
-    model, record = sft_baseline.load_or_create_sft(baseline, episodes, instructions, path, os.path.join(directory, "tb"))
-    this_run = sft_baseline.train(model, record, args.sft_steps, path, args.sft_save_every, args.progress)
+    with exclusive(path + ".lock", f"SFT seed {seed}"):  # another process training it: wait, then continue from it
+        model, record = sft_baseline.load_or_create_sft(baseline, episodes, instructions, path, os.path.join(directory, "tb"))
+        this_run = sft_baseline.train(model, record, args.sft_steps, path, args.sft_save_every, args.progress)
     return {"path": path, "steps": model.num_timesteps, "seconds": record["seconds"], "steps_this_run": this_run["steps"]}
 
 
@@ -562,48 +569,51 @@ def finished_training(run_dir: str, total_timesteps: int) -> dict | None:
 def fine_tune(variant: str, args: Args, seed: int, sft: dict, episodes, run_dir: str, suite, task_ids, curve_runs,
               max_episode_steps: int) -> dict:  # fmt: skip
     """Train ``variant`` from the SFT checkpoint to ``total_timesteps`` env steps into ``<run_dir>/checkpoints/final``,
-    resuming from the newest checkpoint there; a finished run is not touched. Returns its path, steps and curve rows."""
-    trained = finished_training(run_dir, args.total_timesteps)
-    if trained is not None:
-        print(f"{variant} seed {seed}: {trained['checkpoint']} has {trained['steps']} env steps "
-              f"(>= {args.total_timesteps}): not training", flush=True)  # fmt: skip
-        return trained
-    checkpoints, curve_path = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "curve.jsonl")
-    final = os.path.join(checkpoints, "final")
-    resume_from = latest_checkpoint(checkpoints)
-    if saved_steps(final) >= max(saved_steps(resume_from), 0):  # on a tie final also holds iRe-VLA's last SL stage
-        resume_from = final
-    device = resolve_device(args.device)
-    policy = load_policy(sft["path"]).to(device)
-    rollout_limit = args.rollout_max_episode_steps or max_episode_steps
-    env = make_rollout_env(args, suite.env_id, task_ids, rollout_limit, policy, relabel=variant == "grpo_offline_relabel")
-    demos = None if variant == "grpo" else episodes
-    if resume_from is not None:
-        learner_class = IReVLA if variant == "irevla" else GRPO
-        model = learner_class.load(
-            resume_from, env=env, demos=demos, device=device, tensorboard_log=os.path.join(run_dir, "tb")
-        )
-        print(f"{variant} seed {seed}: resuming from {resume_from} at {model.num_timesteps} env steps", flush=True)
-    else:
-        model = make_learner(variant, args, policy, env, demos, grpo_hyperparameters(args, task_ids, seed), run_dir)
-    steps_before = model.num_timesteps
-    rows = resume_curve(curve_path, steps_before) if os.path.exists(curve_path) else []
-    seconds_before = max([row["train_seconds"] for row in rows if row["kind"] == "update"], default=0.0)
-    curve = LearningCurve(curve_path, suite.env_id, curve_runs, args.curve_every, max_episode_steps, seconds_before,
-                          sft_baseline.eval_num_envs(args))  # fmt: skip
-    try:
-        if args.total_timesteps > steps_before:
-            print(f"{variant} seed {seed}: {steps_before} -> {args.total_timesteps} env steps", flush=True)
-            callbacks = [RolloutCheckpointCallback(args.checkpoint_every, checkpoints, variant, keep_last=2), curve]
-            model.learn(args.total_timesteps - steps_before, callback=callbacks, tb_log_name=variant,
-                        reset_num_timesteps=False, progress_bar=args.progress)  # fmt: skip
-        elif variant == "irevla":  # killed after the checkpoint of its last RL update: the SL stage after it is owed
-            model.train_sl_stage()
-    finally:
-        env.close()
-    model.save(final)
-    return {"checkpoint": final, "steps": model.num_timesteps, "steps_this_run": model.num_timesteps - steps_before,
-            "curve": sft_baseline.read_episodes(curve_path)}  # fmt: skip
+    resuming from the newest checkpoint there; a finished run is not touched. One process at a time: another one
+    on the same ``run_dir`` is waited for, and what it trained is then resumed or reused. Returns its path, steps
+    and curve rows."""
+    with exclusive(os.path.join(run_dir, "run.lock"), f"{variant} seed {seed}"):
+        trained = finished_training(run_dir, args.total_timesteps)
+        if trained is not None:
+            print(f"{variant} seed {seed}: {trained['checkpoint']} has {trained['steps']} env steps "
+                  f"(>= {args.total_timesteps}): not training", flush=True)  # fmt: skip
+            return trained
+        checkpoints, curve_path = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "curve.jsonl")
+        final = os.path.join(checkpoints, "final")
+        resume_from = latest_checkpoint(checkpoints)
+        if saved_steps(final) >= max(saved_steps(resume_from), 0):  # on a tie final also holds iRe-VLA's last SL stage
+            resume_from = final
+        device = resolve_device(args.device)
+        policy = load_policy(sft["path"]).to(device)
+        rollout_limit = args.rollout_max_episode_steps or max_episode_steps
+        env = make_rollout_env(args, suite.env_id, task_ids, rollout_limit, policy, relabel=variant == "grpo_offline_relabel")
+        demos = None if variant == "grpo" else episodes
+        if resume_from is not None:
+            learner_class = IReVLA if variant == "irevla" else GRPO
+            model = learner_class.load(
+                resume_from, env=env, demos=demos, device=device, tensorboard_log=os.path.join(run_dir, "tb")
+            )
+            print(f"{variant} seed {seed}: resuming from {resume_from} at {model.num_timesteps} env steps", flush=True)
+        else:
+            model = make_learner(variant, args, policy, env, demos, grpo_hyperparameters(args, task_ids, seed), run_dir)
+        steps_before = model.num_timesteps
+        rows = resume_curve(curve_path, steps_before) if os.path.exists(curve_path) else []
+        seconds_before = max([row["train_seconds"] for row in rows if row["kind"] == "update"], default=0.0)
+        curve = LearningCurve(curve_path, suite.env_id, curve_runs, args.curve_every, max_episode_steps, seconds_before,
+                              sft_baseline.eval_num_envs(args))  # fmt: skip
+        try:
+            if args.total_timesteps > steps_before:
+                print(f"{variant} seed {seed}: {steps_before} -> {args.total_timesteps} env steps", flush=True)
+                callbacks = [RolloutCheckpointCallback(args.checkpoint_every, checkpoints, variant, keep_last=2), curve]
+                model.learn(args.total_timesteps - steps_before, callback=callbacks, tb_log_name=variant,
+                            reset_num_timesteps=False, progress_bar=args.progress)  # fmt: skip
+            elif variant == "irevla":  # killed after the checkpoint of its last RL update: the SL stage after it is owed
+                model.train_sl_stage()
+        finally:
+            env.close()
+        model.save(final)
+        return {"checkpoint": final, "steps": model.num_timesteps, "steps_this_run": model.num_timesteps - steps_before,
+                "curve": sft_baseline.read_episodes(curve_path)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -763,6 +773,18 @@ def _cell(entry: dict) -> str:
     return f"{entry['success_rate']:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def paired_lines(results: dict) -> list[str]:
+    """One line per head-to-head comparison of :data:`PAIRED_COMPARISONS` in ``results``."""
+    lines = []
+    for variant, baseline, (label, meaning) in PAIRED_COMPARISONS:
+        paired = results.get(variant, {}).get(f"delta_vs_{baseline}")
+        if paired:
+            overall = paired["overall"]
+            lines.append(f"{label}: {variant} − {baseline} = {overall['delta']:+.2f} [paired 95% {overall['ci95'][0]:+.2f}, "
+                         f"{overall['ci95'][1]:+.2f}] over {overall['starts']} starts: {meaning}.")  # fmt: skip
+    return lines
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown: the success table (variants as columns), targets, setup, wall times."""
     results, evaluation, setup = report["results"], report["eval"], report["setup"]
@@ -822,13 +844,8 @@ def markdown(report: dict) -> str:
         lines.append(f"- {name}: {target['wanted']}: {verdict} ({measured})")
     if not report["targets"]:
         lines.append("- not measured: they need the sft, grpo and grpo_offline variants")
-    for variant, baseline, meaning in PAIRED_COMPARISONS:
-        paired = results.get(variant, {}).get(f"delta_vs_{baseline}")
-        if paired:
-            overall = paired["overall"]
-            lines += ["", f"{meaning[0]}: {variant} − {baseline} = {overall['delta']:+.2f} [paired 95% "
-                      f"{overall['ci95'][0]:+.2f}, {overall['ci95'][1]:+.2f}] over {overall['starts']} starts: "
-                      f"{meaning[1]}."]  # fmt: skip
+    for line in paired_lines(results):
+        lines += ["", line]
 
     lines += ["", "Variants:"]
     for name in names:

@@ -7,10 +7,16 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
+import threading
 
 import h5py
+import numpy as np
 import pytest
+
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
+from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("sft_baseline", os.path.join(REPO, "benchmarks", "sft_baseline.py"))
@@ -112,3 +118,44 @@ def test_bad_input_names_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="is not an SFT checkpoint directory"):
         main(tiny_args(tmp_path, init_from=str(tmp_path)))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
+
+
+# Another evaluator: holds the lock of the episodes file argv[1] until a line arrives on stdin, then appends the
+# row argv[2] (its episode) and lets go.
+OTHER_EVALUATOR = """
+import sys
+from gym_libero_vla.run_lock import exclusive
+with exclusive(sys.argv[1] + ".lock", "other evaluator"):
+    print("held", flush=True)
+    sys.stdin.readline()
+    with open(sys.argv[1], "a") as file:
+        file.write(sys.argv[2] + "\\n")
+"""
+
+
+def test_evaluation_waits_for_another_process_on_the_same_episodes_file_then_reuses_its_episodes(tmp_path):
+    episodes_path = str(tmp_path / "episodes.jsonl")
+    checkpoint = {"steps": 20, "sha": "0123abcd"}
+    row = {"task_id": 0, "init_state_id": 20, "seed": 0, "success": True, "steps": 7, "seconds": 0.5,
+           "checkpoint_steps": 20, "checkpoint_sha": "0123abcd", "max_episode_steps": 30, "num_envs": 1}  # fmt: skip
+    other = subprocess.Popen([sys.executable, "-c", OTHER_EVALUATOR, episodes_path, json.dumps(row)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert other.stdout.readline() == "held\n"
+        policy = CompactVLA(
+            CompactVLAConfig(cameras=(), object_state_dim=70, hidden_size=16, num_layers=1, num_heads=2),
+            ActionBins(low=-np.ones(7, np.float32), high=np.ones(7, np.float32), num_bins=16),
+            WordTokenizer.from_texts(["pick up the black bowl"]),
+        )
+        release = threading.Timer(1.0, lambda: (other.stdin.write("\n"), other.stdin.flush()))
+        release.start()
+        rows, run_now = sft_baseline.evaluate_resumably(
+            policy, "LiberoSpatial-v0", [(0, 20, 0)], 30, episodes_path, checkpoint, progress=False
+        )
+        release.join()
+    finally:
+        other.kill()
+        other.wait()
+    # it waited for the other process rather than running the episode itself, then took the other's row
+    assert run_now == 0 and rows == [row]
+    assert line_count(episodes_path) == 1

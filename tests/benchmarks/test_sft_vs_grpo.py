@@ -7,12 +7,15 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
+from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -259,3 +262,32 @@ def test_previous_reports_stand_in_for_runs_this_machine_lacks(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other_weights))
     with pytest.raises(ValueError, match=r"sft seed 0 of .*other.json started from SFT weights 0123456789abcdef, but "):
         main(dataclasses.replace(args, output_dir=str(tmp_path / "fresh2"), previous_reports=(str(tmp_path / "other.json"),)))
+
+
+def test_a_second_process_on_the_same_run_waits_for_it(tmp_path):
+    """Two commands sharing an --output-dir must not train one run at once (interleaved checkpoints and curve): the
+    second waits for the first's lock on the run directory, then trains (or reuses) alone. Here the test holds the
+    lock of the grpo_offline run while a real sft_vs_grpo process gets there."""
+    args = tiny_args(tmp_path, variants=("sft", "grpo_offline"))
+    run_dir = tmp_path / "run" / "grpo_offline_seed0"
+    runner = "import json, sys; sys.path.insert(0, 'benchmarks'); import sft_vs_grpo; " \
+             "sft_vs_grpo.main(sft_vs_grpo.Args(**json.loads(sys.argv[1])))"  # fmt: skip
+    command = [sys.executable, "-c", runner, json.dumps(dataclasses.asdict(args))]
+    with exclusive(str(run_dir / "run.lock"), "the test"):
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if "waiting for process" in line:
+                break
+        assert (
+            seen and seen[-1] == f"grpo_offline seed 0: waiting for process {os.getpid()}, which holds {run_dir}/run.lock\n"
+        ), "".join(seen)
+        time.sleep(1.0)
+        assert not (run_dir / "checkpoints").exists() and process.poll() is None  # blocked, nothing written
+    rest, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, rest
+    assert "grpo_offline seed 0: lock taken after" in rest and "grpo_offline seed 0: 0 -> 20 env steps" in rest
+    with open(args.json_out) as file:
+        runs = json.load(file)["runs"]
+    assert [run["steps"] >= 20 for run in runs if run["variant"] == "grpo_offline"] == [True]
