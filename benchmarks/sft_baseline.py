@@ -425,52 +425,53 @@ def evaluate_resumably(
         done = recorded_episodes(episodes_path, checkpoint["sha"], max_episode_steps)
         todo = [run for run in runs if run not in done]
         print(f"evaluation: {len(runs) - len(todo)} of {len(runs)} episodes already in {episodes_path}", flush=True)
-        if todo:
-            task_ids = sorted({task_id for task_id, _, _ in runs})
-            envs = make_eval_envs(
-                env_id, num_envs, task_ids, num_runs=len(todo), max_episode_steps=max_episode_steps,
-                **env_kwargs_for_policy(policy),
-            )  # fmt: skip
-            if "object_state" in policy.observation_keys:
-                env_dim, policy_dim = envs[0].observation_space["object_state"].shape[0], policy.config.object_state_dim
-                if env_dim != policy_dim:
-                    for env in envs:
-                        env.close()
-                    raise ValueError(f"the policy reads {policy_dim} object_state numbers but {env_id} gives {env_dim}")
-            if os.path.exists(episodes_path) and os.path.getsize(episodes_path):
-                with open(episodes_path, "rb") as file:
-                    file.seek(-1, os.SEEK_END)
-                    cut_short = file.read(1) != b"\n"
-            else:
-                cut_short = False
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=len(todo), desc=f"evaluate {env_id}", unit="episode")
-            policy.eval()
-            try:
-                with open(episodes_path, "a") as file:
-                    if cut_short:
-                        file.write("\n")  # end the line a kill cut short, so the next one stays readable
-                    for result in run_episodes_batched(policy, envs, todo, deterministic=True):
-                        row = {
-                            "task_id": result.task_id, "init_state_id": result.init_state_id, "seed": result.seed,
-                            "success": result.success, "steps": result.length, "seconds": result.seconds,
-                            "checkpoint_steps": checkpoint["steps"], "checkpoint_sha": checkpoint["sha"],
-                            "max_episode_steps": max_episode_steps, "num_envs": len(envs),
-                        }  # fmt: skip
-                        file.write(json.dumps(row) + "\n")
-                        file.flush()
-                        os.fsync(file.fileno())
-                        done[(result.task_id, result.init_state_id, result.seed)] = row
-                        if bar is not None:
-                            bar.update(1)
-            finally:
+        if not todo:
+            return [done[run] for run in runs], 0
+        task_ids = sorted({task_id for task_id, _, _ in runs})
+        envs = make_eval_envs(
+            env_id, num_envs, task_ids, num_runs=len(todo), max_episode_steps=max_episode_steps,
+            **env_kwargs_for_policy(policy),
+        )  # fmt: skip
+        if "object_state" in policy.observation_keys:
+            env_dim, policy_dim = envs[0].observation_space["object_state"].shape[0], policy.config.object_state_dim
+            if env_dim != policy_dim:
                 for env in envs:
                     env.close()
-                if bar is not None:
-                    bar.close()
+                raise ValueError(f"the policy reads {policy_dim} object_state numbers but {env_id} gives {env_dim}")
+        if os.path.exists(episodes_path) and os.path.getsize(episodes_path):
+            with open(episodes_path, "rb") as file:
+                file.seek(-1, os.SEEK_END)
+                cut_short = file.read(1) != b"\n"
+        else:
+            cut_short = False
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"evaluate {env_id}", unit="episode")
+        policy.eval()
+        try:
+            with open(episodes_path, "a") as file:
+                if cut_short:
+                    file.write("\n")  # end the line a kill cut short, so the next one stays readable
+                for result in run_episodes_batched(policy, envs, todo, deterministic=True):
+                    row = {
+                        "task_id": result.task_id, "init_state_id": result.init_state_id, "seed": result.seed,
+                        "success": result.success, "steps": result.length, "seconds": result.seconds,
+                        "checkpoint_steps": checkpoint["steps"], "checkpoint_sha": checkpoint["sha"],
+                        "max_episode_steps": max_episode_steps, "num_envs": len(envs),
+                    }  # fmt: skip
+                    file.write(json.dumps(row) + "\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+                    done[(result.task_id, result.init_state_id, result.seed)] = row
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            for env in envs:
+                env.close()
+            if bar is not None:
+                bar.close()
         return [done[run] for run in runs], len(todo)
 
 

@@ -101,15 +101,12 @@ VARIANTS = ("sft", "grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "of
 ISSUE_VARIANTS = VARIANTS[:5]
 """The ones issue #7 names, run by default; ``offline_only`` is an ablation to ask for."""
 PAIRED_COMPARISONS = (
-    (
-        "grpo_offline",
-        "offline_only",
-        ("Ablation (e)", "what the policy-gradient term adds to imitating the same demos and replayed successes"),
-    ),
-    ("grpo_offline", "grpo", ("(b) vs (a)", "what the offline regularization adds to plain GRPO")),
-)
+    ("grpo_offline", "offline_only", "Ablation (e)",
+     "what the policy-gradient term adds to imitating the same demos and replayed successes"),
+    ("grpo_offline", "grpo", "(b) vs (a)", "what the offline regularization adds to plain GRPO"),
+)  # fmt: skip
 """Pairs of variants compared head to head (besides each against SFT) when both are in a report: (variant,
-baseline, (label, what the difference measures)); the result is ``results[variant]["delta_vs_<baseline>"]``."""
+baseline, label, what the difference measures); the result is ``results[variant]["delta_vs_<baseline>"]``."""
 FINE_TUNED = VARIANTS[1:]
 DESCRIPTIONS = {
     "sft": "behaviour cloning on the demos; the start of every other variant",
@@ -776,7 +773,7 @@ def _cell(entry: dict) -> str:
 def paired_lines(results: dict) -> list[str]:
     """One line per head-to-head comparison of :data:`PAIRED_COMPARISONS` in ``results``."""
     lines = []
-    for variant, baseline, (label, meaning) in PAIRED_COMPARISONS:
+    for variant, baseline, label, meaning in PAIRED_COMPARISONS:
         paired = results.get(variant, {}).get(f"delta_vs_{baseline}")
         if paired:
             overall = paired["overall"]
@@ -979,7 +976,7 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
                     result, variant_summary(sft_runs, task_ids, instructions), task_ids,
                     [run for run in runs if run["variant"] == variant], sft_runs,
                 )  # fmt: skip
-    for variant, baseline, _ in PAIRED_COMPARISONS:
+    for variant, baseline, _, _ in PAIRED_COMPARISONS:
         # (b) against (e): what the policy-gradient term adds over imitating the same offline data (pg_coef 0);
         # (b) against (a): what the offline regularization adds to plain GRPO. On the seeds both have.
         if variant not in results or baseline not in results:
