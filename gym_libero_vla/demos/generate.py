@@ -15,7 +15,8 @@ successes nor failures are redone when the same command is run again. The HDF5 f
 the sidecar at the end of a run into ``<out>.tmp`` and renamed over ``<out>``: readers see either the
 previous complete file or the new complete file, never a partial one. The sidecar stays (it is the
 durable record); pass ``--no-keep-parts`` to delete it after assembly, at the cost of not being able
-to resume or extend that run later.
+to resume or extend that run later. Two generators on one ``--out`` take turns (a lock on ``<out>.lock``, see
+:mod:`gym_libero_vla.run_lock`): the second waits, then skips the episodes the first saved.
 
 Replay. ``reset`` runs settle steps after ``set_init_state``; ``states[0]`` is recorded after them,
 so replay resets an env made with ``num_settle_steps=0`` to ``states[0]`` and steps the actions
@@ -40,6 +41,7 @@ from typing import Literal
 import numpy as np
 
 from gym_libero_vla.demos.libero_hdf5 import IMAGE_KEYS, LiberoHDF5, replay
+from gym_libero_vla.run_lock import exclusive
 
 PARTS_SUFFIX = ".parts"
 FORMAT_VERSION = 1
@@ -295,83 +297,86 @@ def generate(args: GenerateArgs) -> dict:
         raise ValueError(f"unknown task_id {bad[0]} for {spec.env_id}: valid 0..{len(tasks) - 1}")
 
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    parts_dir = out + PARTS_SUFFIX
-    os.makedirs(parts_dir, exist_ok=True)
-    config = {
-        "format": FORMAT_VERSION,
-        "suite": spec.libero_name,
-        "obs_mode": args.obs_mode,
-        "image_size": args.image_size,
-        "seed": args.seed,
-        "noise_scale": args.noise_scale,
-        "max_retries": args.max_retries,
-    }
-    if args.object_state:  # only when set, so sidecars written before this option still resume
-        config["object_state"] = True
-    _check_config(parts_dir, config)
-    done = _scan_parts(parts_dir)
+    # Two generators on one file would redo the same episodes, and one's removal of leftover temp files or its
+    # assembly into <out>.tmp would race the other's writes: a second one waits here, then finds the parts done.
+    with exclusive(out + ".lock", f"demos {out}"):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        parts_dir = out + PARTS_SUFFIX
+        os.makedirs(parts_dir, exist_ok=True)
+        config = {
+            "format": FORMAT_VERSION,
+            "suite": spec.libero_name,
+            "obs_mode": args.obs_mode,
+            "image_size": args.image_size,
+            "seed": args.seed,
+            "noise_scale": args.noise_scale,
+            "max_retries": args.max_retries,
+        }
+        if args.object_state:  # only when set, so sidecars written before this option still resume
+            config["object_state"] = True
+        _check_config(parts_dir, config)
+        done = _scan_parts(parts_dir)
 
-    env = gym.make(
-        spec.env_id,
-        obs_mode=args.obs_mode,
-        image_size=args.image_size,
-        cameras=("agentview", "wrist"),
-        task_ids=task_ids,
-        privileged_state=args.object_state,
-    )
-    expert = ScriptedExpert(env, max_retries=args.max_retries, noise_scale=args.noise_scale, seed=args.seed)
-    counts = {"successes": 0, "failures": 0, "attempts": 0, "skipped": 0}
-    wanted = args.episodes_per_task * len(task_ids)
-    have = {t: sum(1 for (task, _), m in done.items() if task == t and m["success"]) for t in task_ids}
-    bar = tqdm(
-        total=wanted,
-        initial=sum(min(n, args.episodes_per_task) for n in have.values()),
-        desc=f"{spec.env_id} demos",
-        unit="demo",
-        disable=not args.progress,
-    )
-    try:
-        for task_id in task_ids:
-            end = suites.task_init_states(spec.libero_name, task_id).shape[0]
-            end = end if args.init_state_end is None else min(end, args.init_state_end)
-            for init_state_id in range(args.init_state_start, end):
-                if have[task_id] >= args.episodes_per_task:
-                    break
-                if (task_id, init_state_id) in done:
-                    counts["skipped"] += 1
-                    continue
-                seed = episode_seed(args.seed, task_id, init_state_id)
-                expert.rng = np.random.default_rng(seed)
-                start = time.perf_counter()
-                episode = rollout_expert(env, expert, task_id, init_state_id, seed)
-                meta = {
-                    "task_id": task_id,
-                    "init_state_id": init_state_id,
-                    "seed": seed,
-                    "success": episode["success"],
-                    "num_steps": episode["num_steps"],
-                    "seconds": time.perf_counter() - start,
-                }
-                if episode["success"]:
-                    _save_part(parts_dir, task_id, init_state_id, episode, meta)
-                    have[task_id] += 1
-                    counts["successes"] += 1
-                    bar.update(1)
-                else:
-                    _atomic_write(
-                        os.path.join(parts_dir, _part_name(task_id, init_state_id) + ".json"), json.dumps(meta).encode()
-                    )
-                    counts["failures"] += 1
-                counts["attempts"] += 1
-                bar.set_postfix(task=task_id, failures=counts["failures"])
-    finally:
-        bar.close()
-        env.close()
-    counts["num_demos"] = assemble_hdf5(out, parts_dir)
-    if not args.keep_parts:
-        shutil.rmtree(parts_dir)
-    return counts
+        env = gym.make(
+            spec.env_id,
+            obs_mode=args.obs_mode,
+            image_size=args.image_size,
+            cameras=("agentview", "wrist"),
+            task_ids=task_ids,
+            privileged_state=args.object_state,
+        )
+        expert = ScriptedExpert(env, max_retries=args.max_retries, noise_scale=args.noise_scale, seed=args.seed)
+        counts = {"successes": 0, "failures": 0, "attempts": 0, "skipped": 0}
+        wanted = args.episodes_per_task * len(task_ids)
+        have = {t: sum(1 for (task, _), m in done.items() if task == t and m["success"]) for t in task_ids}
+        bar = tqdm(
+            total=wanted,
+            initial=sum(min(n, args.episodes_per_task) for n in have.values()),
+            desc=f"{spec.env_id} demos",
+            unit="demo",
+            disable=not args.progress,
+        )
+        try:
+            for task_id in task_ids:
+                end = suites.task_init_states(spec.libero_name, task_id).shape[0]
+                end = end if args.init_state_end is None else min(end, args.init_state_end)
+                for init_state_id in range(args.init_state_start, end):
+                    if have[task_id] >= args.episodes_per_task:
+                        break
+                    if (task_id, init_state_id) in done:
+                        counts["skipped"] += 1
+                        continue
+                    seed = episode_seed(args.seed, task_id, init_state_id)
+                    expert.rng = np.random.default_rng(seed)
+                    start = time.perf_counter()
+                    episode = rollout_expert(env, expert, task_id, init_state_id, seed)
+                    meta = {
+                        "task_id": task_id,
+                        "init_state_id": init_state_id,
+                        "seed": seed,
+                        "success": episode["success"],
+                        "num_steps": episode["num_steps"],
+                        "seconds": time.perf_counter() - start,
+                    }
+                    if episode["success"]:
+                        _save_part(parts_dir, task_id, init_state_id, episode, meta)
+                        have[task_id] += 1
+                        counts["successes"] += 1
+                        bar.update(1)
+                    else:
+                        _atomic_write(
+                            os.path.join(parts_dir, _part_name(task_id, init_state_id) + ".json"), json.dumps(meta).encode()
+                        )
+                        counts["failures"] += 1
+                    counts["attempts"] += 1
+                    bar.set_postfix(task=task_id, failures=counts["failures"])
+        finally:
+            bar.close()
+            env.close()
+        counts["num_demos"] = assemble_hdf5(out, parts_dir)
+        if not args.keep_parts:
+            shutil.rmtree(parts_dir)
+        return counts
 
 
 def replay_file(args: ReplayArgs) -> list[dict]:

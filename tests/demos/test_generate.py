@@ -1,4 +1,4 @@
-"""Demo generation: official layout, exact replay, crash-safe resume, raw-order images."""
+"""Demo generation: official layout, exact replay, crash-safe resume, one generator per file, raw-order images."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import gym_libero_vla  # noqa: F401
 from gym_libero_vla.demos import LiberoHDF5, replay_success
 from gym_libero_vla.demos.generate import GenerateArgs, ReplayArgs, generate, replay_file
+from gym_libero_vla.run_lock import exclusive
 
 
 def test_generate_writes_official_layout(spatial_demo_file):
@@ -117,6 +118,33 @@ def test_generate_resumes_after_kill_without_redoing_episodes(tmp_path):
     with LiberoHDF5(out) as demos:
         assert [episode.init_state_id for episode in demos] == [0, 1, 2]
         assert all(episode.success for episode in demos)
+
+
+def test_a_second_generator_on_the_same_file_waits_then_reuses_the_episodes(tmp_path):
+    """Two generators on one --out would redo the same episodes and race on the sidecar's temp files and on
+    <out>.tmp. Here the test is the first generator (it holds the lock and writes the episode); a real CLI process
+    started meanwhile waits, writes nothing, then skips the saved episode and only assembles the file."""
+    out = tmp_path / "shared.hdf5"
+    args = GenerateArgs(suite="spatial", out=str(out), task_ids=(0,), episodes_per_task=1, progress=False)
+    command = [sys.executable, "-m", "gym_libero_vla.demos", "generate", "--suite", "spatial", "--task-ids", "0"]
+    command += ["--episodes-per-task", "1", "--out", str(out), "--no-progress"]
+    with exclusive(str(out) + ".lock", "the test"):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first_line = process.stdout.readline()
+        assert first_line == f"demos {out}: waiting for process {os.getpid()}, which holds {out}.lock\n", first_line
+        assert not (tmp_path / "shared.hdf5.parts").exists() and process.poll() is None  # blocked before any write
+        counts = generate(args)  # the lock is this process's already: taken again, not waited for
+        assert counts["attempts"] == 1 and counts["num_demos"] == 1
+        part = tmp_path / "shared.hdf5.parts" / "task000_init0000.npz"
+        written = part.stat().st_mtime_ns
+    rest, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, rest
+    assert "lock taken after" in rest
+    second = json.loads(rest.strip().splitlines()[-1])
+    assert (second["attempts"], second["successes"], second["num_demos"]) == (0, 0, 1)  # nothing rolled out again
+    assert part.stat().st_mtime_ns == written
+    with LiberoHDF5(out) as demos:
+        assert [(episode.task_id, episode.init_state_id, episode.success) for episode in demos] == [(0, 0, True)]
 
 
 def test_rgb_frames_are_stored_raw_and_read_upright(tmp_path):
