@@ -22,7 +22,8 @@ demos carry none and get weight 1 (plain behaviour cloning). The full loss per m
     loss = pg_coef * pg_loss + imitation_weight * imitation_loss - entropy_coef * entropy + kl_coef * kl(pi || pi_ref)
 
 with the k3 estimator of the KL to the reference policy (the base model without its LoRA adapter, or a
-frozen copy of the initial policy).
+frozen copy of the initial policy). ``pg_loss`` is a mean over action tokens (DAPO); ``loss_aggregation=
+"episode-mean"`` weighs every episode the same instead (:func:`episode_mean_advantages`).
 
 The surface is stable-baselines3's: ``GRPO(policy, env, demos=None, **hyperparameters)``,
 ``learn(total_timesteps, callback, progress_bar)`` (timesteps are env steps), ``predict(obs,
@@ -61,6 +62,7 @@ from gym_libero_vla.wrappers.rollout_relabel import rescue_failed_group
 GRPO_CONFIG_FILENAME = "grpo.json"
 OPTIMIZER_FILENAME = "optimizer.pt"
 RNG_FILENAME = "rng_state.pt"
+LOSS_AGGREGATIONS = ("token-mean", "episode-mean")
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -78,6 +80,18 @@ def group_relative_advantages(rewards: torch.Tensor, group_size: int, eps: float
     std = grouped.std(dim=1, keepdim=True)
     advantages = (grouped - mean) / (std + eps)
     return torch.where(std > 0, advantages, torch.zeros_like(advantages)).view(-1)  # exactly 0, even with eps = 0
+
+
+def episode_mean_advantages(advantages: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Scale each episode's advantage by ``mean(lengths) / length`` (``loss_aggregation="episode-mean"``).
+
+    Under the token-mean loss an episode's total weight is ``A_j * L_j``: long failures outweigh short successes
+    (one success in four, 144 vs 220 steps: +1.5 * 144 against 3 * -0.5 * 220). Scaled, every episode weighs
+    ``A_j * mean(L)``, so a group's weights sum to zero like its advantages; the mean keeps the loss's scale."""
+    lengths = torch.as_tensor(lengths, dtype=advantages.dtype)
+    if lengths.shape != advantages.shape or not bool((lengths > 0).all()):
+        raise ValueError(f"lengths {tuple(lengths.shape)} must be positive, one per advantage {tuple(advantages.shape)}")
+    return advantages * lengths.mean() / lengths
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -180,6 +194,12 @@ class GRPOConfig:
     policy (whose success a poorly calibrated SFT policy's samples can fall far short of). The policy-gradient
     ratio, the proximal log-probs, the entropy and the KL use the same tempered distribution, so the update is
     exact for the policy that sampled; the imitation term stays at temperature 1."""
+    loss_aggregation: str = "token-mean"
+    """How the policy-gradient term weighs episodes. ``token-mean`` (DAPO): every action token counts the same, so
+    an episode weighs in proportion to its length; failures run to the time limit and successes stop early, so
+    in a group with a few successes most of the weight is negative advantage. ``episode-mean`` (the original
+    GRPO's per-sequence mean): each episode's tokens are scaled by (mean episode length of the rollout) /
+    (its length), so every episode of a group weighs the same and a group's advantages sum to zero in weight."""
     dynamic_sampling: bool = True
     """Leave groups with all-equal rewards (zero advantage) out of the policy-gradient term (DAPO)."""
     max_sampling_rounds: int = 1
@@ -232,6 +252,8 @@ class GRPOConfig:
             if not (_is_finite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be a finite number > 0")
         check_temperature(self.temperature)  # the same rule as the policies' sampling
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_aggregation {self.loss_aggregation!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
         if self.clip_low >= 1.0:
             raise ValueError(f"clip_low {self.clip_low!r} must be < 1: the ratio's lower bound 1 - clip_low must stay > 0")
         for name in ("pg_coef", "kl_coef", "entropy_coef", "imitation_weight_min", "imitation_weight_max"):
@@ -703,6 +725,8 @@ class GRPO(BaseLearner):
         config, policy, device = self.config, self.policy, self.policy.device
         rewards = torch.as_tensor(rollout.episode_rewards)
         episode_advantages = group_relative_advantages(rewards, config.group_size, config.advantage_eps)
+        if config.loss_aggregation == "episode-mean":  # every episode the same total weight, whatever its length
+            episode_advantages = episode_mean_advantages(episode_advantages, rollout.episode_lengths)
         zero_std = zero_variance_groups(rewards, config.group_size)
         step_advantages = episode_advantages[rollout.episode_index]  # A_j broadcast to every step of episode j
         step_indices = np.arange(len(rollout.action_tokens))

@@ -199,6 +199,8 @@ class Args:
     """Dynamic sampling's refill: up to this many rounds of num_groups groups per rollout."""
     temperature: float = 1.0
     """Rollout sampling temperature of every variant's RL term (the ratio, entropy and KL use the same)."""
+    loss_aggregation: Literal["token-mean", "episode-mean"] = "token-mean"
+    """Policy-gradient weighting: every token the same (token-mean), or every episode the same (episode-mean)."""
     entropy_coef: float = 0.0
     """Entropy bonus of every GRPO loss (0: none, so that a collapse shows)."""
     imitation_weight_max: float = 1.0
@@ -282,6 +284,7 @@ def grpo_hyperparameters(args: Args, task_ids: tuple[int, ...], seed: int) -> di
         num_groups=args.num_groups, group_size=args.group_size, learning_rate=args.learning_rate,
         num_epochs=args.num_epochs, minibatch_size=args.minibatch_size, dynamic_sampling=args.dynamic_sampling,
         max_sampling_rounds=args.max_sampling_rounds, entropy_coef=args.entropy_coef, temperature=args.temperature,
+        loss_aggregation=args.loss_aggregation,
         task_ids=task_ids,
         init_state_ids=tuple(range(args.demo_init_state_end)), seed=seed,
     )  # fmt: skip

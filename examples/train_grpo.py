@@ -125,6 +125,8 @@ class Args:
     """Weight of KL(pi || pi_ref) to the warm-started policy (0: no reference, DAPO's choice)."""
     temperature: float = 1.0
     """Rollout sampling temperature (GRPO's ratio, entropy and KL use the same tempered distribution)."""
+    loss_aggregation: Literal["token-mean", "episode-mean"] = "token-mean"
+    """Policy-gradient weighting: every token the same (token-mean), or every episode the same (episode-mean)."""
     rescue_failed_groups: bool = True
     """GRPO: put a demo into groups whose rollouts all failed, so they carry a learning signal."""
     max_sampling_rounds: int = 2
@@ -216,6 +218,7 @@ def make_learner(args: Args, policy, env, episodes):
         tensorboard_log=os.path.join(args.output_dir, "tb"), num_groups=args.num_groups, group_size=args.group_size,
         learning_rate=args.learning_rate, num_epochs=args.num_epochs, minibatch_size=args.minibatch_size,
         kl_coef=args.kl_coef, temperature=args.temperature, max_sampling_rounds=args.max_sampling_rounds,
+        loss_aggregation=args.loss_aggregation,
         task_ids=args.task_ids,
         init_state_ids=tuple(range(args.demo_init_state_end)), seed=args.seed,
     )  # fmt: skip

@@ -3,6 +3,7 @@ updates in the direction of the advantage, the offline term, SB3 surface, loggin
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint, run_episodes
+from gym_libero_vla.algos.grpo import GRPO, GroupRollout, latest_checkpoint, run_episodes
 from gym_libero_vla.episode_store import Episode
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
@@ -84,9 +85,13 @@ def test_learn_collects_groups_updates_the_policy_and_logs(env, instruction, tmp
     assert [event.step for event in events.Scalars("rollout/success_rate")] == [20, 40]
 
 
-def test_positive_advantage_raises_the_log_prob_of_its_tokens(env, instruction):
+@pytest.mark.parametrize("loss_aggregation", ["token-mean", "episode-mean"])
+def test_positive_advantage_raises_the_log_prob_of_its_tokens(env, instruction, loss_aggregation):
     policy = make_policy(instruction)
-    model = GRPO(policy, env, group_size=2, num_groups=1, learning_rate=1e-3, num_epochs=4, minibatch_size=64, seed=0)
+    model = GRPO(
+        policy, env, group_size=2, num_groups=1, learning_rate=1e-3, num_epochs=4, minibatch_size=64, seed=0,
+        loss_aggregation=loss_aggregation,
+    )  # fmt: skip
     rollout = model.collect_rollouts()
     assert rollout.action_tokens.shape == (2 * MAX_EPISODE_STEPS, 7) and rollout.behaviour_log_probs.shape == (20, 7)
     assert rollout.episode_index.tolist() == [0] * 10 + [1] * 10
@@ -98,6 +103,28 @@ def test_positive_advantage_raises_the_log_prob_of_its_tokens(env, instruction):
     assert rollout_log_probs(policy, rollout, winner) > winner_before + 0.1
     assert rollout_log_probs(policy, rollout, loser) < loser_before - 0.1
     assert 0.0 <= metrics["clip_fraction"] <= 1.0 and metrics["approx_kl"] >= 0.0
+
+
+@pytest.mark.parametrize("loss_aggregation, expected_pg_loss", [("token-mean", 5 / 15 / 2**0.5), ("episode-mean", 0.0)])
+def test_loss_aggregation_weighs_tokens_or_episodes(env, instruction, loss_aggregation, expected_pg_loss):
+    """A 5-step success and a 10-step failure in one group (A = +-1/sqrt(2)). On-policy the ratio is 1, so the first
+    minibatch's pg_loss is -mean(A) over its tokens: token-mean gives the failure twice the success's weight,
+    -(5 - 10) / 15 / sqrt(2); episode-mean scales each episode's A by 7.5 / length, so the two cancel."""
+    policy = make_policy(instruction)
+    model = GRPO(
+        policy, env, group_size=2, num_groups=1, learning_rate=1e-3, num_epochs=1, minibatch_size=64, seed=0,
+        loss_aggregation=loss_aggregation,
+    )  # fmt: skip
+    first, second = model.collect_rollouts().episodes
+    short = dataclasses.replace(
+        first, success=True, actions=first.actions[:5], rewards=first.rewards[:5], log_probs=first.log_probs[:5],
+        observations={k: v if isinstance(v, str) else v[:6] for k, v in first.observations.items()},
+    )  # fmt: skip
+    rollout = GroupRollout.from_episodes([short, second], policy.action_bins, policy.observation_keys)
+    assert rollout.episode_lengths.tolist() == [5, 10] and rollout.episode_rewards.tolist() == [1.0, 0.0]
+    metrics = model.train(rollout)
+    assert metrics["num_updates"] == 1
+    assert metrics["pg_loss"] == pytest.approx(expected_pg_loss, abs=1e-4)
 
 
 def test_kl_to_the_base_model_under_lora(env, instruction, tmp_path):

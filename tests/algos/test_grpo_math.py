@@ -11,6 +11,7 @@ from gym_libero_vla.algos.grpo import (
     GRPOConfig,
     adaptive_imitation_weight,
     clipped_surrogate,
+    episode_mean_advantages,
     group_relative_advantages,
     importance_weights,
     k3_kl,
@@ -30,6 +31,18 @@ def test_group_relative_advantages_one_success_in_four():
     advantages = group_relative_advantages(torch.tensor([0.0, 1.0, 0.0, 0.0]), group_size=4, eps=0.0)
     torch.testing.assert_close(advantages, torch.tensor([-0.5, 1.5, -0.5, -0.5]))
     assert abs(advantages.sum().item()) < 1e-6  # a group's advantages are centred
+
+
+def test_episode_mean_advantages_balance_a_group_whatever_the_lengths():
+    # one success in four: the success stopped at 144 steps, the failures ran to the 220-step limit
+    advantages = group_relative_advantages(torch.tensor([0.0, 1.0, 0.0, 0.0]), group_size=4, eps=0.0)
+    lengths = torch.tensor([220, 144, 220, 220])
+    assert (advantages * lengths).sum().item() == pytest.approx(1.5 * 144 - 3 * 0.5 * 220)  # token-mean: net negative
+    scaled = episode_mean_advantages(advantages, lengths)
+    torch.testing.assert_close(scaled, advantages * 201.0 / lengths)  # mean length 201
+    assert abs((scaled * lengths).sum().item()) < 1e-3  # every episode weighs A_j * 201: the group sums to zero
+    with pytest.raises(ValueError, match="must be positive, one per advantage"):
+        episode_mean_advantages(advantages, torch.tensor([220, 0, 220, 220]))
 
 
 def test_group_relative_advantages_rejects_ragged_groups():
@@ -112,6 +125,7 @@ def test_defaults_are_valid():
         (dict(is_clip=0.5), "is_clip 0.5 must be a finite number >= 1"),
         (dict(max_grad_norm=0.0), "max_grad_norm 0.0"),
         (dict(task_ids=()), "task_ids is empty"),
+        (dict(loss_aggregation="sum"), "loss_aggregation 'sum' is not one of token-mean, episode-mean"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, message):
