@@ -278,12 +278,8 @@ def assemble_hdf5(out: str, parts_dir: str) -> int:
 # ---------------------------------------------------------------------------------------------- entry points
 def generate(args: GenerateArgs) -> dict:
     """Run the generation described by ``args``; returns counts (successes, failures, attempts this run)."""
-    import gymnasium as gym
-    from tqdm import tqdm
-
     import gym_libero_vla  # noqa: F401  (registers the env ids)
     from gym_libero_vla import suites
-    from gym_libero_vla.demos.scripted_expert import ScriptedExpert
 
     spec = suites.resolve_suite(args.suite)
     if args.episodes_per_task < 1:
@@ -317,66 +313,79 @@ def generate(args: GenerateArgs) -> dict:
         _check_config(parts_dir, config)
         done = _scan_parts(parts_dir)
 
-        env = gym.make(
-            spec.env_id,
-            obs_mode=args.obs_mode,
-            image_size=args.image_size,
-            cameras=("agentview", "wrist"),
-            task_ids=task_ids,
-            privileged_state=args.object_state,
-        )
-        expert = ScriptedExpert(env, max_retries=args.max_retries, noise_scale=args.noise_scale, seed=args.seed)
-        counts = {"successes": 0, "failures": 0, "attempts": 0, "skipped": 0}
-        wanted = args.episodes_per_task * len(task_ids)
-        have = {t: sum(1 for (task, _), m in done.items() if task == t and m["success"]) for t in task_ids}
-        bar = tqdm(
-            total=wanted,
-            initial=sum(min(n, args.episodes_per_task) for n in have.values()),
-            desc=f"{spec.env_id} demos",
-            unit="demo",
-            disable=not args.progress,
-        )
-        try:
-            for task_id in task_ids:
-                end = suites.task_init_states(spec.libero_name, task_id).shape[0]
-                end = end if args.init_state_end is None else min(end, args.init_state_end)
-                for init_state_id in range(args.init_state_start, end):
-                    if have[task_id] >= args.episodes_per_task:
-                        break
-                    if (task_id, init_state_id) in done:
-                        counts["skipped"] += 1
-                        continue
-                    seed = episode_seed(args.seed, task_id, init_state_id)
-                    expert.rng = np.random.default_rng(seed)
-                    start = time.perf_counter()
-                    episode = rollout_expert(env, expert, task_id, init_state_id, seed)
-                    meta = {
-                        "task_id": task_id,
-                        "init_state_id": init_state_id,
-                        "seed": seed,
-                        "success": episode["success"],
-                        "num_steps": episode["num_steps"],
-                        "seconds": time.perf_counter() - start,
-                    }
-                    if episode["success"]:
-                        _save_part(parts_dir, task_id, init_state_id, episode, meta)
-                        have[task_id] += 1
-                        counts["successes"] += 1
-                        bar.update(1)
-                    else:
-                        _atomic_write(
-                            os.path.join(parts_dir, _part_name(task_id, init_state_id) + ".json"), json.dumps(meta).encode()
-                        )
-                        counts["failures"] += 1
-                    counts["attempts"] += 1
-                    bar.set_postfix(task=task_id, failures=counts["failures"])
-        finally:
-            bar.close()
-            env.close()
+        counts = _roll_out_missing(args, spec, task_ids, parts_dir, done)
         counts["num_demos"] = assemble_hdf5(out, parts_dir)
         if not args.keep_parts:
             shutil.rmtree(parts_dir)
         return counts
+
+
+def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts_dir: str, done: dict) -> dict:
+    """Roll out the expert on every (task, init state) not in ``done`` until each task has its episodes, saving
+    each attempt into ``parts_dir``; returns the counts of this run."""
+    import gymnasium as gym
+    from tqdm import tqdm
+
+    from gym_libero_vla import suites
+    from gym_libero_vla.demos.scripted_expert import ScriptedExpert
+
+    env = gym.make(
+        spec.env_id,
+        obs_mode=args.obs_mode,
+        image_size=args.image_size,
+        cameras=("agentview", "wrist"),
+        task_ids=task_ids,
+        privileged_state=args.object_state,
+    )
+    expert = ScriptedExpert(env, max_retries=args.max_retries, noise_scale=args.noise_scale, seed=args.seed)
+    counts = {"successes": 0, "failures": 0, "attempts": 0, "skipped": 0}
+    wanted = args.episodes_per_task * len(task_ids)
+    have = {t: sum(1 for (task, _), m in done.items() if task == t and m["success"]) for t in task_ids}
+    bar = tqdm(
+        total=wanted,
+        initial=sum(min(n, args.episodes_per_task) for n in have.values()),
+        desc=f"{spec.env_id} demos",
+        unit="demo",
+        disable=not args.progress,
+    )
+    try:
+        for task_id in task_ids:
+            end = suites.task_init_states(spec.libero_name, task_id).shape[0]
+            end = end if args.init_state_end is None else min(end, args.init_state_end)
+            for init_state_id in range(args.init_state_start, end):
+                if have[task_id] >= args.episodes_per_task:
+                    break
+                if (task_id, init_state_id) in done:
+                    counts["skipped"] += 1
+                    continue
+                seed = episode_seed(args.seed, task_id, init_state_id)
+                expert.rng = np.random.default_rng(seed)
+                start = time.perf_counter()
+                episode = rollout_expert(env, expert, task_id, init_state_id, seed)
+                meta = {
+                    "task_id": task_id,
+                    "init_state_id": init_state_id,
+                    "seed": seed,
+                    "success": episode["success"],
+                    "num_steps": episode["num_steps"],
+                    "seconds": time.perf_counter() - start,
+                }
+                if episode["success"]:
+                    _save_part(parts_dir, task_id, init_state_id, episode, meta)
+                    have[task_id] += 1
+                    counts["successes"] += 1
+                    bar.update(1)
+                else:
+                    _atomic_write(
+                        os.path.join(parts_dir, _part_name(task_id, init_state_id) + ".json"), json.dumps(meta).encode()
+                    )
+                    counts["failures"] += 1
+                counts["attempts"] += 1
+                bar.set_postfix(task=task_id, failures=counts["failures"])
+    finally:
+        bar.close()
+        env.close()
+    return counts
 
 
 def replay_file(args: ReplayArgs) -> list[dict]:
