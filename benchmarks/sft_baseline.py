@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import shlex
 import shutil
 import sys
 import time
@@ -37,6 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 import tyro
+from reporting import command_line, machine_info  # benchmarks/reporting.py
 from stable_baselines3.common.callbacks import BaseCallback
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
@@ -490,55 +488,6 @@ def success_summary(rows: list[dict]) -> dict:
     }
 
 
-def machine_info(torch_threads: int) -> dict:
-    info = {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch_threads,
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
-    # The simulator's results depend on these and on the CPU: the same code has made different demos (a few
-    # episodes of LIBERO-Spatial flip between success and failure) on two machines.
-    for package in ("mujoco", "robosuite", "numpy", "scipy"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    info["cpu_model"] = cpu_model()
-    return info
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def command_line(args, script: str = "benchmarks/sft_baseline.py") -> str:
-    """The command that runs ``script`` with ``args``, a tyro dataclass (flags only where they differ from its defaults)."""
-    parts = ["python", script]
-    for field in dataclasses.fields(args):
-        value, flag = getattr(args, field.name), "--" + field.name.replace("_", "-")
-        if value == field.default:
-            continue
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + field.name.replace("_", "-"))
-        elif isinstance(value, tuple):
-            parts += [flag, *(str(item) for item in value)]
-        else:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
-
-
 def markdown(report: dict) -> str:
     """The report as a Markdown table with its context lines."""
     evaluation, sft, demos, machine = report["eval"], report["sft"], report["demos"], report["machine"]
@@ -632,7 +581,7 @@ def main(args: Args) -> dict:
     # 4. Report.
     report = {
         "benchmark": "SFT baseline (issue #5)",
-        "command": command_line(args),
+        "command": command_line(args, "benchmarks/sft_baseline.py"),
         "args": dataclasses.asdict(args),
         "env_id": suite.env_id,
         "obs_mode": args.obs_mode,

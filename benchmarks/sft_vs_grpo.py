@@ -78,6 +78,7 @@ import numpy as np
 import sft_baseline  # the sibling script: python puts benchmarks/ first on sys.path
 import torch
 import tyro
+from reporting import command_line, machine_info  # benchmarks/reporting.py
 from stable_baselines3.common.callbacks import BaseCallback
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
@@ -1001,7 +1002,7 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
         sft_setup = f"the checkpoint {args.sft_checkpoint} for every seed"
     return {
         "benchmark": BENCHMARK,
-        "command": sft_baseline.command_line(dataclasses.replace(args, report_only=False), "benchmarks/sft_vs_grpo.py"),
+        "command": command_line(dataclasses.replace(args, report_only=False), "benchmarks/sft_vs_grpo.py"),
         "args": dataclasses.asdict(args),
         "env_id": suite.env_id, "obs_mode": args.obs_mode, "image_size": args.image_size,
         "object_state": args.object_state, "task_ids": list(task_ids), "seeds": seeds,
@@ -1023,7 +1024,7 @@ def build_report(args: Args, suite, task_ids, init_state_ids, curve_runs, instru
         "results": results,
         "targets": check_targets(results),
         "runs": build_report_runs(runs),
-        "machine": sft_baseline.machine_info(args.torch_threads),
+        "machine": machine_info(args.torch_threads),
     }  # fmt: skip
 
 

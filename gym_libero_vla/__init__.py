@@ -9,12 +9,14 @@ Importing the package registers one env id per LIBERO suite (see :data:`gym_libe
     envs = gym.make_vec("LiberoSpatial-v0", num_envs=2)  # worker processes, see gym_libero_vla/vector.py
 
 Registration uses string entry points, so nothing heavy (LIBERO, robosuite, MuJoCo) is imported here.
+Importing warns once when the installed MuJoCo is not the pinned one (:mod:`gym_libero_vla.fidelity`).
 """
 
 from __future__ import annotations
 
 import gymnasium as gym
 
+from gym_libero_vla.fidelity import check_mujoco_version
 from gym_libero_vla.suites import SUITES, resolve_suite
 
 __version__ = "0.1.0"
@@ -41,3 +43,4 @@ def make(env_id: str, **kwargs) -> gym.Env:
 
 
 register_envs()
+check_mujoco_version(strict=False)  # a warning here; making an env is where strict_mujoco makes it an error

@@ -29,6 +29,7 @@ import numpy as np
 from gymnasium import spaces
 
 from gym_libero_vla import rendering
+from gym_libero_vla.fidelity import check_mujoco_version
 from gym_libero_vla.instruction_space import InstructionText
 from gym_libero_vla.suites import libero_modules, quiet, resolve_suite, suite_tasks, task_init_states
 from gym_libero_vla.wrappers.openvla_gripper import check_gripper_convention, openvla_gripper_to_libero
@@ -108,6 +109,9 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         gripper_convention: "libero" (the action's gripper is LIBERO's: -1 open, +1 close) or "openvla"
             (OpenVLA's [0, 1] with 1 = open, binarised and inverted as OpenVLA's LIBERO evaluation does; see
             :mod:`gym_libero_vla.wrappers.openvla_gripper`). Real OpenVLA LIBERO checkpoints need "openvla".
+        strict_mujoco: raise :class:`gym_libero_vla.fidelity.MujocoVersionError` when the installed MuJoCo is not
+            the pinned one (LIBERO's scenes change with it); False warns instead; None (default) reads the
+            environment variable ``GYM_LIBERO_VLA_STRICT_MUJOCO``.
 
     Episode start: ``reset(options={"task_id": i, "init_state_id": j})`` picks both explicitly; with
     only a seed, ``task_id = task_ids[seed % len(task_ids)]`` and ``init_state_id =
@@ -135,7 +139,9 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         num_settle_steps: int = NUM_SETTLE_STEPS,
         max_cached_tasks: int = 3,
         gripper_convention: str = "libero",
+        strict_mujoco: bool | None = None,
     ):
+        check_mujoco_version(strict_mujoco)
         self.suite_spec = resolve_suite(suite)
         self.gripper_convention = check_gripper_convention(gripper_convention)
         self.suite = self.suite_spec.libero_name
