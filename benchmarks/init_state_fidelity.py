@@ -139,9 +139,8 @@ def main(args: Args) -> dict:
     if args.num_init_states < 1 or args.num_workers < 1:
         raise ValueError(f"num_init_states {args.num_init_states} and num_workers {args.num_workers} must be >= 1")
     libero_names = [resolve_suite(suite).libero_name for suite in args.suites]
-    tasks = {
-        name: [t for t in suite_tasks(name) if args.task_ids is None or t.task_id in args.task_ids] for name in libero_names
-    }
+    chosen = set(args.task_ids) if args.task_ids is not None else None
+    tasks = {name: [t for t in suite_tasks(name) if chosen is None or t.task_id in chosen] for name in libero_names}
     for name in libero_names:
         if chosen is not None and len(tasks[name]) != len(chosen):
             raise ValueError(f"task_ids {args.task_ids} for {name}: valid 0..{len(suite_tasks(name)) - 1}")
