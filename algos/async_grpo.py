@@ -34,9 +34,7 @@ when it returns. It logs GRPO's scalars plus ``async/learner_idle_fraction``, ``
 (``async/worker_reset_fraction``, ``async/worker_env_step_fraction``, ``async/worker_weight_load_fraction``,
 ``async/straggler_fraction``).
 
-As a command that resumes when rerun (``--sync`` runs plain GRPO on the same settings)::
-
-    python -m gym_libero_vla.algos.async_grpo --policy runs/sft/final --output-dir runs/async_grpo
+From the command line: ``python examples/train_grpo.py --async`` (``--sync`` runs plain GRPO on the same settings).
 """
 
 from __future__ import annotations
@@ -46,13 +44,15 @@ import json
 import logging
 import os
 import time
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.grpo import GRPO, GroupRollout, GRPOConfig, _is_finite, _is_int, latest_checkpoint
-from gym_libero_vla.episode_store import Episode
+from gym_libero_vla.algos.base import check_ints, is_finite, is_int
+from gym_libero_vla.algos.grpo import GRPO, GroupRollout, GRPOConfig
+from gym_libero_vla.episode import Episode
 from gym_libero_vla.rollout_worker import START_METHODS, ProcessWorkerPool, RayWorkerPool, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -95,18 +95,16 @@ class AsyncGRPOConfig(GRPOConfig):
         self.pipeline_dir = os.path.abspath(os.fspath(self.pipeline_dir))
         if self.cache_dir is None:
             self.cache_dir = os.path.join(self.pipeline_dir, "cache")
-        for name, minimum in (("num_workers", 1), ("envs_per_worker", 1), ("max_staleness", 0), ("max_worker_restarts", 0)):
-            if not _is_int(getattr(self, name), minimum):
-                raise ValueError(f"{name} {getattr(self, name)!r} must be an int >= {minimum}")
+        check_ints(self, num_workers=1, envs_per_worker=1, max_staleness=0, max_worker_restarts=0)
         if self.group_size % self.envs_per_worker:
             raise ValueError(f"group_size {self.group_size} must be a multiple of envs_per_worker {self.envs_per_worker}")
-        if self.max_queued_groups is not None and not _is_int(self.max_queued_groups, self.num_groups):
+        if self.max_queued_groups is not None and not is_int(self.max_queued_groups, self.num_groups):
             raise ValueError(f"max_queued_groups {self.max_queued_groups!r} must be an int >= num_groups {self.num_groups}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: valid {BACKENDS}")
         if self.start_method not in START_METHODS:
             raise ValueError(f"unknown start_method {self.start_method!r}: valid {START_METHODS}")
-        if not (_is_finite(self.group_timeout_s) and self.group_timeout_s > 0):
+        if not (is_finite(self.group_timeout_s) and self.group_timeout_s > 0):
             raise ValueError(f"group_timeout_s {self.group_timeout_s!r} must be a number > 0")
 
 
@@ -210,42 +208,32 @@ class AsyncGRPO(GRPO):
         return episodes
 
     # ------------------------------------------------------------------ rollout
+    def _sample_groups(self, count: int, callback: BaseCallback | None) -> Iterator[tuple[list, list] | None]:
+        """The next ``count`` complete, fresh-enough groups from the cache (rescue, dynamic sampling and success
+        replay are :meth:`GRPO.collect_rollouts`'). ``num_timesteps`` counts the env steps of the groups taken, and a
+        callback's ``on_step`` is called once per group."""
+        for group in self._next_groups(count):
+            self.num_timesteps += group["num_steps"]
+            self._staleness.append(group["staleness"])
+            self._trained_groups.append(group["group_id"])
+            if callback is not None:
+                callback.update_locals({"self": self})
+                if not callback.on_step():
+                    yield None
+                    return
+            online = [episode for episode in group["episodes"] if episode.source == "online"]
+            yield online, [episode for episode in group["episodes"] if episode.source == "relabelled"]
+
     def collect_rollouts(self, callback: BaseCallback | None = None) -> GroupRollout | None:
-        """``num_groups`` groups from the cache (more, up to ``max_sampling_rounds`` rounds, while fewer carry
-        signal), rescued and replayed as in :meth:`GRPO.collect_rollouts`. ``num_timesteps`` counts the env
-        steps of the groups taken, and a callback's ``on_step`` is called once per group; None if it stopped."""
-        config = self.config
-        episodes: list[Episode] = []
-        relabelled: list[Episode] = []
-        staleness: list[int] = []
+        """:meth:`GRPO.collect_rollouts` on groups from the cache, plus how stale they were."""
+        self._staleness: list[int] = []
         self._trained_groups: list[str] = []
         self._skipped_groups: list[str] = []
-        stats = {"groups_sampled": 0, "groups_informative": 0, "groups_rescued": 0, "sampling_rounds": 0}
-        for _ in range(config.max_sampling_rounds):
-            stats["sampling_rounds"] += 1
-            for group in self._next_groups(config.num_groups):
-                online = [episode for episode in group["episodes"] if episode.source == "online"]
-                relabelled += [episode for episode in group["episodes"] if episode.source == "relabelled"]
-                self.num_timesteps += group["num_steps"]
-                staleness.append(group["staleness"])
-                self._trained_groups.append(group["group_id"])
-                if callback is not None:
-                    callback.update_locals({"self": self})
-                    if not callback.on_step():
-                        return None
-                stats["groups_sampled"] += 1
-                if config.rescue_failed_groups and not any(episode.success for episode in online):
-                    online, rescued = self._rescue(online)
-                    stats["groups_rescued"] += int(rescued)
-                stats["groups_informative"] += int(len({episode.success for episode in online}) > 1)
-                episodes.extend(online)
-            if not config.dynamic_sampling or stats["groups_informative"] >= config.num_groups:
-                break
-        stats["relabelled_episodes"] = len(relabelled)
-        stats["async/staleness_mean"] = float(np.mean(staleness))
-        stats["async/staleness_max"] = float(np.max(staleness))
-        self._add_to_replay([episode for episode in episodes if episode.source == "online"] + relabelled)
-        return GroupRollout.from_episodes(episodes, self.policy.action_bins, self.policy.observation_keys, stats)
+        rollout = super().collect_rollouts(callback)
+        if rollout is not None:
+            rollout.stats["async/staleness_mean"] = float(np.mean(self._staleness))
+            rollout.stats["async/staleness_max"] = float(np.max(self._staleness))
+        return rollout
 
     # ------------------------------------------------------------------ update
     def train(self, rollout: GroupRollout) -> dict[str, float]:
@@ -305,7 +293,7 @@ class AsyncGRPO(GRPO):
         progress_bar: bool = False,
     ) -> AsyncGRPO:
         """GRPO's ``learn`` with the workers running: they start here and are stopped when it returns."""
-        if not (isinstance(total_timesteps, (int, np.integer)) and total_timesteps >= 1):
+        if not is_int(total_timesteps, 1):
             raise ValueError(f"total_timesteps {total_timesteps!r} must be an int >= 1")
         if self.env is None:
             raise ValueError("AsyncGRPO has no env: pass env= to AsyncGRPO(...) or AsyncGRPO.load(..., env=...)")
@@ -317,32 +305,24 @@ class AsyncGRPO(GRPO):
         finally:
             self._stop_pipeline()
 
-    def _log(self, metrics: dict[str, float], start_time: float, start_step: int) -> None:
-        for name, value in metrics.items():
-            if name.startswith("async/"):
-                self.logger.record(name, value)
-        super()._log({name: value for name, value in metrics.items() if not name.startswith("async/")}, start_time, start_step)
-
     # ------------------------------------------------------------------ checkpoints
-    def _save_extra(self, directory: str, state: dict[str, Any]) -> None:
+    def _save_state(self, directory: str) -> dict[str, Any]:
         # The checkpoint holds the weights after the last update: its step count and watermark must match them,
         # even when a callback saves halfway through collecting the next rollout.
-        state["num_timesteps"] = self._committed_timesteps
         with open(os.path.join(directory, ASYNC_STATE_FILENAME), "w") as file:
             json.dump({"consumed_through": self.consumed_through}, file)
+        return {**super()._save_state(directory), "num_timesteps": self._committed_timesteps}
 
-    @classmethod
-    def load(cls, path, env=None, demos: Any = None, device=None, **kwargs) -> AsyncGRPO:
-        """:meth:`GRPO.load`, plus the cache watermark: ``learn(..., reset_num_timesteps=False)`` resumes with the
-        first group the checkpointed weights have not been trained on."""
-        model = super().load(path, env=env, demos=demos, device=device, **kwargs)
-        state_path = os.path.join(path, ASYNC_STATE_FILENAME)
+    def _load_state(self, directory: str, state: dict[str, Any]) -> None:
+        """GRPO's state, plus the cache watermark: ``learn(..., reset_num_timesteps=False)`` resumes with the first
+        group the checkpointed weights have not been trained on."""
+        super()._load_state(directory, state)
+        state_path = os.path.join(directory, ASYNC_STATE_FILENAME)
         if os.path.exists(state_path):
             with open(state_path) as file:
-                model.consumed_through = int(json.load(file)["consumed_through"])
-        model._taken_through = model.consumed_through
-        model._committed_timesteps = model.num_timesteps
-        return model
+                self.consumed_through = int(json.load(file)["consumed_through"])
+        self._taken_through = self.consumed_through
+        self._committed_timesteps = self.num_timesteps
 
 
 def _check_rebuildable(env) -> None:
@@ -361,117 +341,3 @@ def _check_rebuildable(env) -> None:
             f"the env's wrappers {opaque} do not record their arguments, so workers cannot rebuild the env: "
             "inherit gym.utils.RecordConstructorArgs in them"
         )
-
-
-# ---------------------------------------------------------------------------------------------- command line
-@dataclasses.dataclass
-class Args:
-    """GRPO from a policy checkpoint, asynchronous by default; rerunning the same command resumes the run."""
-
-    policy: str
-    """Checkpoint directory of the starting policy (``save_pretrained``); ignored when resuming."""
-    output_dir: str = "runs/async_grpo"
-    """Checkpoints (``checkpoints/``, ``final/``), the pipeline (``pipeline/``), TensorBoard (``tb/``)."""
-    env_id: str = "LiberoSpatial-v0"
-    """LIBERO suite env."""
-    task_ids: tuple[int, ...] = (0,)
-    """Tasks to draw groups from."""
-    init_state_ids: tuple[int, ...] | None = None
-    """Init states to draw groups from (default: all)."""
-    max_episode_steps: int = 160
-    """Episode step limit."""
-    num_settle_steps: int = 10
-    """No-op steps after each reset (LIBERO's objects settle)."""
-    sync: bool = False
-    """Run plain synchronous GRPO (collect, then update, in this process) on the same settings."""
-    backend: Literal["process", "ray"] = "process"
-    """Where asynchronous workers run: processes on this machine, or Ray actors."""
-    num_workers: int = 2
-    """Rollout workers (asynchronous mode)."""
-    envs_per_worker: int = 1
-    """Sub-envs per worker (and of the env in synchronous mode)."""
-    max_staleness: int = 2
-    """Skip groups more than this many policy versions old."""
-    total_timesteps: int = 4000
-    """Env steps of training in all (a resumed run does the rest)."""
-    num_groups: int = 2
-    """Groups per update."""
-    group_size: int = 4
-    """Episodes per group."""
-    learning_rate: float = 3e-5
-    """AdamW step size."""
-    checkpoint_every: int = 1
-    """Save a checkpoint every this many updates (it is what a restart resumes from)."""
-    seed: int = 0
-    """Seeds the learner (and, through it, the workers)."""
-    torch_threads: int = 1
-    """Torch CPU threads of the learner."""
-
-
-class _SaveEveryUpdates(BaseCallback):
-    """Save a checkpoint after every ``every`` updates (after the update: it holds that update's learning)."""
-
-    def __init__(self, every: int, directory: str):
-        super().__init__()
-        self.every, self.directory = every, directory
-
-    def _on_step(self) -> bool:
-        return True
-
-    def _on_rollout_end(self) -> None:
-        if self.model.policy_version % self.every == 0:
-            self.model.save(os.path.join(self.directory, f"update_{self.model.policy_version:06d}"))
-
-
-def main(args: Args) -> GRPO:
-    import gymnasium as gym
-    import torch
-
-    import gym_libero_vla  # noqa: F401  (registers the env ids)
-    from gym_libero_vla.evaluate import env_kwargs_for_policy
-    from gym_libero_vla.policies import load_policy
-
-    torch.set_num_threads(args.torch_threads)
-    checkpoints = os.path.join(args.output_dir, "checkpoints")
-    resume_from = latest_checkpoint(checkpoints)
-    policy = load_policy(resume_from or args.policy)
-    env_kwargs = dict(task_ids=args.task_ids, max_episode_steps=args.max_episode_steps,
-                      num_settle_steps=args.num_settle_steps, **env_kwargs_for_policy(policy))  # fmt: skip
-    if args.sync and args.envs_per_worker > 1:  # the same sub-envs a worker steps, in this process
-        env = gym.make_vec(args.env_id, num_envs=args.envs_per_worker, vectorization_mode="sync", **env_kwargs)
-    else:
-        env = gym.make(args.env_id, **env_kwargs)
-    hyperparameters: dict[str, Any] = dict(
-        num_groups=args.num_groups, group_size=args.group_size, learning_rate=args.learning_rate, task_ids=args.task_ids,
-        init_state_ids=args.init_state_ids, seed=args.seed, cache_dir=os.path.join(args.output_dir, "pipeline", "cache"),
-    )  # fmt: skip
-    algorithm: type[GRPO] = GRPO
-    if not args.sync:
-        algorithm = AsyncGRPO
-        hyperparameters.update(
-            pipeline_dir=os.path.join(args.output_dir, "pipeline"), backend=args.backend, num_workers=args.num_workers,
-            envs_per_worker=args.envs_per_worker, max_staleness=args.max_staleness,
-        )  # fmt: skip
-    tensorboard_log = os.path.join(args.output_dir, "tb")
-    if resume_from is not None:
-        model = algorithm.load(resume_from, env=env, tensorboard_log=tensorboard_log, verbose=1)
-        print(f"resumed from {resume_from}: num_timesteps={model.num_timesteps} policy_version={model.policy_version}")
-    else:
-        model = algorithm(policy, env, tensorboard_log=tensorboard_log, verbose=1, **hyperparameters)
-        print(f"started from {args.policy}")
-    remaining = args.total_timesteps - model.num_timesteps
-    if remaining > 0:
-        callback = _SaveEveryUpdates(args.checkpoint_every, checkpoints)
-        model.learn(
-            remaining, callback=callback, reset_num_timesteps=False, tb_log_name="AsyncGRPO" if not args.sync else "GRPO"
-        )
-    model.save(os.path.join(args.output_dir, "final"))
-    print(f"done: num_timesteps={model.num_timesteps} policy_version={model.policy_version}")
-    env.close()
-    return model
-
-
-if __name__ == "__main__":
-    import tyro
-
-    main(tyro.cli(Args))

@@ -37,31 +37,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import os
-import shutil
-import tempfile
-import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.base import BaseLearner
-from gym_libero_vla.algos.base import progress_bar as make_progress_bar
-from gym_libero_vla.algos.sft import Transitions, episodes_of, load_demonstrations
-from gym_libero_vla.episode_store import Episode, EpisodeStore
-from gym_libero_vla.policies.base import VLAPolicy, batch_observation, check_temperature, load_policy
+from gym_libero_vla.algos.base import BaseLearner, check_ints, check_positive, is_finite
+from gym_libero_vla.algos.sft import Transitions, demo_token_log_probs, episodes_of
+from gym_libero_vla.episode import Episode
+from gym_libero_vla.episode_store import EpisodeStore
+from gym_libero_vla.policies.base import check_temperature
+from gym_libero_vla.rollouts import draw_start, run_episodes
+from gym_libero_vla.success_replay import SuccessReplay
 from gym_libero_vla.wrappers.rollout_relabel import rescue_failed_group
 
-GRPO_CONFIG_FILENAME = "grpo.json"
-OPTIMIZER_FILENAME = "optimizer.pt"
-RNG_FILENAME = "rng_state.pt"
 LOSS_AGGREGATIONS = ("token-mean", "episode-mean")
 
 
@@ -161,27 +153,20 @@ def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- hyperparameters
-def _is_int(value, minimum: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_finite(value) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclasses.dataclass
 class GRPOConfig:
-    """Hyperparameters of :class:`GRPO`; validated on construction."""
+    """Hyperparameters of :class:`GRPO`; validated on construction. The defaults are the settings the main job
+    (``examples/train_grpo.py``) and the SFT-vs-GRPO benchmark run: a warm-started policy, small groups, a small step."""
 
-    num_groups: int = 4
+    num_groups: int = 2
     """(task, init state) pairs per rollout; each gets ``group_size`` episodes."""
-    group_size: int = 8
+    group_size: int = 4
     """Episodes per (task, init state) pair: the G of GRPO (>= 2, a group of one has no variance)."""
-    learning_rate: float = 1e-4
-    """AdamW step size."""
-    num_epochs: int = 1
+    learning_rate: float = 3e-5
+    """AdamW step size (small: the warm start is already good at some states)."""
+    num_epochs: int = 2
     """Passes over each rollout's tokens (1 keeps GRPO on-policy; more reuse the data under the clip)."""
-    minibatch_size: int = 256
+    minibatch_size: int = 128
     """Env steps (each 7 action tokens) per gradient step."""
     clip_low: float = 0.2
     """The ratio's lower clip: 1 - clip_low (PPO's epsilon)."""
@@ -202,12 +187,13 @@ class GRPOConfig:
     (its length), so every episode of a group weighs the same and a group's advantages sum to zero in weight."""
     dynamic_sampling: bool = True
     """Leave groups with all-equal rewards (zero advantage) out of the policy-gradient term (DAPO)."""
-    max_sampling_rounds: int = 1
+    max_sampling_rounds: int = 2
     """Dynamic sampling's refill: while fewer than ``num_groups`` groups carry signal, draw ``num_groups`` more,
     up to this many rounds per rollout (DAPO's max_num_gen_batches; 1: filter only, never refill)."""
     rescue_failed_groups: bool = False
     """Put a demonstration of the task into every group whose rollouts all failed (Rollout Relabel's group
-    rescue), so the group has a success to move towards; the demo's tokens enter the policy-gradient term."""
+    rescue), so the group has a success to move towards; the demo's tokens enter the policy-gradient term
+    (needs demos)."""
     success_replay_size: int = 500
     """Keep the newest this many successful online (and hindsight-relabelled) episodes beside the demos in the
     offline term, importance-weighted by their behaviour log-probs (0: demos only)."""
@@ -223,7 +209,7 @@ class GRPOConfig:
     """Weight of KL(pi || pi_ref); 0 (DAPO's choice) builds no reference policy."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus."""
-    imitation_weight_min: float = 0.0
+    imitation_weight_min: float = 0.1
     """Imitation weight when every rollout succeeds."""
     imitation_weight_max: float = 1.0
     """Imitation weight when every rollout fails."""
@@ -242,39 +228,30 @@ class GRPOConfig:
     """Seeds torch's RNG and the draw of (task, init state) pairs."""
 
     def __post_init__(self):
-        for name, minimum in (
-            ("num_groups", 1), ("group_size", 2), ("num_epochs", 1), ("minibatch_size", 1), ("imitation_batch_size", 1),
-            ("max_sampling_rounds", 1), ("success_replay_size", 0),
-        ):  # fmt: skip
-            if not _is_int(getattr(self, name), minimum):
-                raise ValueError(f"{name} {getattr(self, name)!r} must be an int >= {minimum}")
-        for name in ("learning_rate", "clip_low", "clip_high", "advantage_eps"):
-            if not (_is_finite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} {getattr(self, name)!r} must be a finite number > 0")
+        check_ints(self, num_groups=1, group_size=2, num_epochs=1, minibatch_size=1, imitation_batch_size=1,
+                   max_sampling_rounds=1, success_replay_size=0)  # fmt: skip
+        check_positive(self, "learning_rate", "clip_low", "clip_high", "advantage_eps")
         check_temperature(self.temperature)  # the same rule as the policies' sampling
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation {self.loss_aggregation!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
         if self.clip_low >= 1.0:
             raise ValueError(f"clip_low {self.clip_low!r} must be < 1: the ratio's lower bound 1 - clip_low must stay > 0")
         for name in ("pg_coef", "kl_coef", "entropy_coef", "imitation_weight_min", "imitation_weight_max"):
-            if not (_is_finite(getattr(self, name)) and getattr(self, name) >= 0):
+            if not (is_finite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be a finite number >= 0")
         if self.imitation_weight_min > self.imitation_weight_max:
             raise ValueError(
                 f"imitation_weight_min {self.imitation_weight_min!r} must be <= "
                 f"imitation_weight_max {self.imitation_weight_max!r}"
             )
-        if not (_is_finite(self.is_clip) and self.is_clip >= 1.0):
+        if not (is_finite(self.is_clip) and self.is_clip >= 1.0):
             raise ValueError(f"is_clip {self.is_clip!r} must be a finite number >= 1 (1 weights offline tokens by at most 1)")
-        if self.max_grad_norm is not None and not (_is_finite(self.max_grad_norm) and self.max_grad_norm > 0):
+        if self.max_grad_norm is not None and not (is_finite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm {self.max_grad_norm!r} must be > 0 or None")
-        self._check_selections()
-
-    def _check_selections(self) -> None:
-        if self.cache_max_episodes is not None and not _is_int(self.cache_max_episodes, 1):
-            raise ValueError(f"cache_max_episodes {self.cache_max_episodes!r} must be an int >= 1 or None")
+        if self.cache_max_episodes is not None:
+            check_ints(self, cache_max_episodes=1)
         if self.cache_dir is not None:
-            self.cache_dir = os.fspath(self.cache_dir)
+            self.cache_dir = str(self.cache_dir)
         if self.task_ids is not None:
             self.task_ids = tuple(int(task_id) for task_id in self.task_ids)
             if not self.task_ids:
@@ -291,9 +268,9 @@ class GroupRollout:
     """``num_groups * group_size`` episodes in group order (episodes ``g*G .. g*G + G-1`` are group ``g``),
     and their steps flattened for minibatches.
 
-    ``episodes`` are :class:`gym_libero_vla.episode_store.Episode`: online rollouts (``source="online"``,
-    ``log_probs`` the behaviour policy's token log-probs, ``policy_version`` the learner update that produced
-    them) and, in rescued groups, demonstrations (``source="offline"``, behaviour unknown).
+    ``episodes`` are online rollouts (``source="online"``, ``log_probs`` the behaviour policy's token log-probs,
+    ``policy_version`` the learner update that produced them) and, in rescued groups, demonstrations
+    (``source="offline"``, behaviour unknown).
     """
 
     observations: dict[str, Any]
@@ -317,32 +294,21 @@ class GroupRollout:
     episodes: list[Episode]
     """The episodes themselves, in the same order."""
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Collection counts for the logger: groups sampled / rescued, relabelled episodes, sampling rounds."""
+    """Collection counts, named by their logger keys: groups sampled / informative / rescued, relabelled episodes."""
 
     @classmethod
     def from_episodes(cls, episodes: Sequence[Episode], action_bins, observation_keys: Sequence[str], stats=None):
         if not episodes:
             raise ValueError("a GroupRollout needs at least one episode")
+        steps = Transitions.from_episodes(episodes, observation_keys, action_bins.action_dim)
         lengths = np.array([episode.num_steps for episode in episodes], dtype=np.int64)
-        observations = {}
-        for key in observation_keys:
-            columns = []
-            for episode in episodes:
-                value = episode.observations[key]
-                if isinstance(value, str):
-                    value = np.full(episode.num_steps, value, dtype=object)
-                columns.append(value[: episode.num_steps])
-            observations[key] = np.concatenate(columns)
-        observations["instruction"] = observations["instruction"].astype(object)
-        behaviour = [
-            np.full((episode.num_steps, action_bins.action_dim), np.nan, np.float32) if episode.log_probs is None
-            else np.asarray(episode.log_probs, np.float32).reshape(episode.num_steps, -1)
-            for episode in episodes
-        ]  # fmt: skip
+        behaviour = steps.behaviour_log_probs
+        if behaviour is None:
+            behaviour = np.full((len(steps), action_bins.action_dim), np.nan, np.float32)
         return cls(
-            observations=observations,
-            action_tokens=np.concatenate([action_bins.encode(episode.actions) for episode in episodes]),
-            behaviour_log_probs=np.concatenate(behaviour),
+            observations=steps.observations,
+            action_tokens=action_bins.encode(steps.actions),
+            behaviour_log_probs=behaviour,
             episode_index=np.repeat(np.arange(len(episodes)), lengths),
             episode_rewards=np.array([float(episode.success) for episode in episodes], dtype=np.float32),
             episode_lengths=lengths,
@@ -361,128 +327,6 @@ class GroupRollout:
         return obs
 
 
-def _is_vector_env(env) -> bool:
-    return hasattr(env, "num_envs")
-
-
-def _relabelled_from(info: dict, env_index: int, vector: bool) -> list[Episode]:
-    """Episodes a :class:`RolloutRelabel` wrapper put into the final step's ``info`` (empty if none)."""
-    if "relabelled_episodes" not in info:
-        return []
-    if not vector:
-        return list(info["relabelled_episodes"])
-    mask = info.get("_relabelled_episodes")
-    if mask is not None and not mask[env_index]:
-        return []
-    return list(info["relabelled_episodes"][env_index] or [])
-
-
-def run_episodes(
-    policy: VLAPolicy, env, options: dict, num_episodes: int, on_step, policy_version: int = 0, temperature: float = 1.0
-) -> tuple[list[Episode], list[Episode]]:
-    """``num_episodes`` episodes from the same reset options, sampled (not greedy) from ``policy`` at
-    ``temperature``.
-
-    A vector env runs ``num_envs`` of them at a time (every sub-env reset with the same options); a plain
-    env one at a time. A sub-env whose episode ends before the others' is reset to the same options at once
-    (Gymnasium's ``reset_mask``): left to Gymnasium's autoreset it would start a random task on the next step,
-    often building a new simulator and evicting a cached one, only to be stepped until the group ends.
-
-    Returns ``(episodes, relabelled)``: :class:`Episode` s holding the observations the policy read (``T``
-    steps, the final observation left out), the actions (bin centres), per-step rewards, ``success``, the token
-    log-probs and ``policy_version``; and any hindsight-relabelled episodes a :class:`RolloutRelabel` wrapper
-    emitted. ``on_step(num_steps)`` is called after each env step with the number of episode steps it took;
-    False stops early (and two empty lists come back).
-    """
-    vector = _is_vector_env(env)
-    num_envs = env.num_envs if vector else 1
-    keys = policy.observation_keys
-    episodes: list[Episode] = []
-    relabelled: list[Episode] = []
-    while len(episodes) < num_episodes:
-        obs, _ = env.reset(options=options)
-        obs = dict(obs) if vector else batch_observation(obs)
-        running = [{"observations": [], "actions": [], "log_probs": [], "rewards": []} for _ in range(num_envs)]
-        done = np.zeros(num_envs, dtype=bool)
-        while not done.all():
-            obs_batch = {key: obs[key] for key in keys}
-            actions, _, log_probs = policy.act(obs_batch, deterministic=False, temperature=temperature)
-            actions, log_probs = actions.cpu().numpy(), log_probs.cpu().numpy()
-            if vector:
-                obs, rewards, terminated, truncated, info = env.step(actions)
-                obs = dict(obs)
-            else:
-                next_obs, reward, term, trunc, info = env.step(actions[0])
-                obs, rewards, terminated, truncated = batch_observation(next_obs), [reward], [term], [trunc]
-            stepped = np.flatnonzero(~done)  # sub-envs still in their episode (finished ones await the reset)
-            finished = np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)
-            for env_index in stepped:
-                episode = running[env_index]
-                episode["observations"].append({key: obs_batch[key][env_index] for key in keys})
-                episode["actions"].append(actions[env_index])
-                episode["log_probs"].append(log_probs[env_index])
-                episode["rewards"].append(float(rewards[env_index]))
-                if finished[env_index]:
-                    relabelled += _relabelled_from(info, env_index, vector)
-            done |= finished
-            if vector and finished.any() and not done.all():
-                env.reset(options={**options, "reset_mask": finished})  # a fresh dict: Gymnasium pops the mask
-            if not on_step(len(stepped)):
-                return [], []
-        for steps in running:
-            first = steps["observations"][0]
-            observations = {
-                key: first[key] if key == "instruction" else np.stack([step[key] for step in steps["observations"]])
-                for key in keys
-            }
-            episodes.append(
-                Episode(
-                    observations=observations,
-                    actions=np.stack(steps["actions"]),
-                    rewards=np.array(steps["rewards"]),
-                    success=sum(steps["rewards"]) > 0,
-                    task_id=options["task_id"],
-                    init_state_id=options["init_state_id"],
-                    policy_version=policy_version,
-                    source="online",
-                    log_probs=np.stack(steps["log_probs"]),
-                    env_id=_env_id(env),
-                )  # fmt: skip
-            )
-    return episodes[:num_episodes], relabelled
-
-
-def _env_id(env) -> str:
-    spec = getattr(env, "spec", None)
-    return spec.id if spec is not None else ""
-
-
-def as_demo_episode(demo: Any, observation_keys: Sequence[str]) -> Episode:
-    """A demonstration (HDF5 :class:`gym_libero_vla.demos.Episode`, store episode or dict) as a successful
-    offline store :class:`Episode` holding ``observation_keys``, for rescued groups."""
-    if isinstance(demo, Episode):
-        observations, actions = demo.observations, demo.actions
-    elif isinstance(demo, Mapping):
-        observations = demo.get("observations", {key: value for key, value in demo.items() if key != "actions"})
-        actions = demo["actions"]
-    else:
-        observations = dict(demo.observations)
-        observations.setdefault("instruction", getattr(demo, "instruction", None))
-        actions = demo.actions
-    actions = np.asarray(actions, dtype=np.float32)
-    rewards = np.zeros(len(actions), dtype=np.float32)
-    rewards[-1] = 1.0
-    kept = {}
-    for key in observation_keys:
-        value = observations[key]
-        kept[key] = value if isinstance(value, str) else np.asarray(value)[: len(actions)]
-    get = demo.get if isinstance(demo, Mapping) else lambda name, default: getattr(demo, name, default)
-    return Episode(
-        observations=kept, actions=actions, rewards=rewards, success=True, task_id=int(get("task_id", -1)),
-        init_state_id=int(get("init_state_id", -1)), source="offline", log_probs=get("log_probs", None),
-    )  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------- the learner
 class GRPO(BaseLearner):
     """Group-relative policy optimization with an adaptive offline imitation term, SB3's surface.
@@ -491,7 +335,7 @@ class GRPO(BaseLearner):
         policy: a :class:`VLAPolicy` (e.g. ``CompactVLA``), or a checkpoint directory.
         env: a LIBERO env (``gym.make``) or a vector env of them (``gym.make_vec``; ``group_size`` must be a
             multiple of its ``num_envs``); needed by ``learn``.
-        demos: demonstrations for the imitation term (anything :func:`load_demonstrations` accepts); episodes
+        demos: demonstrations for the imitation term and group rescue (anything :class:`SFT` takes); episodes
             carrying ``log_probs`` are importance-weighted.
         tensorboard_log: directory for TensorBoard runs (None: no TensorBoard).
         verbose: 1 prints the logged scalars.
@@ -500,204 +344,143 @@ class GRPO(BaseLearner):
     """
 
     config_class: type[GRPOConfig] = GRPOConfig
+    config_filename = "grpo.json"
+    state_keys = ("num_timesteps", "policy_version")
+    config: GRPOConfig
 
-    def __init__(
-        self,
-        policy: VLAPolicy | str | os.PathLike,
-        env=None,
-        demos: Any = None,
-        tensorboard_log: str | None = None,
-        verbose: int = 0,
-        device: str | torch.device | None = None,
-        **hyperparameters,
-    ):
-        valid = sorted(field.name for field in dataclasses.fields(self.config_class))
-        unknown = sorted(set(hyperparameters) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown {type(self).__name__} hyperparameter(s) {unknown}: valid {valid}")
-        self.config = self.config_class(**hyperparameters)
-        if isinstance(policy, (str, os.PathLike)):
-            policy = load_policy(policy)
-        if not isinstance(policy, VLAPolicy):
-            raise TypeError(f"policy must be a VLAPolicy or a checkpoint directory: got {type(policy).__name__}")
-        if device is not None:
-            policy.to(device)
-        self.policy, self.env = policy, env
-        self.tensorboard_log, self.verbose = tensorboard_log, verbose
-        if env is not None:
-            self._check_env(env)
-        # The offline term's data: demonstrations plus replayed successes, flattened (see _rebuild_offline).
+    def __init__(self, policy, env=None, demos: Any = None, tensorboard_log=None, verbose: int = 0, device=None, **kwargs):
+        super().__init__(policy, env, tensorboard_log=tensorboard_log, verbose=verbose, device=device, **kwargs)
+        config = self.config
+        # The offline term's data: the demos plus the success replay, flattened (see _rebuild_offline).
+        self.demo_episodes: list[Episode] = episodes_of(demos, self.policy.observation_keys) if demos is not None else []
+        if demos is not None and not self.demo_episodes:
+            raise ValueError("demos hold no episodes: give at least one demonstration, or demos=None")
+        self.demo_episodes = [episode.with_observations(self.policy.observation_keys) for episode in self.demo_episodes]
+        self._demos_by_task: dict[int, list[Episode]] = {}
+        for demo in self.demo_episodes:
+            self._demos_by_task.setdefault(demo.task_id, []).append(demo)
+        if config.rescue_failed_groups and not self.demo_episodes:
+            raise ValueError("rescue_failed_groups needs demos: pass demos= with successful episodes of the tasks")
+        self.rescue_failed_groups = (
+            bool(self.demo_episodes) if config.rescue_failed_groups is None else config.rescue_failed_groups
+        )
+        self.cache = EpisodeStore(config.cache_dir, max_episodes=config.cache_max_episodes) if config.cache_dir else None
+        # Successes replayed in the offline term, refilled from the cache of earlier runs (the cache gets every episode).
+        self.replay = SuccessReplay(config.success_replay_size, self.policy.observation_keys, sources=("online", "relabelled"),
+                                    store=self.cache)  # fmt: skip
         self.demos: Transitions | None = None
-        self.demo_log_probs: np.ndarray | None = None  # (N, 7) behaviour log-probs, NaN where unknown
-        self.demo_episodes: list[Any] = []
-        self._demos_by_task: dict[int, list[Any]] = {}
-        self.replay: list[Episode] = []  # successful online / relabelled episodes, newest last
-        if demos is not None:
-            self._set_demos(demos)
-        self.cache: EpisodeStore | None = None
-        if self.config.cache_dir is not None:
-            self._open_cache()
-        parameters = [p for p in policy.parameters() if p.requires_grad]
-        if not parameters:
-            raise ValueError("the policy has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=0.0)
+        self._rebuild_offline()
+        self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=config.learning_rate, weight_decay=0.0)
         # The KL reference: the base model under the LoRA adapter, else a frozen copy of the starting policy.
         self.reference_policy = None
-        if self.config.kl_coef > 0 and not policy.lora_enabled:
-            self.reference_policy = copy.deepcopy(policy).eval().requires_grad_(False)
-        self.num_timesteps = 0
+        if config.kl_coef > 0 and not self.policy.lora_enabled:
+            self.reference_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.policy_version = 0  # learner updates so far; rollouts carry the version that sampled them
-        self._rng = np.random.default_rng(self.config.seed)
-        if self.config.seed is not None:
-            torch.manual_seed(self.config.seed)
-        self._logger: Logger | None = None
-        self.last_metrics: dict[str, float] = {}
+        self._rng = np.random.default_rng(config.seed)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
 
     def _check_env(self, env) -> None:
-        keys = set(getattr(env.single_observation_space if _is_vector_env(env) else env.observation_space, "spaces", {}))
-        missing = [key for key in self.policy.observation_keys if key not in keys]
-        if missing:
-            raise ValueError(
-                f"the env's observations lack {missing}, which the policy reads: the env gives {sorted(keys)} "
-                "(choose a matching obs_mode / cameras / privileged_state)"
-            )
-        if _is_vector_env(env) and self.config.group_size % env.num_envs:
+        super()._check_env(env)
+        if hasattr(env, "num_envs") and self.config.group_size % env.num_envs:
             raise ValueError(
                 f"group_size {self.config.group_size} must be a multiple of the vector env's num_envs {env.num_envs}"
             )
 
-    def _set_demos(self, demos: Any) -> None:
-        """Keep the demonstrations as episodes: the offline term samples their steps, rescue draws whole ones."""
-        self.demo_episodes = list(episodes_of(demos, self.policy.observation_keys))
-        if not self.demo_episodes:
-            raise ValueError("demos hold no episodes: give at least one demonstration, or demos=None")
-        self._demos_by_task: dict[int, list[Any]] = {}
-        for demo in self.demo_episodes:
-            self._demos_by_task.setdefault(int(_field(demo, "task_id", -1)), []).append(demo)
-        self._rebuild_offline()
-
     def _rebuild_offline(self) -> None:
         """The offline term's data: the demos plus the success replay, flattened, with behaviour log-probs."""
-        episodes = self.demo_episodes + self.replay
-        if not episodes:
-            self.demos, self.demo_log_probs = None, None
-            return
-        self.demos = load_demonstrations(episodes, self.policy.observation_keys, self.policy.action_dim)
-        behaviour = [
-            np.full((len(_field(episode, "actions")), self.policy.action_dim), np.nan, dtype=np.float32)
-            if _field(episode, "log_probs", None) is None
-            else np.asarray(_field(episode, "log_probs"), dtype=np.float32).reshape(len(_field(episode, "actions")), -1)
-            for episode in episodes
-        ]  # fmt: skip
-        self.demo_log_probs = np.concatenate(behaviour)
-        if np.isnan(self.demo_log_probs).all():
-            self.demo_log_probs = None  # scripted / human demos only: plain behaviour cloning
+        episodes = self.demo_episodes + self.replay.episodes
+        self.demos = (
+            Transitions.from_episodes(episodes, self.policy.observation_keys, self.policy.action_dim) if episodes else None
+        )
 
-    def _add_to_replay(self, episodes: Sequence[Episode]) -> None:
-        """Successful online and relabelled episodes join the offline term (newest ``success_replay_size``)."""
-        size = self.config.success_replay_size
-        new = [episode for episode in episodes if episode.success]
-        if size == 0 or not new:
-            return
-        self.replay = (self.replay + new)[-size:]
-        self._rebuild_offline()
-
-    def _open_cache(self) -> None:
-        """Open the episode cache and refill the success replay from what earlier runs wrote into it."""
-        self.cache = EpisodeStore(self.config.cache_dir, max_episodes=self.config.cache_max_episodes)
-        size = self.config.success_replay_size
-        if size:
-            ids = self.cache.episode_ids(source=("online", "relabelled"), success=True)[-size:]
-            replay = []
-            for episode_id in ids:
-                try:
-                    replay.append(self.cache.load(episode_id))
-                except KeyError:  # evicted or corrupt since the query
-                    continue
-            self.replay = [episode for episode in replay if set(self.policy.observation_keys) <= set(episode.observations)]
-            self._rebuild_offline()
-
+    # ------------------------------------------------------------------ rollout
     def _env_task_ids(self) -> tuple[int, ...]:
         if self.config.task_ids is not None:
             return self.config.task_ids
-        if _is_vector_env(self.env):
+        if hasattr(self.env, "num_envs"):
             return tuple(self.env.get_attr("task_ids")[0])
         return tuple(self.env.unwrapped.task_ids)
 
     def _num_init_states(self, task_id: int) -> int:
-        if _is_vector_env(self.env):
+        if hasattr(self.env, "num_envs"):
             return int(self.env.call("num_init_states", task_id)[0])
         return int(self.env.unwrapped.num_init_states(task_id))
 
-    # ------------------------------------------------------------------ rollout
-    def _draw_group_start(self, task_ids: Sequence[int]) -> dict[str, int]:
-        config = self.config
-        task_id = int(task_ids[self._rng.integers(len(task_ids))])
-        if config.init_state_ids is None:
-            init_state_id = int(self._rng.integers(self._num_init_states(task_id)))
-        else:
-            init_state_id = int(config.init_state_ids[self._rng.integers(len(config.init_state_ids))])
-        return {"task_id": task_id, "init_state_id": init_state_id}
+    def _sample_groups(
+        self, count: int, callback: BaseCallback | None
+    ) -> Iterator[tuple[list[Episode], list[Episode]] | None]:
+        """``count`` groups: ``group_size`` episodes of the policy from one drawn (task, init state) each, and the
+        episodes a ``RolloutRelabel`` wrapper relabelled on the way; None when a callback stopped training."""
+        config, stopped = self.config, False
 
-    def _rescue(self, group: list[Episode]) -> tuple[list[Episode], bool]:
-        """Replace the last rollout of an all-fail group by a demo of its task (from its init state if any)."""
-        candidates = self._demos_by_task.get(group[0].task_id, []) if self.demo_episodes else []
-        if not candidates:
-            return group, False
-        same_start = [demo for demo in candidates if _field(demo, "init_state_id", -1) == group[0].init_state_id]
-        pool = same_start or candidates
-        demo = as_demo_episode(pool[self._rng.integers(len(pool))], self.policy.observation_keys)
-        demo.task_id, demo.init_state_id = group[0].task_id, group[0].init_state_id
-        return rescue_failed_group(group, [demo], mode="replace")
-
-    def collect_rollouts(self, callback: BaseCallback | None = None) -> GroupRollout | None:
-        """Groups of ``group_size`` episodes, each group from one (task, init state) pair: ``num_groups`` of
-        them, refilled (up to ``max_sampling_rounds`` rounds) while fewer carry signal. None when a callback
-        stopped training."""
-        config, policy = self.config, self.policy
-        task_ids = self._env_task_ids()
-        stopped = False
-
-        def on_step(num_envs: int) -> bool:
+        def on_step(num_steps: int) -> bool:
             nonlocal stopped
-            self.num_timesteps += num_envs
+            self.num_timesteps += num_steps
             if callback is not None:
                 callback.update_locals({"self": self})
                 stopped = not callback.on_step()
             return not stopped
 
-        policy.eval()
+        for _ in range(count):
+            start = draw_start(self._rng, self._env_task_ids(), config.init_state_ids, self._num_init_states)
+            rollouts = sorted(
+                run_episodes(self.policy, self.env, [start] * config.group_size, temperature=config.temperature,
+                             policy_version=self.policy_version, on_step=on_step),
+                key=lambda rollout: rollout.index,
+            )  # fmt: skip
+            if stopped:
+                yield None
+                return
+            group = [rollout.episode for rollout in rollouts]
+            relabelled = [episode for rollout in rollouts for episode in rollout.relabelled]
+            if self.cache is not None:
+                for episode in group + relabelled:
+                    self.cache.append(copy.copy(episode))  # the store sets episode_id on its own copy
+            yield group, relabelled
+
+    def collect_rollouts(self, callback: BaseCallback | None = None) -> GroupRollout | None:
+        """Groups of ``group_size`` episodes, each group from one (task, init state) pair: ``num_groups`` of
+        them, refilled (up to ``max_sampling_rounds`` rounds) while fewer carry signal; all-fail groups rescued
+        with a demo. None when a callback stopped training."""
+        config = self.config
+        self.policy.eval()
         episodes: list[Episode] = []
         relabelled: list[Episode] = []
-        stats = {"groups_sampled": 0, "groups_informative": 0, "groups_rescued": 0, "sampling_rounds": 0}
+        stats = {"rollout/groups_sampled": 0, "rollout/groups_informative": 0, "rollout/groups_rescued": 0,
+                 "rollout/sampling_rounds": 0}  # fmt: skip
         for _ in range(config.max_sampling_rounds):
-            stats["sampling_rounds"] += 1
-            for _ in range(config.num_groups):
-                options = self._draw_group_start(task_ids)
-                group, group_relabelled = run_episodes(
-                    policy, self.env, options, config.group_size, on_step, self.policy_version, config.temperature
-                )
-                if stopped:
+            stats["rollout/sampling_rounds"] += 1
+            for sampled in self._sample_groups(config.num_groups, callback):
+                if sampled is None:
                     return None
-                self._write_to_cache(group + group_relabelled)
+                group, group_relabelled = sampled
                 relabelled += group_relabelled
-                stats["groups_sampled"] += 1
+                stats["rollout/groups_sampled"] += 1
                 if config.rescue_failed_groups and not any(episode.success for episode in group):
                     group, rescued = self._rescue(group)
-                    stats["groups_rescued"] += int(rescued)
-                outcomes = {episode.success for episode in group}
-                stats["groups_informative"] += int(len(outcomes) > 1)
+                    stats["rollout/groups_rescued"] += int(rescued)
+                stats["rollout/groups_informative"] += int(len({episode.success for episode in group}) > 1)
                 episodes.extend(group)
-            if not config.dynamic_sampling or stats["groups_informative"] >= config.num_groups:
+            if not config.dynamic_sampling or stats["rollout/groups_informative"] >= config.num_groups:
                 break
-        stats["relabelled_episodes"] = len(relabelled)
-        self._add_to_replay([episode for episode in episodes if episode.source == "online"] + relabelled)
-        return GroupRollout.from_episodes(episodes, policy.action_bins, policy.observation_keys, stats)
+        stats["rollout/relabelled_episodes"] = len(relabelled)
+        if self.replay.add([episode for episode in episodes if episode.source == "online"] + relabelled):
+            self._rebuild_offline()
+        return GroupRollout.from_episodes(episodes, self.policy.action_bins, self.policy.observation_keys, stats)
 
-    def _write_to_cache(self, episodes: Sequence[Episode]) -> None:
-        if self.cache is not None:
-            for episode in episodes:
-                self.cache.append(copy.copy(episode))  # the store sets episode_id on its own copy
+    def _rescue(self, group: list[Episode]) -> tuple[list[Episode], bool]:
+        """Replace the last rollout of an all-fail group by a demo of its task (from its init state if any)."""
+        candidates = self._demos_by_task.get(group[0].task_id, [])
+        if not candidates:
+            return group, False
+        same_start = [demo for demo in candidates if demo.init_state_id == group[0].init_state_id]
+        pool = same_start or candidates
+        demo = dataclasses.replace(
+            pool[self._rng.integers(len(pool))], task_id=group[0].task_id, init_state_id=group[0].init_state_id,
+            success=True, source="offline",
+        )  # fmt: skip
+        return rescue_failed_group(group, [demo], mode="replace")
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -714,7 +497,8 @@ class GRPO(BaseLearner):
         return out
 
     def train(self, rollout: GroupRollout) -> dict[str, float]:
-        """Several epochs of minibatch updates on one rollout (plus offline batches); returns the means.
+        """Several epochs of minibatch updates on one rollout (plus offline batches); returns the means, named by
+        their logger keys.
 
         On-policy steps (sampled by the current policy version) take PPO's ratio against their behaviour
         log-probs. Off-policy steps -- stale rollouts of an older policy version, demos in rescued groups --
@@ -778,44 +562,45 @@ class GRPO(BaseLearner):
                     if config.kl_coef > 0:
                         kl = k3_kl(log_probs, self._reference_log_probs(obs, action_tokens)).mean()
                         loss = loss + config.kl_coef * kl
-                        metrics["kl"] = kl.item()
-                    metrics.update(
-                        pg_loss=pg_loss.item(), entropy=entropy_loss.item(), clip_fraction=clip_fraction.item(),
-                        approx_kl=approx_kl.item(), pg_is_weight_mean=token_weights.mean().item(),
-                    )  # fmt: skip
+                        metrics["train/kl"] = kl.item()
+                    metrics.update({
+                        "train/pg_loss": pg_loss.item(), "train/entropy": entropy_loss.item(),
+                        "train/clip_fraction": clip_fraction.item(), "train/approx_kl": approx_kl.item(),
+                        "train/pg_is_weight_mean": token_weights.mean().item(),
+                    })  # fmt: skip
                 if use_demos:
                     imitation_loss, is_weight_mean = self._imitation_loss()
                     loss = loss + imitation_weight * imitation_loss  # offline regularization
-                    metrics.update(imitation_loss=imitation_loss.item(), is_weight_mean=is_weight_mean)
+                    metrics.update({"train/imitation_loss": imitation_loss.item(), "train/is_weight_mean": is_weight_mean})
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.max_grad_norm is not None:
                     parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
                     torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
                 self.optimizer.step()
-                metrics["loss"] = loss.item()
+                metrics["train/loss"] = loss.item()
                 for name, value in metrics.items():
                     sums[name] = sums.get(name, 0.0) + value
                 num_updates += 1
         policy.eval()
         self.policy_version += 1
         means = {name: value / num_updates for name, value in sums.items()} if num_updates else {}
-        if "entropy" not in means:  # no online minibatch: still report the policy's entropy on the rollout
-            means["entropy"] = self._rollout_entropy(rollout)
-        means.update(
-            success_rate=success_rate,
-            imitation_weight=imitation_weight if self.demos is not None else 0.0,
-            frac_groups_zero_std=float(zero_std.float().mean()),
-            ep_len_mean=float(rollout.episode_lengths[online].mean()) if online.any() else 0.0,
-            num_updates=float(num_updates),
-            off_policy_fraction=float(off_policy.mean()),
-            offline_buffer_size=float(len(self.demos) if self.demos is not None else 0),
-            replay_episodes=float(len(self.replay)),
-            policy_version=float(self.policy_version),
-        )
+        if "train/entropy" not in means:  # no online minibatch: still report the policy's entropy on the rollout
+            means["train/entropy"] = self._rollout_entropy(rollout)
+        means.update({
+            "rollout/success_rate": success_rate,
+            "rollout/frac_groups_zero_std": float(zero_std.float().mean()),
+            "rollout/ep_len_mean": float(rollout.episode_lengths[online].mean()) if online.any() else 0.0,
+            "train/imitation_weight": imitation_weight if self.demos is not None else 0.0,
+            "train/n_updates": float(num_updates),
+            "train/off_policy_fraction": float(off_policy.mean()),
+            "train/offline_buffer_size": float(len(self.demos) if self.demos is not None else 0),
+            "train/replay_episodes": float(len(self.replay.episodes)),
+            "train/policy_version": float(self.policy_version),
+        })  # fmt: skip
         for task_id in np.unique(rollout.episode_task_ids[online]):
             of_task = online & (rollout.episode_task_ids == task_id)
-            means[f"success_rate_task{int(task_id)}"] = float(rollout.episode_rewards[of_task].mean())
+            means[f"rollout/success_rate_task{int(task_id)}"] = float(rollout.episode_rewards[of_task].mean())
         means.update({name: float(value) for name, value in rollout.stats.items()})
         return means
 
@@ -829,18 +614,17 @@ class GRPO(BaseLearner):
         """(IS-weighted) NLL of a random batch of offline tokens, and the mean importance weight."""
         indices = self._rng.integers(len(self.demos), size=self.config.imitation_batch_size)
         obs, actions = self.demos.batch(indices)
-        action_tokens = torch.as_tensor(self.policy.action_bins.encode(actions), device=self.policy.device)
-        log_probs, _ = self.policy.log_prob(obs, action_tokens)
+        _, log_probs, _ = demo_token_log_probs(self.policy, obs, actions)
         weights = torch.ones_like(log_probs)
-        if self.demo_log_probs is not None:
-            behaviour = torch.as_tensor(self.demo_log_probs[indices], device=log_probs.device)
+        if self.demos.behaviour_log_probs is not None:
+            behaviour = torch.as_tensor(self.demos.behaviour_log_probs[indices], device=log_probs.device)
             known = ~torch.isnan(behaviour)  # scripted / human demos have no mu: plain behaviour cloning
             truncated = importance_weights(log_probs, torch.nan_to_num(behaviour), self.config.is_clip)
             weights = torch.where(known, truncated, weights)
         return -(weights * log_probs).mean(), weights.mean().item()
 
     @torch.no_grad()
-    def _reference_log_probs(self, obs: Mapping[str, Any], action_tokens: torch.Tensor) -> torch.Tensor:
+    def _reference_log_probs(self, obs, action_tokens: torch.Tensor) -> torch.Tensor:
         temperature = self.config.temperature
         if self.reference_policy is not None:
             return self.reference_policy.log_prob(obs, action_tokens, temperature)[0]
@@ -856,28 +640,22 @@ class GRPO(BaseLearner):
         tb_log_name: str = "GRPO",
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
+        max_updates: int | None = None,
     ) -> GRPO:
-        """Collect groups and update until ``total_timesteps`` env steps (or a callback's ``on_step`` says stop).
-
-        As in SB3, ``reset_num_timesteps=False`` continues the step counter (``total_timesteps`` more steps):
-        with :meth:`load` this resumes a run from its last checkpoint."""
-        if not (isinstance(total_timesteps, (int, np.integer)) and total_timesteps >= 1):
-            raise ValueError(f"total_timesteps {total_timesteps!r} must be an int >= 1")
+        """Collect groups and update until ``total_timesteps`` env steps (or ``max_updates`` updates, or a callback's
+        ``on_step`` says stop). As in SB3, ``reset_num_timesteps=False`` continues the step counter (``total_timesteps``
+        more steps): with :meth:`load` this resumes a run from its last checkpoint."""
         if self.env is None:
-            raise ValueError("GRPO has no env: pass env= to GRPO(...) or GRPO.load(..., env=...)")
+            raise ValueError(
+                f"{type(self).__name__} has no env: pass env= to {type(self).__name__}(...) or .load(..., env=...)"
+            )
         if self.config.rescue_failed_groups and not self.demo_episodes:
             raise ValueError("rescue_failed_groups needs demos: pass demos= with successful episodes of the tasks")
-        if reset_num_timesteps:
-            self.num_timesteps = 0
-        total_timesteps += 0 if reset_num_timesteps else self.num_timesteps
-        self._setup_logger(tb_log_name)
-        callback = CallbackList(callback) if isinstance(callback, list) else callback
-        if callback is not None:
-            callback.init_callback(self)
-            callback.on_training_start(locals(), globals())
-        bar = make_progress_bar(total_timesteps, "GRPO", initial=self.num_timesteps) if progress_bar else None
-        start_time, start_step, iteration = time.time(), self.num_timesteps, 0
-        while self.num_timesteps < total_timesteps:
+        total_timesteps, callback, bar = self._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        iteration = 0
+        while self.num_timesteps < total_timesteps and (max_updates is None or iteration < max_updates):
             if callback is not None:
                 callback.on_rollout_start()
             before = self.num_timesteps
@@ -888,124 +666,20 @@ class GRPO(BaseLearner):
                 break
             self.last_metrics = self.train(rollout)
             if callback is not None:  # after the update: a checkpoint saved here holds this rollout's learning
-                callback.update_locals({"self": self})
+                callback.update_locals(locals())
                 callback.on_rollout_end()
             iteration += 1
             if iteration % log_interval == 0:
-                self._log(self.last_metrics, start_time, start_step)
-        if bar is not None:
-            bar.close()
-        if callback is not None:
-            callback.on_training_end()
+                self._dump_logs(self.last_metrics)
+        self._finish_learn(callback, bar)
         return self
 
-    def _log(self, metrics: dict[str, float], start_time: float, start_step: int) -> None:
-        rollout_names = ("success_rate", "frac_groups_zero_std", "ep_len_mean", "groups_sampled", "groups_informative",
-                         "groups_rescued", "sampling_rounds", "relabelled_episodes")  # fmt: skip
-        for name, value in metrics.items():
-            if name in rollout_names or name.startswith("success_rate_task"):
-                self.logger.record(f"rollout/{name}", value)
-            elif name != "num_updates":
-                self.logger.record(f"train/{name}", value)
-        elapsed = max(time.time() - start_time, 1e-9)
-        self.logger.record("time/fps", (self.num_timesteps - start_step) / elapsed)
-        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
-        self.logger.dump(step=self.num_timesteps)
-
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | os.PathLike) -> None:
-        """A directory: the policy checkpoint (``save_pretrained``), ``grpo.json`` (hyperparameters, step counter,
-        policy version), the optimizer state and the RNG states (numpy's draws, torch's sampling).
+    def _save_state(self, directory: str) -> dict[str, Any]:
+        self._save_optimizer_and_rng(directory, self.optimizer, self._rng)
+        return {"policy_version": self.policy_version}
 
-        Written into a temporary sibling directory and renamed into place, so a crash while saving leaves the
-        previous checkpoint (or none), never a half-written one."""
-        path = os.path.abspath(os.fspath(path))
-        parent, name = os.path.split(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-        try:
-            self.policy.save_pretrained(tmp)
-            torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILENAME))
-            rng = {"numpy": self._rng.bit_generator.state, "torch": torch.get_rng_state()}
-            torch.save(rng, os.path.join(tmp, RNG_FILENAME))
-            state = {**dataclasses.asdict(self.config), "num_timesteps": self.num_timesteps}
-            state["policy_version"] = self.policy_version
-            self._save_extra(tmp, state)
-            with open(os.path.join(tmp, GRPO_CONFIG_FILENAME), "w") as file:  # written last: marks it complete
-                json.dump(state, file, indent=2)
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-                os.rename(path, os.path.join(old, name))
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def _save_extra(self, directory: str, state: dict[str, Any]) -> None:
-        """Subclasses add their own state to a checkpoint being written (``state`` becomes ``grpo.json``)."""
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, env=None, demos: Any = None, device=None, **kwargs) -> GRPO:
-        """Rebuild from :meth:`save` -- weights, hyperparameters, step counter, optimizer and RNG states -- so
-        ``learn(..., reset_num_timesteps=False)`` continues the run; ``kwargs`` override saved hyperparameters
-        (or set tensorboard_log, verbose). With a ``cache_dir``, the success replay is refilled from the cache.
-
-        With ``kl_coef > 0`` on a policy without LoRA, the reference is a copy of the *loaded* policy."""
-        config_path = os.path.join(path, GRPO_CONFIG_FILENAME)
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{os.fspath(path)!r} is not a GRPO checkpoint: it has no {GRPO_CONFIG_FILENAME}")
-        with open(config_path) as file:
-            saved = json.load(file)
-        num_timesteps = int(saved.pop("num_timesteps", 0))
-        policy_version = int(saved.pop("policy_version", 0))
-        # A checkpoint of a learner with more settings (AsyncGRPO's pipeline) resumes as this one without them.
-        known = {field.name for field in dataclasses.fields(cls.config_class)}
-        unused = sorted(set(saved) - known)
-        if unused:
-            warnings.warn(f"{os.fspath(path)!r}: {cls.__name__} does not use the saved setting(s) {unused}", stacklevel=2)
-            saved = {key: value for key, value in saved.items() if key in known}
-        model = cls(load_policy(path), env=env, demos=demos, device=device, **{**saved, **kwargs})
-        model.num_timesteps, model.policy_version = num_timesteps, policy_version
-        optimizer_path = os.path.join(path, OPTIMIZER_FILENAME)
-        if os.path.exists(optimizer_path):
-            model.optimizer.load_state_dict(torch.load(optimizer_path, map_location=model.policy.device))
-            for group in model.optimizer.param_groups:
-                group["lr"] = model.config.learning_rate
-        rng_path = os.path.join(path, RNG_FILENAME)
-        if os.path.exists(rng_path):
-            rng = torch.load(rng_path, weights_only=False)
-            model._rng.bit_generator.state = rng["numpy"]
-            torch.set_rng_state(rng["torch"])
-        return model
-
-
-def latest_checkpoint(directory: str | os.PathLike) -> str | None:
-    """The complete GRPO checkpoint under ``directory`` (itself or a subdirectory) with the most env steps,
-    or None. Temporary directories of a save that was interrupted are ignored."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        return None
-    candidates = [directory] + [os.path.join(directory, name) for name in os.listdir(directory) if not name.startswith(".")]
-    best, best_steps = None, -1
-    for candidate in candidates:
-        config_path = os.path.join(candidate, GRPO_CONFIG_FILENAME)
-        if not os.path.isfile(config_path):
-            continue
-        try:
-            with open(config_path) as file:
-                steps = int(json.load(file).get("num_timesteps", 0))
-        except (OSError, ValueError):
-            continue
-        if steps > best_steps:
-            best, best_steps = candidate, steps
-    return best
-
-
-def _field(episode: Any, name: str, default: Any = None) -> Any:
-    """An attribute of an episode object, or an entry of an episode dict."""
-    if isinstance(episode, Mapping):
-        return episode.get(name, default)
-    return getattr(episode, name, default)
+    def _load_state(self, directory: str, state: dict[str, Any]) -> None:
+        """With ``kl_coef > 0`` on a policy without LoRA, the reference is a copy of the *loaded* policy."""
+        self.policy_version = int(state.get("policy_version", 0))
+        self._load_optimizer_and_rng(directory, self.optimizer, self._rng, self.config.learning_rate)

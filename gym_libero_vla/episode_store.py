@@ -48,16 +48,16 @@ import uuid
 import zipfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from gym_libero_vla.episode import SOURCES, Episode  # noqa: F401  (Episode: also importable from here)
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "gym_libero_vla.EpisodeStore"
 FORMAT_VERSION = 1
-SOURCES = ("online", "offline", "relabelled")
 META_FILENAME = "store.json"
 INDEX_FILENAME = "index.sqlite"
 EPISODES_DIRNAME = "episodes"
@@ -98,71 +98,6 @@ _COLUMNS = (
 
 class IncompatibleStoreError(ValueError):
     """The directory holds a store of another format version, or something that is not a store."""
-
-
-@dataclass
-class Episode:
-    """One finished episode of ``T`` steps.
-
-    ``observations`` maps each key to an array whose leading dimension is ``T + 1`` (the observation after
-    each step, plus the first; rollouts) or ``T`` (demos without a final observation); a text entry that
-    stays the same through the episode, like the instruction, is a plain ``str``. ``log_probs`` are the
-    behaviour policy's log-probabilities of the actions (e.g. ``(T, 7)`` per action token), if known.
-    ``group_id`` ties the episodes of one GRPO group together (None: in no group). ``episode_id`` and
-    ``created_at`` are set by the store.
-    """
-
-    observations: dict[str, np.ndarray | str]
-    actions: np.ndarray
-    rewards: np.ndarray
-    success: bool
-    task_id: int
-    init_state_id: int = -1
-    policy_version: int = 0
-    source: str = "online"
-    log_probs: np.ndarray | None = None
-    env_id: str = ""
-    episode_id: int | None = None
-    created_at: float = field(default_factory=time.time)
-    group_id: str | None = None
-
-    def __post_init__(self):
-        self.actions = np.asarray(self.actions)
-        self.rewards = np.asarray(self.rewards, dtype=np.float32)
-        if self.log_probs is not None:
-            self.log_probs = np.asarray(self.log_probs)
-        self.observations = {
-            key: value if isinstance(value, str) else np.asarray(value) for key, value in self.observations.items()
-        }
-        self.success, self.task_id, self.init_state_id = bool(self.success), int(self.task_id), int(self.init_state_id)
-        self.policy_version = int(self.policy_version)
-        self.group_id = None if self.group_id is None else str(self.group_id)
-        if self.source not in SOURCES:
-            raise ValueError(f"unknown episode source {self.source!r}: valid {SOURCES}")
-        num_steps = len(self.actions) if self.actions.ndim else 0
-        if num_steps < 1:
-            raise ValueError(f"an episode needs at least one step: actions have shape {self.actions.shape}")
-        if self.rewards.shape != (num_steps,):
-            raise ValueError(f"rewards have shape {self.rewards.shape}: expected ({num_steps},) for {num_steps} actions")
-        if self.log_probs is not None and (self.log_probs.ndim == 0 or len(self.log_probs) != num_steps):
-            raise ValueError(f"log_probs have shape {self.log_probs.shape}: expected leading dimension {num_steps}")
-        for key, value in self.observations.items():
-            if isinstance(value, str):
-                continue
-            if value.dtype == object:
-                raise ValueError(f"observation {key!r} has dtype object: store numbers, fixed strings or a str")
-            if value.ndim == 0 or len(value) not in (num_steps, num_steps + 1):
-                raise ValueError(
-                    f"observation {key!r} has shape {value.shape}: expected leading dimension {num_steps + 1} or {num_steps}"
-                )
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.actions)
-
-    @property
-    def total_reward(self) -> float:
-        return float(self.rewards.sum())
 
 
 class EpisodeStore:

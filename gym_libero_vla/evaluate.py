@@ -16,22 +16,25 @@ one that reads "object_state". Writes ``success.md`` (the Markdown table, also p
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Annotated
 
 import gymnasium as gym
 import numpy as np
 import torch
 import tyro
+from tqdm import tqdm
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
-from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy, stack_observations
+from gym_libero_vla.policies.base import VLAPolicy, load_policy, weights_fingerprint
+from gym_libero_vla.rollouts import Rollout, Start, run_episodes
+from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 
 CAMERA_KEYS = ("agentview", "wrist")
@@ -104,79 +107,73 @@ def check_init_states(env: gym.Env, task_ids: Sequence[int], init_state_ids: Seq
 def evaluate_policy(
     policy: VLAPolicy,
     env_id: str,
-    task_ids: Sequence[int] | None,
-    init_state_ids: Sequence[int],
+    task_ids: Sequence[int] | None = None,
+    init_state_ids: Sequence[int] = tuple(range(20, 30)),
     seeds: Sequence[int] = (0,),
     max_episode_steps: int | None = None,
     deterministic: bool = True,
+    temperature: float = 1.0,
     video_episodes: int = 0,
     video_dir: str | None = None,
     progress: bool = True,
     num_envs: int = 1,
+    starts: Sequence[Start] | None = None,
+    episodes_path: str | None = None,
 ) -> dict:
-    """Success of ``policy`` on every (task, init state, seed) of ``env_id``; one episode each, ``num_envs`` at a
-    time with one batched policy call per step (:func:`run_episodes_batched`).
+    """Success of ``policy`` on every (task, init state, seed) of ``env_id`` (or on ``starts``, when given); one
+    episode each, ``num_envs`` envs side by side with one batched policy call per step
+    (:func:`gym_libero_vla.rollouts.run_episodes`).
 
-    Returns ``{"env_id", "task_ids", "init_state_ids", "seeds", "max_episode_steps", "success_rate" (over all
-    episodes), "per_task": {task_id: {"instruction", "successes", "episodes", "success_rate"}}, "episodes":
-    [{"task_id", "init_state_id", "seed", "success", "length"}], "videos": [paths], "seconds"}``.
+    With ``episodes_path`` the evaluation resumes: every finished episode is appended to that JSON-lines file at
+    once (with a fingerprint of the policy's weights and the step limit), and episodes already there for the same
+    weights, step limit and decoding are not run again, also those another process evaluating into the same file
+    wrote while this one waited for it (the file is locked while in use).
+
+    Returns ``{"env_id", "task_ids", "init_state_ids", "seeds", "max_episode_steps", "deterministic", "success_rate"
+    (over all episodes), "per_task": {task_id: {"instruction", "successes", "episodes", "success_rate"}}, "episodes":
+    [{"task_id", "init_state_id", "seed", "success", "length", "seconds"}] in the order of the starts, "videos":
+    [paths], "run_now" (episodes run by this call), "seconds"}``.
     """
     suite = resolve_suite(env_id)
     tasks = suite_tasks(suite.libero_name)
-    task_ids = tuple(range(len(tasks))) if task_ids is None else tuple(int(task_id) for task_id in task_ids)
-    init_state_ids, seeds = tuple(int(i) for i in init_state_ids), tuple(int(seed) for seed in seeds)
-    if not init_state_ids:
-        raise ValueError("init_state_ids is empty: give at least one init state")
-    if not seeds:
-        raise ValueError("seeds is empty: give at least one seed")
+    if starts is None:
+        task_ids = tuple(range(len(tasks))) if task_ids is None else tuple(int(task_id) for task_id in task_ids)
+        init_state_ids, seeds = tuple(int(i) for i in init_state_ids), tuple(int(seed) for seed in seeds)
+        if not init_state_ids:
+            raise ValueError("init_state_ids is empty: give at least one init state")
+        if not seeds:
+            raise ValueError("seeds is empty: give at least one seed")
+        starts = [Start(t, i, s) for t in task_ids for i in init_state_ids for s in seeds]
+    else:
+        starts = [Start(int(s.task_id), int(s.init_state_id), None if s.seed is None else int(s.seed)) for s in starts]
+        if not starts:
+            raise ValueError("starts is empty: give at least one start")
+        task_ids = tuple(dict.fromkeys(start.task_id for start in starts))
+        init_state_ids = tuple(sorted({start.init_state_id for start in starts}))
+        seeds = tuple(sorted({start.seed for start in starts if start.seed is not None}))
     if video_episodes > 0 and video_dir is None:
         raise ValueError(f"video_episodes {video_episodes} needs a video_dir")
+    if episodes_path is not None and not deterministic:
+        raise ValueError("episodes_path resumes deterministic evaluations only: sampled episodes are not repeatable")
     env_kwargs = env_kwargs_for_policy(policy)
     if max_episode_steps is not None:
         env_kwargs["max_episode_steps"] = int(max_episode_steps)
-    # The env validates task_ids and names the valid range. Videos come from an env of their own (a renderer
-    # costs ~0.7 GB per env), the rest from num_envs envs side by side.
-    batched_runs = len(task_ids) * len(init_state_ids) * len(seeds) - video_episodes
-    envs = make_eval_envs(suite.env_id, num_envs, task_ids, num_runs=batched_runs, **env_kwargs)
-    try:
-        check_init_states(envs[0], task_ids, init_state_ids)
-        runs = [(task_id, init_state_id, seed) for task_id in task_ids for init_state_id in init_state_ids for seed in seeds]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(runs), desc=f"evaluate {suite.env_id}", unit="episode")
-        was_training = policy.training
-        policy.eval()
-        outcomes, videos = {}, []
-        start = time.time()
-
-        def done(run: tuple[int, int, int], success: bool, length: int) -> None:
-            outcomes[run] = {"task_id": run[0], "init_state_id": run[1], "seed": run[2], "success": success,
-                             "length": length}  # fmt: skip
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(success_rate=f"{np.mean([row['success'] for row in outcomes.values()]):.2f}")
-
-        if video_episodes > 0:
-            video_env = gym.make(suite.env_id, task_ids=task_ids, render_mode="rgb_array", **env_kwargs)
-            try:
-                for run in runs[:video_episodes]:
-                    success, length, frames = run_episode(policy, video_env, *run, deterministic, True)
-                    videos.append(_write_video(frames, video_dir, *run, success))
-                    done(run, success, length)
-            finally:
-                video_env.close()
-        for result in run_episodes_batched(policy, envs, runs[video_episodes:], deterministic):
-            done((result.task_id, result.init_state_id, result.seed), result.success, result.length)
-        episodes = [outcomes[run] for run in runs]  # in the order of runs, however the envs finished them
-        if bar is not None:
-            bar.close()
-        policy.train(was_training)
-    finally:
-        for env in envs:
-            env.close()
-
+    max_steps = max_episode_steps or suite.max_episode_steps
+    lock = (
+        exclusive(episodes_path + ".lock", f"evaluation into {episodes_path}") if episodes_path else contextlib.nullcontext()
+    )
+    was_training = policy.training
+    policy.eval()
+    start_time = time.time()
+    with lock:
+        fingerprint = weights_fingerprint(policy) if episodes_path else None
+        done = _recorded_episodes(episodes_path, fingerprint, max_steps) if episodes_path else {}
+        todo = [start for start in starts if (start.task_id, start.init_state_id, start.seed) not in done]
+        rows, videos = _run(policy, suite.env_id, task_ids, todo, env_kwargs, num_envs, deterministic, temperature,
+                            video_episodes, video_dir, progress, episodes_path, fingerprint, max_steps)  # fmt: skip
+    policy.train(was_training)
+    done.update({(row["task_id"], row["init_state_id"], row["seed"]): row for row in rows})
+    episodes = [done[(start.task_id, start.init_state_id, start.seed)] for start in starts]
     per_task = {}
     for task_id in task_ids:
         outcomes = [episode["success"] for episode in episodes if episode["task_id"] == task_id]
@@ -191,61 +188,124 @@ def evaluate_policy(
         "task_ids": list(task_ids),
         "init_state_ids": list(init_state_ids),
         "seeds": list(seeds),
-        "max_episode_steps": max_episode_steps or suite.max_episode_steps,
+        "max_episode_steps": max_steps,
         "deterministic": deterministic,
         "success_rate": float(np.mean([episode["success"] for episode in episodes])),
         "per_task": per_task,
         "episodes": episodes,
         "videos": videos,
-        "seconds": time.time() - start,
+        "run_now": len(rows),
+        "seconds": time.time() - start_time,
     }
 
 
-def run_episode(
-    policy: VLAPolicy, env, task_id: int, init_state_id: int, seed: int, deterministic: bool, record: bool
-) -> tuple[bool, int, list[np.ndarray]]:
-    """One episode to termination (success) or truncation: ``(success, length, frames)``; frames only if ``record``."""
-    obs, _ = env.reset(seed=seed, options={"task_id": task_id, "init_state_id": init_state_id})
-    frames = [env.render()] if record else []
-    length = 0
-    while True:
-        with torch.no_grad():
-            actions, _, _ = policy.act(batch_observation(obs), deterministic=deterministic)
-        obs, _, terminated, truncated, _ = env.step(actions[0].cpu().numpy())
-        length += 1
-        if record:
-            frames.append(env.render())
-        if terminated or truncated:
-            return bool(terminated), length, frames
+def _run(policy, env_id, task_ids, starts, env_kwargs, num_envs, deterministic, temperature, video_episodes, video_dir,
+         progress, episodes_path, fingerprint, max_steps) -> tuple[list[dict], list[str]]:  # fmt: skip
+    """Run ``starts`` (the first ``video_episodes`` in an env of their own that renders), appending each finished
+    episode to ``episodes_path`` when given; the rows and the video paths."""
+    rows: list[dict] = []
+    videos: list[str] = []
+    if not starts:
+        return rows, videos
+    bar = tqdm(total=len(starts), desc=f"evaluate {env_id}", unit="episode", disable=not progress)
+    file = _open_episodes_file(episodes_path) if episodes_path else None
+
+    def finish(start: Start, rollout: Rollout, envs_used: int) -> None:
+        episode = rollout.episode
+        row = {"task_id": start.task_id, "init_state_id": start.init_state_id, "seed": start.seed,
+               "success": episode.success, "length": episode.num_steps, "seconds": rollout.seconds}  # fmt: skip
+        rows.append(row)
+        if file is not None:
+            record = {**row, "policy_sha": fingerprint, "max_episode_steps": max_steps, "num_envs": envs_used}
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        bar.update(1)
+        bar.set_postfix(success_rate=f"{np.mean([r['success'] for r in rows]):.2f}")
+
+    video_starts, batched_starts = starts[:video_episodes], starts[video_episodes:]
+    try:
+        if video_starts:
+            # Videos come from an env of their own (a renderer costs ~0.7 GB per env).
+            video_env = gym.make(env_id, task_ids=task_ids, render_mode="rgb_array", **env_kwargs)
+            try:
+                for rollout in run_episodes(policy, video_env, video_starts, deterministic=deterministic,
+                                            temperature=temperature, record_observations=False, render=True):  # fmt: skip
+                    start = video_starts[rollout.index]
+                    videos.append(_write_video(rollout.frames, video_dir, start, rollout.episode.success))
+                    finish(start, rollout, 1)
+            finally:
+                video_env.close()
+        if batched_starts:
+            envs = make_eval_envs(env_id, num_envs, task_ids, num_runs=len(batched_starts), **env_kwargs)
+            try:
+                _check_object_state(policy, envs[0], env_id)
+                for rollout in run_episodes(policy, envs, batched_starts, deterministic=deterministic,
+                                            temperature=temperature, record_observations=False):  # fmt: skip
+                    finish(batched_starts[rollout.index], rollout, len(envs))
+            finally:
+                for env in envs:
+                    env.close()
+    finally:
+        bar.close()
+        if file is not None:
+            file.close()
+    return rows, videos
 
 
-@dataclasses.dataclass
-class EpisodeResult:
-    """One finished episode of :func:`run_episodes_batched`. ``seconds`` is the episode's share of the wall time:
-    its own resets and env steps, plus its part of each batched policy call (the call's time over the envs in it)."""
-
-    task_id: int
-    init_state_id: int
-    seed: int
-    success: bool
-    length: int
-    seconds: float
+def _check_object_state(policy: VLAPolicy, env: gym.Env, env_id: str) -> None:
+    if "object_state" not in policy.observation_keys:
+        return
+    env_dim = env.observation_space["object_state"].shape[0]
+    policy_dim = getattr(getattr(policy, "config", None), "object_state_dim", env_dim)
+    if env_dim != policy_dim:
+        raise ValueError(f"the policy reads {policy_dim} object_state numbers but {env_id} gives {env_dim}")
 
 
-@dataclasses.dataclass
-class _Slot:  # an env of run_episodes_batched and the episode it is in
-    run: tuple[int, int, int]
-    obs: dict
-    length: int
-    seconds: float
+def read_episode_rows(path: str) -> list[dict]:
+    """The lines of an ``episodes_path`` file; a line cut short by a kill is skipped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as file:
+        for line in file:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _recorded_episodes(path: str, fingerprint: str, max_steps: int) -> dict[tuple, dict]:
+    """The rows of ``path`` run by the weights of ``fingerprint`` with this step limit, by (task, init state, seed)."""
+    keep = ("task_id", "init_state_id", "seed", "success", "length", "seconds")
+    return {
+        (row["task_id"], row["init_state_id"], row["seed"]): {key: row[key] for key in keep}
+        for row in read_episode_rows(path)
+        if row.get("policy_sha") == fingerprint and row.get("max_episode_steps") == max_steps
+    }
+
+
+def _open_episodes_file(path: str):
+    """``path`` for appending; a last line a kill cut short is ended first, so the next one stays readable."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cut_short = False
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as file:
+            file.seek(-1, os.SEEK_END)
+            cut_short = file.read(1) != b"\n"
+    file = open(path, "a")  # noqa: SIM115  (closed by the caller)
+    if cut_short:
+        file.write("\n")
+    return file
 
 
 def make_eval_envs(
     env_id: str, num_envs: int, task_ids: Sequence[int] | None = None, *, num_runs: int | None = None, **env_kwargs
 ) -> list[gym.Env]:
-    """``num_envs`` envs of ``env_id`` in this process for :func:`run_episodes_batched`. With several, each keeps
-    one task's simulator (``max_cached_tasks=1``): the batched runner keeps an env on one task as long as it can.
-    ``num_runs``, the episodes they are for, caps the count (envs beyond it would sit idle); at least one is made."""
+    """``num_envs`` envs of ``env_id`` in this process for :func:`~gym_libero_vla.rollouts.run_episodes`. With several,
+    each keeps one task's simulator (``max_cached_tasks=1``): a freed env takes a start of its own task when there is
+    one. ``num_runs``, the episodes they are for, caps the count (envs beyond it would sit idle); at least one is made."""
     if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
         raise ValueError(f"num_envs {num_envs!r} must be an int >= 1")
     if num_runs is not None:
@@ -263,75 +323,13 @@ def make_eval_envs(
     return envs
 
 
-def run_episodes_batched(
-    policy: VLAPolicy,
-    envs: Sequence[gym.Env],
-    runs: Sequence[tuple[int, int, int]],
-    deterministic: bool = True,
-    temperature: float = 1.0,
-) -> Iterator[EpisodeResult]:
-    """One episode per (task, init state, seed) of ``runs``, ``len(envs)`` at a time, yielded as each ends.
-
-    The envs step one after another in this process, but the policy acts on all of them in one batched call:
-    a small policy on a CPU costs about as much for 8 observations as for 1, so the policy's share of an
-    evaluation shrinks ``len(envs)``-fold. Each episode is the same as :func:`run_episode`'s for its triple
-    (reset with its seed and options, then actions until termination or truncation), so results do not depend
-    on how many envs run them, up to float rounding in batched matmuls. A freed env takes the next run of its
-    own task (no simulator rebuild) and otherwise of the task with the most runs left per env already on it, so
-    the envs spread over the tasks. Without ``deterministic``, actions are sampled at ``temperature`` (torch's
-    global RNG; sampled episodes do depend on how many envs share a batch).
-    """
-    if not envs:
-        raise ValueError("envs is empty: give at least one env")
-    pending: dict[int, collections.deque] = {}
-    for run in runs:
-        pending.setdefault(int(run[0]), collections.deque()).append(tuple(int(value) for value in run))
-    slots: list[_Slot | None] = [None] * len(envs)
-
-    def start(index: int, current_task: int | None) -> None:
-        slots[index] = None
-        if not pending:
-            return
-        if current_task not in pending:
-            on_task = collections.Counter(slot.run[0] for slot in slots if slot is not None)
-            current_task = max(pending, key=lambda task_id: len(pending[task_id]) / (1 + on_task[task_id]))
-        run = pending[current_task].popleft()
-        if not pending[current_task]:
-            del pending[current_task]
-        begin = time.perf_counter()
-        task_id, init_state_id, seed = run
-        obs, _ = envs[index].reset(seed=seed, options={"task_id": task_id, "init_state_id": init_state_id})
-        slots[index] = _Slot(run, obs, 0, time.perf_counter() - begin)
-
-    for index in range(len(envs)):
-        start(index, None)
-    while True:
-        active = [index for index, slot in enumerate(slots) if slot is not None]
-        if not active:
-            return
-        begin = time.perf_counter()
-        with torch.no_grad():
-            batch = stack_observations([slots[index].obs for index in active])
-            actions, _, _ = policy.act(batch, deterministic, temperature)
-        actions = actions.cpu().numpy()
-        share = (time.perf_counter() - begin) / len(active)
-        for row, index in enumerate(active):
-            slot = slots[index]
-            begin = time.perf_counter()
-            slot.obs, _, terminated, truncated, _ = envs[index].step(actions[row])
-            slot.length += 1
-            slot.seconds += share + time.perf_counter() - begin
-            if terminated or truncated:
-                yield EpisodeResult(*slot.run, bool(terminated), slot.length, slot.seconds)
-                start(index, slot.run[0])
-
-
-def _write_video(frames, video_dir: str, task_id: int, init_state_id: int, seed: int, success: bool) -> str:
+def _write_video(frames, video_dir: str, start: Start, success: bool) -> str:
     import imageio.v2 as imageio
 
     os.makedirs(video_dir, exist_ok=True)
     outcome = "success" if success else "failure"
-    path = os.path.join(video_dir, f"task{task_id:02d}_init{init_state_id:03d}_seed{seed}_{outcome}.mp4")
+    name = f"task{start.task_id:02d}_init{start.init_state_id:03d}_seed{start.seed}_{outcome}.mp4"
+    path = os.path.join(video_dir, name)
     # macro_block_size=1: keep the frame size as is (256 is a multiple of 16 anyway, smaller test frames may not be).
     imageio.mimwrite(path, [np.asarray(frame) for frame in frames], fps=VIDEO_FPS, macro_block_size=1)
     return path

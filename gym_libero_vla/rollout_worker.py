@@ -15,7 +15,7 @@ A worker loop (:func:`worker_main`), one process each::
     while the learner lives:
         wait while the learner has max_queued_groups unconsumed groups (backpressure bounds staleness)
         load the newest published weights if they changed
-        draw (task, init state); run group_size episodes with the weights it has (run_episodes of GRPO)
+        draw (task, init state); run group_size episodes with the weights it has (rollouts.run_episodes)
         append the group to the store as one unit; write its time counters to workers/worker<i>.json
 
 Processes. :class:`ProcessWorkerPool` starts the workers from a clean ``forkserver`` process (which imported
@@ -54,7 +54,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from gym_libero_vla.episode_store import Episode, EpisodeStore
+from gym_libero_vla.episode import Episode
+from gym_libero_vla.episode_store import EpisodeStore
+from gym_libero_vla.rollouts import Start, draw_start, run_episodes
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ LATEST_WEIGHTS_FILENAME = "latest.json"
 WORKERS_DIRNAME = "workers"
 START_METHODS = ("forkserver", "spawn")
 # Imported once by the forkserver, so that each worker forked from it starts without importing torch & co.
-FORKSERVER_PRELOAD = ["gym_libero_vla.rollout_worker", "gym_libero_vla.algos.grpo"]
+FORKSERVER_PRELOAD = ["gym_libero_vla.rollout_worker", "gym_libero_vla.policies"]
 STOP_TIMEOUT_S = 20.0
 
 
@@ -259,47 +261,50 @@ class RolloutWorker:
             return True
         raise RuntimeError(f"worker {self.worker_id}: the published weights kept changing under it")
 
-    def _draw_group_start(self) -> dict[str, int]:
+    def _draw_group_start(self) -> Start:
         vector = self.spec.envs_per_worker > 1
         task_ids = self.spec.task_ids
         if task_ids is None:
             task_ids = tuple(self._base_env.get_attr("task_ids")[0] if vector else self._base_env.unwrapped.task_ids)
-        task_id = int(task_ids[self._rng.integers(len(task_ids))])
-        if self.spec.init_state_ids is None:
+
+        def num_init_states(task_id: int) -> int:
             if vector:
-                num_init_states = self._base_env.call("num_init_states", task_id)[0]
-            else:
-                num_init_states = self._base_env.unwrapped.num_init_states(task_id)
-            init_state_id = int(self._rng.integers(num_init_states))
-        else:
-            init_state_id = int(self.spec.init_state_ids[self._rng.integers(len(self.spec.init_state_ids))])
-        return {"task_id": task_id, "init_state_id": init_state_id}
+                return int(self._base_env.call("num_init_states", task_id)[0])
+            return int(self._base_env.unwrapped.num_init_states(task_id))
+
+        return draw_start(self._rng, task_ids, self.spec.init_state_ids, num_init_states)
 
     def run_group(self, keep_going: Callable[[], bool] = lambda: True) -> list[Episode] | None:
         """``group_size`` episodes from one drawn (task, init state), then any hindsight-relabelled ones, all
         with one new ``group_id``; None if ``keep_going()`` turned False on the way (the group is dropped)."""
-        from gym_libero_vla.algos.grpo import run_episodes
-
         start = time.perf_counter()
         reset_before, step_before = self.env.reset_s, self.env.step_s
         stats = self.stats
+        batched_steps = 0  # steps of the (vector) env: each steps all envs_per_worker sub-envs
 
         def on_step(num_steps: int) -> bool:
+            nonlocal batched_steps
             stats["env_steps"] += num_steps
+            batched_steps += 1
             return keep_going()
 
-        options = self._draw_group_start()
-        episodes, relabelled = run_episodes(
-            self.policy, self.env, options, self.spec.group_size, on_step, self.policy_version, self.spec.temperature
-        )
+        group_start = self._draw_group_start()
+        rollouts = sorted(
+            run_episodes(self.policy, self.env, [group_start] * self.spec.group_size, temperature=self.spec.temperature,
+                         policy_version=self.policy_version, on_step=on_step),
+            key=lambda rollout: rollout.index,
+        )  # fmt: skip
         stats["reset_s"] += self.env.reset_s - reset_before
         stats["env_step_s"] += self.env.step_s - step_before
         stats["busy_s"] += time.perf_counter() - start
-        if not episodes:
+        if len(rollouts) < self.spec.group_size:
             return None
-        lengths = np.array([episode.num_steps for episode in episodes]).reshape(-1, self.spec.envs_per_worker)
-        stats["stepped_steps"] += int(lengths.max(axis=1).sum() * self.spec.envs_per_worker)
-        stats["straggler_steps"] += int((lengths.max(axis=1, keepdims=True) - lengths).sum())
+        episodes = [rollout.episode for rollout in rollouts]
+        relabelled = [episode for rollout in rollouts for episode in rollout.relabelled]
+        # Sub-envs step together: one with no episode left waits (stepped, not recorded) for the slowest.
+        stepped = batched_steps * self.spec.envs_per_worker
+        stats["stepped_steps"] += stepped
+        stats["straggler_steps"] += stepped - sum(episode.num_steps for episode in episodes)
         group_id = uuid.uuid4().hex
         for episode in episodes + relabelled:
             episode.group_id = group_id

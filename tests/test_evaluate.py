@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import threading
 
 import gymnasium as gym
 import numpy as np
@@ -17,11 +20,12 @@ from gym_libero_vla.evaluate import (
     main,
     make_eval_envs,
     paired_difference_interval,
-    run_episode,
-    run_episodes_batched,
+    read_episode_rows,
     wilson_interval,
 )
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
+from gym_libero_vla.policies.base import weights_fingerprint
+from gym_libero_vla.rollouts import Start, run_episodes
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 
@@ -78,26 +82,32 @@ class StepLog(gym.Wrapper):
 
 
 def test_batched_episodes_are_the_sequential_ones():
-    """Envs side by side with one batched policy call per step run exactly the episodes run_episode runs one by
-    one: same states, same actions, same outcome, for every (task, init state, seed)."""
+    """Envs side by side with one batched policy call per step run exactly the episodes one env runs one by one:
+    same states, same actions, same outcome, for every (task, init state, seed)."""
     policy = tiny_policy(object_state_dim=70).eval()
-    runs = [(task_id, init_state_id, seed) for task_id in (0, 3) for init_state_id in (20, 21) for seed in (0, 1)]
+    starts = [Start(task_id, init_state_id, seed) for task_id in (0, 3) for init_state_id in (20, 21) for seed in (0, 1)]
     kwargs = {"max_episode_steps": 12, **env_kwargs_for_policy(policy)}
     sequential, batched = {}, {}
     env = StepLog(gym.make("LiberoSpatial-v0", task_ids=(0, 3), **kwargs), sequential)
-    outcomes = {run: run_episode(policy, env, *run, True, False)[:2] for run in runs}
+    one_by_one = {rollout.index: rollout for rollout in run_episodes(policy, env, starts, deterministic=True)}
     env.close()
     envs = [StepLog(env, batched) for env in make_eval_envs("LiberoSpatial-v0", 3, (0, 3), **kwargs)]
-    results = list(run_episodes_batched(policy, envs, runs))
+    results = list(run_episodes(policy, envs, starts, deterministic=True))
     for env in envs:
         env.close()
-    assert sorted((r.task_id, r.init_state_id, r.seed) for r in results) == sorted(runs)  # each run once
-    assert {(r.task_id, r.init_state_id, r.seed): (r.success, r.length) for r in results} == outcomes
+    assert sorted(rollout.index for rollout in results) == list(range(len(starts)))  # each start once
+    for rollout in results:
+        episode, alone = rollout.episode, one_by_one[rollout.index].episode
+        assert (episode.task_id, episode.init_state_id, episode.seed) == tuple(vars(starts[rollout.index]).values())
+        assert (episode.success, episode.num_steps) == (alone.success, alone.num_steps)
+        np.testing.assert_allclose(episode.actions, alone.actions)
+        np.testing.assert_allclose(episode.observations["state"], alone.observations["state"], atol=1e-6)
     assert sequential.keys() == batched.keys()
-    for run in runs:
+    for start in starts:
+        run = (start.task_id, start.init_state_id, start.seed)
         assert len(batched[run]) == len(sequential[run]) == 2 * 12 + 1
         np.testing.assert_allclose(np.concatenate(batched[run]), np.concatenate(sequential[run]), atol=1e-6)
-    assert all(result.seconds > 0 for result in results)
+    assert all(rollout.seconds > 0 for rollout in results)
     # The envs spread over the tasks (the most runs left per env on it) and keep to theirs while it has runs left:
     # task 0's two envs run out first, and one of them moves to task 3 (the only task switch).
     assert [env.tasks[0] for env in envs] == [0, 3, 0]
@@ -110,7 +120,8 @@ def test_evaluate_policy_results_do_not_depend_on_num_envs():
         evaluate_policy(policy, "LiberoSpatial-v0", (1, 2), (20, 21), max_episode_steps=5, progress=False, num_envs=n)
         for n in (1, 3)
     )
-    assert one["episodes"] == three["episodes"]  # the same episodes, listed in the order of the runs
+    drop_seconds = [{key: value for key, value in episode.items() if key != "seconds"} for episode in one["episodes"]]
+    assert drop_seconds == [{key: value for key, value in e.items() if key != "seconds"} for e in three["episodes"]]
     assert [(e["task_id"], e["init_state_id"]) for e in three["episodes"]] == [(1, 20), (1, 21), (2, 20), (2, 21)]
     with pytest.raises(ValueError, match="num_envs 0 must be an int >= 1"):
         make_eval_envs("LiberoSpatial-v0", 0)
@@ -119,8 +130,66 @@ def test_evaluate_policy_results_do_not_depend_on_num_envs():
         assert len(envs) == expected
         for env in envs:
             env.close()
-    with pytest.raises(ValueError, match="envs is empty"):
-        next(run_episodes_batched(policy, [], [(0, 20, 0)]))
+    with pytest.raises(ValueError, match="no envs"):
+        next(run_episodes(policy, [], [Start(0, 20, 0)]))
+
+
+def test_evaluation_resumes_from_its_episodes_file(tmp_path):
+    """Each episode is appended as it ends; a second call with more starts runs only the new ones, and a policy
+    with other weights runs everything again."""
+    policy = tiny_policy(object_state_dim=70)
+    path = str(tmp_path / "episodes.jsonl")
+    first = evaluate_policy(policy, "LiberoSpatial-v0", (0,), (20,), max_episode_steps=6, progress=False, episodes_path=path)
+    assert first["run_now"] == 1 and len(read_episode_rows(path)) == 1
+    with open(path, "a") as file:
+        file.write('{"task_id": 0, "init_st')  # a kill in the middle of a line
+    second = evaluate_policy(
+        policy, "LiberoSpatial-v0", (0,), (20, 21), max_episode_steps=6, progress=False, episodes_path=path
+    )
+    assert second["run_now"] == 1 and second["episodes"][0] == first["episodes"][0]
+    rows = read_episode_rows(path)
+    assert len(rows) == 2 and {row["policy_sha"] for row in rows} == {weights_fingerprint(policy)}
+    other = tiny_policy(object_state_dim=70)  # other random weights
+    assert evaluate_policy(other, "LiberoSpatial-v0", (0,), (20, 21), max_episode_steps=6, progress=False,
+                           episodes_path=path)["run_now"] == 2  # fmt: skip
+    with pytest.raises(ValueError, match="deterministic evaluations only"):
+        evaluate_policy(policy, "LiberoSpatial-v0", (0,), (20,), deterministic=False, episodes_path=path)
+
+
+# Another evaluator: holds the lock of the episodes file argv[1] until a line arrives on stdin, then appends the
+# row argv[2] (its episode) and lets go.
+OTHER_EVALUATOR = """
+import sys
+from gym_libero_vla.run_lock import exclusive
+with exclusive(sys.argv[1] + ".lock", "other evaluator"):
+    print("held", flush=True)
+    sys.stdin.readline()
+    with open(sys.argv[1], "a") as file:
+        file.write(sys.argv[2] + "\\n")
+"""
+
+
+def test_evaluation_waits_for_another_process_on_the_same_episodes_file_then_reuses_its_episodes(tmp_path):
+    episodes_path = str(tmp_path / "episodes.jsonl")
+    policy = tiny_policy(object_state_dim=70)
+    row = {"task_id": 0, "init_state_id": 20, "seed": 0, "success": True, "length": 7, "seconds": 0.5,
+           "policy_sha": weights_fingerprint(policy), "max_episode_steps": 30, "num_envs": 1}  # fmt: skip
+    other = subprocess.Popen([sys.executable, "-c", OTHER_EVALUATOR, episodes_path, json.dumps(row)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert other.stdout.readline() == "held\n"
+        release = threading.Timer(1.0, lambda: (other.stdin.write("\n"), other.stdin.flush()))
+        release.start()
+        results = evaluate_policy(
+            policy, "LiberoSpatial-v0", (0,), (20,), max_episode_steps=30, progress=False, episodes_path=episodes_path
+        )
+        release.join()
+    finally:
+        other.kill()
+        other.wait()
+    # it waited for the other process rather than running the episode itself, then took the other's row
+    assert results["run_now"] == 0 and results["episodes"] == [{key: row[key] for key in results["episodes"][0]}]
+    assert len(read_episode_rows(episodes_path)) == 1
 
 
 def test_env_follows_what_the_policy_reads():

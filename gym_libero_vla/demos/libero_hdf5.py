@@ -36,6 +36,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from gym_libero_vla.episode import Episode
+
 ACTION_DIM = 7
 NOOP_THRESHOLD = 1e-4  # OpenVLA's is_noop threshold on the norm of the 6 motion dims
 # Our observation keys -> dataset keys under data/demo_N/obs.
@@ -97,65 +99,6 @@ class ActionStats:
 
 
 # ---------------------------------------------------------------------------------------------- episodes
-@dataclasses.dataclass
-class Episode:
-    """One demonstration, with observations in the env's layout (index t is the observation before action t)."""
-
-    name: str
-    instruction: str
-    task_id: int
-    """Task index in its suite, or -1 when the file does not say."""
-    init_state_id: int
-    """Index of the suite's init state the episode started from, or -1 when unknown."""
-    actions: np.ndarray
-    """(T, 7) float32."""
-    observations: dict[str, np.ndarray]
-    """"state" (T, 8) float32; when the file has them, "agentview" / "wrist" (T, H, W, 3) uint8, upright, and
-    "object_state" (T, D) float32 (privileged object poses, our generator's ``--object-state``)."""
-    states: np.ndarray | None = None
-    """(T, S) flattened MuJoCo states; states[0] is where replay starts."""
-    rewards: np.ndarray | None = None
-    dones: np.ndarray | None = None
-    replay_state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    """Simulator state outside the MuJoCo state at ``states[0]`` (ours only): the gripper's integrated
-    command ("gripper_current_action") and the solver warm start ("qacc_warmstart")."""
-    seed: int | None = None
-    """Seed of the env reset that produced the episode (ours only): LIBERO re-samples fixture placements
-    (cabinets, stoves move by ~1 cm) at reset and MuJoCo states do not hold them, so exact replay and
-    re-rendering reset with this seed."""
-
-    def __len__(self) -> int:
-        return len(self.actions)
-
-    @property
-    def success(self) -> bool:
-        """Whether the demonstration ends in success according to the file (any done or positive reward)."""
-        done = self.dones is not None and len(self.dones) and bool(np.any(self.dones))
-        rewarded = self.rewards is not None and len(self.rewards) and bool(np.any(self.rewards > 0))
-        return bool(done or rewarded)
-
-    def observation(self, t: int) -> dict:
-        """The observation before action ``t``, as a ``LiberoEnv`` observation dict."""
-        obs = {"instruction": self.instruction, "task_id": np.int64(self.task_id)}
-        obs.update({key: values[t] for key, values in self.observations.items()})
-        return obs
-
-    def select(self, keep: np.ndarray) -> Episode:
-        """A copy with only the time steps where ``keep`` is True."""
-
-        def take(values):
-            return None if values is None else values[keep]
-
-        return dataclasses.replace(
-            self,
-            actions=self.actions[keep],
-            observations={key: values[keep] for key, values in self.observations.items()},
-            states=take(self.states),
-            rewards=take(self.rewards),
-            dones=take(self.dones),
-        )
-
-
 def noop_mask(actions: np.ndarray, threshold: float = NOOP_THRESHOLD) -> np.ndarray:
     """True where an action is a no-op, as OpenVLA's ``is_noop``: near-zero translation and rotation, and
     the gripper command equal to that of the previous *kept* action (the first action: motion alone)."""
@@ -291,17 +234,24 @@ class LiberoHDF5:
                     observations[ours] = np.ascontiguousarray(obs_group[theirs][()][:, ::-1, ::-1])
         if "object_state" in obs_group:
             observations["object_state"] = np.asarray(obs_group["object_state"][()], dtype=np.float32)
-        instruction = _decode(demo.attrs.get("language_instruction", self.instruction))
+        observations["instruction"] = str(_decode(demo.attrs.get("language_instruction", self.instruction)))
+        rewards = np.asarray(demo["rewards"][()], dtype=np.float32) if "rewards" in demo else None
+        dones = np.asarray(demo["dones"][()]).astype(bool) if "dones" in demo else None
+        # A demonstration succeeded when the file says so: any done, or any positive reward.
+        success = bool((dones is not None and dones.any()) or (rewards is not None and (rewards > 0).any()))
+        if rewards is None:
+            rewards = np.zeros(len(actions), dtype=np.float32)
+            rewards[-1:] = float(success)
         return Episode(
-            name=key,
-            instruction=str(instruction),
+            observations=observations,
+            actions=actions,
+            rewards=rewards,
+            success=success,
             task_id=int(demo.attrs.get("task_id", self.default_task_id)),
             init_state_id=int(demo.attrs.get("init_state_id", -1)),
-            actions=actions,
-            observations=observations,
+            source="offline",
+            name=key,
             states=np.asarray(demo["states"][()], dtype=np.float64) if "states" in demo else None,
-            rewards=np.asarray(demo["rewards"][()], dtype=np.float32) if "rewards" in demo else None,
-            dones=np.asarray(demo["dones"][()]).astype(bool) if "dones" in demo else None,
             seed=int(demo.attrs["seed"]) if "seed" in demo.attrs else None,
             replay_state={
                 key.removeprefix("replay_"): np.asarray(value)

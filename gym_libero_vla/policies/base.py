@@ -30,6 +30,7 @@ the action bins (``action_bins.json``) beside them. :func:`load_policy` opens an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import numbers
@@ -163,6 +164,18 @@ def vector_batch(obs_batch: Mapping[str, Any], key: str, dim: int) -> np.ndarray
     if values.ndim != 2 or values.shape[1] != dim:
         raise ValueError(f"{key!r} has shape {values.shape}: expected (B, {dim})")
     return values
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of a module's parameters and buffers, by name: the same weights give the same
+    fingerprint in any process, whether built, trained or loaded (resumable evaluations reuse episodes by it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes() if tensor.dtype != torch.bfloat16
+                      else tensor.detach().cpu().float().numpy().tobytes())  # fmt: skip
+    return digest.hexdigest()[:16]
 
 
 def load_action_bins(directory: str | os.PathLike) -> ActionBins:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.grpo import GRPO, GroupRollout, latest_checkpoint, run_episodes
-from gym_libero_vla.episode_store import Episode
+from gym_libero_vla.algos.base import latest_checkpoint
+from gym_libero_vla.algos.grpo import GRPO, GroupRollout
+from gym_libero_vla.episode import Episode
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
@@ -34,6 +35,15 @@ def env():
 def instruction(env) -> str:
     obs, _ = env.reset(options={"task_id": 0, "init_state_id": 0})
     return obs["instruction"]
+
+
+# The hand computations below assume one pass over each rollout, no dynamic-sampling refill, one minibatch and a pure
+# imitation weight at full success (the library's defaults are the main job's: 2 epochs, 2 rounds, 128 steps, 0.1).
+ONE_PASS = dict(num_epochs=1, max_sampling_rounds=1, minibatch_size=256, imitation_weight_min=0.0)
+
+
+def make_grpo(policy, env=None, **kwargs) -> GRPO:
+    return GRPO(policy, env, **{**ONE_PASS, **kwargs})
 
 
 def make_policy(instruction: str, seed: int = 0) -> CompactVLA:
@@ -66,7 +76,7 @@ def test_learn_collects_groups_updates_the_policy_and_logs(env, instruction, tmp
 
     policy = make_policy(instruction)
     before = [p.detach().clone() for p in policy.parameters()]
-    model = GRPO(
+    model = make_grpo(
         policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, imitation_batch_size=8, kl_coef=0.1,
         seed=0, tensorboard_log=str(tmp_path),
     )  # fmt: skip
@@ -74,9 +84,11 @@ def test_learn_collects_groups_updates_the_policy_and_logs(env, instruction, tmp
     assert model.num_timesteps == 2 * 2 * MAX_EPISODE_STEPS  # 2 iterations of one group of 2 ten-step episodes
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     metrics = model.last_metrics
-    assert metrics["success_rate"] == 0.0 and metrics["imitation_weight"] == 1.0  # random policy: imitate fully
-    assert metrics["frac_groups_zero_std"] == 1.0 and "pg_loss" not in metrics  # all-fail group left out
-    assert np.isfinite(metrics["imitation_loss"]) and metrics["is_weight_mean"] == 1.0  # demos without mu: plain BC
+    assert metrics["rollout/success_rate"] == 0.0 and metrics["train/imitation_weight"] == 1.0  # random policy: imitate fully
+    assert metrics["rollout/frac_groups_zero_std"] == 1.0 and "train/pg_loss" not in metrics  # all-fail group left out
+    assert (
+        np.isfinite(metrics["train/imitation_loss"]) and metrics["train/is_weight_mean"] == 1.0
+    )  # demos without mu: plain BC
     (run,) = glob.glob(str(tmp_path / "GRPO_*"))
     events = EventAccumulator(run)
     events.Reload()
@@ -88,7 +100,7 @@ def test_learn_collects_groups_updates_the_policy_and_logs(env, instruction, tmp
 @pytest.mark.parametrize("loss_aggregation", ["token-mean", "episode-mean"])
 def test_positive_advantage_raises_the_log_prob_of_its_tokens(env, instruction, loss_aggregation):
     policy = make_policy(instruction)
-    model = GRPO(
+    model = make_grpo(
         policy, env, group_size=2, num_groups=1, learning_rate=1e-3, num_epochs=4, minibatch_size=64, seed=0,
         loss_aggregation=loss_aggregation,
     )  # fmt: skip
@@ -99,10 +111,14 @@ def test_positive_advantage_raises_the_log_prob_of_its_tokens(env, instruction, 
     winner, loser = np.arange(10), np.arange(10, 20)
     winner_before, loser_before = rollout_log_probs(policy, rollout, winner), rollout_log_probs(policy, rollout, loser)
     metrics = model.train(rollout)
-    assert metrics["num_updates"] == 4 and metrics["frac_groups_zero_std"] == 0.0 and metrics["success_rate"] == 0.5
+    assert (
+        metrics["train/n_updates"] == 4
+        and metrics["rollout/frac_groups_zero_std"] == 0.0
+        and metrics["rollout/success_rate"] == 0.5
+    )
     assert rollout_log_probs(policy, rollout, winner) > winner_before + 0.1
     assert rollout_log_probs(policy, rollout, loser) < loser_before - 0.1
-    assert 0.0 <= metrics["clip_fraction"] <= 1.0 and metrics["approx_kl"] >= 0.0
+    assert 0.0 <= metrics["train/clip_fraction"] <= 1.0 and metrics["train/approx_kl"] >= 0.0
 
 
 @pytest.mark.parametrize("loss_aggregation, expected_pg_loss", [("token-mean", 5 / 15 / 2**0.5), ("episode-mean", 0.0)])
@@ -111,7 +127,7 @@ def test_loss_aggregation_weighs_tokens_or_episodes(env, instruction, loss_aggre
     minibatch's pg_loss is -mean(A) over its tokens: token-mean gives the failure twice the success's weight,
     -(5 - 10) / 15 / sqrt(2); episode-mean scales each episode's A by 7.5 / length, so the two cancel."""
     policy = make_policy(instruction)
-    model = GRPO(
+    model = make_grpo(
         policy, env, group_size=2, num_groups=1, learning_rate=1e-3, num_epochs=1, minibatch_size=64, seed=0,
         loss_aggregation=loss_aggregation,
     )  # fmt: skip
@@ -123,34 +139,34 @@ def test_loss_aggregation_weighs_tokens_or_episodes(env, instruction, loss_aggre
     rollout = GroupRollout.from_episodes([short, second], policy.action_bins, policy.observation_keys)
     assert rollout.episode_lengths.tolist() == [5, 10] and rollout.episode_rewards.tolist() == [1.0, 0.0]
     metrics = model.train(rollout)
-    assert metrics["num_updates"] == 1
-    assert metrics["pg_loss"] == pytest.approx(expected_pg_loss, abs=1e-4)
+    assert metrics["train/n_updates"] == 1
+    assert metrics["train/pg_loss"] == pytest.approx(expected_pg_loss, abs=1e-4)
 
 
 def test_kl_to_the_base_model_under_lora(env, instruction, tmp_path):
     make_policy(instruction).save_pretrained(tmp_path / "base")
     policy = CompactVLA.from_pretrained(tmp_path / "base").add_lora(rank=2, alpha=4)
-    model = GRPO(policy, env, group_size=2, num_groups=1, learning_rate=1e-2, num_epochs=3, kl_coef=1.0, seed=0)
+    model = make_grpo(policy, env, group_size=2, num_groups=1, learning_rate=1e-2, num_epochs=3, kl_coef=1.0, seed=0)
     assert model.reference_policy is None  # the base model is the adapter-free policy itself
     rollout = model.collect_rollouts()
     rollout.episode_rewards = np.array([0.0, 1.0], dtype=np.float32)
     metrics = model.train(rollout)
-    assert metrics["kl"] >= 0.0 and model.train(rollout)["kl"] > 0.0  # the adapter moved away from the base
+    assert metrics["train/kl"] >= 0.0 and model.train(rollout)["train/kl"] > 0.0  # the adapter moved away from the base
 
 
 def test_offline_tokens_are_weighted_by_truncated_importance_ratios(instruction):
     policy = make_policy(instruction)
-    likely = GRPO(policy, demos=[demo(instruction, log_probs=np.zeros((5, 7)))], imitation_batch_size=16, is_clip=2.0)
+    likely = make_grpo(policy, demos=[demo(instruction, log_probs=np.zeros((5, 7)))], imitation_batch_size=16, is_clip=2.0)
     _, weight_mean = likely._imitation_loss()
     assert 0.0 < weight_mean < 0.1  # mu gave these tokens probability 1; pi gives them ~1/256 each
-    unlikely = GRPO(policy, demos=[demo(instruction, log_probs=np.full((5, 7), -50.0))], imitation_batch_size=16)
+    unlikely = make_grpo(policy, demos=[demo(instruction, log_probs=np.full((5, 7), -50.0))], imitation_batch_size=16)
     loss, weight_mean = unlikely._imitation_loss()
     assert weight_mean == pytest.approx(2.0) and loss.requires_grad  # pi / mu is huge: truncated at is_clip
 
 
 def test_predict_save_load_round_trip(env, instruction, tmp_path):
     policy = make_policy(instruction)
-    model = GRPO(policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, clip_high=0.3, seed=3).learn(20)
+    model = make_grpo(policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, clip_high=0.3, seed=3).learn(20)
     obs, _ = env.reset(options={"task_id": 0, "init_state_id": 1})
     action, state = model.predict(obs, deterministic=True)
     assert action.shape == (7,) and action.dtype == np.float32 and state is None
@@ -166,7 +182,7 @@ def test_callback_stops_collection(env, instruction):
         def _on_step(self) -> bool:
             return self.n_calls < 5
 
-    model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1)
+    model = make_grpo(make_policy(instruction), env, group_size=2, num_groups=1)
     model.learn(1000, callback=[StopAfter()])
     assert model.num_timesteps == 5 and model.last_metrics == {}
 
@@ -179,7 +195,7 @@ def test_groups_on_a_sync_vector_env(instruction):
     try:
         with pytest.raises(ValueError, match="group_size 3 must be a multiple of the vector env's num_envs 2"):
             GRPO(make_policy(instruction), vector_env, group_size=3)
-        model = GRPO(make_policy(instruction), vector_env, group_size=4, num_groups=1, seed=0)
+        model = make_grpo(make_policy(instruction), vector_env, group_size=4, num_groups=1, seed=0)
         rollout = model.collect_rollouts()
         assert rollout.episode_lengths.tolist() == [MAX_EPISODE_STEPS] * 4 and model.num_timesteps == 40
         assert set(rollout.observations["instruction"]) == {instruction}
@@ -213,7 +229,7 @@ def test_groups_start_only_from_the_given_init_states(env, instruction):
             return super().reset(seed=seed, options=options)
 
     recording_env = RecordResetOptions(env)
-    model = GRPO(make_policy(instruction), recording_env, group_size=2, num_groups=3, init_state_ids=(3, 7), seed=0)
+    model = make_grpo(make_policy(instruction), recording_env, group_size=2, num_groups=3, init_state_ids=(3, 7), seed=0)
     model.collect_rollouts()
     assert len(recording_env.reset_options) == 6
     assert {options["init_state_id"] for options in recording_env.reset_options} <= {3, 7}
@@ -224,34 +240,38 @@ def test_groups_start_only_from_the_given_init_states(env, instruction):
 # ---------------------------------------------------------------------- dynamic sampling, rescue, replay, staleness
 def test_dynamic_sampling_refills_until_groups_carry_signal(env, instruction):
     # A random tiny policy fails every 10-step episode: no group carries signal, so every round is drawn.
-    model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1, max_sampling_rounds=3, seed=0)
+    model = make_grpo(make_policy(instruction), env, group_size=2, num_groups=1, max_sampling_rounds=3, seed=0)
     rollout = model.collect_rollouts()
-    assert rollout.stats["groups_sampled"] == 3 and rollout.stats["groups_informative"] == 0
+    assert rollout.stats["rollout/groups_sampled"] == 3 and rollout.stats["rollout/groups_informative"] == 0
     assert len(rollout.episodes) == 6 and model.num_timesteps == 6 * MAX_EPISODE_STEPS
     metrics = model.train(rollout)
-    assert metrics["frac_groups_zero_std"] == 1.0 and metrics["groups_sampled"] == 3.0 and metrics["num_updates"] == 0
-    assert metrics["entropy"] > 0.0  # still reported when no online minibatch ran
-    filter_only = GRPO(
+    assert (
+        metrics["rollout/frac_groups_zero_std"] == 1.0
+        and metrics["rollout/groups_sampled"] == 3.0
+        and metrics["train/n_updates"] == 0
+    )
+    assert metrics["train/entropy"] > 0.0  # still reported when no online minibatch ran
+    filter_only = make_grpo(
         make_policy(instruction), env, group_size=2, num_groups=1, dynamic_sampling=False, max_sampling_rounds=3
     )
-    assert filter_only.collect_rollouts().stats["groups_sampled"] == 1  # refill belongs to dynamic sampling
+    assert filter_only.collect_rollouts().stats["rollout/groups_sampled"] == 1  # refill belongs to dynamic sampling
 
 
 def test_all_fail_groups_are_rescued_with_a_demo_that_the_update_moves_towards(env, instruction):
-    model = GRPO(
+    model = make_grpo(
         make_policy(instruction), env, demos=[demo(instruction)], group_size=2, num_groups=1, rescue_failed_groups=True,
         max_sampling_rounds=3, learning_rate=1e-3, num_epochs=4, imitation_weight_max=0.0, seed=0,
     )  # fmt: skip
     rollout = model.collect_rollouts()
-    assert rollout.stats["groups_rescued"] == 1 and rollout.stats["groups_sampled"] == 1  # informative at once
+    assert rollout.stats["rollout/groups_rescued"] == 1 and rollout.stats["rollout/groups_sampled"] == 1  # informative at once
     assert [episode.source for episode in rollout.episodes] == ["online", "offline"]
     assert rollout.episode_rewards.tolist() == [0.0, 1.0] and rollout.episode_online.tolist() == [True, False]
     assert np.isnan(rollout.behaviour_log_probs[rollout.episode_index == 1]).all()  # the demo's mu is unknown
     demo_steps = np.flatnonzero(rollout.episode_index == 1)
     before = rollout_log_probs(model.policy, rollout, demo_steps)
     metrics = model.train(rollout)
-    assert metrics["success_rate"] == 0.0  # the demo does not count as an online success
-    assert metrics["off_policy_fraction"] == pytest.approx(5 / 15)  # 5 demo steps of 15
+    assert metrics["rollout/success_rate"] == 0.0  # the demo does not count as an online success
+    assert metrics["train/off_policy_fraction"] == pytest.approx(5 / 15)  # 5 demo steps of 15
     assert rollout_log_probs(model.policy, rollout, demo_steps) > before + 0.1
     with pytest.raises(ValueError, match="rescue_failed_groups needs demos"):
         GRPO(make_policy(instruction), env, rescue_failed_groups=True).learn(10)
@@ -261,7 +281,7 @@ def test_tempered_rollouts_are_trained_on_the_distribution_that_sampled_them(env
     """temperature=3: the episodes' behaviour log-probs are the tempered policy's, and the update's ratio uses the
     same temperature, so the first (and only) minibatch of a fresh rollout has ratio 1: no clipping, KL 0."""
     policy = make_policy(instruction)
-    model = GRPO(policy, env, group_size=2, num_groups=1, num_epochs=1, minibatch_size=64, temperature=3.0, seed=0)
+    model = make_grpo(policy, env, group_size=2, num_groups=1, num_epochs=1, minibatch_size=64, temperature=3.0, seed=0)
     rollout = model.collect_rollouts()
     everything = np.arange(len(rollout.action_tokens))
     with torch.no_grad():
@@ -272,8 +292,8 @@ def test_tempered_rollouts_are_trained_on_the_distribution_that_sampled_them(env
     assert tempered_entropy.mean() > plain_entropy.mean()
     rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)
     metrics = model.train(rollout)
-    assert metrics["num_updates"] == 1 and metrics["clip_fraction"] == 0.0 and abs(metrics["approx_kl"]) < 1e-6
-    assert metrics["entropy"] == pytest.approx(tempered_entropy.mean().item(), rel=1e-4)
+    assert metrics["train/n_updates"] == 1 and metrics["train/clip_fraction"] == 0.0 and abs(metrics["train/approx_kl"]) < 1e-6
+    assert metrics["train/entropy"] == pytest.approx(tempered_entropy.mean().item(), rel=1e-4)
     with pytest.raises(ValueError, match="temperature 0 must be a finite number > 0"):
         GRPO(make_policy(instruction), env, temperature=0)
 
@@ -281,14 +301,14 @@ def test_tempered_rollouts_are_trained_on_the_distribution_that_sampled_them(env
 def test_pg_coef_zero_leaves_only_the_offline_term(env, instruction):
     """The offline-only ablation: an informative rollout alone moves nothing; with demos, only imitation does."""
     policy = make_policy(instruction)
-    model = GRPO(policy, env, group_size=2, num_groups=1, learning_rate=1e-2, pg_coef=0.0, seed=0)
+    model = make_grpo(policy, env, group_size=2, num_groups=1, learning_rate=1e-2, pg_coef=0.0, seed=0)
     rollout = model.collect_rollouts()
     rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)
     before = [p.detach().clone() for p in policy.parameters()]
     metrics = model.train(rollout)
-    assert metrics["num_updates"] >= 1 and metrics["pg_loss"] != 0.0  # computed and logged, weighted by 0
+    assert metrics["train/n_updates"] >= 1 and metrics["train/pg_loss"] != 0.0  # computed and logged, weighted by 0
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
-    with_demos = GRPO(policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, imitation_batch_size=4,
+    with_demos = make_grpo(policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, imitation_batch_size=4,
                       learning_rate=1e-2, pg_coef=0.0, seed=0)  # fmt: skip
     with_demos.train(rollout)
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
@@ -297,33 +317,34 @@ def test_pg_coef_zero_leaves_only_the_offline_term(env, instruction):
 
 
 def test_stale_rollouts_get_proximal_ratios_and_truncated_importance_weights(env, instruction):
-    model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1, learning_rate=1e-2, is_clip=1.5, seed=0)
+    model = make_grpo(make_policy(instruction), env, group_size=2, num_groups=1, learning_rate=1e-2, is_clip=1.5, seed=0)
     rollout = model.collect_rollouts()
     rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)
     fresh = model.train(rollout)
-    assert fresh["off_policy_fraction"] == 0.0 and fresh["pg_is_weight_mean"] == 1.0 and model.policy_version == 1
+    assert fresh["train/off_policy_fraction"] == 0.0 and fresh["train/pg_is_weight_mean"] == 1.0 and model.policy_version == 1
     stale = model.train(rollout)  # the same episodes, now one policy version old
-    assert stale["off_policy_fraction"] == 1.0
-    assert stale["pg_is_weight_mean"] != 1.0 and 0.0 < stale["pg_is_weight_mean"] <= 1.5
+    assert stale["train/off_policy_fraction"] == 1.0
+    assert stale["train/pg_is_weight_mean"] != 1.0 and 0.0 < stale["train/pg_is_weight_mean"] <= 1.5
 
 
 def test_successes_join_the_offline_term_and_persist_in_the_cache(env, instruction, tmp_path):
-    model = GRPO(make_policy(instruction), env, group_size=2, num_groups=1, cache_dir=str(tmp_path / "cache"), seed=0)
+    model = make_grpo(make_policy(instruction), env, group_size=2, num_groups=1, cache_dir=str(tmp_path / "cache"), seed=0)
     rollout = model.collect_rollouts()
     assert len(model.cache) == 2 and model.demos is None  # every rollout episode is cached; none succeeded
     success = rollout.episodes[0]
     success.success, success.rewards[-1] = True, 1.0
-    model._add_to_replay([success])
-    model._write_to_cache([success])
-    assert len(model.demos) == success.num_steps and model.demo_log_probs is not None  # replayed, with its mu
-    reopened = GRPO(make_policy(instruction), env, group_size=2, cache_dir=str(tmp_path / "cache"))
-    assert len(reopened.replay) == 1 and len(reopened.demos) == success.num_steps
-    no_replay = GRPO(make_policy(instruction), env, success_replay_size=0, cache_dir=str(tmp_path / "cache"))
+    model.replay.add([success])
+    model._rebuild_offline()
+    model.cache.append(success)
+    assert len(model.demos) == success.num_steps and model.demos.behaviour_log_probs is not None  # replayed, with its mu
+    reopened = make_grpo(make_policy(instruction), env, group_size=2, cache_dir=str(tmp_path / "cache"))
+    assert len(reopened.replay.episodes) == 1 and len(reopened.demos) == success.num_steps
+    no_replay = make_grpo(make_policy(instruction), env, success_replay_size=0, cache_dir=str(tmp_path / "cache"))
     assert no_replay.demos is None
 
 
 def test_resume_restores_steps_optimizer_and_rng(env, instruction, tmp_path):
-    model = GRPO(make_policy(instruction), env, demos=[demo(instruction)], group_size=2, num_groups=1, seed=5)
+    model = make_grpo(make_policy(instruction), env, demos=[demo(instruction)], group_size=2, num_groups=1, seed=5)
     model.learn(2 * MAX_EPISODE_STEPS)
     model.save(tmp_path / "ckpt")
     model.save(tmp_path / "ckpt")  # overwriting a checkpoint goes through a temporary directory
@@ -370,34 +391,12 @@ def test_hindsight_relabelled_episodes_are_replayed():
             ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7}),
             WordTokenizer.from_texts(instructions),
         )
-        model = GRPO(policy, env, group_size=2, num_groups=1, task_ids=(9,), seed=0)  # wine bottle: fails
+        model = make_grpo(policy, env, group_size=2, num_groups=1, task_ids=(9,), seed=0)  # wine bottle: fails
         rollout = model.collect_rollouts()
-        assert rollout.stats["relabelled_episodes"] == 2  # each failed episode opened the middle drawer
-        assert [episode.task_id for episode in model.replay] == [0, 0]
-        assert {episode.observations["instruction"] for episode in model.replay} == {instructions[0]}
+        assert rollout.stats["rollout/relabelled_episodes"] == 2  # each failed episode opened the middle drawer
+        assert [episode.task_id for episode in model.replay.episodes] == [0, 0]
+        assert {episode.observations["instruction"] for episode in model.replay.episodes} == {instructions[0]}
         assert len(model.demos) == 2 * 4  # 4 steps each, in the offline term
-        assert model.train(rollout)["relabelled_episodes"] == 2.0
+        assert model.train(rollout)["rollout/relabelled_episodes"] == 2.0
     finally:
         env.close()
-
-
-def test_a_sub_env_that_finishes_first_waits_on_its_own_task(instruction):
-    """With Gymnasium's autoreset, a sub-env whose episode ended would start a random task on the next step (a
-    simulator build, and the eviction of a cached one) while the group's other episodes run on."""
-
-    def make(max_episode_steps: int):
-        kwargs = dict(obs_mode="state", task_ids=tuple(range(10)), max_cached_tasks=1, num_settle_steps=2)
-        return lambda: gym.make("LiberoSpatial-v0", max_episode_steps=max_episode_steps, **kwargs)
-
-    vector_env = gym.vector.SyncVectorEnv([make(4), make(8)])  # sub-env 0 finishes 4 steps before sub-env 1
-    try:
-        vector_env.reset(seed=0)
-        options = {"task_id": 0, "init_state_id": 3}
-        episodes, _ = run_episodes(make_policy(instruction), vector_env, options, 2, on_step=lambda steps: True)
-        assert [len(episode.actions) for episode in episodes] == [4, 8]
-        assert [episode.task_id for episode in episodes] == [0, 0]
-        for sub_env in vector_env.envs:  # still (or again) on the group's start, not on a random task
-            assert sub_env.unwrapped.current_task.task_id == 0 and sub_env.unwrapped._init_state_id == 3
-            assert list(sub_env.unwrapped._simulators) == [0]  # its one cached simulator was kept, not evicted
-    finally:
-        vector_env.close()

@@ -15,8 +15,9 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.sft import SFT, load_demonstrations
-from gym_libero_vla.episode_store import Episode, EpisodeStore
+from gym_libero_vla.algos.sft import SFT, Transitions
+from gym_libero_vla.episode import Episode
+from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
@@ -32,7 +33,7 @@ def controller(state: np.ndarray, task_id: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def demos():
-    """Four episodes (tasks 0 and 1, two init states each) as gym_libero_vla.episode_store.Episode."""
+    """Four episodes (tasks 0 and 1, two init states each) as gym_libero_vla.episode.Episode."""
     env = gym.make("LiberoSpatial-v0", obs_mode="state", task_ids=(0, 1), num_settle_steps=2)
     episodes = []
     try:
@@ -79,11 +80,11 @@ def test_learn_reduces_loss_and_raises_demo_likelihood(demos):
     assert len(model.demos) == 4 * STEPS_PER_EPISODE
     before = demo_log_likelihood(model.policy, model.demos)
     model.learn(10, progress_bar=False)
-    first_loss = model.last_metrics["loss"]
+    first_loss = model.last_metrics["train/loss"]
     model.learn(70, progress_bar=True, reset_num_timesteps=False)
     assert model.num_timesteps == 80
-    assert model.last_metrics["loss"] < 0.7 * first_loss
-    assert model.last_metrics["token_accuracy"] > 0.3
+    assert model.last_metrics["train/loss"] < 0.7 * first_loss
+    assert model.last_metrics["train/token_accuracy"] > 0.3
     assert demo_log_likelihood(model.policy, model.demos) > before + 10.0  # nats per action, 7 tokens
 
 
@@ -96,7 +97,7 @@ def test_predict_save_load_round_trip(demos, tmp_path):
     assert model.predict(batch, deterministic=True)[0].shape == (2, 7)
     model.save(tmp_path / "sft")
     loaded = SFT.load(tmp_path / "sft", demos=demos)
-    assert loaded.num_timesteps == 5 and loaded.batch_size == 8 and loaded.seed == 0
+    assert loaded.num_timesteps == 5 and loaded.config.batch_size == 8 and loaded.config.seed == 0
     np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], action)
     assert loaded.optimizer.state_dict()["state"]  # Adam moments restored: training resumes, not restarts
     loaded.learn(2, progress_bar=False, reset_num_timesteps=False)
@@ -110,7 +111,7 @@ def test_callback_stops_training(demos):
             self.calls = calls
 
         def _on_step(self) -> bool:
-            assert "loss" in self.locals and self.model.num_timesteps == self.n_calls
+            assert "train/loss" in self.locals["metrics"] and self.model.num_timesteps == self.n_calls
             return self.n_calls < self.calls
 
     model = SFT(make_policy(demos), demos=demos, batch_size=8)
@@ -172,7 +173,7 @@ def test_demos_from_an_episode_store_and_a_generated_hdf5_file(demos, tmp_path):
     store = EpisodeStore(tmp_path / "store")
     for episode in demos:
         store.append(episode)
-    from_store = load_demonstrations(str(tmp_path / "store"), ("instruction", "state"), 7)
+    from_store = Transitions.from_episodes(str(tmp_path / "store"), ("instruction", "state"), 7)
     assert len(from_store) == 4 * STEPS_PER_EPISODE and set(from_store.task_ids) == {0, 1}
 
     path = tmp_path / "spatial.hdf5"
@@ -181,7 +182,7 @@ def test_demos_from_an_episode_store_and_a_generated_hdf5_file(demos, tmp_path):
     assert len(model.demos) > 20 and set(model.demos.task_ids) == {0}
     assert model.demos.observations["state"].shape[1:] == (8,)
     model.learn(3, progress_bar=False)
-    assert np.isfinite(model.last_metrics["loss"])
+    assert np.isfinite(model.last_metrics["train/loss"])
 
 
 def test_lora_fine_tuning_trains_and_saves_only_the_adapter(demos, tmp_path):
@@ -210,6 +211,6 @@ def test_learns_from_camera_frames(demos):
     frames = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     episode = {"instruction": "open the drawer", "agentview": frames, "state": np.zeros((5, 8)), "actions": np.zeros((5, 7))}
     model = SFT(policy, demos=[episode], batch_size=4, seed=0).learn(2, progress_bar=False)
-    assert model.demos.observations["agentview"].shape == (5, 32, 32, 3) and np.isfinite(model.last_metrics["loss"])
+    assert model.demos.observations["agentview"].shape == (5, 32, 32, 3) and np.isfinite(model.last_metrics["train/loss"])
     with pytest.raises(ValueError, match="built for 32x32"):
         model.predict({"instruction": "open the drawer", "agentview": frames[0, :16], "state": np.zeros(8)})

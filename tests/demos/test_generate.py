@@ -208,7 +208,7 @@ def test_object_state_round_trips(tmp_path):
 
     with LiberoHDF5(out) as demos:
         episode = demos[0]
-    assert set(episode.observations) == {"state", "object_state"}
+    assert set(episode.observations) == {"instruction", "state", "object_state"}
     assert episode.observations["object_state"].dtype == np.float32
     np.testing.assert_allclose(episode.observations["object_state"], stored, atol=1e-6)
     np.testing.assert_allclose(episode.observation(0)["object_state"], obs["object_state"], atol=1e-6)

@@ -42,8 +42,9 @@ def test_generated_file_reads_back_in_env_layout(spatial_demo_file):
     for episode in episodes:
         assert episode.task_id == 0 and episode.instruction.startswith("pick up the black bowl between")
         assert episode.actions.shape == (len(episode), 7) and episode.observations["state"].shape == (len(episode), 8)
-        assert set(episode.observations) == {"state"}  # state mode stores no images
-        assert episode.success and episode.dones[-1] and not episode.dones[:-1].any()
+        assert set(episode.observations) == {"instruction", "state"}  # state mode stores no images
+        assert episode.success and episode.source == "offline"
+        assert episode.rewards[-1] == 1.0 and not episode.rewards[:-1].any()  # the file's reward: 1 on the success step
     assert [e.init_state_id for e in episodes] == [0, 1]
 
 

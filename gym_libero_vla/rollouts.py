@@ -1,0 +1,304 @@
+"""The one place episodes are run: a policy acting in LIBERO envs, batched across envs, until each episode ends.
+
+GRPO's groups, the asynchronous rollout workers, evaluation and the benchmarks all call :func:`run_episodes`:
+
+    for rollout in run_episodes(policy, envs, starts, deterministic=True):
+        rollout.episode.success, rollout.episode.num_steps, rollout.seconds
+
+``starts`` are where episodes begin (:class:`Start`: task, init state, reset seed); ``env`` is one env, a list of
+envs stepped one after another in this process, or a Gymnasium vector env whose sub-envs step in parallel. Every
+env slot takes the next start as soon as its episode ends, and the policy acts on every slot in one batched call
+per step: a small policy on a CPU costs about as much for 8 observations as for 1. A freed slot prefers a start of
+the task it is on (no simulator rebuild), else the task with the most starts left per slot already on it, so the
+slots spread over the tasks. A sub-env of a vector env is reset in place with Gymnasium's ``reset_mask`` (left to
+Gymnasium's autoreset it would start a random task); when no start is left, it is reset to its last start and
+stepped, unrecorded, until the others finish.
+
+Each finished episode comes back as an :class:`~gym_libero_vla.episode.Episode` (observations the policy read,
+actions, rewards, token log-probs, outcome) inside a :class:`Rollout` with its wall seconds, any frames, and any
+hindsight-relabelled episodes a :class:`~gym_libero_vla.wrappers.rollout_relabel.RolloutRelabel` wrapper emitted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from gym_libero_vla.episode import Episode
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where an episode starts: ``env.reset(seed=seed, options={"task_id": ..., "init_state_id": ...})``."""
+
+    task_id: int
+    init_state_id: int
+    seed: int | None = None
+
+    @property
+    def options(self) -> dict[str, int]:
+        return {"task_id": self.task_id, "init_state_id": self.init_state_id}
+
+
+def draw_start(
+    rng: np.random.Generator, task_ids: Sequence[int], init_state_ids: Sequence[int] | None, num_init_states: Callable
+) -> Start:
+    """A uniformly drawn (task, init state): from ``init_state_ids`` if given, else from all ``num_init_states(task)``
+    of the task's (GRPO's groups and the rollout workers draw their starts here)."""
+    task_id = int(task_ids[rng.integers(len(task_ids))])
+    if init_state_ids is None:
+        init_state_id = int(rng.integers(num_init_states(task_id)))
+    else:
+        init_state_id = int(init_state_ids[rng.integers(len(init_state_ids))])
+    return Start(task_id, init_state_id)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One finished episode of :func:`run_episodes`."""
+
+    index: int
+    """Its position in ``starts``."""
+    episode: Episode
+    seconds: float
+    """Its share of the wall time: its own resets and env steps, plus its part of each batched policy call."""
+    frames: list[np.ndarray] = dataclasses.field(default_factory=list)
+    """``env.render()`` after the reset and after every step (``render=True`` only)."""
+    relabelled: list[Episode] = dataclasses.field(default_factory=list)
+    """Successful episodes of other tasks this one reached (an env wrapped in ``RolloutRelabel``)."""
+
+
+class _Slots:
+    """Env slots over one env, a list of envs (stepped in turn) or a vector env (stepped together)."""
+
+    def __init__(self, env):
+        self.vector = isinstance(env, gym.vector.VectorEnv)
+        self.envs = list(env) if isinstance(env, (list, tuple)) else [env]
+        if not self.envs:
+            raise ValueError("no envs: give an env, a non-empty list of envs or a vector env")
+        self.size = env.num_envs if self.vector else len(self.envs)
+        spec = getattr(self.envs[0], "spec", None)
+        self.env_id = spec.id if spec is not None else ""
+
+    def reset(self, resets: dict[int, Start]) -> dict[int, dict]:
+        """Reset each slot of ``resets`` to its start; their first observations (single-env layout)."""
+        if not self.vector:
+            return {
+                index: self.envs[index].reset(seed=start.seed, options=start.options)[0] for index, start in resets.items()
+            }
+        observations = {}
+        by_options = collections.defaultdict(list)  # one reset call per distinct options, seeds per sub-env
+        for index, start in resets.items():
+            by_options[(start.task_id, start.init_state_id)].append(index)
+        groups = sorted(by_options.values(), key=len, reverse=True)
+        calls = [(indices, resets[indices[0]]) for indices in groups]
+        if len(resets) == self.size:  # the first reset of a run: all sub-envs at once (one may never have been reset)
+            calls[0] = (list(range(self.size)), calls[0][1])
+        for indices, start in calls:
+            seeds = [resets[index].seed if index in indices else None for index in range(self.size)]
+            options = dict(start.options)
+            if len(indices) < self.size:
+                mask = np.zeros(self.size, dtype=bool)
+                mask[indices] = True
+                options["reset_mask"] = mask  # in a fresh dict: Gymnasium pops the mask
+            obs, _ = self.envs[0].reset(seed=seeds, options=options)
+            observations.update({index: {key: value[index] for key, value in obs.items()} for index in indices})
+        return observations
+
+    def step(self, indices: list[int], actions: np.ndarray) -> dict[int, tuple]:
+        """Step the slots ``indices`` (all of them, for a vector env) with ``actions`` (one row each); per slot
+        ``(obs, reward, terminated, truncated, relabelled episodes)``."""
+        if not self.vector:
+            results = {}
+            for row, index in enumerate(indices):
+                obs, reward, terminated, truncated, info = self.envs[index].step(actions[row])
+                results[index] = (obs, reward, terminated, truncated, list(info.get("relabelled_episodes") or []))
+            return results
+        obs, rewards, terminated, truncated, info = self.envs[0].step(actions)
+        mask = info.get("_relabelled_episodes")
+        results = {}
+        for index in indices:
+            relabelled = []
+            if "relabelled_episodes" in info and (mask is None or mask[index]):
+                relabelled = list(info["relabelled_episodes"][index] or [])
+            sub_obs = {key: value[index] for key, value in obs.items()}
+            results[index] = (sub_obs, rewards[index], terminated[index], truncated[index], relabelled)
+        return results
+
+    def render(self, index: int) -> np.ndarray:
+        return self.envs[index].render()
+
+
+@dataclasses.dataclass
+class _Running:  # the episode a slot is in
+    index: int
+    start: Start
+    obs: dict
+    seconds: float
+    observations: list[dict] = dataclasses.field(default_factory=list)
+    actions: list[np.ndarray] = dataclasses.field(default_factory=list)
+    log_probs: list[np.ndarray] = dataclasses.field(default_factory=list)
+    rewards: list[float] = dataclasses.field(default_factory=list)
+    frames: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+class _Schedule:
+    """Pending starts by task; a freed slot takes one of its own task, else of the task it helps most."""
+
+    def __init__(self, starts: Sequence[Start]):
+        self.pending: dict[int, collections.deque] = {}
+        for index, start in enumerate(starts):
+            self.pending.setdefault(start.task_id, collections.deque()).append((index, start))
+
+    def next(self, current_task: int | None, tasks_in_progress: list[int]) -> tuple[int, Start] | None:
+        if not self.pending:
+            return None
+        if current_task not in self.pending:
+            on_task = collections.Counter(tasks_in_progress)
+            current_task = max(self.pending, key=lambda task_id: len(self.pending[task_id]) / (1 + on_task[task_id]))
+        item = self.pending[current_task].popleft()
+        if not self.pending[current_task]:
+            del self.pending[current_task]
+        return item
+
+
+def _stack(observations: Sequence[dict], keys: Sequence[str]) -> dict[str, Any]:
+    """Single-env observations -> one policy batch (instructions as a list, arrays stacked)."""
+    return {key: [obs[key] for obs in observations] if key == "instruction" else np.stack([obs[key] for obs in observations])
+            for key in keys}  # fmt: skip
+
+
+def run_episodes(
+    policy,
+    env,
+    starts: Sequence[Start],
+    *,
+    deterministic: bool = False,
+    temperature: float = 1.0,
+    record_observations: bool = True,
+    policy_version: int = 0,
+    render: bool = False,
+    on_step: Callable[[int], bool] | None = None,
+) -> Iterator[Rollout]:
+    """One episode per start, ``env``'s slots at a time (see the module docstring), yielded as each ends.
+
+    Args:
+        policy: a :class:`~gym_libero_vla.policies.base.VLAPolicy`; its ``observation_keys`` are what it reads.
+        env: an env, a list of envs, or a vector env (whose sub-envs are reset in place; ``render`` is not
+            available there).
+        starts: where the episodes begin, in order.
+        deterministic: greedy action tokens (OpenVLA's decoding); otherwise sampled from
+            ``softmax(logits / temperature)`` with torch's global RNG (sampled episodes then depend on which
+            episodes share a batch).
+        record_observations: keep the observations the policy read in each episode (False: only the
+            instruction; evaluation needs no more and saves the memory of camera frames).
+        policy_version: recorded in the episodes (the learner update that produced them).
+        render: keep ``env.render()`` frames (videos).
+        on_step: called after every batched step with the number of episode steps it took; False stops at once
+            (episodes not finished are dropped).
+    """
+    runner = _Runner(policy, _Slots(env), starts, record_observations, policy_version, render)
+    runner.begin(list(range(runner.slots.size)))
+    while runner.running:
+        num_steps, ended = runner.step(deterministic, temperature)
+        if on_step is not None and not on_step(num_steps):
+            return
+        for _, rollout in ended:
+            yield rollout
+        if ended:
+            runner.begin([index for index, _ in ended])
+
+
+class _Runner:
+    """The state of :func:`run_episodes`: which slot runs which episode, and what it recorded so far."""
+
+    def __init__(self, policy, slots: _Slots, starts, record_observations: bool, policy_version: int, render: bool):
+        if render and slots.vector:
+            raise ValueError("render=True needs single envs (a vector env's sub-envs render in their own processes)")
+        self.policy, self.slots, self.policy_version, self.render = policy, slots, policy_version, render
+        self.keys = tuple(policy.observation_keys)
+        self.recorded = self.keys if record_observations else ("instruction",)
+        self.schedule = _Schedule(starts)
+        self.running: dict[int, _Running] = {}
+        self.idle: dict[int, dict] = {}  # vector-env sub-envs with no start left: stepped, not recorded
+        self.last_start: dict[int, Start] = {}
+
+    def begin(self, indices: list[int]) -> None:
+        """Give each slot of ``indices`` the next start (or, in a vector env, its last one to idle on)."""
+        chosen: dict[int, tuple[int | None, Start]] = {}
+        for index in indices:
+            previous = self.last_start.get(index)
+            in_progress = [run.start.task_id for run in self.running.values()]
+            item = self.schedule.next(previous.task_id if previous else None, in_progress)
+            if item is not None:
+                chosen[index] = item
+            elif self.slots.vector and previous is not None:
+                chosen[index] = (None, previous)
+        if not chosen:
+            return
+        clock = time.perf_counter()
+        observations = self.slots.reset({index: start for index, (_, start) in chosen.items()})
+        share = (time.perf_counter() - clock) / len(chosen)
+        for index, (position, start) in chosen.items():
+            self.last_start[index] = start
+            if position is None:
+                self.idle[index] = observations[index]
+                continue
+            self.idle.pop(index, None)
+            self.running[index] = _Running(position, start, observations[index], share)
+            if self.render:
+                self.running[index].frames.append(self.slots.render(index))
+
+    def step(self, deterministic: bool, temperature: float) -> tuple[int, list[tuple[int, Rollout]]]:
+        """One batched policy call and env step; the episode steps taken and the episodes that ended (by slot)."""
+        running, slots = self.running, self.slots
+        stepping = list(range(slots.size)) if slots.vector else sorted(running)
+        active = [index for index in stepping if index in running]
+        clock = time.perf_counter()
+        batch = _stack([running[i].obs if i in running else self.idle[i] for i in stepping], self.keys)
+        with torch.no_grad():
+            actions, _, log_probs = self.policy.act(batch, deterministic=deterministic, temperature=temperature)
+        actions, log_probs = actions.cpu().numpy(), log_probs.cpu().numpy()
+        policy_share = (time.perf_counter() - clock) / len(active)
+        clock = time.perf_counter()
+        results = slots.step(stepping, actions)
+        step_share = (time.perf_counter() - clock) / len(stepping)
+        ended: list[tuple[int, Rollout]] = []
+        for row, index in enumerate(stepping):
+            obs, reward, terminated, truncated, relabelled = results[index]
+            if index not in running:
+                self.idle[index] = obs
+                continue
+            run = running[index]
+            run.observations.append({key: run.obs[key] for key in self.recorded})
+            run.actions.append(actions[row])
+            run.log_probs.append(log_probs[row])
+            run.rewards.append(float(reward))
+            run.seconds += policy_share + step_share
+            run.obs = obs
+            if self.render:
+                run.frames.append(slots.render(index))
+            if terminated or truncated:
+                episode = _episode(run, self.recorded, self.policy_version, slots.env_id)
+                ended.append((index, Rollout(run.index, episode, run.seconds, run.frames, relabelled)))
+                del running[index]
+        return len(active), ended
+
+
+def _episode(run: _Running, keys: Sequence[str], policy_version: int, env_id: str) -> Episode:
+    first = run.observations[0]
+    observations = {key: first[key] if key == "instruction" else np.stack([obs[key] for obs in run.observations])
+                    for key in keys}  # fmt: skip
+    rewards = np.array(run.rewards, dtype=np.float32)
+    return Episode(
+        observations=observations, actions=np.stack(run.actions), rewards=rewards, success=bool(rewards.sum() > 0),
+        task_id=run.start.task_id, init_state_id=run.start.init_state_id, policy_version=policy_version,
+        source="online", log_probs=np.stack(run.log_probs), env_id=env_id, seed=run.start.seed,
+    )  # fmt: skip
