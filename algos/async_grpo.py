@@ -64,8 +64,8 @@ POLL_INTERVAL_S = 0.05
 
 
 @dataclasses.dataclass
-class AsyncGRPOConfig(GRPOConfig):
-    """:class:`GRPOConfig` plus the pipeline's settings."""
+class PipelineConfig:
+    """The asynchronous pipeline's settings: what :class:`AsyncGRPOConfig` adds to :class:`GRPOConfig`."""
 
     pipeline_dir: str | None = None
     """Where the pipeline lives: ``cache/`` (the trajectory cache, unless ``cache_dir`` says otherwise),
@@ -89,23 +89,31 @@ class AsyncGRPOConfig(GRPOConfig):
     ``"spawn"``; never a fork of the learner (a forked GL context hangs)."""
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.pipeline_dir is None:
-            raise ValueError("AsyncGRPO needs pipeline_dir: a directory for the trajectory cache, weights and worker logs")
-        self.pipeline_dir = os.path.abspath(os.fspath(self.pipeline_dir))
-        if self.cache_dir is None:
-            self.cache_dir = os.path.join(self.pipeline_dir, "cache")
         check_ints(self, num_workers=1, envs_per_worker=1, max_staleness=0, max_worker_restarts=0)
-        if self.group_size % self.envs_per_worker:
-            raise ValueError(f"group_size {self.group_size} must be a multiple of envs_per_worker {self.envs_per_worker}")
-        if self.max_queued_groups is not None and not is_int(self.max_queued_groups, self.num_groups):
-            raise ValueError(f"max_queued_groups {self.max_queued_groups!r} must be an int >= num_groups {self.num_groups}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: valid {BACKENDS}")
         if self.start_method not in START_METHODS:
             raise ValueError(f"unknown start_method {self.start_method!r}: valid {START_METHODS}")
         if not (is_finite(self.group_timeout_s) and self.group_timeout_s > 0):
             raise ValueError(f"group_timeout_s {self.group_timeout_s!r} must be a number > 0")
+
+
+@dataclasses.dataclass
+class AsyncGRPOConfig(PipelineConfig, GRPOConfig):
+    """:class:`GRPOConfig` plus the pipeline's settings (:class:`PipelineConfig`)."""
+
+    def __post_init__(self):
+        GRPOConfig.__post_init__(self)
+        PipelineConfig.__post_init__(self)
+        if self.pipeline_dir is None:
+            raise ValueError("AsyncGRPO needs pipeline_dir: a directory for the trajectory cache, weights and worker logs")
+        self.pipeline_dir = os.path.abspath(os.fspath(self.pipeline_dir))
+        if self.cache_dir is None:
+            self.cache_dir = os.path.join(self.pipeline_dir, "cache")
+        if self.group_size % self.envs_per_worker:
+            raise ValueError(f"group_size {self.group_size} must be a multiple of envs_per_worker {self.envs_per_worker}")
+        if self.max_queued_groups is not None and not is_int(self.max_queued_groups, self.num_groups):
+            raise ValueError(f"max_queued_groups {self.max_queued_groups!r} must be an int >= num_groups {self.num_groups}")
 
 
 class AsyncGRPO(GRPO):
@@ -291,6 +299,7 @@ class AsyncGRPO(GRPO):
         tb_log_name: str = "AsyncGRPO",
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
+        max_updates: int | None = None,
     ) -> AsyncGRPO:
         """GRPO's ``learn`` with the workers running: they start here and are stopped when it returns."""
         if not is_int(total_timesteps, 1):
@@ -301,7 +310,9 @@ class AsyncGRPO(GRPO):
             self._committed_timesteps = 0
         try:
             self._start_pipeline()
-            return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
+            return super().learn(
+                total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar, max_updates
+            )
         finally:
             self._stop_pipeline()
 

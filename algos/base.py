@@ -119,8 +119,9 @@ class BaseLearner:
 
     config_class: type
     config_filename: str
-    state_keys: tuple[str, ...] = ("num_timesteps",)
-    """Entries of the checkpoint's JSON that are counters, not hyperparameters."""
+    state_keys: tuple[str, ...] = ()
+    """Entries of the checkpoint's JSON that are counters, not hyperparameters (besides ``num_timesteps`` and
+    ``train_seconds``, which every learner keeps)."""
 
     def __init__(
         self,
@@ -143,9 +144,12 @@ class BaseLearner:
         if env is not None:
             self._check_env(env)
         self.num_timesteps = 0
+        self.train_seconds = 0.0
+        """Wall seconds spent in ``learn`` over the run, resumes included (saved with the checkpoints)."""
         self.last_metrics: dict[str, float] = {}
         self._logger: Logger | None = None
         self._start_time, self._start_step = time.time(), 0  # of the current learn call, for time/fps
+        self._learning_since: float | None = None
 
     @classmethod
     def _make_config(cls, hyperparameters: dict):
@@ -222,14 +226,20 @@ class BaseLearner:
             callback.on_training_start(locals(), globals())
         bar = make_progress_bar(total_timesteps, tb_log_name, initial=self.num_timesteps) if progress_bar else None
         self._start_time, self._start_step = time.time(), self.num_timesteps
+        self._learning_since = time.perf_counter()
         return total_timesteps, callback, bar
 
-    @staticmethod
-    def _finish_learn(callback: BaseCallback | None, bar) -> None:
+    def _finish_learn(self, callback: BaseCallback | None, bar) -> None:
+        self.train_seconds = self._train_seconds_now()
+        self._learning_since = None
         if bar is not None:
             bar.close()
         if callback is not None:
             callback.on_training_end()
+
+    def _train_seconds_now(self) -> float:
+        running = 0.0 if self._learning_since is None else time.perf_counter() - self._learning_since
+        return self.train_seconds + running
 
     def _setup_logger(self, tb_log_name: str) -> None:
         if self._logger is not None and self.tensorboard_log is None:
@@ -266,7 +276,7 @@ class BaseLearner:
         tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
         try:
             self.policy.save_pretrained(tmp)
-            state = {"num_timesteps": self.num_timesteps, **self._save_state(tmp)}
+            state = {"num_timesteps": self.num_timesteps, "train_seconds": self._train_seconds_now(), **self._save_state(tmp)}
             with open(os.path.join(tmp, self.config_filename), "w") as file:  # written last: marks it complete
                 json.dump({**self._hyperparameters(), **state}, file, indent=2)
             replace_directory(tmp, path)
@@ -290,10 +300,10 @@ class BaseLearner:
         recover_directory(path)
         config_path = os.path.join(path, cls.config_filename)
         if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{path!r} is not a {cls.__name__} checkpoint: it has no {cls.config_filename}")
+            raise FileNotFoundError(f"{path!r} is not a checkpoint of {cls.__name__}: it has no {cls.config_filename}")
         with open(config_path) as file:
             saved = json.load(file)
-        state = {key: saved.pop(key) for key in cls.state_keys if key in saved}
+        state = {key: saved.pop(key) for key in ("num_timesteps", "train_seconds", *cls.state_keys) if key in saved}
         known = cls._hyperparameter_names()
         unused = sorted(set(saved) - known)
         if unused:  # a checkpoint of a learner with more settings (AsyncGRPO's pipeline) resumes as one without them
@@ -301,6 +311,7 @@ class BaseLearner:
         hyperparameters = {key: value for key, value in saved.items() if key in known}
         model = cls(load_policy(path), env=env, demos=demos, device=device, **{**hyperparameters, **kwargs})
         model.num_timesteps = int(state.get("num_timesteps", 0))
+        model.train_seconds = float(state.get("train_seconds", 0.0))
         model._load_state(path, state)
         return model
 

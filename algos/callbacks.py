@@ -10,6 +10,8 @@ LIBERO training better:
 - :class:`LiberoEvalCallback`: SB3's ``EvalCallback`` on LIBERO's fixed evaluation protocol: every
   ``eval_freq`` env steps, deterministic episodes on given (task, init state, seed) triples (held out from
   training), ``eval/success_rate`` and per-task rates logged, the best policy saved.
+- :class:`LatestCheckpointCallback`: for learners without rollouts (SFT): save to one directory every ``save_freq``
+  steps, replacing the previous save, so that a kill loses at most that many steps.
 """
 
 from __future__ import annotations
@@ -73,10 +75,11 @@ class RolloutCheckpointCallback(CheckpointCallback):
 
 class LiberoEvalCallback(BaseCallback):
     """Every ``eval_freq`` env steps (at a rollout end), evaluate the policy deterministically on every
-    (task, init state, seed) with :func:`gym_libero_vla.evaluate.evaluate_policy` (``num_envs`` side by side);
-    log ``eval/success_rate`` and ``eval/success_rate_task<t>``, append to ``<log_path>/evaluations.jsonl``, and
-    save the best model to ``best_model_save_path``. ``last_success_rate`` / ``best_success_rate`` hold the
-    results."""
+    (task, init state, seed) -- or on exactly ``starts``, a subset such as one init state per task for a cheap
+    learning curve -- with :func:`gym_libero_vla.evaluate.evaluate_policy` (``num_envs`` side by side);
+    log ``eval/success_rate`` and ``eval/success_rate_task<t>``, append a row (steps, successes, episodes, success
+    rate, per task, seconds) to ``<log_path>/evaluations.jsonl``, and save the best model to ``best_model_save_path``.
+    ``last_success_rate`` / ``best_success_rate`` hold the results."""
 
     def __init__(
         self,
@@ -90,15 +93,17 @@ class LiberoEvalCallback(BaseCallback):
         best_model_save_path: str | None = None,
         num_envs: int = 1,
         verbose: int = 0,
+        starts: Sequence | None = None,
     ):
         super().__init__(verbose)
         if not (isinstance(eval_freq, int) and eval_freq >= 1):
             raise ValueError(f"eval_freq {eval_freq!r} must be an int >= 1 (env steps between evaluations)")
-        if not init_state_ids:
+        if not init_state_ids and not starts:
             raise ValueError("init_state_ids is empty: give the held-out init states to evaluate on")
         self.env_id, self.eval_freq, self.max_episode_steps = env_id, eval_freq, max_episode_steps
         self.task_ids = None if task_ids is None else tuple(task_ids)
         self.init_state_ids, self.seeds = tuple(init_state_ids), tuple(seeds)
+        self.starts = None if starts is None else list(starts)
         self.log_path, self.best_model_save_path, self.num_envs = log_path, best_model_save_path, num_envs
         self.last_success_rate: float | None = None
         self.best_success_rate = -1.0
@@ -121,7 +126,7 @@ class LiberoEvalCallback(BaseCallback):
         self._last_eval_step = self.model.num_timesteps
         results = evaluate_policy(
             self.model.policy, self.env_id, self.task_ids, self.init_state_ids, seeds=self.seeds,
-            max_episode_steps=self.max_episode_steps, progress=False, num_envs=self.num_envs,
+            max_episode_steps=self.max_episode_steps, progress=False, num_envs=self.num_envs, starts=self.starts,
         )  # fmt: skip
         self.last_success_rate = results["success_rate"]
         self.logger.record("eval/success_rate", results["success_rate"])
@@ -130,7 +135,9 @@ class LiberoEvalCallback(BaseCallback):
         if self.verbose >= 1:
             print(f"Eval num_timesteps={self.model.num_timesteps}, success_rate={results['success_rate']:.2f}")
         if self.log_path is not None:
+            successes = sum(episode["success"] for episode in results["episodes"])
             record = {"num_timesteps": self.model.num_timesteps, "success_rate": results["success_rate"],
+                      "successes": int(successes), "episodes": len(results["episodes"]), "seconds": results["seconds"],
                       "per_task": {str(t): task["success_rate"] for t, task in results["per_task"].items()}}  # fmt: skip
             with open(os.path.join(self.log_path, "evaluations.jsonl"), "a") as file:
                 file.write(json.dumps(record) + "\n")
@@ -138,3 +145,21 @@ class LiberoEvalCallback(BaseCallback):
             self.best_success_rate = results["success_rate"]
             if self.best_model_save_path is not None:
                 self.model.save(os.path.join(self.best_model_save_path, "best_model"))
+
+
+class LatestCheckpointCallback(BaseCallback):
+    """Save ``model`` to ``path`` every ``save_freq`` steps (``on_step`` calls; SFT's gradient steps), replacing the
+    previous save (``save`` is atomic: a kill leaves the previous checkpoint or the new one)."""
+
+    def __init__(self, save_freq: int, path: str, verbose: int = 0):
+        super().__init__(verbose)
+        if not (isinstance(save_freq, int) and save_freq >= 1):
+            raise ValueError(f"save_freq {save_freq!r} must be an int >= 1 (steps between saves)")
+        self.save_freq, self.path = save_freq, path
+
+    def _on_step(self) -> bool:
+        if self.model.num_timesteps % self.save_freq == 0:
+            self.model.save(self.path)
+            if self.verbose >= 1:
+                print(f"Saved {self.path} at {self.model.num_timesteps} steps")
+        return True

@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
+from gym_libero_vla import rollouts
 from gym_libero_vla.algos.base import BaseLearner, check_ints, check_positive, is_finite
 from gym_libero_vla.algos.sft import Transitions, demo_token_log_probs, episodes_of
 from gym_libero_vla.episode import Episode
 from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies.base import check_temperature
-from gym_libero_vla.rollouts import draw_start, run_episodes
 from gym_libero_vla.success_replay import SuccessReplay
 from gym_libero_vla.wrappers.rollout_relabel import rescue_failed_group
 
@@ -345,7 +345,7 @@ class GRPO(BaseLearner):
 
     config_class: type[GRPOConfig] = GRPOConfig
     config_filename = "grpo.json"
-    state_keys = ("num_timesteps", "policy_version")
+    state_keys = ("policy_version",)
     config: GRPOConfig
 
     def __init__(self, policy, env=None, demos: Any = None, tensorboard_log=None, verbose: int = 0, device=None, **kwargs):
@@ -359,11 +359,6 @@ class GRPO(BaseLearner):
         self._demos_by_task: dict[int, list[Episode]] = {}
         for demo in self.demo_episodes:
             self._demos_by_task.setdefault(demo.task_id, []).append(demo)
-        if config.rescue_failed_groups and not self.demo_episodes:
-            raise ValueError("rescue_failed_groups needs demos: pass demos= with successful episodes of the tasks")
-        self.rescue_failed_groups = (
-            bool(self.demo_episodes) if config.rescue_failed_groups is None else config.rescue_failed_groups
-        )
         self.cache = EpisodeStore(config.cache_dir, max_episodes=config.cache_max_episodes) if config.cache_dir else None
         # Successes replayed in the offline term, refilled from the cache of earlier runs (the cache gets every episode).
         self.replay = SuccessReplay(config.success_replay_size, self.policy.observation_keys, sources=("online", "relabelled"),
@@ -423,17 +418,17 @@ class GRPO(BaseLearner):
             return not stopped
 
         for _ in range(count):
-            start = draw_start(self._rng, self._env_task_ids(), config.init_state_ids, self._num_init_states)
-            rollouts = sorted(
-                run_episodes(self.policy, self.env, [start] * config.group_size, temperature=config.temperature,
-                             policy_version=self.policy_version, on_step=on_step),
+            start = rollouts.draw_start(self._rng, self._env_task_ids(), config.init_state_ids, self._num_init_states)
+            finished = sorted(
+                rollouts.run_episodes(self.policy, self.env, [start] * config.group_size, temperature=config.temperature,
+                                      policy_version=self.policy_version, on_step=on_step),
                 key=lambda rollout: rollout.index,
             )  # fmt: skip
             if stopped:
                 yield None
                 return
-            group = [rollout.episode for rollout in rollouts]
-            relabelled = [episode for rollout in rollouts for episode in rollout.relabelled]
+            group = [rollout.episode for rollout in finished]
+            relabelled = [episode for rollout in finished for episode in rollout.relabelled]
             if self.cache is not None:
                 for episode in group + relabelled:
                     self.cache.append(copy.copy(episode))  # the store sets episode_id on its own copy
@@ -683,3 +678,9 @@ class GRPO(BaseLearner):
         """With ``kl_coef > 0`` on a policy without LoRA, the reference is a copy of the *loaded* policy."""
         self.policy_version = int(state.get("policy_version", 0))
         self._load_optimizer_and_rng(directory, self.optimizer, self._rng, self.config.learning_rate)
+
+
+def __getattr__(name: str):  # names that moved in the restructure: gym_libero_vla/deprecated.py
+    from gym_libero_vla.deprecated import moved
+
+    return moved(__name__, name)

@@ -129,7 +129,7 @@ class IReVLA(BaseLearner):
 
     config_class = IReVLAConfig
     config_filename = "irevla.json"
-    state_keys = ("num_timesteps", "policy_version", "num_rl_stages", "num_sl_stages", "num_rl_updates")
+    state_keys = ("policy_version", "num_rl_stages", "num_sl_stages", "num_rl_updates")
     config: IReVLAConfig
 
     def __init__(self, policy, env=None, demos: Any = None, tensorboard_log=None, verbose: int = 0, device=None, **kwargs):
@@ -227,9 +227,9 @@ class IReVLA(BaseLearner):
             with self._head_only():  # stage 1: GRPO on the action head, the backbone frozen
                 self.rl.learn(total_timesteps - self.num_timesteps, callback=rl_stage, reset_num_timesteps=False,
                               max_updates=self.config.rl_updates_per_stage)  # fmt: skip
-            self.num_rl_stages += 1
             if rl_stage.stopped:
                 break
+            self.num_rl_stages += 1
             self.train_sl_stage()  # stage 2: SFT on D_e and D_RL, everything trainable
         self._finish_learn(callback, bar)
         return self
@@ -248,6 +248,7 @@ class IReVLA(BaseLearner):
         metrics.update({"sl/num_transitions": float(len(self.sl.demos)),
                         "sl/success_fraction": 1.0 - demo_steps / len(self.sl.demos)})  # fmt: skip
         self.last_sl_metrics = metrics
+        self.last_metrics = {**self.last_rl_metrics, **metrics}
         self.num_sl_stages += 1
         self._dump_logs({**metrics, "irevla/stage": SL_STAGE, "irevla/success_buffer": len(self.successes.episodes)})
         return metrics
@@ -298,6 +299,7 @@ class _RLStage(BaseCallback):
         learner.num_timesteps = learner.rl.num_timesteps
         learner.successes.add(self.locals["rollout"].episodes)  # D_RL
         learner.last_rl_metrics = learner.rl.last_metrics
+        learner.last_metrics = {**learner.last_rl_metrics, **learner.last_sl_metrics}
         learner.num_rl_updates += 1
         if self.outer is not None:  # after the update: a checkpoint saved here holds this rollout's learning
             self.outer.update_locals({"self": learner})

@@ -127,6 +127,23 @@ def demo_token_log_probs(
     return action_tokens, token_log_probs, log_probs
 
 
+@torch.no_grad()
+def demo_fit(policy, demos: Transitions, max_transitions: int = 2048, batch_size: int = 256) -> dict[str, float]:
+    """Teacher-forced loss and token accuracy (SFT's objective) of ``policy`` on up to ``max_transitions`` evenly spaced
+    demo transitions: how well it fits its demonstrations."""
+    indices = np.unique(np.linspace(0, len(demos) - 1, min(len(demos), max_transitions)).astype(np.int64))
+    loss_sum, correct, count = 0.0, 0, 0
+    was_training = policy.training
+    policy.eval()
+    for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
+        action_tokens, token_log_probs, log_probs = demo_token_log_probs(policy, *demos.batch(chunk))
+        loss_sum -= token_log_probs.sum().item()
+        correct += (log_probs.argmax(-1) == action_tokens).sum().item()
+        count += action_tokens.numel()
+    policy.train(was_training)
+    return {"loss": loss_sum / count, "token_accuracy": correct / count, "transitions": len(indices)}
+
+
 # ---------------------------------------------------------------------------------------------- hyperparameters
 @dataclasses.dataclass
 class SFTConfig:
@@ -276,3 +293,33 @@ class SFT(BaseLearner):
         if os.path.exists(pending) and self.demos is not None:
             indices = np.load(pending)
             self._pending = indices[indices < len(self.demos)]
+
+
+def continue_sft(
+    path: str, create, total_steps: int, save_every: int = 1000, progress_bar: bool = False, **load_kwargs
+) -> tuple[SFT, int]:
+    """The SFT learner saved at ``path`` (``create()`` when there is none), trained on to ``total_steps`` gradient steps
+    and saved there every ``save_every`` steps and at the end (atomically: a kill loses at most ``save_every`` steps, and
+    running the same again continues). ``load_kwargs`` go to :meth:`SFT.load` (demos, device, overrides). Returns the
+    learner and the steps this call took."""
+    from gym_libero_vla.algos.base import resume_or_create
+    from gym_libero_vla.algos.callbacks import LatestCheckpointCallback
+
+    model, resumed = resume_or_create(SFT, path, create, **load_kwargs)
+    remaining = total_steps - model.num_timesteps
+    if remaining <= 0:
+        print(f"{path} has {model.num_timesteps} SFT steps (>= {total_steps}): not training")
+        return model, 0
+    print(f"SFT: {model.num_timesteps} -> {total_steps} steps on {len(model.demos)} transitions", flush=True)
+    seconds_before = model.train_seconds
+    callback = LatestCheckpointCallback(save_every, path)
+    model.learn(remaining, callback=callback, reset_num_timesteps=not resumed, progress_bar=progress_bar)
+    model.save(path)
+    print(f"SFT: {remaining} steps in {model.train_seconds - seconds_before:.0f} s; last logged {model.last_metrics}")
+    return model, remaining
+
+
+def __getattr__(name: str):  # names that moved in the restructure: gym_libero_vla/deprecated.py
+    from gym_libero_vla.deprecated import moved
+
+    return moved(__name__, name)

@@ -1,13 +1,15 @@
 """Asynchronous vs synchronous GRPO: the same configuration, the same number of learner updates, in one run.
 
     python benchmarks/async_vs_sync.py                                  # tiny fresh policy, ~5 min on 2 cores
-    python benchmarks/async_vs_sync.py --init-from runs/grpo/sft --max-episode-steps 160 --num-updates 8
+    python benchmarks/async_vs_sync.py --init-from runs/grpo/sft --max-episode-steps 160 --num-updates 8 \\
+        --grpo.learning-rate 3e-5 --pipeline.num-workers 2
 
 Sync is plain :class:`~gym_libero_vla.algos.grpo.GRPO` in one process (collect ``num_groups`` groups, then
 update); async is :class:`~gym_libero_vla.algos.async_grpo.AsyncGRPO` with ``num_workers`` rollout workers
 feeding the trajectory cache while the learner updates. Both start from the same policy with the same seed
 and env settings (one env per process, or ``envs_per_worker`` sub-envs: the sync learner's env has as many),
-and both stop after ``num_updates`` updates. Wall times include starting up (simulators, worker processes).
+and both stop after ``num_updates`` updates (``learn(..., max_updates=num_updates)``). Wall times include starting
+up (simulators, worker processes).
 
 Printed and written as JSON: wall time, env steps/s, the learner's idle fraction (sync: the share of time spent
 collecting; async: waiting for groups), the workers' idle fraction (sync: the share not spent collecting;
@@ -22,21 +24,20 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
 import tyro
+from reporting import machine_info  # benchmarks/reporting.py
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
-from gym_libero_vla.algos.async_grpo import AsyncGRPO
-from gym_libero_vla.algos.grpo import GRPO
+from gym_libero_vla.algos import GRPO, AsyncGRPO, GRPOConfig
+from gym_libero_vla.algos.async_grpo import PipelineConfig
 from gym_libero_vla.evaluate import difference_interval, env_kwargs_for_policy, wilson_interval
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer, load_policy
 from gym_libero_vla.suites import resolve_suite, suite_tasks
@@ -58,37 +59,23 @@ class Args:
     """Episode step limit."""
     num_settle_steps: int = 10
     """No-op steps after each reset."""
-    group_size: int = 4
-    """Episodes per group."""
-    num_groups: int = 2
-    """Groups per update."""
     num_updates: int = 8
     """Learner updates each way."""
-    learning_rate: float = 1e-4
-    """AdamW step size."""
-    num_epochs: int = 1
-    """Passes over each rollout."""
-    num_workers: int = 2
-    """Async rollout workers."""
-    envs_per_worker: int = 1
-    """Sub-envs per worker; the sync learner's env has as many."""
-    max_staleness: int = 2
-    """Async: skip groups more than this many versions old."""
-    backend: Literal["process", "ray"] = "process"
-    """Async workers: processes or Ray actors."""
-    seed: int = 0
-    """Seed of both runs."""
+    grpo: GRPOConfig = dataclasses.field(
+        default_factory=lambda: GRPOConfig(learning_rate=1e-4, num_epochs=1, max_sampling_rounds=1, seed=0)
+    )
+    """Both runs' GRPO settings (one sampling round: every update takes num_groups groups, both ways)."""
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    """The async run's workers (the sync learner's env has envs_per_worker sub-envs too)."""
     out: Path = Path("benchmarks/results/async_vs_sync.json")
     """Where to write the JSON results."""
 
 
-def limited(algorithm: type[GRPO], max_updates: int) -> type[GRPO]:
-    """``algorithm`` that stops after ``max_updates`` updates and times its collection and updates."""
+def timed(algorithm: type[GRPO]) -> type[GRPO]:
+    """``algorithm`` that times its collection and updates."""
 
     class Timed(algorithm):
         def collect_rollouts(self, callback=None):
-            if self.policy_version >= max_updates:
-                return None
             start = time.perf_counter()
             rollout = super().collect_rollouts(callback)
             self.collect_s += time.perf_counter() - start
@@ -108,36 +95,31 @@ def limited(algorithm: type[GRPO], max_updates: int) -> type[GRPO]:
 def make_policy(args: Args, instructions: list[str]):
     if args.init_from is not None:
         return load_policy(args.init_from)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.grpo.seed or 0)
     config = CompactVLAConfig(cameras=(), hidden_size=args.hidden_size, num_layers=1, num_heads=2)
     return CompactVLA(config, ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7}),
                       WordTokenizer.from_texts(instructions))  # fmt: skip
 
 
 def run(mode: str, args: Args, policy, workdir: str) -> dict:
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.grpo.seed or 0)
     start, cpu_start = time.perf_counter(), time.process_time()
     env_kwargs = dict(task_ids=args.task_ids, max_episode_steps=args.max_episode_steps,
                       num_settle_steps=args.num_settle_steps, **env_kwargs_for_policy(policy))  # fmt: skip
-    hyperparameters = dict(
-        num_groups=args.num_groups, group_size=args.group_size, learning_rate=args.learning_rate,
-        num_epochs=args.num_epochs, seed=args.seed, cache_dir=os.path.join(workdir, mode, "cache"),
-    )  # fmt: skip
+    grpo = dataclasses.asdict(dataclasses.replace(args.grpo, cache_dir=os.path.join(workdir, mode, "cache")))
+    envs_per_worker = args.pipeline.envs_per_worker
     if mode == "sync":
-        if args.envs_per_worker > 1:
-            env = gym.make_vec(args.env_id, num_envs=args.envs_per_worker, vectorization_mode="sync", **env_kwargs)
+        if envs_per_worker > 1:
+            env = gym.make_vec(args.env_id, num_envs=envs_per_worker, vectorization_mode="sync", **env_kwargs)
         else:
             env = gym.make(args.env_id, **env_kwargs)
-        model = limited(GRPO, args.num_updates)(policy, env, **hyperparameters)
+        model = timed(GRPO)(policy, env, **grpo)
     else:
         env = gym.make(args.env_id, **env_kwargs)
-        model = limited(AsyncGRPO, args.num_updates)(
-            policy, env, pipeline_dir=os.path.join(workdir, mode), num_workers=args.num_workers,
-            envs_per_worker=args.envs_per_worker, max_staleness=args.max_staleness, backend=args.backend,
-            **hyperparameters,
-        )  # fmt: skip
+        pipeline = dataclasses.replace(args.pipeline, pipeline_dir=os.path.join(workdir, mode))
+        model = timed(AsyncGRPO)(policy, env, **grpo, **dataclasses.asdict(pipeline))
     model.bench_start, model.collect_s, model.train_s, model.curve = start, 0.0, 0.0, []
-    model.learn(10**9)
+    model.learn(10**9, max_updates=args.num_updates)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     env.close()
     curve = model.curve
@@ -148,8 +130,8 @@ def run(mode: str, args: Args, policy, workdir: str) -> dict:
         "steady_s_per_update": steady / max(len(curve) - 1, 1),
         "env_steps_trained": model.num_timesteps,
         "env_steps_per_s": model.num_timesteps / wall,
-        "success_rate_per_update": [point["success_rate"] for point in curve],
-        "episodes_per_update": [int(point.get("groups_sampled", args.num_groups)) * args.group_size for point in curve],
+        "success_rate_per_update": [point["rollout/success_rate"] for point in curve],
+        "episodes_per_update": [int(point["rollout/groups_sampled"]) * args.grpo.group_size for point in curve],
         "seconds_per_update": [point["seconds"] for point in curve],
         "learner_process_cores_used": cpu / wall,
     }
@@ -165,7 +147,7 @@ def run(mode: str, args: Args, policy, workdir: str) -> dict:
         result.update({name.removeprefix("async/"): value for name, value in last.items() if name.startswith("async/")})
         result["env_steps_produced_per_s"] = result.pop("env_steps_per_second")
         result["staleness_mean_per_update"] = [point["async/staleness_mean"] for point in curve]
-        result["off_policy_fraction_per_update"] = [point["off_policy_fraction"] for point in curve]
+        result["off_policy_fraction_per_update"] = [point["train/off_policy_fraction"] for point in curve]
         result["weight_transfer_seconds_mean"] = float(np.mean([point["async/weight_transfer_seconds"] for point in curve]))
         result["cores_used"] = (cpu + result.pop("worker_cpu_seconds")) / wall  # learner + workers
     return result
@@ -204,12 +186,7 @@ def main(args: Args) -> dict:
     half = args.num_updates // 2
     report = {
         "args": {key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(args).items()},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_at_end": os.getloadavg(),
-        },  # fmt: skip
+        "machine": machine_info(torch_threads=1),
         "sync": sync,
         "async": asynchronous,
         "speedup_wall": sync["wall_s"] / asynchronous["wall_s"],
@@ -225,8 +202,9 @@ def main(args: Args) -> dict:
         ("worker idle fraction", "worker_idle_fraction"), ("learner update fraction", "learner_update_fraction"),
         ("CPU cores used (CPU s / wall s)", "cores_used"),
     ]  # fmt: skip
-    print(f"\n{args.num_updates} GRPO updates of {args.num_groups} x {args.group_size} episodes "
-          f"({args.max_episode_steps}-step limit), {args.num_workers} async {args.backend} workers\n")  # fmt: skip
+    grpo, pipeline = args.grpo, args.pipeline
+    print(f"\n{args.num_updates} GRPO updates of {grpo.num_groups} x {grpo.group_size} episodes "
+          f"({args.max_episode_steps}-step limit), {pipeline.num_workers} async {pipeline.backend} workers\n")  # fmt: skip
     print("| | sync | async |\n|---|---|---|")
     for label, key in rows:
         print(f"| {label} | {sync[key]:.3f} | {asynchronous[key]:.3f} |")

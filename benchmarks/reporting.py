@@ -1,4 +1,5 @@
-"""Helpers every benchmark report shares: what machine and software measured it, and the command that reproduces it.
+"""Helpers every benchmark report shares: what machine and software measured it, the command that reproduces it,
+success summaries, whether an evaluation is held out from the demos, and writing the JSON and Markdown.
 
 Benchmarks run as scripts (``python benchmarks/<name>.py``), so Python puts this folder on ``sys.path`` and they
 import this module as ``reporting``. Statistics (Wilson intervals, paired bootstraps) live in the library,
@@ -9,9 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
+
+import numpy as np
+
+from gym_libero_vla.evaluate import difference_interval, paired_difference_interval, wilson_interval
 
 # The simulator's results depend on these and on the CPU: the same code has made different demos (a few episodes
 # of LIBERO-Spatial flip between success and failure) on two machines, and LIBERO's scenes change with MuJoCo.
@@ -72,3 +78,127 @@ def command_line(args, script: str) -> str:
         else:
             parts += [flag, str(value)]
     return shlex.join(parts)
+
+
+def success_summary(rows: list[dict]) -> dict:
+    """Successes / episodes of evaluation rows, the success rate with its Wilson 95% interval, mean seconds and steps."""
+    successes, episodes = sum(bool(row["success"]) for row in rows), len(rows)
+    low, high = wilson_interval(successes, episodes)
+    return {
+        "successes": successes,
+        "episodes": episodes,
+        "success_rate": successes / episodes,
+        "ci95": [low, high],
+        "mean_episode_seconds": float(np.mean([row["seconds"] for row in rows])),
+        "mean_steps": float(np.mean([row["length"] for row in rows])),
+    }
+
+
+def held_out_note(episodes, task_ids, init_state_ids) -> tuple[bool, str]:
+    """Whether no evaluation init state of a task is one its demos started from; a note saying so."""
+    overlaps = {}
+    for task_id in task_ids:
+        demo_init_states = {episode.init_state_id for episode in episodes if episode.task_id == task_id}
+        if -1 in demo_init_states:
+            return False, "not held out? the demos do not record their init states"
+        common = sorted(demo_init_states & set(init_state_ids))
+        if common:
+            overlaps[task_id] = common
+    if not overlaps:
+        return True, "held out: no evaluation init state is one a demo started from"
+    details = "; ".join(f"task {task_id}: {', '.join(map(str, ids))}" for task_id, ids in overlaps.items())
+    return False, f"not held out: evaluation init states that demos started from ({details})"
+
+
+def id_ranges(ids) -> str:
+    """``20..39`` for a run of consecutive ids, else the ids listed."""
+    ids = sorted(ids)
+    if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}..{ids[-1]}"
+    return ", ".join(str(i) for i in ids)
+
+
+def write_report_files(report: dict, markdown: str, json_out: str, plot=None) -> None:
+    """``report`` to ``json_out``, ``markdown`` next to it (``.md``) and, with ``plot`` (a function of a path), a
+    ``.png``: each written to a temporary file and renamed into place, so a kill leaves the previous report whole."""
+    base = os.path.splitext(json_out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+    with open(json_out + ".tmp", "w") as file:
+        json.dump(report, file, indent=2)
+    with open(base + ".md.tmp", "w") as file:
+        file.write(markdown)
+    renames = [(json_out + ".tmp", json_out), (base + ".md.tmp", base + ".md")]
+    if plot is not None:
+        plot(base + ".tmp.png")
+        renames.append((base + ".tmp.png", base + ".png"))
+    for temporary, path in renames:
+        os.replace(temporary, path)
+    print(f"wrote {', '.join(path for _, path in renames)}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- comparing runs
+def runs_summary(runs: list[dict], task_ids, instructions: dict) -> dict:
+    """Per-task and overall success over the runs' (seeds') evaluation rows (Wilson 95%), per-seed rates, the entropy at
+    the start and end of training, wall times and counts."""
+    rows = [row for run in runs for row in run["rows"]]
+    per_task = {
+        str(task_id): {"instruction": instructions[task_id],
+                       **success_summary([row for row in rows if row["task_id"] == task_id])}
+        for task_id in task_ids
+    }  # fmt: skip
+    seed_rates = [run["success_rate"] for run in runs]
+    overall = {
+        **success_summary(rows),
+        "mean_of_task_rates": float(np.mean([entry["success_rate"] for entry in per_task.values()])),
+        "seeds": [run["seed"] for run in runs], "seed_rates": seed_rates,
+        "seed_std": float(np.std(seed_rates, ddof=1)) if len(seed_rates) > 1 else 0.0,
+    }  # fmt: skip
+    starts = [run["entropy_start"] for run in runs if run.get("entropy_start") is not None]
+    ends = [run["entropy_end"] for run in runs if run.get("entropy_end") is not None]
+    entropy = {"start": float(np.mean(starts)) if starts else None, "end": float(np.mean(ends)) if ends else None}
+    entropy["end_over_start"] = entropy["end"] / entropy["start"] if starts and ends and entropy["start"] > 0 else None
+    train_seconds = [run["train_seconds"] for run in runs]
+    return {
+        "per_task": per_task, "overall": overall, "entropy": entropy,
+        "steps": [run["steps"] for run in runs],
+        "train_seconds": None if None in train_seconds else float(sum(train_seconds)),
+        "curve_eval_seconds": float(sum(run.get("curve_eval_seconds", 0.0) for run in runs)),
+        "eval_seconds": float(sum(run["eval_seconds"] for run in runs)),
+        "groups_rescued": sum(run.get("groups_rescued", 0) for run in runs),
+        "relabelled_episodes": sum(run.get("relabelled_episodes", 0) for run in runs),
+    }  # fmt: skip
+
+
+def start_success(runs: list[dict]) -> dict[tuple[int, int], float]:
+    """Success per evaluation start (task, init state), averaged over the runs' (seeds') episodes from it."""
+    outcomes: dict[tuple[int, int], list[float]] = {}
+    for run in runs:
+        for row in run["rows"]:
+            outcomes.setdefault((row["task_id"], row["init_state_id"]), []).append(float(row["success"]))
+    return {start: float(np.mean(values)) for start, values in outcomes.items()}
+
+
+def delta_vs(summary: dict, baseline: dict, task_ids, runs: list[dict], baseline_runs: list[dict]) -> dict:
+    """``summary`` minus ``baseline`` success, overall, per task and per seed. ``ci95``: paired bootstrap over the
+    evaluation starts (both sides averaged over their seeds per start; resampled within tasks), the interval the
+    targets use; ``ci95_newcombe``: Newcombe's on the pooled episodes, which counts a start once per seed as if
+    the episodes were independent (too narrow when a seed barely changes a greedy episode, as on these suites)."""
+    mine, theirs = start_success(runs), start_success(baseline_runs)
+    if set(mine) != set(theirs):
+        raise ValueError("a variant and its baseline must be evaluated on the same (task, init state) starts")
+    starts = sorted(mine)
+
+    def delta(entry, base, task_id=None):
+        chosen = [start for start in starts if task_id is None or start[0] == task_id]
+        differences = [mine[start] - theirs[start] for start in chosen]
+        paired = paired_difference_interval(differences, [task for task, _ in chosen])
+        newcombe = difference_interval(entry["successes"], entry["episodes"], base["successes"], base["episodes"])
+        return {"delta": entry["success_rate"] - base["success_rate"], "ci95": list(paired),
+                "ci95_newcombe": list(newcombe), "starts": len(chosen)}  # fmt: skip
+
+    per_seed = [rate - base for rate, base in zip(summary["overall"]["seed_rates"], baseline["overall"]["seed_rates"])]
+    return {
+        "overall": delta(summary["overall"], baseline["overall"]),
+        "per_task": {str(t): delta(summary["per_task"][str(t)], baseline["per_task"][str(t)], t) for t in task_ids},
+        "per_seed": per_seed,
+    }

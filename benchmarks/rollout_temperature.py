@@ -17,16 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 import torch
 import tyro
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
-from gym_libero_vla.evaluate import env_kwargs_for_policy, make_eval_envs, run_episodes_batched, wilson_interval
+from gym_libero_vla.evaluate import evaluate_policy, wilson_interval
 from gym_libero_vla.policies import load_policy
 from gym_libero_vla.policies.base import check_temperature
+from gym_libero_vla.rollouts import Start
 from gym_libero_vla.suites import resolve_suite
 
 
@@ -56,15 +56,15 @@ class Args:
     """Where to write the JSON (the Markdown table goes next to it as .md)."""
 
 
-def summarize(results, starts) -> dict:
+def summarize(rows: list[dict], starts) -> dict:
     """Success with its Wilson interval, and the share of starts whose episodes disagree (a mixed group)."""
-    successes = sum(result.success for result in results)
-    outcomes = [{r.success for r in results if (r.task_id, r.init_state_id) == start} for start in starts]
+    successes = sum(row["success"] for row in rows)
+    outcomes = [{row["success"] for row in rows if (row["task_id"], row["init_state_id"]) == start} for start in starts]
     return {
-        "successes": int(successes), "episodes": len(results), "success_rate": successes / len(results),
-        "ci95": list(wilson_interval(int(successes), len(results))),
+        "successes": int(successes), "episodes": len(rows), "success_rate": successes / len(rows),
+        "ci95": list(wilson_interval(int(successes), len(rows))),
         "mixed_group_fraction": float(np.mean([len(outcome) > 1 for outcome in outcomes])),
-        "mean_length": float(np.mean([result.length for result in results])),
+        "mean_length": float(np.mean([row["length"] for row in rows])),
     }  # fmt: skip
 
 
@@ -77,28 +77,21 @@ def main(args: Args) -> dict:
         raise ValueError(f"episodes_per_start {args.episodes_per_start} must be >= 2 (a group of one never disagrees)")
     policy = load_policy(args.checkpoint).eval()
     max_steps = args.max_episode_steps or suite.max_episode_steps
-    envs = make_eval_envs(suite.env_id, args.num_envs, args.task_ids, max_episode_steps=max_steps,
-                          **env_kwargs_for_policy(policy))  # fmt: skip
     starts = [(task_id, init_state_id) for task_id in args.task_ids for init_state_id in args.init_state_ids]
-    rows: dict[str, dict] = {}
-    try:
-        greedy_runs = [(task_id, init_state_id, args.seed) for task_id, init_state_id in starts]
-        start = time.perf_counter()
-        rows["greedy"] = summarize(list(run_episodes_batched(policy, envs, greedy_runs)), starts)
-        rows["greedy"]["seconds"] = time.perf_counter() - start
-        print(f"greedy: {rows['greedy']['success_rate']:.3f}", flush=True)
-        for temperature in args.temperatures:
-            torch.manual_seed(args.seed)
-            runs = [(task_id, init_state_id, args.seed + k) for task_id, init_state_id in starts
-                    for k in range(args.episodes_per_start)]  # fmt: skip
-            start = time.perf_counter()
-            results = list(run_episodes_batched(policy, envs, runs, deterministic=False, temperature=temperature))
-            rows[f"T={temperature:g}"] = {**summarize(results, starts),
-                                          "seconds": time.perf_counter() - start}  # fmt: skip
-            print(f"T={temperature:g}: {rows[f'T={temperature:g}']['success_rate']:.3f}", flush=True)
-    finally:
-        for env in envs:
-            env.close()
+
+    def run(deterministic: bool, temperature: float, episodes_per_start: int) -> dict:
+        torch.manual_seed(args.seed)
+        runs = [Start(task_id, init_state_id, args.seed + k) for task_id, init_state_id in starts
+                for k in range(episodes_per_start)]  # fmt: skip
+        results = evaluate_policy(policy, suite.env_id, starts=runs, max_episode_steps=max_steps, deterministic=deterministic,
+                                  temperature=temperature, progress=False, num_envs=args.num_envs)  # fmt: skip
+        return {**summarize(results["episodes"], starts), "seconds": results["seconds"]}
+
+    rows: dict[str, dict] = {"greedy": run(True, 1.0, 1)}
+    print(f"greedy: {rows['greedy']['success_rate']:.3f}", flush=True)
+    for temperature in args.temperatures:
+        rows[f"T={temperature:g}"] = run(False, temperature, args.episodes_per_start)
+        print(f"T={temperature:g}: {rows[f'T={temperature:g}']['success_rate']:.3f}", flush=True)
 
     report = {"args": dataclasses.asdict(args), "env_id": suite.env_id, "max_episode_steps": max_steps, "rows": rows}
     lines = [

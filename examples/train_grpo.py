@@ -1,11 +1,16 @@
 """The main job: demos -> SFT warm start -> GRPO with offline regularization, success measured before and after.
 
-    python examples/train_grpo.py                      # defaults: 2 LIBERO-Spatial tasks, ~15 min on a 2-core CPU
-    python examples/train_grpo.py --init-from runs/sft/final --total-timesteps 20000
+    python examples/train_grpo.py                      # defaults: 2 LIBERO-Spatial tasks, ~10 min on a 2-core CPU
+    python examples/train_grpo.py --grpo.learning-rate 1e-4 --total-timesteps 20000 --init-from runs/sft/final
     python examples/train_grpo.py --algo irevla --output-dir runs/irevla    # iRe-VLA on the same work
+    python examples/train_grpo.py --async --pipeline.num-workers 2          # rollout workers in their own processes
     tensorboard --logdir runs/grpo
 
-Rerunning the same command after a crash (or a kill) resumes: the SFT warm start is reused, and GRPO
+The learners' settings are their library configs, nested: ``--sft.*`` is :class:`SFTConfig`, ``--grpo.*``
+:class:`GRPOConfig`, ``--irevla.*`` :class:`IReVLAConfig`, ``--pipeline.*`` :class:`PipelineConfig` (``--async``),
+``--policy.*`` :class:`CompactVLAConfig`; ``--help`` lists every field with its default.
+
+Rerunning the same command after a crash (or a kill) resumes: the SFT warm start is reused, and the learner
 continues from its newest checkpoint in ``output_dir/checkpoints`` with its optimizer, RNG, step counter and
 episode cache (``output_dir/cache``); ``--no-resume`` starts over.
 
@@ -40,16 +45,16 @@ import torch
 import tyro
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
-from gym_libero_vla.algos.async_grpo import AsyncGRPO
+from gym_libero_vla.algos import GRPO, SFT, AsyncGRPO, GRPOConfig, IReVLA, IReVLAConfig, SFTConfig
+from gym_libero_vla.algos.async_grpo import PipelineConfig
+from gym_libero_vla.algos.base import latest_checkpoint, resume_or_create
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
-from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint
-from gym_libero_vla.algos.irevla import IREVLA_CONFIG_FILENAME, IReVLA
-from gym_libero_vla.algos.sft import SFT
-from gym_libero_vla.demos import action_stats, load_episodes
+from gym_libero_vla.demos.generate import GenerateArgs, prepare_demos
 from gym_libero_vla.evaluate import env_kwargs_for_policy, evaluate_policy, write_report
-from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer, load_policy, resolve_device
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy, resolve_device
 from gym_libero_vla.suites import resolve_suite, suite_tasks
-from gym_libero_vla.wrappers.action_tokenizer import ActionBins
+
+LEARNERS = {"grpo": GRPO, "irevla": IReVLA}
 
 
 @dataclasses.dataclass
@@ -71,14 +76,7 @@ class Args:
     """Reuse the SFT warm start and continue from the newest checkpoint in output_dir when there is one."""
     async_: Annotated[bool, tyro.conf.arg(name="async")] = False
     """GRPO only: rollout worker processes keep filling an episode cache while the learner trains
-    (:class:`AsyncGRPO`); --sync (or --no-async) collects, then updates, in one process."""
-    num_workers: int = 2
-    """--async: rollout worker processes (or Ray actors)."""
-    backend: Literal["process", "ray"] = "process"
-    """--async: run the workers as local processes, or as Ray actors (a local Ray instance unless ray.init was
-    called with a cluster address)."""
-    max_staleness: int = 2
-    """--async: skip groups sampled more than this many policy versions ago (newer stale ones are IS-corrected)."""
+    (:class:`AsyncGRPO`, settings under --pipeline.*); --sync (or --no-async) collects, then updates, in one process."""
 
     # --- demonstrations
     demos: str | None = None
@@ -93,52 +91,21 @@ class Args:
     """Start from this policy checkpoint and skip SFT (it must read what the demos hold)."""
     sft_steps: int = 2000
     """Behaviour-cloning gradient steps of the warm start (300 leave the policy at 0 success; 2000 reach ~0.2)."""
-    sft_batch_size: int = 64
-    """Demo transitions per SFT step."""
-    sft_learning_rate: float = 3e-4
-    """AdamW step size of the warm start."""
-    hidden_size: int = 128
-    """CompactVLA transformer width."""
-    num_layers: int = 2
-    """CompactVLA transformer blocks."""
-    num_heads: int = 4
-    """CompactVLA attention heads."""
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    """The warm start's SFT settings (its seed is --seed unless given)."""
+    policy: CompactVLAConfig = dataclasses.field(default_factory=lambda: CompactVLAConfig(cameras=()))
+    """The fresh CompactVLA's sizes; its frame and object-state sizes are read from the demos."""
 
-    # --- GRPO
+    # --- online learning
     total_timesteps: int = 4000
-    """GRPO env steps (whole rollouts: the last one may overshoot by up to num_groups * group_size episodes)."""
-    num_groups: int = 2
-    """(task, init state) pairs per GRPO rollout."""
-    group_size: int = 4
-    """Episodes per (task, init state): the G of GRPO."""
-    learning_rate: float = 3e-5
-    """GRPO's AdamW step size (small: the warm start is already good at some states)."""
-    num_epochs: int = 2
-    """Passes over each rollout."""
-    minibatch_size: int = 128
-    """Env steps per GRPO gradient step."""
-    imitation_weight_max: float = 1.0
-    """Weight of the demos' NLL when every rollout fails (it falls linearly to imitation_weight_min at all-success)."""
-    imitation_weight_min: float = 0.1
-    """Weight of the demos' NLL when every rollout succeeds."""
-    kl_coef: float = 0.0
-    """Weight of KL(pi || pi_ref) to the warm-started policy (0: no reference, DAPO's choice)."""
-    temperature: float = 1.0
-    """Rollout sampling temperature (GRPO's ratio, entropy and KL use the same tempered distribution)."""
-    loss_aggregation: Literal["token-mean", "episode-mean"] = "token-mean"
-    """Policy-gradient weighting: every token the same (token-mean), or every episode the same (episode-mean)."""
-    rescue_failed_groups: bool = True
-    """GRPO: put a demo into groups whose rollouts all failed, so they carry a learning signal."""
-    max_sampling_rounds: int = 2
-    """GRPO's dynamic sampling: draw up to this many rounds of num_groups groups while fewer carry signal."""
-    success_replay_size: int = 500
-    """GRPO: successful rollouts replayed beside the demos in the offline term (0: demos only)."""
-    rl_updates_per_stage: int = 2
-    """iRe-VLA: GRPO updates of the action head per RL stage."""
-    sl_steps_per_stage: int = 100
-    """iRe-VLA: supervised steps on demos + successes per SL stage."""
-    sl_learning_rate: float = 1e-4
-    """iRe-VLA: AdamW step size of the SL stages."""
+    """Env steps of GRPO / iRe-VLA (whole rollouts: the last one may overshoot by up to a rollout)."""
+    grpo: GRPOConfig = dataclasses.field(default_factory=lambda: GRPOConfig(rescue_failed_groups=True))
+    """GRPO's settings (iRe-VLA's RL stage too). Its task_ids, init_state_ids (0 .. demo_init_state_end - 1), seed and
+    cache_dir (output_dir/cache) follow the fields above unless given."""
+    irevla: IReVLAConfig = dataclasses.field(default_factory=IReVLAConfig)
+    """--algo irevla: the SL stage's settings and the RL/SL alternation."""
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    """--async: the rollout workers (pipeline_dir defaults to output_dir/pipeline)."""
     max_episode_steps: int | None = 160
     """Step limit of GRPO and evaluation episodes (the expert needs ~90-130 on Spatial; None: the suite's 220)."""
     checkpoint_freq: int = 1000
@@ -169,96 +136,76 @@ def demo_path(args: Args) -> str:
     return f"data/{short}_state_tasks{tasks}_{args.demo_episodes_per_task}ep_init0-{args.demo_init_state_end - 1}.hdf5"
 
 
-def make_demos(args: Args) -> str:
-    """Generate (or resume / reuse) the expert demos; returns the HDF5 path."""
-    from gym_libero_vla.demos.generate import GenerateArgs, generate
-
-    path = args.demos or demo_path(args)
-    generate(
-        GenerateArgs(
-            suite=args.env_id, out=path, task_ids=args.task_ids, episodes_per_task=args.demo_episodes_per_task,
-            init_state_end=args.demo_init_state_end, object_state=True, progress=args.progress_bar,
-        )
+def demo_args(args: Args) -> GenerateArgs:
+    """The expert demos this run trains on (generated when the file is missing, then reused)."""
+    return GenerateArgs(
+        suite=args.env_id, out=args.demos or demo_path(args), task_ids=args.task_ids,
+        episodes_per_task=args.demo_episodes_per_task, init_state_end=args.demo_init_state_end, object_state=True,
+        progress=args.progress_bar,
     )  # fmt: skip
-    return path
 
 
 def warm_start(args: Args, episodes, instructions: list[str]):
-    """A CompactVLA behaviour-cloned on the demos (or the ``init_from`` checkpoint)."""
+    """A CompactVLA behaviour-cloned on the demos (or the ``init_from`` checkpoint); SFT resumes from output_dir/sft."""
     if args.init_from is not None:
         print(f"warm start: {args.init_from} (SFT skipped)")
         return load_policy(args.init_from)
     sft_dir = os.path.join(args.output_dir, "sft")
-    if args.resume and os.path.exists(os.path.join(sft_dir, "sft.json")):
-        with open(os.path.join(sft_dir, "sft.json")) as file:
-            done = int(json.load(file).get("num_timesteps", 0))
-        if done >= args.sft_steps:
-            print(f"warm start: reusing {sft_dir} ({done} SFT steps)")
-            return load_policy(sft_dir)
-    config = CompactVLAConfig(
-        cameras=(), object_state_dim=episodes[0].observations["object_state"].shape[1],
-        hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
-    )  # fmt: skip
-    bins = ActionBins.from_statistics(action_stats(episodes))  # q01..q99 of the demo actions, OpenVLA's bins
-    policy = CompactVLA(config, bins, WordTokenizer.from_texts(instructions))
-    model = SFT(
-        policy, demos=episodes, learning_rate=args.sft_learning_rate, batch_size=args.sft_batch_size, seed=args.seed,
-        tensorboard_log=os.path.join(args.output_dir, "tb"), device=resolve_device(args.device),
-    )  # fmt: skip
+    sft_config = dataclasses.replace(args.sft, seed=args.seed if args.sft.seed is None else args.sft.seed)
+
+    def create() -> SFT:
+        policy = CompactVLA.from_demos(episodes, args.policy, instructions=instructions)
+        return SFT(policy, demos=episodes, tensorboard_log=os.path.join(args.output_dir, "tb"),
+                   device=resolve_device(args.device), **dataclasses.asdict(sft_config))  # fmt: skip
+
+    if args.resume:
+        model, resumed = resume_or_create(SFT, sft_dir, create, demos=episodes, device=resolve_device(args.device))
+    else:
+        model, resumed = create(), False
+    if model.num_timesteps >= args.sft_steps:
+        print(f"warm start: reusing {sft_dir} ({model.num_timesteps} SFT steps)")
+        return model.policy
     start = time.time()
-    model.learn(args.sft_steps, progress_bar=args.progress_bar)
-    print(f"SFT: {args.sft_steps} steps in {time.time() - start:.0f} s, {model.last_metrics}")
-    model.save(os.path.join(args.output_dir, "sft"))
-    return policy
+    model.learn(args.sft_steps - model.num_timesteps, reset_num_timesteps=not resumed, progress_bar=args.progress_bar)
+    print(f"SFT: {model.num_timesteps} steps in {time.time() - start:.0f} s, {model.last_metrics}")
+    model.save(sft_dir)
+    return model.policy
 
 
-def make_learner(args: Args, policy, env, episodes):
-    """GRPO with offline regularization, or iRe-VLA, on the same env, demos and group settings."""
-    common = dict(
-        tensorboard_log=os.path.join(args.output_dir, "tb"), num_groups=args.num_groups, group_size=args.group_size,
-        learning_rate=args.learning_rate, num_epochs=args.num_epochs, minibatch_size=args.minibatch_size,
-        kl_coef=args.kl_coef, temperature=args.temperature, max_sampling_rounds=args.max_sampling_rounds,
-        loss_aggregation=args.loss_aggregation,
-        task_ids=args.task_ids,
-        init_state_ids=tuple(range(args.demo_init_state_end)), seed=args.seed,
-    )  # fmt: skip
+def learner_settings(args: Args) -> tuple[type, dict]:
+    """The online learner's class and hyperparameters: the nested configs, with what the run fills in."""
+    grpo = args.grpo
+    grpo = dataclasses.replace(
+        grpo,
+        task_ids=grpo.task_ids or args.task_ids,
+        init_state_ids=grpo.init_state_ids or tuple(range(args.demo_init_state_end)),
+        seed=args.seed if grpo.seed is None else grpo.seed,
+        cache_dir=grpo.cache_dir or os.path.join(args.output_dir, "cache"),
+    )
     if args.algo == "irevla":
         if args.async_:
             raise ValueError("--async runs GRPO's learner with rollout workers: use it with --algo grpo, not irevla")
-        return IReVLA(
-            policy, env, demos=episodes, rl_updates_per_stage=args.rl_updates_per_stage,
-            sl_steps_per_stage=args.sl_steps_per_stage, sl_batch_size=args.sft_batch_size,
-            sl_learning_rate=args.sl_learning_rate, success_store=os.path.join(args.output_dir, "successes"), **common,
-        )  # fmt: skip
-    learner_class, pipeline = GRPO, {}
+        # iRe-VLA's RL stage is pure RL on the head: no rescue, no success replay (its successes go to the SL stage).
+        rl = dataclasses.replace(grpo, rescue_failed_groups=False, success_replay_size=0, cache_dir=None)
+        store = args.irevla.success_store or os.path.join(args.output_dir, "successes")
+        return IReVLA, {**dataclasses.asdict(rl), **dataclasses.asdict(dataclasses.replace(args.irevla, success_store=store))}
     if args.async_:
-        learner_class = AsyncGRPO
-        pipeline = dict(
-            pipeline_dir=os.path.join(args.output_dir, "pipeline"), num_workers=args.num_workers, backend=args.backend,
-            max_staleness=args.max_staleness,
-        )  # fmt: skip
-    return learner_class(
-        policy, env, demos=episodes, **pipeline, imitation_weight_min=args.imitation_weight_min,
-        imitation_weight_max=args.imitation_weight_max, rescue_failed_groups=args.rescue_failed_groups,
-        success_replay_size=args.success_replay_size, cache_dir=os.path.join(args.output_dir, "cache"), **common,
-    )  # fmt: skip
+        pipeline_dir = args.pipeline.pipeline_dir or os.path.join(args.output_dir, "pipeline")
+        pipeline = dataclasses.replace(args.pipeline, pipeline_dir=pipeline_dir)
+        return AsyncGRPO, {**dataclasses.asdict(grpo), **dataclasses.asdict(pipeline)}
+    return GRPO, dataclasses.asdict(grpo)
 
 
-def resume_learner(args: Args, checkpoint: str, env, episodes):
-    """The learner saved in ``checkpoint``, with its optimizer, RNG and step counter."""
-    learner_class = IReVLA if args.algo == "irevla" else AsyncGRPO if args.async_ else GRPO
-    saved_algo = "irevla" if os.path.exists(os.path.join(checkpoint, IREVLA_CONFIG_FILENAME)) else "grpo"
-    if saved_algo != args.algo:
-        raise ValueError(
-            f"{checkpoint} is a checkpoint of --algo {saved_algo}, but this run has --algo {args.algo}: rerun with "
-            f"--algo {saved_algo} to resume it, or choose another --output-dir (or --no-resume) to start a new run"
-        )
-    model = learner_class.load(
-        checkpoint, env=env, demos=episodes, device=resolve_device(args.device),
-        tensorboard_log=os.path.join(args.output_dir, "tb"),
-    )  # fmt: skip
-    print(f"resuming {args.algo} from {checkpoint} at {model.num_timesteps} env steps")
-    return model
+def check_resumable(args: Args, checkpoints: str, learner_class: type) -> None:
+    """A clear error for resuming a run of another learner in this output dir."""
+    newest = latest_checkpoint(checkpoints)
+    if newest is None or latest_checkpoint(checkpoints, learner_class) is not None:
+        return
+    other = next((name for name, cls in LEARNERS.items() if latest_checkpoint(checkpoints, cls)), "another learner")
+    raise ValueError(
+        f"{newest} is a checkpoint of --algo {other}, but this run has --algo {args.algo}: rerun with --algo {other} "
+        "to resume it, or choose another --output-dir (or --no-resume) to start a new run"
+    )
 
 
 def main(args: Args) -> dict:
@@ -270,21 +217,24 @@ def main(args: Args) -> dict:
     device = resolve_device(args.device)  # a clear error for a device this machine lacks, before any work
     if args.eval_num_envs < 1:
         raise ValueError(f"eval_num_envs {args.eval_num_envs} must be >= 1")
+    learner_class, hyperparameters = learner_settings(args)  # bad settings fail here, before any work
     suite = resolve_suite(args.env_id)
     tasks = suite_tasks(suite.libero_name)
+    checkpoints = os.path.join(args.output_dir, "checkpoints")
+    if args.resume:
+        check_resumable(args, checkpoints, learner_class)
     start = time.time()
     timings: dict[str, float] = {}
 
     # 1. Demonstrations (privileged object poses: see the module docstring).
-    demos = make_demos(args)
-    episodes = load_episodes(demos, filter_noops=True, load_images=False)
-    if not episodes:
-        raise ValueError(f"{demos} holds no successful demonstrations")
+    generate = demo_args(args)
+    demos = generate.out
+    episodes, _ = prepare_demos(generate)
     print(f"{len(episodes)} demos, {sum(len(episode) for episode in episodes)} transitions from {demos}")
     timings["demos"] = time.time() - start
 
     # 2. SFT warm start (when resuming, the newest checkpoint's policy instead).
-    checkpoint = latest_checkpoint(os.path.join(args.output_dir, "checkpoints")) if args.resume else None
+    checkpoint = latest_checkpoint(checkpoints, learner_class) if args.resume else None
     if checkpoint is not None:
         policy = load_policy(checkpoint)
     else:
@@ -320,14 +270,19 @@ def main(args: Args) -> dict:
     # 4. GRPO with the demos as offline regularization (or iRe-VLA), on the demos' init states (evaluation's stay held out).
     env_kwargs = env_kwargs_for_policy(policy)
     env = gym.make(suite.env_id, task_ids=args.task_ids, max_episode_steps=args.max_episode_steps, **env_kwargs)
-    model = resume_learner(args, checkpoint, env, episodes) if checkpoint else make_learner(args, policy, env, episodes)
+    tensorboard_log = os.path.join(args.output_dir, "tb")
+
+    def create():
+        return learner_class(policy, env, demos=episodes, tensorboard_log=tensorboard_log, **hyperparameters)
+
+    if checkpoint is not None:
+        model = learner_class.load(checkpoint, env=env, demos=episodes, device=device, tensorboard_log=tensorboard_log)
+        print(f"resuming {args.algo} from {checkpoint} at {model.num_timesteps} env steps")
+    else:
+        model = create()
     callbacks = []
     if args.checkpoint_freq > 0:
-        callbacks.append(
-            RolloutCheckpointCallback(
-                args.checkpoint_freq, os.path.join(args.output_dir, "checkpoints"), args.algo, keep_last=2
-            )
-        )
+        callbacks.append(RolloutCheckpointCallback(args.checkpoint_freq, checkpoints, args.algo, keep_last=2))
     if args.eval_freq > 0:
         callbacks.append(
             LiberoEvalCallback(
@@ -341,7 +296,7 @@ def main(args: Args) -> dict:
         model.learn(remaining, callback=callbacks, progress_bar=args.progress_bar, reset_num_timesteps=checkpoint is None)
     env.close()
     model.save(os.path.join(args.output_dir, "final"))
-    print(f"{args.algo}: {model.num_timesteps} env steps, last update {getattr(model, 'last_metrics', {})}")
+    print(f"{args.algo}: {model.num_timesteps} env steps, last update {model.last_metrics}")
     timings["grpo"] = time.time() - start - sum(timings.values())
 
     # 5. Evaluate after, on the same held-out init states.
@@ -358,7 +313,7 @@ def main(args: Args) -> dict:
         "per_task_before": {str(t): task["success_rate"] for t, task in before["per_task"].items()},
         "per_task_after": {str(t): task["success_rate"] for t, task in after["per_task"].items()},
         "grpo_timesteps": model.num_timesteps,
-        "grpo_last_metrics": getattr(model, "last_metrics", {}),
+        "grpo_last_metrics": model.last_metrics,
         "algo": args.algo,
         "checkpoint": os.path.join(args.output_dir, "final"),
         "seconds": timings,

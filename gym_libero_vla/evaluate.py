@@ -167,7 +167,7 @@ def evaluate_policy(
     start_time = time.time()
     with lock:
         fingerprint = weights_fingerprint(policy) if episodes_path else None
-        done = _recorded_episodes(episodes_path, fingerprint, max_steps) if episodes_path else {}
+        done = recorded_episodes(episodes_path, fingerprint, max_steps) if episodes_path else {}
         todo = [start for start in starts if (start.task_id, start.init_state_id, start.seed) not in done]
         rows, videos = _run(policy, suite.env_id, task_ids, todo, env_kwargs, num_envs, deterministic, temperature,
                             video_episodes, video_dir, progress, episodes_path, fingerprint, max_steps)  # fmt: skip
@@ -276,7 +276,7 @@ def read_episode_rows(path: str) -> list[dict]:
     return rows
 
 
-def _recorded_episodes(path: str, fingerprint: str, max_steps: int) -> dict[tuple, dict]:
+def recorded_episodes(path: str, fingerprint: str, max_steps: int) -> dict[tuple, dict]:
     """The rows of ``path`` run by the weights of ``fingerprint`` with this step limit, by (task, init state, seed)."""
     keep = ("task_id", "init_state_id", "seed", "success", "length", "seconds")
     return {
@@ -479,6 +479,12 @@ def main(args: EvalArgs) -> dict:
     print(write_report(results, args.out_dir, title))
     print(f"wrote {args.out_dir}/success.md, success.json, success.png" + (", videos/" if results["videos"] else ""))
     return results
+
+
+def __getattr__(name: str):  # names that moved in the restructure: gym_libero_vla/deprecated.py
+    from gym_libero_vla.deprecated import moved
+
+    return moved(__name__, name)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ successful episodes of some sources" and refill it from an :class:`~gym_libero_v
 when a run resumes, so this is one component:
 
     replay = SuccessReplay(500, policy.observation_keys, store="runs/cache")   # refilled from earlier runs
-    replay.add(episodes)       # keeps the successful ones, newest last; returns what it kept
+    replay.add(episodes)       # keeps the successful ones, newest last; returns them
     replay.episodes            # what the learner trains on
 """
 
@@ -66,7 +66,7 @@ class SuccessReplay:
 
     def add(self, episodes: Iterable[Episode]) -> list[Episode]:
         """Keep the successful episodes of the counted sources (newest last, the oldest dropped past
-        ``max_episodes``); returns the ones kept."""
+        ``max_episodes``); returns them (none when ``max_episodes`` is 0)."""
         successes = [episode for episode in episodes if episode.success and episode.source in self.sources]
         if self.max_episodes == 0 or not successes:
             return []

@@ -3,7 +3,8 @@
 - :mod:`gym_libero_vla.demos.libero_hdf5`: read official LIBERO / robomimic HDF5 files (and ours) in
   the observation layout of our envs; action statistics; OpenVLA-style no-op and failure filtering.
 - :mod:`gym_libero_vla.demos.scripted_expert`: a privileged-state expert for LIBERO tasks.
-- :mod:`gym_libero_vla.demos.generate`: ``python -m gym_libero_vla.demos generate|replay``.
+- :mod:`gym_libero_vla.demos.generate`: ``python -m gym_libero_vla.demos generate|replay``; ``prepare_demos`` (the
+  demos a run needs, generated when missing).
 
 Nothing heavy is imported here.
 """

@@ -320,6 +320,47 @@ def generate(args: GenerateArgs) -> dict:
         return counts
 
 
+def prepare_demos(args: GenerateArgs, filter_noops: bool = True) -> tuple[list, bool]:
+    """The successful demos of ``args.task_ids`` in ``args.out``, generated first when the file is missing (a process
+    wanting a file another is generating waits for it and loads the result). Returns ``(episodes, generated)``;
+    a file that lacks a task, the object poses or the frames ``args`` asks for is refused, naming the difference.
+    No-op steps are dropped (OpenVLA's processed data) unless ``filter_noops`` is False."""
+    from gym_libero_vla import suites
+    from gym_libero_vla.demos.libero_hdf5 import load_episodes
+
+    path = args.out
+    with exclusive(os.path.abspath(path) + ".lock", f"demos {path}"):
+        generated = not os.path.exists(path)
+        if generated:
+            resuming = f" (resuming {path}{PARTS_SUFFIX})" if os.path.isdir(path + PARTS_SUFFIX) else ""
+            print(f"{path} not found: generating it with the scripted expert{resuming}", flush=True)
+            print(f"demos: {generate(args)}", flush=True)
+    episodes = load_episodes(path, filter_noops=filter_noops, load_images=args.obs_mode == "rgb+state")
+    spec = suites.resolve_suite(args.suite)
+    task_ids = args.task_ids if args.task_ids is not None else tuple(range(len(suites.suite_tasks(spec.libero_name))))
+    present = sorted({episode.task_id for episode in episodes})
+    missing = [task_id for task_id in task_ids if task_id not in present]
+    if missing:
+        raise ValueError(
+            f"{path} has no successful demos of task(s) {missing}: it has tasks {present}. Give another file, or move "
+            "this one away to have it generated"
+        )
+    episodes = [episode for episode in episodes if episode.task_id in task_ids]
+    observations = episodes[0].observations
+    if args.object_state and "object_state" not in observations:
+        raise ValueError(
+            f"{path} has no obs/object_state (privileged object poses): give demos generated with --object-state, "
+            "or move this file away to have them generated"
+        )
+    if args.obs_mode == "rgb+state":
+        if "agentview" not in observations:
+            raise ValueError(f"{path} has no agentview frames: rgb+state needs demos generated with --obs-mode rgb+state")
+        size = observations["agentview"].shape[1]
+        if size != args.image_size:
+            raise ValueError(f"{path} holds {size} px frames, not {args.image_size} px: ask for {size} or give other demos")
+    return episodes, generated
+
+
 def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts_dir: str, done: dict) -> dict:
     """Roll out the expert on every (task, init state) not in ``done`` until each task has its episodes, saving
     each attempt into ``parts_dir``; returns the counts of this run."""

@@ -227,6 +227,40 @@ class CompactVLA(VLAPolicy):
         self.base_model_path: str | None = None
         self._lora_model = None
 
+    @classmethod
+    def from_demos(
+        cls,
+        episodes: Sequence[Any],
+        config: CompactVLAConfig | None = None,
+        instructions: Iterable[str] | None = None,
+        object_state: bool | None = None,
+    ) -> CompactVLA:
+        """A fresh policy for what ``episodes`` hold: OpenVLA's action bins between the q01 and q99 of their actions,
+        a word vocabulary of ``instructions`` (default: the episodes'), and ``config`` (default: state only) with the
+        frame size and object-state size read from the demos. ``object_state``: read LIBERO's privileged object poses
+        (True: the demos must hold them; None: when they do)."""
+        from gym_libero_vla.demos.libero_hdf5 import action_stats
+
+        if not episodes:
+            raise ValueError("from_demos needs at least one demonstration")
+        observations = episodes[0].observations
+        config = CompactVLAConfig(cameras=()) if config is None else config
+        missing = [camera for camera in config.cameras if camera not in observations]
+        if missing:
+            raise ValueError(f"the demos hold no {missing} frames for the policy's cameras: they hold {sorted(observations)}")
+        if object_state and "object_state" not in observations:
+            raise ValueError("the demos hold no object_state: generate them with --object-state, or leave it out")
+        use_object_state = "object_state" in observations if object_state is None else object_state
+        config = dataclasses.replace(
+            config,
+            image_size=int(observations[config.cameras[0]].shape[1]) if config.cameras else config.image_size,
+            object_state_dim=int(observations["object_state"].shape[-1]) if use_object_state else 0,
+        )
+        if instructions is None:
+            instructions = dict.fromkeys(episode.instruction for episode in episodes)
+        bins = ActionBins.from_statistics(action_stats(episodes))  # q01..q99 of the demo actions, as OpenVLA
+        return cls(config, bins, WordTokenizer.from_texts(instructions))
+
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.backbone.get_input_embeddings()

@@ -18,7 +18,8 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from gym_libero_vla.algos.async_grpo import AsyncGRPO
-from gym_libero_vla.episode_store import Episode, EpisodeStore
+from gym_libero_vla.episode import Episode
+from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.rollout_worker import (
     RolloutWorker,
@@ -31,6 +32,7 @@ from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 MAX_EPISODE_STEPS = 10
 GROUP_STEPS = 2 * MAX_EPISODE_STEPS  # a group of 2 ten-step episodes (a random tiny policy never succeeds early)
+ONE_GROUP = dict(group_size=2, num_groups=1, max_sampling_rounds=1)  # one group per update: no dynamic-sampling refill
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path)
     before = [p.detach().clone() for p in policy.parameters()]
     start = make_policy(instruction)  # the same weights, kept as they were
     model = AsyncGRPO(
-        policy, env, demos=[demo(instruction)], group_size=2, num_groups=1, imitation_batch_size=8, num_workers=2,
+        policy, env, demos=[demo(instruction)], **ONE_GROUP, imitation_batch_size=8, num_workers=2,
         pipeline_dir=str(tmp_path / "pipeline"), seed=0, temperature=1.5,
     )  # fmt: skip
     model.learn(3 * GROUP_STEPS)
@@ -161,7 +163,7 @@ class KillWorkerOnce(BaseCallback):
 
 
 def test_a_killed_worker_is_restarted_and_the_cache_stays_intact(env, instruction, tmp_path):
-    model = AsyncGRPO(make_policy(instruction), env, group_size=2, num_groups=1, num_workers=2,
+    model = AsyncGRPO(make_policy(instruction), env, **ONE_GROUP, num_workers=2,
                       pipeline_dir=str(tmp_path / "pipeline"), seed=0)  # fmt: skip
     killer = KillWorkerOnce()
     model.learn(4 * GROUP_STEPS, callback=killer)
@@ -173,18 +175,49 @@ def test_a_killed_worker_is_restarted_and_the_cache_stays_intact(env, instructio
     assert_groups_whole(tmp_path / "pipeline" / "cache")  # no half-written group; every episode loads
 
     # A worker that keeps dying raises once its restarts are spent (no hang).
-    model = AsyncGRPO(make_policy(instruction), env, group_size=2, num_groups=1, num_workers=1, max_worker_restarts=0,
+    model = AsyncGRPO(make_policy(instruction), env, **ONE_GROUP, num_workers=1, max_worker_restarts=0,
                       pipeline_dir=str(tmp_path / "pipeline2"), seed=0)  # fmt: skip
     with pytest.raises(RuntimeError, match=r"rollout worker 0 died .*max_worker_restarts=0"):
         model.learn(4 * GROUP_STEPS, callback=KillWorkerOnce())
 
 
+# A training script as a user writes one: resume the newest checkpoint or start anew, checkpoint after every update.
+LEARNER = f"""
+import os, sys
+import gymnasium as gym, torch
+from stable_baselines3.common.callbacks import BaseCallback
+import gym_libero_vla
+from gym_libero_vla.algos import AsyncGRPO
+from gym_libero_vla.algos.base import resume_or_create
+
+policy_dir, output = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+env = gym.make("LiberoSpatial-v0", obs_mode="state", task_ids=(0,), max_episode_steps={MAX_EPISODE_STEPS}, num_settle_steps=2)
+checkpoints = os.path.join(output, "checkpoints")
+
+
+class SaveEveryUpdate(BaseCallback):
+    def _on_step(self):
+        return True
+
+    def _on_rollout_end(self):
+        self.model.save(os.path.join(checkpoints, f"update_{{self.model.policy_version:06d}}"))
+
+
+def create():
+    return AsyncGRPO(policy_dir, env, **{ONE_GROUP!r}, num_workers=1, pipeline_dir=os.path.join(output, "pipeline"), seed=0)
+
+
+model, resumed = resume_or_create(AsyncGRPO, checkpoints, create, env=env)
+if resumed:
+    print(f"resumed from policy_version={{model.policy_version}}", flush=True)
+model.learn({8 * GROUP_STEPS} - model.num_timesteps, callback=SaveEveryUpdate(), reset_num_timesteps=False)
+print(f"done: num_timesteps={{model.num_timesteps}} policy_version={{model.policy_version}}")
+"""
+
+
 def run_command(policy_dir, output_dir) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "gym_libero_vla.algos.async_grpo", "--policy", str(policy_dir), "--output-dir",
-        str(output_dir), "--max-episode-steps", str(MAX_EPISODE_STEPS), "--num-settle-steps", "2", "--group-size", "2",
-        "--num-groups", "1", "--num-workers", "1", "--total-timesteps", str(8 * GROUP_STEPS),
-    ]  # fmt: skip
+    command = [sys.executable, "-c", LEARNER, str(policy_dir), str(output_dir)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -241,7 +274,7 @@ def test_ray_backend_runs_a_short_job(env, instruction, tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        model = AsyncGRPO(make_policy(instruction), env, group_size=2, num_groups=1, num_workers=2, backend="ray",
+        model = AsyncGRPO(make_policy(instruction), env, **ONE_GROUP, num_workers=2, backend="ray",
                           pipeline_dir=str(tmp_path / "pipeline"), seed=0)  # fmt: skip
         model.learn(2 * GROUP_STEPS)
         assert model.policy_version == 2 and model.num_timesteps == 2 * GROUP_STEPS

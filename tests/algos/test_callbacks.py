@@ -13,7 +13,8 @@ from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
-from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint
+from gym_libero_vla.algos.base import latest_checkpoint
+from gym_libero_vla.algos.grpo import GRPO
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.sb3_vec_env import TextDummyVecEnv
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
@@ -48,7 +49,7 @@ def policy_factory(env):
 def test_sb3_evaluate_policy_eval_and_checkpoint_callbacks_run_on_grpo(env, policy_factory, tmp_path):
     eval_env = TextDummyVecEnv([make_env, make_env])
     try:
-        model = GRPO(policy_factory(), env, group_size=2, num_groups=1, seed=0)
+        model = GRPO(policy_factory(), env, group_size=2, num_groups=1, max_sampling_rounds=1, seed=0)
         rewards, lengths = evaluate_policy(model, eval_env, n_eval_episodes=2, return_episode_rewards=True)
         assert lengths == [STEPS, STEPS] and rewards == [0.0, 0.0]  # a random policy fails its 10 steps
         evaluation = EvalCallback(
@@ -69,7 +70,7 @@ def test_sb3_evaluate_policy_eval_and_checkpoint_callbacks_run_on_grpo(env, poli
 
 
 def test_rollout_checkpoints_keep_the_newest_and_resume(env, policy_factory, tmp_path):
-    model = GRPO(policy_factory(), env, group_size=2, num_groups=1, seed=0)
+    model = GRPO(policy_factory(), env, group_size=2, num_groups=1, max_sampling_rounds=1, seed=0)
     callback = RolloutCheckpointCallback(save_freq=2 * STEPS, save_path=str(tmp_path), name_prefix="grpo", keep_last=2)
     model.learn(6 * STEPS, callback=callback)  # 3 rollouts of 2 episodes: a checkpoint after each
     assert sorted(os.listdir(tmp_path)) == ["grpo_40_steps", "grpo_60_steps"]
@@ -86,7 +87,7 @@ def test_rollout_checkpoints_keep_the_newest_and_resume(env, policy_factory, tmp
 
 
 def test_libero_eval_callback_logs_success_on_held_out_init_states(env, policy_factory, tmp_path):
-    model = GRPO(policy_factory(), env, group_size=2, num_groups=1, seed=0)
+    model = GRPO(policy_factory(), env, group_size=2, num_groups=1, max_sampling_rounds=1, seed=0)
     callback = LiberoEvalCallback(
         "LiberoSpatial-v0", task_ids=(0,), init_state_ids=(40, 41), eval_freq=2 * STEPS, max_episode_steps=STEPS,
         log_path=str(tmp_path), best_model_save_path=str(tmp_path / "best"),

@@ -12,8 +12,9 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.irevla import IReVLA, successful_episodes
-from gym_libero_vla.episode_store import Episode, EpisodeStore
+from gym_libero_vla.algos.irevla import IReVLA
+from gym_libero_vla.episode import Episode
+from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
@@ -87,7 +88,7 @@ def test_rl_stage_trains_only_the_action_head(env, instruction):
     assert model.num_timesteps == 2 * EPISODE_STEPS and (model.num_rl_stages, model.num_sl_stages) == (1, 0)
     assert changed(before, policy) == HEAD  # the entropy bonus moved the head; the backbone stayed frozen
     assert all(p.requires_grad for p in policy.parameters())  # unfrozen again after the stage
-    assert model.success_buffer == [] and model.last_rl_metrics["success_rate"] == 0.0
+    assert model.success_buffer == [] and model.last_rl_metrics["rollout/success_rate"] == 0.0
 
 
 def test_learn_alternates_stages_and_the_sl_stage_imitates_online_successes(env, instruction, tmp_path):
@@ -99,7 +100,7 @@ def test_learn_alternates_stages_and_the_sl_stage_imitates_online_successes(env,
     model = IReVLA(
         policy, SucceedAtTimeLimit(env), demos=demos, group_size=2, num_groups=1, rl_updates_per_stage=1,
         sl_steps_per_stage=3, sl_batch_size=8, success_buffer_size=3, success_store=str(tmp_path / "successes"),
-        seed=0, tensorboard_log=str(tmp_path / "tb"),
+        max_sampling_rounds=1, seed=0, tensorboard_log=str(tmp_path / "tb"),
     )  # fmt: skip
     model.learn(2 * EPISODE_STEPS)
     assert (model.num_rl_stages, model.num_sl_stages) == (2, 2)  # RL, SL, RL, SL
@@ -111,8 +112,8 @@ def test_learn_alternates_stages_and_the_sl_stage_imitates_online_successes(env,
         assert success.success and success.source == "online" and success.task_id == 0
         assert success.actions.shape == (MAX_EPISODE_STEPS, 7) and success.observations["instruction"] == instruction
     sl_metrics = model.last_sl_metrics
-    assert sl_metrics["num_transitions"] == 5 + 3 * MAX_EPISODE_STEPS  # demos + successes
-    assert sl_metrics["success_fraction"] == pytest.approx(30 / 35) and np.isfinite(sl_metrics["loss"])
+    assert sl_metrics["sl/num_transitions"] == 5 + 3 * MAX_EPISODE_STEPS  # demos + successes
+    assert sl_metrics["sl/success_fraction"] == pytest.approx(30 / 35) and np.isfinite(sl_metrics["sl/loss"])
 
     (run,) = glob.glob(str(tmp_path / "tb" / "IReVLA_*"))
     events = EventAccumulator(run)
@@ -132,9 +133,8 @@ def test_success_buffer_keeps_the_newest_online_successes(instruction):
         episode(instruction, False, seed=1), episode(instruction, True, seed=2),
         episode(instruction, True, "offline", seed=3), episode(instruction, True, seed=4), episode(instruction, True, seed=5),
     ]  # fmt: skip
-    assert successful_episodes(episodes) == [episodes[1], episodes[3], episodes[4]]
     assert model.train_sl_stage() == {}  # no demos, no successes yet: nothing to learn from
-    model.remember_successes(episodes)
+    assert model.successes.add(episodes) == [episodes[1], episodes[3], episodes[4]]  # online successes only
     assert model.success_buffer == [episodes[3], episodes[4]]
 
     def log_likelihood() -> float:
@@ -145,7 +145,7 @@ def test_success_buffer_keeps_the_newest_online_successes(instruction):
 
     before = log_likelihood()
     metrics = model.train_sl_stage()
-    assert metrics["success_fraction"] == 1.0 and metrics["num_transitions"] == 10
+    assert metrics["sl/success_fraction"] == 1.0 and metrics["sl/num_transitions"] == 10
     assert log_likelihood() > before + 1.0  # the supervised stage imitates the policy's own successes
 
 
@@ -164,11 +164,11 @@ def test_predict_save_load_round_trip(env, instruction, tmp_path):
     assert loaded.num_timesteps == EPISODE_STEPS and (loaded.num_rl_stages, loaded.num_sl_stages) == (1, 1)
     assert loaded.config == model.config and loaded.rl.config == model.rl.config
     np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], action)
-    assert loaded.rl.optimizer.state_dict()["state"] and loaded.sl_optimizer.state_dict()["state"]  # Adam moments back
+    assert loaded.rl.optimizer.state_dict()["state"] and loaded.sl.optimizer.state_dict()["state"]  # Adam moments back
     assert len(loaded.rl.optimizer.param_groups[0]["params"]) == len(HEAD)  # the head-only optimizer again
     loaded.learn(EPISODE_STEPS, reset_num_timesteps=False)  # resumes: one more RL + SL stage
     assert loaded.num_timesteps == 2 * EPISODE_STEPS and (loaded.num_rl_stages, loaded.num_sl_stages) == (2, 2)
-    with pytest.raises(FileNotFoundError, match="not an iRe-VLA checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint of IReVLA: it has no irevla.json"):
         IReVLA.load(tmp_path)
 
 

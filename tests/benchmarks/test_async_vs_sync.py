@@ -38,8 +38,9 @@ def test_difference_interval_is_newcombes():
 
 def test_both_modes_run_the_same_updates(tmp_path):
     out = tmp_path / "async_vs_sync.json"
-    args = async_vs_sync.Args(max_episode_steps=5, num_settle_steps=1, group_size=2, num_groups=1, num_updates=2,
-                              num_workers=1, hidden_size=16, out=out)  # fmt: skip
+    grpo = async_vs_sync.GRPOConfig(group_size=2, num_groups=1, num_epochs=1, max_sampling_rounds=1, seed=0)
+    args = async_vs_sync.Args(max_episode_steps=5, num_settle_steps=1, grpo=grpo, num_updates=2, hidden_size=16, out=out,
+                              pipeline=async_vs_sync.PipelineConfig(num_workers=1))  # fmt: skip
     report = async_vs_sync.main(args)
     assert json.loads(out.read_text())["speedup_wall"] == pytest.approx(report["speedup_wall"])
     for mode in ("sync", "async"):

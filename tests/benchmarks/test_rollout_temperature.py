@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from gym_libero_vla.evaluate import EpisodeResult
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
@@ -47,8 +46,9 @@ def test_reports_greedy_and_each_temperature(tmp_path):
 
 
 def test_mixed_groups_are_the_starts_whose_episodes_disagree():
-    result = EpisodeResult
-    results = [result(0, 0, 0, True, 3, 1.0), result(0, 0, 1, False, 5, 1.0), result(0, 1, 0, False, 5, 1.0),
-               result(0, 1, 1, False, 5, 1.0)]  # fmt: skip
-    summary = rollout_temperature.summarize(results, [(0, 0), (0, 1)])
+    def row(init_state_id, seed, success, length):
+        return {"task_id": 0, "init_state_id": init_state_id, "seed": seed, "success": success, "length": length}
+
+    rows = [row(0, 0, True, 3), row(0, 1, False, 5), row(1, 0, False, 5), row(1, 1, False, 5)]
+    summary = rollout_temperature.summarize(rows, [(0, 0), (0, 1)])
     assert summary["mixed_group_fraction"] == 0.5 and summary["successes"] == 1 and summary["success_rate"] == 0.25

@@ -3,24 +3,24 @@ fine-tuning variants, evaluation, report and plot), and the same command again t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+import sft_vs_grpo  # benchmarks/ is on sys.path (conftest.py), as for `python benchmarks/...`
 
+from gym_libero_vla.algos import GRPOConfig, IReVLAConfig, SFTConfig
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # the script imports its sibling sft_baseline, as `python benchmarks/...`
-import sft_vs_grpo  # noqa: E402
 
 Args, main, VARIANTS = sft_vs_grpo.Args, sft_vs_grpo.main, sft_vs_grpo.ISSUE_VARIANTS
 
@@ -31,11 +31,13 @@ def tiny_args(tmp_path, **overrides) -> Args:
     20) per policy."""
     values = dict(
         suite="spatial", task_ids=(0,), seeds=(0,), demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2,
-        demo_init_state_end=2, sft_steps=10, sft_save_every=10, sft_batch_size=8, hidden_size=32, num_heads=2,
-        num_layers=1, total_timesteps=20, num_groups=1, group_size=2, rollout_num_envs=2, num_epochs=1, minibatch_size=16,
-        max_sampling_rounds=1, rl_updates_per_stage=1, sl_steps_per_stage=2, checkpoint_every=10, max_episode_steps=10,
-        eval_init_state_start=20, eval_num_init_states=1, curve_every=10, curve_num_init_states=1,
-        output_dir=str(tmp_path / "run"), json_out=str(tmp_path / "results" / "sft_vs_grpo.json"), progress=False,
+        demo_init_state_end=2, sft_steps=10, sft_save_every=10, sft=SFTConfig(batch_size=8),
+        policy=CompactVLAConfig(cameras=(), hidden_size=32, num_heads=2, num_layers=1), total_timesteps=20,
+        grpo=GRPOConfig(num_groups=1, group_size=2, num_epochs=1, minibatch_size=16, max_sampling_rounds=1),
+        irevla=IReVLAConfig(rl_updates_per_stage=1, sl_steps_per_stage=2, sl_batch_size=8), rollout_num_envs=2,
+        checkpoint_every=10, max_episode_steps=10, eval_init_state_start=20, eval_num_init_states=1, curve_every=10,
+        curve_num_init_states=1, output_dir=str(tmp_path / "run"), json_out=str(tmp_path / "results" / "sft_vs_grpo.json"),
+        progress=False,
     )  # fmt: skip
     values.update(overrides)
     return Args(**values)
@@ -91,7 +93,7 @@ def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):
     run_dir = tmp_path / "run"
     files = {path: (line_count(path), os.path.getmtime(path)) for path in run_dir.glob("*/*.jsonl")}
     final_mtimes = {path: os.path.getmtime(path / "model.safetensors") for path in run_dir.glob("*/checkpoints/final")}
-    assert len(final_mtimes) == 4 and len(files) == 4 * 2 + 1  # curve + episodes per variant, episodes of SFT
+    assert len(final_mtimes) == 4 and len(files) == 4 * 3 + 1  # updates, curve, episodes per variant; SFT's episodes
     again = main(args)
     assert all(run["steps_this_run"] == 0 and run["episodes_this_run"] == 0 for run in again["runs"])
     assert {path: (line_count(path), os.path.getmtime(path)) for path in files} == files
@@ -131,7 +133,7 @@ def test_bad_input_names_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="unknown task_id 12 for LiberoSpatial-v0: valid 0..9"):
         main(tiny_args(tmp_path, task_ids=(12,)))
     with pytest.raises(ValueError, match="group_size 1 must be an int >= 2"):
-        main(tiny_args(tmp_path, group_size=1, rollout_num_envs=1))
+        main(tiny_args(tmp_path, grpo=GRPOConfig(group_size=1), rollout_num_envs=1))
     with pytest.raises(ValueError, match="rollout_num_envs 3 must be an int >= 1 that divides group_size 2"):
         main(tiny_args(tmp_path, rollout_num_envs=3))
     with pytest.raises(ValueError, match="device 'cuda:64' is not available on this machine"):
@@ -204,75 +206,15 @@ def test_offline_only_ablation_trains_without_the_policy_gradient_term(tmp_path)
     assert saved["pg_coef"] == 0.0 and saved["imitation_weight_max"] == 1.0 and saved["num_timesteps"] >= 20
 
 
-def test_previous_reports_stand_in_for_runs_this_machine_lacks(tmp_path):
-    """A fresh machine (a new output directory, only the committed report) adds the ablation to a report: the
-    report's SFT and (b) runs are reused as measured, only (e) is trained and evaluated."""
-    first = main(tiny_args(tmp_path, variants=("sft", "grpo_offline")))
-    previous = str(tmp_path / "results" / "sft_vs_grpo.json")
-    fresh = tmp_path / "fresh"
-    args = tiny_args(tmp_path, variants=("sft", "grpo_offline", "offline_only"), output_dir=str(fresh),
-                     previous_reports=(previous,), json_out=str(tmp_path / "added" / "report.json"))  # fmt: skip
-    added = main(args)
-
-    runs = {run["variant"]: run for run in added["runs"]}
-    for variant in ("sft", "grpo_offline"):
-        assert runs[variant]["reused_from"] == previous and runs[variant]["episodes_this_run"] == 0
-        assert added["results"][variant]["overall"] == first["results"][variant]["overall"]
-    assert added["results"]["grpo_offline"]["delta_vs_sft"] == first["results"]["grpo_offline"]["delta_vs_sft"]
-    assert "reused_from" not in runs["offline_only"] and runs["offline_only"]["steps_this_run"] >= 20
-    assert runs["offline_only"]["episodes_this_run"] == 1 and "delta_vs_offline_only" in added["results"]["grpo_offline"]
-    # SFT was trained again here (the ablation starts from it), to the weights the reused runs record; its episodes
-    # were not run again, and no directory was made for the reused (b).
-    assert runs["offline_only"]["sft_fingerprint"] == runs["sft"]["sft_fingerprint"] is not None
-    assert sorted(os.listdir(fresh)) == ["offline_only_seed0", "sft_seed0"]
-    assert not (fresh / "sft_seed0" / "episodes.jsonl").exists()
-    text = (tmp_path / "added" / "report.md").read_text()
-    assert f"- taken from {previous} (measured before, with these settings; not rerun here): sft seed 0; " \
-           "grpo_offline seed 0" in text  # fmt: skip
-    with open(args.json_out) as file:
-        saved = json.load(file)
-    assert [run["outcomes"] for run in saved["runs"][:2]] == [run["outcomes"] for run in first["runs"]]
-
-    # The same report again from its own JSON, with nothing here: the same results, nothing run.
-    again = main(dataclasses.replace(args, output_dir=str(tmp_path / "empty"), previous_reports=(args.json_out,),
-                                     report_only=True, json_out=str(tmp_path / "again" / "report.json")))  # fmt: skip
-    assert again["results"] == json.loads(json.dumps(added["results"]))
-    assert all(run["reused_from"] == args.json_out for run in again["runs"])
-
-    # A report from before runs recorded their SFT weights: used, with a warning that they are not checked.
-    with open(previous) as file:
-        older = json.load(file)
-    for run in older["runs"]:
-        del run["sft_fingerprint"]
-    (tmp_path / "older.json").write_text(json.dumps(older))
-    with pytest.warns(UserWarning, match=r"seed 0 of .*older.json records no SFT fingerprint: that it started "):
-        mixed = main(dataclasses.replace(args, previous_reports=(str(tmp_path / "older.json"),), report_only=True,
-                                         json_out=str(tmp_path / "mixed" / "report.json")))  # fmt: skip
-    assert [run.get("reused_from") for run in mixed["runs"]] == [str(tmp_path / "older.json")] * 2 + [None]
-
-    # Runs measured otherwise are refused, naming why.
-    with pytest.raises(ValueError, match=r"measured with other settings.*: total_timesteps 20 there, 40 here"):
-        main(dataclasses.replace(args, total_timesteps=40, report_only=True))
-    with pytest.raises(ValueError, match=r"is not a report of this benchmark"):
-        main(dataclasses.replace(args, previous_reports=(str(tmp_path / "missing.json"),), report_only=True))
-    with open(previous) as file:
-        other_weights = json.load(file)
-    for run in other_weights["runs"]:
-        run["sft_fingerprint"] = "0123456789abcdef"
-    (tmp_path / "other.json").write_text(json.dumps(other_weights))
-    with pytest.raises(ValueError, match=r"sft seed 0 of .*other.json started from SFT weights 0123456789abcdef, but "):
-        main(dataclasses.replace(args, output_dir=str(tmp_path / "fresh2"), previous_reports=(str(tmp_path / "other.json"),)))
-
-
 def test_a_second_process_on_the_same_run_waits_for_it(tmp_path):
     """Two commands sharing an --output-dir must not train one run at once (interleaved checkpoints and curve): the
     second waits for the first's lock on the run directory, then trains (or reuses) alone. Here the test holds the
     lock of the grpo_offline run while a real sft_vs_grpo process gets there."""
     args = tiny_args(tmp_path, variants=("sft", "grpo_offline"))
     run_dir = tmp_path / "run" / "grpo_offline_seed0"
-    runner = "import json, sys; sys.path.insert(0, 'benchmarks'); import sft_vs_grpo; " \
-             "sft_vs_grpo.main(sft_vs_grpo.Args(**json.loads(sys.argv[1])))"  # fmt: skip
-    command = [sys.executable, "-c", runner, json.dumps(dataclasses.asdict(args))]
+    runner = "import pickle, sys; sys.path.insert(0, 'benchmarks'); import sft_vs_grpo; " \
+             "sft_vs_grpo.main(pickle.loads(bytes.fromhex(sys.argv[1])))"  # fmt: skip
+    command = [sys.executable, "-c", runner, pickle.dumps(args).hex()]
     with exclusive(str(run_dir / "run.lock"), "the test"):
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen = []

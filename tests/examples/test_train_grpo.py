@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from gym_libero_vla.algos.grpo import GRPO, latest_checkpoint
+from gym_libero_vla.algos.base import latest_checkpoint
+from gym_libero_vla.algos.grpo import GRPO
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "train_grpo.py")
@@ -23,8 +24,9 @@ def test_runs_end_to_end_with_tiny_budgets(tmp_path):
     run = tmp_path / "run"
     command = [
         sys.executable, SCRIPT, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
-        "--task-ids", "0", "--demo-episodes-per-task", "2", "--sft-steps", "5", "--hidden-size", "32", "--num-heads", "2",
-        "--total-timesteps", "10", "--num-groups", "1", "--group-size", "2", "--max-episode-steps", "5",
+        "--task-ids", "0", "--demo-episodes-per-task", "2", "--sft-steps", "5",
+        "--policy.hidden-size", "32", "--policy.num-heads", "2",
+        "--total-timesteps", "10", "--grpo.num-groups", "1", "--grpo.group-size", "2", "--max-episode-steps", "5",
         "--eval-episodes-per-task", "1", "--checkpoint-freq", "5", "--no-progress-bar",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -62,9 +64,11 @@ def test_irevla_runs_on_the_same_pipeline(tmp_path):
     run = tmp_path / "run"
     command = [
         sys.executable, SCRIPT, "--algo", "irevla", "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
-        "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2", "--hidden-size", "32", "--num-heads", "2",
-        "--total-timesteps", "10", "--num-groups", "1", "--group-size", "2", "--max-episode-steps", "5",
-        "--rl-updates-per-stage", "1", "--sl-steps-per-stage", "3", "--eval-episodes-per-task", "1", "--video-episodes", "0",
+        "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2",
+        "--policy.hidden-size", "32", "--policy.num-heads", "2",
+        "--total-timesteps", "10", "--grpo.num-groups", "1", "--grpo.group-size", "2", "--max-episode-steps", "5",
+        "--irevla.rl-updates-per-stage", "1", "--irevla.sl-steps-per-stage", "3",
+        "--eval-episodes-per-task", "1", "--video-episodes", "0",
         "--checkpoint-freq", "5", "--no-progress-bar",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -88,7 +92,7 @@ def test_help_documents_every_field():
     result = subprocess.run([sys.executable, SCRIPT, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for flag in ("--task-ids", "--demo-episodes-per-task", "--init-from", "--sft-steps", "--total-timesteps",
-                 "--group-size", "--num-groups", "--eval-init-state-start", "--max-episode-steps"):  # fmt: skip
+                 "--grpo.group-size", "--grpo.num-groups", "--eval-init-state-start", "--max-episode-steps"):  # fmt: skip
         assert flag in result.stdout
 
 
@@ -105,8 +109,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     command = [
         sys.executable, SCRIPT, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
-        "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2", "--hidden-size", "32", "--num-heads", "2",
-        "--total-timesteps", "60", "--num-groups", "1", "--group-size", "2", "--max-episode-steps", "5",
+        "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2",
+        "--policy.hidden-size", "32", "--policy.num-heads", "2",
+        "--total-timesteps", "60", "--grpo.num-groups", "1", "--grpo.group-size", "2", "--max-episode-steps", "5",
         "--eval-episodes-per-task", "1", "--video-episodes", "0", "--checkpoint-freq", "10", "--no-progress-bar",
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -134,9 +139,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 def test_async_run_trains_and_resumes(tmp_path):
     run = tmp_path / "run"
     command = [
-        sys.executable, SCRIPT, "--async", "--num-workers", "1", "--demos", str(tmp_path / "demos.hdf5"),
+        sys.executable, SCRIPT, "--async", "--pipeline.num-workers", "1", "--demos", str(tmp_path / "demos.hdf5"),
         "--output-dir", str(run), "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2",
-        "--hidden-size", "32", "--num-heads", "2", "--total-timesteps", "20", "--num-groups", "1", "--group-size", "2",
+
+        "--policy.hidden-size", "32", "--policy.num-heads", "2", "--total-timesteps", "20",
+        "--grpo.num-groups", "1", "--grpo.group-size", "2",
         "--max-episode-steps", "5", "--eval-episodes-per-task", "1", "--video-episodes", "0", "--checkpoint-freq", "10",
         "--no-progress-bar",
     ]  # fmt: skip

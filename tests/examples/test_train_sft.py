@@ -24,15 +24,16 @@ def test_trains_on_a_demo_file_and_prints_a_success_table(tmp_path):
     generate(GenerateArgs(suite="spatial", out=str(demos), task_ids=(0,), episodes_per_task=1, progress=False))
     command = [
         sys.executable, SCRIPT, "--demos", str(demos), "--output-dir", str(tmp_path / "run"),
-        "--total-steps", "6", "--batch-size", "8", "--hidden-size", "32", "--num-heads", "2",
+        "--total-steps", "6", "--sft.batch-size", "8", "--policy.hidden-size", "32", "--policy.num-heads", "2",
         "--eval-episodes-per-task", "1", "--max-eval-steps", "3", "--no-progress-bar",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "success rate (1 episodes per task)" in result.stdout and "pick up the black bowl" in result.stdout
+    assert "| task | instruction | successes |" in result.stdout and "pick up the black bowl" in result.stdout
     with open(tmp_path / "run" / "eval.json") as file:
         results = json.load(file)
-    assert set(results["success_rate"]) == {"0"} and np.isfinite(results["train"]["loss"])
+    assert set(results["success_rate"]) == {"0"} and np.isfinite(results["train"]["train/loss"])
+    assert (tmp_path / "run" / "success.md").exists() and (tmp_path / "run" / "success.png").exists()
     assert glob.glob(str(tmp_path / "run" / "tb" / "SFT_1" / "events.out.tfevents.*")), "no TensorBoard events"
 
     model = SFT.load(tmp_path / "run" / "final")
@@ -45,5 +46,6 @@ def test_trains_on_a_demo_file_and_prints_a_success_table(tmp_path):
 def test_help_documents_every_field():
     result = subprocess.run([sys.executable, SCRIPT, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for flag in ("--demos", "--obs-mode", "--lora-rank", "--total-steps", "--eval-episodes-per-task", "--torch-threads"):
+    for flag in ("--demos", "--obs-mode", "--lora-rank", "--total-steps", "--sft.learning-rate", "--policy.hidden-size",
+                 "--eval-episodes-per-task", "--torch-threads"):  # fmt: skip
         assert flag in result.stdout
