@@ -7,7 +7,7 @@ Imports are lazy: a wrapper's module (and what it pulls in) loads when the wrapp
 
 from __future__ import annotations
 
-import importlib
+from gym_libero_vla.lazy import lazy_exports
 
 _EXPORTS = {
     "ActionTokenizer": "action_tokenizer", "ActionBins": "action_tokenizer",
@@ -18,14 +18,4 @@ _EXPORTS = {
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -214,3 +214,41 @@ def test_learns_from_camera_frames(demos):
     assert model.demos.observations["agentview"].shape == (5, 32, 32, 3) and np.isfinite(model.last_metrics["train/loss"])
     with pytest.raises(ValueError, match="built for 32x32"):
         model.predict({"instruction": "open the drawer", "agentview": frames[0, :16], "state": np.zeros(8)})
+
+
+def test_continue_sft_resumes_its_checkpoint_with_the_same_batches(demos, tmp_path):
+    """Trained in two calls with a save in between, SFT ends with the weights of one uninterrupted run (batch order
+    and optimizer state are saved), and its wall seconds add up across the calls."""
+    from gym_libero_vla.algos.sft import continue_sft
+
+    def create():
+        return SFT(make_policy(demos), demos=demos, batch_size=8, seed=0)
+
+    straight, steps = continue_sft(str(tmp_path / "straight"), create, 6, save_every=2)
+    assert steps == 6 and straight.num_timesteps == 6
+    first, _ = continue_sft(str(tmp_path / "split"), create, 3, save_every=2)
+    resumed, steps = continue_sft(str(tmp_path / "split"), create, 6, save_every=2, demos=demos)
+    assert steps == 3 and resumed.num_timesteps == 6
+    assert resumed.train_seconds > first.train_seconds > 0
+    for a, b in zip(straight.policy.parameters(), resumed.policy.parameters()):
+        torch.testing.assert_close(a, b)
+    again, steps = continue_sft(str(tmp_path / "split"), create, 6, demos=demos)
+    assert steps == 0 and again.num_timesteps == 6  # done: nothing trained
+
+
+def test_latest_checkpoint_callback_saves_every_n_steps(demos, tmp_path):
+    from gym_libero_vla.algos.callbacks import LatestCheckpointCallback
+
+    saved_at = []
+
+    class Spy(LatestCheckpointCallback):
+        def _on_step(self) -> bool:
+            result = super()._on_step()
+            if (tmp_path / "ckpt" / "sft.json").exists():
+                saved_at.append(SFT.load(tmp_path / "ckpt").num_timesteps)
+            return result
+
+    SFT(make_policy(demos), demos=demos, batch_size=8, seed=0).learn(5, callback=Spy(2, str(tmp_path / "ckpt")))
+    assert sorted(set(saved_at)) == [2, 4]
+    with pytest.raises(ValueError, match="save_freq 0 must be an int >= 1"):
+        LatestCheckpointCallback(0, str(tmp_path))

@@ -210,3 +210,34 @@ def test_acts_in_a_real_vector_env(action_bins):
         assert all(tokenizer.ids["<unk>"] not in tokenizer.encode(text) for text in obs["instruction"])
     finally:
         envs.close()
+
+
+def test_from_demos_reads_bins_sizes_and_instructions_from_the_demos():
+    from gym_libero_vla.episode import Episode
+
+    rng = np.random.default_rng(0)
+
+    def demo(instruction, frames=True):
+        observations = {"instruction": instruction, "state": np.zeros((6, 8), np.float32),
+                        "object_state": np.zeros((6, 28), np.float32)}  # fmt: skip
+        if frames:
+            observations["agentview"] = np.zeros((6, 32, 32, 3), np.uint8)
+        return Episode(observations, rng.uniform(-0.5, 0.5, (6, 7)).astype(np.float32), np.eye(6)[-1], True, 0,
+                       source="offline")  # fmt: skip
+
+    demos = [demo("open the drawer"), demo("close the drawer")]
+    policy = CompactVLA.from_demos(demos, CompactVLAConfig(cameras=("agentview",), hidden_size=16, num_layers=1,
+                                                           num_heads=2, image_grid=2))  # fmt: skip
+    assert policy.config.image_size == 32 and policy.config.object_state_dim == 28
+    assert policy.observation_keys == ("instruction", "agentview", "state", "object_state")
+    assert set(policy.tokenizer.words) >= {"open", "close", "drawer"}
+    actions = np.concatenate([d.actions for d in demos])
+    np.testing.assert_allclose(policy.action_bins.low[:6], np.quantile(actions, 0.01, axis=0)[:6], rtol=1e-5)
+    assert policy.action_bins.low[6] == -1.0  # the gripper's bins span [-1, 1] whatever the demos did
+    state_only = CompactVLA.from_demos(demos, object_state=False)  # default config: state only
+    assert state_only.observation_keys == ("instruction", "state")
+    with pytest.raises(ValueError, match=r"the demos hold no \['wrist'\] frames"):
+        CompactVLA.from_demos(demos, CompactVLAConfig(cameras=("wrist",)))
+    no_poses = Episode({"instruction": "x", "state": np.zeros((2, 8))}, np.zeros((2, 7)), [0, 1], True, 0)
+    with pytest.raises(ValueError, match="the demos hold no object_state"):
+        CompactVLA.from_demos([no_poses], object_state=True)
