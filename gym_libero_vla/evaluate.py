@@ -92,18 +92,6 @@ def env_kwargs_for_policy(policy: VLAPolicy) -> dict:
     return kwargs
 
 
-def check_init_states(env: gym.Env, task_ids: Sequence[int], init_state_ids: Sequence[int]) -> None:
-    """A clear error for an init state id that ``env`` does not have for one of ``task_ids``."""
-    for task_id in task_ids:
-        num_init_states = env.unwrapped.num_init_states(task_id)
-        bad = [i for i in init_state_ids if not 0 <= i < num_init_states]
-        if bad:
-            raise ValueError(
-                f"unknown init_state_id {bad[0]} for task {task_id} of {env.spec.id if env.spec else env}: "
-                f"valid 0..{num_init_states - 1}"
-            )
-
-
 def evaluate_policy(
     policy: VLAPolicy,
     env_id: str,

@@ -25,13 +25,13 @@ import collections
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from gym_libero_vla.episode import Episode
+from gym_libero_vla.policies.base import stack_observations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,12 +169,6 @@ class _Schedule:
         return item
 
 
-def _stack(observations: Sequence[dict], keys: Sequence[str]) -> dict[str, Any]:
-    """Single-env observations -> one policy batch (instructions as a list, arrays stacked)."""
-    return {key: [obs[key] for obs in observations] if key == "instruction" else np.stack([obs[key] for obs in observations])
-            for key in keys}  # fmt: skip
-
-
 def run_episodes(
     policy,
     env,
@@ -262,7 +256,8 @@ class _Runner:
         stepping = list(range(slots.size)) if slots.vector else sorted(running)
         active = [index for index in stepping if index in running]
         clock = time.perf_counter()
-        batch = _stack([running[i].obs if i in running else self.idle[i] for i in stepping], self.keys)
+        observations = [running[i].obs if i in running else self.idle[i] for i in stepping]
+        batch = stack_observations([{key: obs[key] for key in self.keys} for obs in observations])
         with torch.no_grad():
             actions, _, log_probs = self.policy.act(batch, deterministic=deterministic, temperature=temperature)
         actions, log_probs = actions.cpu().numpy(), log_probs.cpu().numpy()

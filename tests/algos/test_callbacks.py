@@ -95,7 +95,22 @@ def test_libero_eval_callback_logs_success_on_held_out_init_states(env, policy_f
     model.learn(2 * STEPS, callback=callback)
     assert callback.last_success_rate == 0.0 and callback.best_success_rate == 0.0
     (line,) = (tmp_path / "evaluations.jsonl").read_text().splitlines()
-    assert json.loads(line) == {"num_timesteps": 2 * STEPS, "success_rate": 0.0, "per_task": {"0": 0.0}}
+    row = json.loads(line)
+    assert row.pop("seconds") > 0
+    assert row == {"num_timesteps": 2 * STEPS, "success_rate": 0.0, "successes": 0, "episodes": 2, "per_task": {"0": 0.0}}
     assert os.path.isfile(tmp_path / "best" / "best_model" / "grpo.json")
     with pytest.raises(ValueError, match="init_state_ids is empty"):
         LiberoEvalCallback("LiberoSpatial-v0", (0,), (), eval_freq=10)
+
+
+def test_libero_eval_callback_evaluates_exactly_the_starts_given(env, policy_factory, tmp_path):
+    """A cheap learning curve: one (task, init state, seed) per task instead of the product."""
+    from gym_libero_vla.rollouts import Start
+
+    model = GRPO(policy_factory(), env, group_size=2, num_groups=1, max_sampling_rounds=1, seed=0)
+    starts = [Start(0, 45, 3)]
+    callback = LiberoEvalCallback("LiberoSpatial-v0", None, (), eval_freq=STEPS, max_episode_steps=STEPS,
+                                  log_path=str(tmp_path), starts=starts)  # fmt: skip
+    model.learn(2 * STEPS, callback=callback)
+    rows = [json.loads(line) for line in (tmp_path / "evaluations.jsonl").read_text().splitlines()]
+    assert rows and all(row["episodes"] == 1 and set(row["per_task"]) == {"0"} for row in rows)
