@@ -109,6 +109,13 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         gripper_convention: "libero" (the action's gripper is LIBERO's: -1 open, +1 close) or "openvla"
             (OpenVLA's [0, 1] with 1 = open, binarised and inverted as OpenVLA's LIBERO evaluation does; see
             :mod:`gym_libero_vla.wrappers.openvla_gripper`). Real OpenVLA LIBERO checkpoints need "openvla".
+        action_chunk: actions per ``step``: 1 (default) takes one ``(7,)`` action; ``k > 1`` takes a ``(k, 7)`` chunk,
+            executes its actions in order (stopping early when the task succeeds or the step limit is reached) and
+            renders the cameras once, for the observation it returns; ``info["executed_actions"]`` says how many ran.
+        max_env_steps: truncate the episode once this many actions were executed (an env step is one action, chunked
+            or not). Default: none of its own for ``action_chunk=1`` (Gymnasium's ``max_episode_steps`` counts steps,
+            which are actions then), the suite's limit (``max_episode_steps`` of the registration) for chunks, whose
+            ``step`` calls Gymnasium's ``TimeLimit`` counts instead.
         strict_mujoco: raise :class:`gym_libero_vla.fidelity.MujocoVersionError` when the installed MuJoCo is not
             the pinned one (LIBERO's scenes change with it); False warns instead; None (default) reads the
             environment variable ``GYM_LIBERO_VLA_STRICT_MUJOCO``.
@@ -139,6 +146,8 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         num_settle_steps: int = NUM_SETTLE_STEPS,
         max_cached_tasks: int = 3,
         gripper_convention: str = "libero",
+        action_chunk: int = 1,
+        max_env_steps: int | None = None,
         strict_mujoco: bool | None = None,
     ):
         check_mujoco_version(strict_mujoco)
@@ -157,6 +166,10 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             raise ValueError(f"num_settle_steps {num_settle_steps} must be >= 0")
         if max_cached_tasks < 1:
             raise ValueError(f"max_cached_tasks {max_cached_tasks} must be >= 1")
+        if not (isinstance(action_chunk, (int, np.integer)) and not isinstance(action_chunk, bool) and action_chunk >= 1):
+            raise ValueError(f"action_chunk {action_chunk!r} must be an int >= 1 (actions per step)")
+        if max_env_steps is not None and not (isinstance(max_env_steps, (int, np.integer)) and max_env_steps >= 1):
+            raise ValueError(f"max_env_steps {max_env_steps!r} must be an int >= 1 or None")
 
         self.tasks = suite_tasks(self.suite)
         all_ids = tuple(range(len(self.tasks)))
@@ -178,6 +191,12 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         self.num_settle_steps = int(num_settle_steps)
         self.max_cached_tasks = int(max_cached_tasks)
         self.max_episode_steps = self.suite_spec.max_episode_steps
+        self.action_chunk = int(action_chunk)
+        self.max_env_steps = int(max_env_steps) if max_env_steps is not None else (
+            self.max_episode_steps if self.action_chunk > 1 else None
+        )  # fmt: skip
+        self.action_hooks: list = []
+        """Called with no arguments after every executed action (e.g. RolloutRelabel's goal checks)."""
         self.object_state_dim = OBJECT_STATE_PER_OBJECT * max(task.num_objects for task in self.tasks)
 
         obs_spaces: dict[str, spaces.Space] = {
@@ -193,13 +212,16 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
                 -OBJECT_STATE_BOUND, OBJECT_STATE_BOUND, (self.object_state_dim,), np.float32
             )
         self.observation_space = spaces.Dict(obs_spaces)
-        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+        action_shape = (ACTION_DIM,) if self.action_chunk == 1 else (self.action_chunk, ACTION_DIM)
+        self.action_space = spaces.Box(-1.0, 1.0, action_shape, np.float32)
 
         self._simulators: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._sim = None  # LIBERO env of the current episode
         self._task: Any = None
         self._init_state_id = -1
         self._frames: dict[str, np.ndarray] = {}  # frames rendered for the current observation
+        self._env_steps = 0  # actions executed in the current episode
+        self.frames_rendered = 0  # camera frames rendered for observations, for speed checks
 
     # ------------------------------------------------------------------ simulator management
     @property
@@ -315,23 +337,36 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         for robot in sim.robots:
             robot.controller.new_update = True
         self._sim, self._task, self._init_state_id = sim, self.tasks[task_id], init_state_id
+        self._env_steps = 0
         return self._observation(raw_obs), self._info(success=False)
 
     def step(self, action):
         if self._sim is None:
             raise gym.error.ResetNeeded("call reset() before step()")
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (ACTION_DIM,):
-            raise ValueError(
-                f"action has shape {action.shape}: expected ({ACTION_DIM},) (dx, dy, dz, droll, dpitch, dyaw, gripper)"
+        actions = np.asarray(action, dtype=np.float64)
+        if actions.shape != self.action_space.shape:
+            what = (
+                "(dx, dy, dz, droll, dpitch, dyaw, gripper)" if self.action_chunk == 1 else f"a chunk of {self.action_chunk}"
             )
-        if not np.all(np.isfinite(action)):
-            raise ValueError(f"action contains NaN or inf: {action.tolist()}")
-        if self.gripper_convention == "openvla":  # OpenVLA's [0, 1] gripper (1 = open) -> LIBERO's -1 open / +1 close
-            action = openvla_gripper_to_libero(action)
-        raw_obs, _, success, _ = self._sim.step(np.clip(action, -1.0, 1.0))
-        success = bool(success)  # LIBERO's `done` is its BDDL goal check
-        return self._observation(raw_obs), float(success), success, False, self._info(success)
+            raise ValueError(f"action has shape {actions.shape}: expected {self.action_space.shape} {what}")
+        if not np.all(np.isfinite(actions)):
+            raise ValueError(f"action contains NaN or inf: {actions.tolist()}")
+        success, truncated, executed = False, False, 0
+        for action in actions.reshape(-1, ACTION_DIM):
+            if self.gripper_convention == "openvla":  # OpenVLA's [0, 1] gripper (1 = open) -> LIBERO's -1 open / +1 close
+                action = openvla_gripper_to_libero(action)
+            raw_obs, _, done, _ = self._sim.step(np.clip(action, -1.0, 1.0))
+            executed += 1
+            self._env_steps += 1
+            for hook in self.action_hooks:
+                hook()
+            success = bool(done)  # LIBERO's `done` is its BDDL goal check
+            truncated = self.max_env_steps is not None and self._env_steps >= self.max_env_steps and not success
+            if success or truncated:
+                break
+        info = self._info(success)
+        info["executed_actions"] = executed
+        return self._observation(raw_obs), float(success), success, truncated, info
 
     def render(self):
         if self.render_mode is None:
@@ -367,6 +402,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
                 [raw["robot0_eef_pos"], _quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
             ).astype(np.float32)
         self._frames = {camera: self._render_camera(camera, *self.image_size) for camera in self.cameras}
+        self.frames_rendered += len(self._frames)
         obs.update(self._frames)
         if self.privileged_state:
             object_state = np.zeros(self.object_state_dim, dtype=np.float32)
