@@ -173,6 +173,12 @@ class BaseLearner:
         shape = (env.single_action_space if vector else env.action_space).shape
         if shape[-1:] != (self.policy.action_dim,):
             raise ValueError(f"the env's action space has shape {shape}: the policy outputs {self.policy.action_dim} numbers")
+        env_chunk, policy = (shape[0] if len(shape) == 2 else 1), self.policy
+        if env_chunk != policy.execute_steps:
+            raise ValueError(
+                f"the env takes {env_chunk} action(s) per step, but the policy executes {policy.execute_steps} of each "
+                f"chunk of {policy.chunk_size}: make the env with action_chunk={policy.execute_steps}"
+            )
 
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         parameters = [p for p in self.policy.parameters() if p.requires_grad]

@@ -47,7 +47,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from gym_libero_vla import rollouts
 from gym_libero_vla.algos.base import BaseLearner, check_ints, check_positive, is_finite
-from gym_libero_vla.algos.sft import Transitions, demo_token_log_probs, episodes_of
+from gym_libero_vla.algos.sft import Transitions, demo_token_log_probs, episodes_of, masked_mean
 from gym_libero_vla.episode import Episode
 from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies.base import check_temperature
@@ -100,13 +100,16 @@ def clipped_surrogate(
     clip_low: float,
     clip_high: float,
     weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per action token, with asymmetric bounds (DAPO's clip-higher).
 
-    ``log_probs`` ``(B, 7)`` under the current policy (differentiable), ``old_log_probs`` ``(B, 7)`` under the
-    policy the ratio is taken against (the sampling policy when on-policy, the proximal one otherwise),
-    ``advantages`` broadcastable to ``(B, 7)`` (an episode's advantage on each of its tokens), ``weights``
-    (optional, broadcastable, detached) per-token importance weights of off-policy tokens (decoupled PPO).
+    ``log_probs`` ``(B, n)`` under the current policy (differentiable; ``n`` = 7 tokens an action, ``chunk_size * 7``
+    a chunk), ``old_log_probs`` ``(B, n)`` under the policy the ratio is taken against (the sampling policy when
+    on-policy, the proximal one otherwise), ``advantages`` broadcastable to ``(B, n)`` (an episode's advantage on each
+    of its tokens), ``weights`` (optional, broadcastable, detached) per-token importance weights of off-policy tokens
+    (decoupled PPO), ``mask`` (optional, ``(B, n)`` bool) the tokens that count: a chunk's tokens of actions the env
+    never executed (the episode ended inside it) carry no consequence and are left out.
     Returns ``(pg_loss, clip_fraction, approx_kl)``: the loss is a token-level mean; ``clip_fraction`` the
     share of tokens whose ratio lies outside ``[1 - clip_low, 1 + clip_high]``; ``approx_kl`` the k3
     estimate of KL(old || new) (Schulman, "Approximating KL divergence").
@@ -119,10 +122,10 @@ def clipped_surrogate(
     pg_losses = torch.max(pg_loss1, pg_loss2)  # pessimistic bound, PPO
     if weights is not None:
         pg_losses = pg_losses * weights
-    pg_loss = pg_losses.mean()
+    pg_loss = masked_mean(pg_losses, mask)
     with torch.no_grad():
-        clip_fraction = ((ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)).float().mean()
-        approx_kl = ((ratio - 1.0) - log_ratio).mean()
+        clip_fraction = masked_mean(((ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)).float(), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
     return pg_loss, clip_fraction, approx_kl
 
 
@@ -276,9 +279,10 @@ class GroupRollout:
     observations: dict[str, Any]
     """Each key the policy reads -> ``(N, ...)`` array; "instruction" -> ``(N,)`` object array of str."""
     action_tokens: np.ndarray
-    """(N, 7) int64 action tokens."""
+    """(N, num_action_tokens) int64 action tokens (7 per action; a chunk's ``chunk_size * 7``)."""
     behaviour_log_probs: np.ndarray
-    """(N, 7) float32 log mu(a_i | o, a_<i) of the policy that produced the step; NaN where unknown (demos)."""
+    """(N, num_action_tokens) float32 log mu(a_i | o, a_<i) of the policy that produced the step; NaN where unknown
+    (demos)."""
     episode_index: np.ndarray
     """(N,) int64: which episode each step belongs to."""
     episode_rewards: np.ndarray
@@ -295,20 +299,27 @@ class GroupRollout:
     """The episodes themselves, in the same order."""
     stats: dict[str, float] = dataclasses.field(default_factory=dict)
     """Collection counts, named by their logger keys: groups sampled / informative / rescued, relabelled episodes."""
+    token_mask: np.ndarray | None = None
+    """(N, num_action_tokens) bool: tokens of actions the env executed (a chunk's actions after the episode ended
+    never reached it, so the update leaves their tokens out); None: every token."""
 
     @classmethod
-    def from_episodes(cls, episodes: Sequence[Episode], action_bins, observation_keys: Sequence[str], stats=None):
+    def from_episodes(
+        cls, episodes: Sequence[Episode], action_bins, observation_keys: Sequence[str], stats=None, chunk_size: int = 1
+    ):
         if not episodes:
             raise ValueError("a GroupRollout needs at least one episode")
-        steps = Transitions.from_episodes(episodes, observation_keys, action_bins.action_dim)
+        steps = Transitions.from_episodes(episodes, observation_keys, action_bins.action_dim, chunk_size)
         lengths = np.array([episode.num_steps for episode in episodes], dtype=np.int64)
         behaviour = steps.behaviour_log_probs
         if behaviour is None:
-            behaviour = np.full((len(steps), action_bins.action_dim), np.nan, np.float32)
+            behaviour = np.full((len(steps), chunk_size * action_bins.action_dim), np.nan, np.float32)
+        all_steps = np.arange(len(steps))
         return cls(
             observations=steps.observations,
-            action_tokens=action_bins.encode(steps.actions),
+            action_tokens=action_bins.encode(steps.actions).reshape(len(steps), -1),
             behaviour_log_probs=behaviour,
+            token_mask=steps.token_mask(all_steps),
             episode_index=np.repeat(np.arange(len(episodes)), lengths),
             episode_rewards=np.array([float(episode.success) for episode in episodes], dtype=np.float32),
             episode_lengths=lengths,
@@ -384,10 +395,9 @@ class GRPO(BaseLearner):
 
     def _rebuild_offline(self) -> None:
         """The offline term's data: the demos plus the success replay, flattened, with behaviour log-probs."""
-        episodes = self.demo_episodes + self.replay.episodes
-        self.demos = (
-            Transitions.from_episodes(episodes, self.policy.observation_keys, self.policy.action_dim) if episodes else None
-        )
+        episodes, policy = self.demo_episodes + self.replay.episodes, self.policy
+        keys, action_dim, chunk_size = policy.observation_keys, policy.action_dim, policy.chunk_size
+        self.demos = Transitions.from_episodes(episodes, keys, action_dim, chunk_size) if episodes else None
 
     # ------------------------------------------------------------------ rollout
     def _env_task_ids(self) -> tuple[int, ...]:
@@ -462,7 +472,8 @@ class GRPO(BaseLearner):
         stats["rollout/relabelled_episodes"] = len(relabelled)
         if self.replay.add([episode for episode in episodes if episode.source == "online"] + relabelled):
             self._rebuild_offline()
-        return GroupRollout.from_episodes(episodes, self.policy.action_bins, self.policy.observation_keys, stats)
+        policy = self.policy
+        return GroupRollout.from_episodes(episodes, policy.action_bins, policy.observation_keys, stats, policy.chunk_size)
 
     def _rescue(self, group: list[Episode]) -> tuple[list[Episode], bool]:
         """Replace the last rollout of an all-fail group by a demo of its task (from its init state if any)."""
@@ -482,7 +493,7 @@ class GRPO(BaseLearner):
     def _current_log_probs(self, rollout: GroupRollout, indices: np.ndarray) -> np.ndarray:
         """log pi(a_i | o, a_<i) of the given steps under the policy as it is now (no gradient)."""
         self.policy.eval()
-        out = np.empty((len(indices), self.policy.action_dim), dtype=np.float32)
+        out = np.empty((len(indices), self.policy.num_action_tokens), dtype=np.float32)
         batch = self.config.minibatch_size
         for start in range(0, len(indices), batch):
             part = indices[start : start + batch]
@@ -547,21 +558,22 @@ class GRPO(BaseLearner):
                     action_tokens = torch.as_tensor(rollout.action_tokens[indices], device=device)
                     old_log_probs = torch.as_tensor(proximal[indices], device=device)
                     token_weights = torch.as_tensor(weights[indices], device=device)
-                    advantages = step_advantages[indices].to(device)[:, None]  # same A for the 7 tokens of a step
+                    advantages = step_advantages[indices].to(device)[:, None]  # same A for every token of a step
+                    mask = None if rollout.token_mask is None else torch.as_tensor(rollout.token_mask[indices], device=device)
                     log_probs, entropy = policy.log_prob(obs, action_tokens, config.temperature)
                     pg_loss, clip_fraction, approx_kl = clipped_surrogate(
-                        log_probs, old_log_probs, advantages, config.clip_low, config.clip_high, token_weights
+                        log_probs, old_log_probs, advantages, config.clip_low, config.clip_high, token_weights, mask
                     )
-                    entropy_loss = entropy.mean()
+                    entropy_loss = masked_mean(entropy, mask)
                     loss = config.pg_coef * pg_loss - config.entropy_coef * entropy_loss
                     if config.kl_coef > 0:
-                        kl = k3_kl(log_probs, self._reference_log_probs(obs, action_tokens)).mean()
+                        kl = masked_mean(k3_kl(log_probs, self._reference_log_probs(obs, action_tokens)), mask)
                         loss = loss + config.kl_coef * kl
                         metrics["train/kl"] = kl.item()
                     metrics.update({
                         "train/pg_loss": pg_loss.item(), "train/entropy": entropy_loss.item(),
                         "train/clip_fraction": clip_fraction.item(), "train/approx_kl": approx_kl.item(),
-                        "train/pg_is_weight_mean": token_weights.mean().item(),
+                        "train/pg_is_weight_mean": masked_mean(token_weights, mask).item(),
                     })  # fmt: skip
                 if use_demos:
                     imitation_loss, is_weight_mean = self._imitation_loss()
@@ -603,20 +615,23 @@ class GRPO(BaseLearner):
     def _rollout_entropy(self, rollout: GroupRollout, max_steps: int = 256) -> float:
         indices = np.linspace(0, len(rollout.action_tokens) - 1, min(max_steps, len(rollout.action_tokens))).astype(int)
         tokens = torch.as_tensor(rollout.action_tokens[indices], device=self.policy.device)
-        return self.policy.log_prob(rollout.batch(indices), tokens, self.config.temperature)[1].mean().item()
+        mask = None if rollout.token_mask is None else torch.as_tensor(rollout.token_mask[indices], device=tokens.device)
+        return masked_mean(self.policy.log_prob(rollout.batch(indices), tokens, self.config.temperature)[1], mask).item()
 
     def _imitation_loss(self) -> tuple[torch.Tensor, float]:
         """(IS-weighted) NLL of a random batch of offline tokens, and the mean importance weight."""
         indices = self._rng.integers(len(self.demos), size=self.config.imitation_batch_size)
         obs, actions = self.demos.batch(indices)
         _, log_probs, _ = demo_token_log_probs(self.policy, obs, actions)
+        mask = self.demos.token_mask(indices)  # chunks: padding past an episode's end is not imitated
+        mask = None if mask is None else torch.as_tensor(mask, device=log_probs.device)
         weights = torch.ones_like(log_probs)
         if self.demos.behaviour_log_probs is not None:
             behaviour = torch.as_tensor(self.demos.behaviour_log_probs[indices], device=log_probs.device)
             known = ~torch.isnan(behaviour)  # scripted / human demos have no mu: plain behaviour cloning
             truncated = importance_weights(log_probs, torch.nan_to_num(behaviour), self.config.is_clip)
             weights = torch.where(known, truncated, weights)
-        return -(weights * log_probs).mean(), weights.mean().item()
+        return -masked_mean(weights * log_probs, mask), masked_mean(weights, mask).item()
 
     @torch.no_grad()
     def _reference_log_probs(self, obs, action_tokens: torch.Tensor) -> torch.Tensor:

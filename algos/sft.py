@@ -60,17 +60,20 @@ def episodes_of(demos: Any, observation_keys: Sequence[str] = ()) -> list[Episod
 @dataclasses.dataclass
 class Transitions:
     """Episodes flattened to ``N`` (observation, action) pairs, with the behaviour policy's token log-probs where
-    known."""
+    known. For a chunking policy each pair's action is a chunk: the next ``chunk_size`` actions, padded past the
+    episode's end (or past what the env executed) and masked there."""
 
     observations: dict[str, Any]
     """Each key the policy reads -> ``(N, ...)`` array; "instruction" -> ``(N,)`` array of str."""
     actions: np.ndarray
-    """(N, action_dim) float32."""
+    """(N, action_dim) float32, or (N, chunk_size, action_dim) chunks."""
     task_ids: np.ndarray
     """(N,) int64, -1 where unknown."""
     behaviour_log_probs: np.ndarray | None = None
-    """(N, action_dim) float32 log mu of the policy that produced each step, NaN where unknown (scripted or human
-    demos); None when no step has one."""
+    """(N, num_action_tokens) float32 log mu of the policy that produced each step, NaN where unknown (scripted or
+    human demos); None when no step has one."""
+    action_mask: np.ndarray | None = None
+    """(N, chunk_size) bool: which actions of each chunk are real (None: all of them; one-action steps)."""
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -80,19 +83,23 @@ class Transitions:
         obs["instruction"] = tuple(obs["instruction"].tolist())
         return obs, self.actions[indices]
 
+    def token_mask(self, indices: np.ndarray) -> np.ndarray | None:
+        """(B, num_action_tokens) bool: the tokens of real actions (None: every token is)."""
+        if self.action_mask is None:
+            return None
+        return np.repeat(self.action_mask[indices], self.actions.shape[-1], axis=1)
+
     @classmethod
-    def from_episodes(cls, demos: Any, observation_keys: Sequence[str], action_dim: int) -> Transitions:
-        """Flatten ``demos`` (see the module docstring) with ``observation_keys``."""
+    def from_episodes(cls, demos: Any, observation_keys: Sequence[str], action_dim: int, chunk_size: int = 1) -> Transitions:
+        """Flatten ``demos`` (see the module docstring) with ``observation_keys``; with ``chunk_size > 1``, one chunk per
+        step: a chunking policy's own episodes as recorded, one-action demos as the window of their next actions."""
         episodes = episodes_of(demos, observation_keys)
         if not episodes:
             raise ValueError("demos hold no episodes: give at least one demonstration")
         columns: dict[str, list] = {key: [] for key in observation_keys}
-        actions, task_ids, behaviour = [], [], []
+        actions, masks, task_ids, behaviour = [], [], [], []
         for index, episode in enumerate(episodes):
-            if episode.actions.ndim != 2 or episode.actions.shape[1] != action_dim:
-                raise ValueError(
-                    f"demonstration {index}: actions have shape {episode.actions.shape}, expected (T, {action_dim})"
-                )
+            chunks, mask, log_probs = _action_chunks(episode, index, action_dim, chunk_size)
             episode = episode.with_observations(observation_keys)
             num_steps = episode.num_steps
             for key in observation_keys:
@@ -100,31 +107,65 @@ class Transitions:
                 columns[key].append(
                     np.full(num_steps, values, dtype=object) if isinstance(values, str) else values[:num_steps]
                 )
-            actions.append(np.asarray(episode.actions, dtype=np.float32))
+            actions.append(chunks)
+            masks.append(mask)
             task_ids.append(np.full(num_steps, episode.task_id, dtype=np.int64))
-            behaviour.append(
-                np.full((num_steps, action_dim), np.nan, np.float32) if episode.log_probs is None
-                else np.asarray(episode.log_probs, np.float32).reshape(num_steps, -1)
-            )  # fmt: skip
+            behaviour.append(log_probs)
         observations = {key: np.concatenate(values) for key, values in columns.items()}
         observations["instruction"] = observations["instruction"].astype(object)
         behaviour_log_probs = np.concatenate(behaviour)
         if np.isnan(behaviour_log_probs).all():
             behaviour_log_probs = None  # scripted / human demos only: plain behaviour cloning
-        return cls(observations, np.concatenate(actions), np.concatenate(task_ids), behaviour_log_probs)
+        action_mask = np.concatenate(masks) if chunk_size > 1 else None
+        return cls(observations, np.concatenate(actions), np.concatenate(task_ids), behaviour_log_probs, action_mask)
+
+
+def _action_chunks(episode: Episode, index: int, action_dim: int, chunk_size: int):
+    """An episode's actions as a policy with ``chunk_size`` predicts them: ``(actions, mask, behaviour log-probs)``."""
+    actions = np.asarray(episode.actions, dtype=np.float32)
+    num_steps, num_tokens = episode.num_steps, chunk_size * action_dim
+    if actions.shape[-1] != action_dim or actions.ndim not in (2, 3):
+        raise ValueError(f"demonstration {index}: actions have shape {actions.shape}, expected (T, {action_dim})")
+    if actions.ndim == 3 and actions.shape[1] != chunk_size:
+        raise ValueError(
+            f"demonstration {index} holds chunks of {actions.shape[1]} actions, but the policy predicts {chunk_size}"
+        )
+    known = episode.log_probs is not None and np.asarray(episode.log_probs).reshape(num_steps, -1).shape[1] == num_tokens
+    log_probs = (np.asarray(episode.log_probs, np.float32).reshape(num_steps, -1) if known
+                 else np.full((num_steps, num_tokens), np.nan, np.float32))  # fmt: skip
+    if chunk_size == 1:
+        return actions, None, log_probs
+    if actions.ndim == 3:  # a chunking policy's episode: what the env executed is real
+        executed = episode.executed if episode.executed is not None else np.full(num_steps, chunk_size)
+        return actions, np.arange(chunk_size)[None] < executed[:, None], log_probs
+    # One action per step: step t's chunk is actions t .. t + chunk_size - 1, padded (and masked) past the end.
+    padded = np.concatenate([actions, np.zeros((chunk_size - 1, action_dim), np.float32)])
+    windows = np.stack([padded[t : t + chunk_size] for t in range(num_steps)])
+    mask = np.arange(chunk_size)[None] < (num_steps - np.arange(num_steps))[:, None]
+    return windows, mask, log_probs
 
 
 def demo_token_log_probs(
     policy, obs: Mapping[str, Any], actions: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forced ``log pi(a_i | o, a_<i)`` of demonstrated actions under ``policy``: their tokens (the bins of
-    each dimension), the token log-probs ``(B, 7)`` and the full log-softmax ``(B, 7, num_bins)``. The NLL of SFT, of
-    GRPO's offline term and of iRe-VLA's supervised stage is ``-token_log_probs.mean()`` (weighted in GRPO)."""
-    action_tokens = torch.as_tensor(policy.action_bins.encode(actions), device=policy.device)
-    logits = policy.action_logits(obs, action_tokens)  # (B, 7, num_bins), teacher-forced
+    """Teacher-forced ``log pi(a_i | o, a_<i)`` of demonstrated actions (or chunks) under ``policy``: their tokens (the
+    bins of each dimension), the token log-probs ``(B, num_action_tokens)`` and the full log-softmax ``(B,
+    num_action_tokens, num_bins)``. The NLL of SFT, of GRPO's offline term and of iRe-VLA's supervised stage is
+    ``-token_log_probs.mean()`` (over the real tokens, and weighted in GRPO)."""
+    action_tokens = torch.as_tensor(policy.encode_actions(actions), device=policy.device)
+    logits = policy.action_logits(obs, action_tokens)  # (B, n, num_bins), teacher-forced
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     token_log_probs = log_probs.gather(-1, action_tokens[..., None]).squeeze(-1)
     return action_tokens, token_log_probs, log_probs
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``values`` over the entries ``mask`` keeps: the tokens of real actions (None: every entry, exactly
+    ``values.mean()``)."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 @torch.no_grad()
@@ -137,9 +178,11 @@ def demo_fit(policy, demos: Transitions, max_transitions: int = 2048, batch_size
     policy.eval()
     for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
         action_tokens, token_log_probs, log_probs = demo_token_log_probs(policy, *demos.batch(chunk))
-        loss_sum -= token_log_probs.sum().item()
-        correct += (log_probs.argmax(-1) == action_tokens).sum().item()
-        count += action_tokens.numel()
+        mask = demos.token_mask(chunk)
+        real = torch.ones_like(token_log_probs) if mask is None else torch.as_tensor(mask, device=policy.device).float()
+        loss_sum -= (token_log_probs * real).sum().item()
+        correct += ((log_probs.argmax(-1) == action_tokens).float() * real).sum().item()
+        count += real.sum().item()
     policy.train(was_training)
     return {"loss": loss_sum / count, "token_accuracy": correct / count, "transitions": len(indices)}
 
@@ -205,7 +248,8 @@ class SFT(BaseLearner):
 
     def set_demos(self, demos: Any) -> None:
         """Train on ``demos`` from now on (the current epoch's order is dropped)."""
-        self.demos = Transitions.from_episodes(demos, self.policy.observation_keys, self.policy.action_dim)
+        policy = self.policy
+        self.demos = Transitions.from_episodes(demos, policy.observation_keys, policy.action_dim, policy.chunk_size)
         self._pending = np.zeros(0, dtype=np.int64)
 
     def _next_indices(self) -> np.ndarray:
@@ -218,9 +262,12 @@ class SFT(BaseLearner):
     def train_step(self) -> dict[str, float]:
         """One gradient step on the next batch of demo transitions; its scalars."""
         policy = self.policy
-        obs, actions = self.demos.batch(self._next_indices())
+        indices = self._next_indices()
+        obs, actions = self.demos.batch(indices)
         action_tokens, token_log_probs, log_probs = demo_token_log_probs(policy, obs, actions)
-        loss = -token_log_probs.mean()  # cross-entropy on action tokens
+        mask = self.demos.token_mask(indices)  # chunks: the padding past an episode's end is not learned
+        mask = None if mask is None else torch.as_tensor(mask, device=policy.device)
+        loss = -masked_mean(token_log_probs, mask)  # cross-entropy on action tokens
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -232,9 +279,10 @@ class SFT(BaseLearner):
         self.num_timesteps += 1
         with torch.no_grad():
             predicted = log_probs.argmax(-1)
-            entropy = -(log_probs.exp() * log_probs).sum(-1).mean()  # H(pi(. | o, a_<i)), averaged over tokens
-            token_accuracy = (predicted == action_tokens).float().mean()
-            action_l1 = np.abs(policy.action_bins.decode(predicted.cpu().numpy()) - actions).mean()  # greedy vs demo
+            entropy = masked_mean(-(log_probs.exp() * log_probs).sum(-1), mask)  # H(pi(. | o, a_<i)), mean over tokens
+            token_accuracy = masked_mean((predicted == action_tokens).float(), mask)
+            errors = np.abs(policy.action_bins.decode(predicted.cpu().numpy().reshape(actions.shape)) - actions)
+            action_l1 = errors.mean() if mask is None else errors[self.demos.action_mask[indices]].mean()  # greedy vs demo
         return {
             "train/loss": loss.item(), "train/token_accuracy": token_accuracy.item(), "train/entropy": entropy.item(),
             "train/action_l1": float(action_l1), "train/grad_norm": float(grad_norm),

@@ -104,8 +104,8 @@ def make_policy(args: Args, instructions: list[str]):
 def run(mode: str, args: Args, policy, workdir: str) -> dict:
     torch.manual_seed(args.grpo.seed or 0)
     start, cpu_start = time.perf_counter(), time.process_time()
-    env_kwargs = dict(task_ids=args.task_ids, max_episode_steps=args.max_episode_steps,
-                      num_settle_steps=args.num_settle_steps, **env_kwargs_for_policy(policy))  # fmt: skip
+    env_kwargs = dict(task_ids=args.task_ids, num_settle_steps=args.num_settle_steps,
+                      **env_kwargs_for_policy(policy, args.max_episode_steps))  # fmt: skip
     grpo = dataclasses.asdict(dataclasses.replace(args.grpo, cache_dir=os.path.join(workdir, mode, "cache")))
     envs_per_worker = args.pipeline.envs_per_worker
     if mode == "sync":

@@ -336,8 +336,7 @@ def train_variant(variant, args, seed, sft, episodes, run_dir, suite, task_ids, 
     checkpoints = os.path.join(run_dir, "checkpoints")
     device = resolve_device(args.device)
     policy = load_policy(sft["path"]).to(device)
-    kwargs = dict(task_ids=task_ids, max_episode_steps=args.rollout_max_episode_steps or max_episode_steps,
-                  **env_kwargs_for_policy(policy))  # fmt: skip
+    kwargs = dict(task_ids=task_ids, **env_kwargs_for_policy(policy, args.rollout_max_episode_steps or max_episode_steps))
     wrappers = None
     if variant == "grpo_offline_relabel":
         wrappers = [functools.partial(RolloutRelabel, target_task_ids=task_ids, observation_keys=policy.observation_keys)]

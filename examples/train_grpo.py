@@ -268,8 +268,7 @@ def main(args: Args) -> dict:
     timings["eval_before"] = time.time() - start - sum(timings.values())
 
     # 4. GRPO with the demos as offline regularization (or iRe-VLA), on the demos' init states (evaluation's stay held out).
-    env_kwargs = env_kwargs_for_policy(policy)
-    env = gym.make(suite.env_id, task_ids=args.task_ids, max_episode_steps=args.max_episode_steps, **env_kwargs)
+    env = gym.make(suite.env_id, task_ids=args.task_ids, **env_kwargs_for_policy(policy, args.max_episode_steps))
     tensorboard_log = os.path.join(args.output_dir, "tb")
 
     def create():

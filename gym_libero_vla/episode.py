@@ -35,7 +35,7 @@ class Episode:
 
     observations: dict[str, np.ndarray | str]
     actions: np.ndarray
-    """(T, 7) float32: LIBERO's delta end-effector command."""
+    """(T, 7) float32: LIBERO's delta end-effector command; ``(T, k, 7)`` for a chunking policy (one chunk per step)."""
     rewards: np.ndarray
     """(T,) float32."""
     success: bool
@@ -48,6 +48,9 @@ class Episode:
     source: str = "online"
     """"online" (a policy's rollout), "offline" (a demonstration) or "relabelled" (hindsight relabelling)."""
     log_probs: np.ndarray | None = None
+    executed: np.ndarray | None = None
+    """``(T,)`` int: actions of each step's chunk the env executed (the last chunk stops where the episode ended);
+    None: every action (one-action steps, or whole chunks)."""
     env_id: str = ""
     episode_id: int | None = None
     created_at: float = dataclasses.field(default_factory=time.time)
@@ -84,6 +87,11 @@ class Episode:
             raise ValueError(f"rewards have shape {self.rewards.shape}: expected ({num_steps},) for {num_steps} actions")
         if self.log_probs is not None and (self.log_probs.ndim == 0 or len(self.log_probs) != num_steps):
             raise ValueError(f"log_probs have shape {self.log_probs.shape}: expected leading dimension {num_steps}")
+        if self.executed is not None:
+            self.executed = np.asarray(self.executed, dtype=np.int64)
+            chunk = self.actions.shape[1] if self.actions.ndim == 3 else 1
+            if self.executed.shape != (num_steps,) or self.executed.min() < 1 or self.executed.max() > chunk:
+                raise ValueError(f"executed must be ({num_steps},) counts in 1..{chunk}: got {self.executed.tolist()}")
         for key, value in self.observations.items():
             if isinstance(value, str):
                 continue
@@ -100,6 +108,13 @@ class Episode:
 
     def __len__(self) -> int:
         return len(self.actions)
+
+    @property
+    def num_env_steps(self) -> int:
+        """Actions the env executed: ``num_steps``, or the executed actions of each chunk summed."""
+        if self.executed is not None:
+            return int(self.executed.sum())
+        return self.num_steps * (self.actions.shape[1] if self.actions.ndim == 3 else 1)
 
     @property
     def total_reward(self) -> float:
@@ -125,7 +140,7 @@ class Episode:
         observations = {key: value if isinstance(value, str) else take(value) for key, value in self.observations.items()}
         return dataclasses.replace(
             self, observations=observations, actions=self.actions[keep], rewards=self.rewards[keep],
-            log_probs=take(self.log_probs), states=take(self.states),
+            log_probs=take(self.log_probs), states=take(self.states), executed=take(self.executed),
         )  # fmt: skip
 
     def with_observations(self, keys) -> Episode:

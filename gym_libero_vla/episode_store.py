@@ -238,7 +238,7 @@ class EpisodeStore:
             rows = [
                 (
                     file_name, episode.task_id, episode.init_state_id, episode.source, episode.policy_version,
-                    int(episode.success), episode.num_steps, episode.total_reward, os.path.getsize(file_path),
+                    int(episode.success), episode.num_env_steps, episode.total_reward, os.path.getsize(file_path),
                     episode.created_at, episode.env_id, episode.group_id,
                 )
                 for episode, file_name, file_path in zip(episodes, file_names, file_paths)
@@ -480,6 +480,8 @@ def _episode_arrays(episode: Episode) -> dict[str, np.ndarray]:
     arrays = {"meta": np.array(json.dumps(meta)), "actions": episode.actions, "rewards": episode.rewards}
     if episode.log_probs is not None:
         arrays["log_probs"] = episode.log_probs
+    if episode.executed is not None:
+        arrays["executed"] = episode.executed
     for key, value in episode.observations.items():
         if not isinstance(value, str):
             arrays[f"obs/{key}"] = value
@@ -516,6 +518,7 @@ def _read_episode(path: str) -> Episode:
                 observations[name[len("obs/") :]] = data[name]  # reading checks each array's CRC
         actions, rewards = data["actions"], data["rewards"]
         log_probs = data["log_probs"] if "log_probs" in data.files else None
+        executed = data["executed"] if "executed" in data.files else None
     observations.update(meta["text_observations"])
     return Episode(
         observations={key: observations[key] for key in meta["observation_keys"]},
@@ -527,6 +530,7 @@ def _read_episode(path: str) -> Episode:
         policy_version=meta["policy_version"],
         source=meta["source"],
         log_probs=log_probs,
+        executed=executed,
         env_id=meta["env_id"],
         created_at=meta["created_at"],
         group_id=meta.get("group_id"),  # absent in files written before groups existed

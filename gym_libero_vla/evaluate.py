@@ -76,9 +76,11 @@ class EvalArgs:
     """Show a tqdm progress bar over episodes."""
 
 
-def env_kwargs_for_policy(policy: VLAPolicy) -> dict:
-    """``gym.make`` options that give exactly the observation entries ``policy.observation_keys`` names (and the
-    policy's gripper convention, when it is not LIBERO's)."""
+def env_kwargs_for_policy(policy: VLAPolicy, max_episode_steps: int | None = None) -> dict:
+    """``gym.make`` options that give exactly the observation entries ``policy.observation_keys`` names, its gripper
+    convention when it is not LIBERO's, and, for a chunking policy, ``action_chunk=policy.execute_steps``. With
+    ``max_episode_steps``, the episode step limit in env steps (actions): Gymnasium's ``TimeLimit`` counts ``step``
+    calls, which are chunks for a chunking policy, so the env's own ``max_env_steps`` is set too."""
     keys = tuple(policy.observation_keys)
     cameras = tuple(key for key in keys if key in CAMERA_KEYS)
     kwargs: dict = {"obs_mode": "rgb+state" if cameras else "state"}
@@ -89,6 +91,12 @@ def env_kwargs_for_policy(policy: VLAPolicy) -> dict:
         kwargs["privileged_state"] = True
     if getattr(policy, "gripper_convention", "libero") != "libero":  # e.g. a raw OpenVLA checkpoint
         kwargs["gripper_convention"] = policy.gripper_convention
+    if policy.execute_steps > 1:
+        kwargs["action_chunk"] = policy.execute_steps
+    if max_episode_steps is not None:
+        kwargs["max_episode_steps"] = int(max_episode_steps)
+        if policy.execute_steps > 1:
+            kwargs["max_env_steps"] = int(max_episode_steps)
     return kwargs
 
 
@@ -143,9 +151,7 @@ def evaluate_policy(
         raise ValueError(f"video_episodes {video_episodes} needs a video_dir")
     if episodes_path is not None and not deterministic:
         raise ValueError("episodes_path resumes deterministic evaluations only: sampled episodes are not repeatable")
-    env_kwargs = env_kwargs_for_policy(policy)
-    if max_episode_steps is not None:
-        env_kwargs["max_episode_steps"] = int(max_episode_steps)
+    env_kwargs = env_kwargs_for_policy(policy, max_episode_steps)
     max_steps = max_episode_steps or suite.max_episode_steps
     lock = (
         exclusive(episodes_path + ".lock", f"evaluation into {episodes_path}") if episodes_path else contextlib.nullcontext()

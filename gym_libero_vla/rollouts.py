@@ -17,6 +17,12 @@ stepped, unrecorded, until the others finish.
 Each finished episode comes back as an :class:`~gym_libero_vla.episode.Episode` (observations the policy read,
 actions, rewards, token log-probs, outcome) inside a :class:`Rollout` with its wall seconds, any frames, and any
 hindsight-relabelled episodes a :class:`~gym_libero_vla.wrappers.rollout_relabel.RolloutRelabel` wrapper emitted.
+
+Action chunks: a policy with ``chunk_size > 1`` acts in an env made with ``action_chunk=policy.execute_steps``: each
+step sends the first ``execute_steps`` actions of the chunk it decoded, the env executes them (fewer when the
+episode ends inside the chunk) and returns one observation. The episode keeps the whole chunk and its
+``chunk_size * 7`` token log-probs per step, and ``executed``, how many of its actions ran, so that a learner can
+mask the tokens of actions that never reached the env. ``on_step`` counts env steps (executed actions).
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ class _Slots:
         self.size = env.num_envs if self.vector else len(self.envs)
         spec = getattr(self.envs[0], "spec", None)
         self.env_id = spec.id if spec is not None else ""
+        shape = (self.envs[0].single_action_space if self.vector else self.envs[0].action_space).shape
+        self.action_chunk = shape[0] if len(shape) == 2 else 1
 
     def reset(self, resets: dict[int, Start]) -> dict[int, dict]:
         """Reset each slot of ``resets`` to its start; their first observations (single-env layout)."""
@@ -114,22 +122,24 @@ class _Slots:
 
     def step(self, indices: list[int], actions: np.ndarray) -> dict[int, tuple]:
         """Step the slots ``indices`` (all of them, for a vector env) with ``actions`` (one row each); per slot
-        ``(obs, reward, terminated, truncated, relabelled episodes)``."""
+        ``(obs, reward, terminated, truncated, actions executed, relabelled episodes)``."""
         if not self.vector:
             results = {}
             for row, index in enumerate(indices):
                 obs, reward, terminated, truncated, info = self.envs[index].step(actions[row])
-                results[index] = (obs, reward, terminated, truncated, list(info.get("relabelled_episodes") or []))
+                executed = int(info.get("executed_actions", 1))
+                results[index] = (obs, reward, terminated, truncated, executed, list(info.get("relabelled_episodes") or []))
             return results
         obs, rewards, terminated, truncated, info = self.envs[0].step(actions)
         mask = info.get("_relabelled_episodes")
+        executed = info.get("executed_actions", np.ones(self.size, dtype=np.int64))
         results = {}
         for index in indices:
             relabelled = []
             if "relabelled_episodes" in info and (mask is None or mask[index]):
                 relabelled = list(info["relabelled_episodes"][index] or [])
             sub_obs = {key: value[index] for key, value in obs.items()}
-            results[index] = (sub_obs, rewards[index], terminated[index], truncated[index], relabelled)
+            results[index] = (sub_obs, rewards[index], terminated[index], truncated[index], int(executed[index]), relabelled)
         return results
 
     def render(self, index: int) -> np.ndarray:
@@ -146,6 +156,7 @@ class _Running:  # the episode a slot is in
     actions: list[np.ndarray] = dataclasses.field(default_factory=list)
     log_probs: list[np.ndarray] = dataclasses.field(default_factory=list)
     rewards: list[float] = dataclasses.field(default_factory=list)
+    executed: list[int] = dataclasses.field(default_factory=list)
     frames: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
@@ -195,8 +206,8 @@ def run_episodes(
             instruction; evaluation needs no more and saves the memory of camera frames).
         policy_version: recorded in the episodes (the learner update that produced them).
         render: keep ``env.render()`` frames (videos).
-        on_step: called after every batched step with the number of episode steps it took; False stops at once
-            (episodes not finished are dropped).
+        on_step: called after every batched step with the number of env steps (actions executed) it took; False stops
+            at once (episodes not finished are dropped).
     """
     runner = _Runner(policy, _Slots(env), starts, record_observations, policy_version, render)
     runner.begin(list(range(runner.slots.size)))
@@ -216,6 +227,11 @@ class _Runner:
     def __init__(self, policy, slots: _Slots, starts, record_observations: bool, policy_version: int, render: bool):
         if render and slots.vector:
             raise ValueError("render=True needs single envs (a vector env's sub-envs render in their own processes)")
+        if slots.action_chunk != policy.execute_steps:
+            raise ValueError(
+                f"the env executes {slots.action_chunk} action(s) per step but the policy executes {policy.execute_steps} "
+                f"of each chunk of {policy.chunk_size}: make the env with action_chunk={policy.execute_steps}"
+            )
         self.policy, self.slots, self.policy_version, self.render = policy, slots, policy_version, render
         self.keys = tuple(policy.observation_keys)
         self.recorded = self.keys if record_observations else ("instruction",)
@@ -251,7 +267,7 @@ class _Runner:
                 self.running[index].frames.append(self.slots.render(index))
 
     def step(self, deterministic: bool, temperature: float) -> tuple[int, list[tuple[int, Rollout]]]:
-        """One batched policy call and env step; the episode steps taken and the episodes that ended (by slot)."""
+        """One batched policy call and env step; the env steps taken (actions executed) and the episodes that ended."""
         running, slots = self.running, self.slots
         stepping = list(range(slots.size)) if slots.vector else sorted(running)
         active = [index for index in stepping if index in running]
@@ -263,11 +279,13 @@ class _Runner:
         actions, log_probs = actions.cpu().numpy(), log_probs.cpu().numpy()
         policy_share = (time.perf_counter() - clock) / len(active)
         clock = time.perf_counter()
-        results = slots.step(stepping, actions)
+        chunked = self.policy.chunk_size > 1
+        results = slots.step(stepping, actions[:, : self.policy.execute_steps] if chunked else actions)
         step_share = (time.perf_counter() - clock) / len(stepping)
         ended: list[tuple[int, Rollout]] = []
+        env_steps = 0
         for row, index in enumerate(stepping):
-            obs, reward, terminated, truncated, relabelled = results[index]
+            obs, reward, terminated, truncated, executed, relabelled = results[index]
             if index not in running:
                 self.idle[index] = obs
                 continue
@@ -276,6 +294,8 @@ class _Runner:
             run.actions.append(actions[row])
             run.log_probs.append(log_probs[row])
             run.rewards.append(float(reward))
+            run.executed.append(executed)
+            env_steps += executed
             run.seconds += policy_share + step_share
             run.obs = obs
             if self.render:
@@ -284,7 +304,7 @@ class _Runner:
                 episode = _episode(run, self.recorded, self.policy_version, slots.env_id)
                 ended.append((index, Rollout(run.index, episode, run.seconds, run.frames, relabelled)))
                 del running[index]
-        return len(active), ended
+        return env_steps, ended
 
 
 def _episode(run: _Running, keys: Sequence[str], policy_version: int, env_id: str) -> Episode:
@@ -292,8 +312,10 @@ def _episode(run: _Running, keys: Sequence[str], policy_version: int, env_id: st
     observations = {key: first[key] if key == "instruction" else np.stack([obs[key] for obs in run.observations])
                     for key in keys}  # fmt: skip
     rewards = np.array(run.rewards, dtype=np.float32)
+    actions = np.stack(run.actions)  # (T, 7), or (T, chunk_size, 7) chunks
     return Episode(
-        observations=observations, actions=np.stack(run.actions), rewards=rewards, success=bool(rewards.sum() > 0),
+        observations=observations, actions=actions, rewards=rewards, success=bool(rewards.sum() > 0),
         task_id=run.start.task_id, init_state_id=run.start.init_state_id, policy_version=policy_version,
         source="online", log_probs=np.stack(run.log_probs), env_id=env_id, seed=run.start.seed,
+        executed=np.array(run.executed) if actions.ndim == 3 else None,
     )  # fmt: skip

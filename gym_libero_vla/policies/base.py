@@ -210,8 +210,9 @@ def write_policy_config(directory: str | os.PathLike, content: dict) -> None:
 
 
 class VLAPolicy(nn.Module):
-    """A policy over ``action_dim`` action tokens; subclasses implement :meth:`action_logits` and
-    :meth:`_sample_tokens` (and checkpoints). Everything else is shared."""
+    """A policy over action tokens: ``action_dim`` (7) per action, ``chunk_size`` actions per query
+    (``num_action_tokens`` in all); subclasses implement :meth:`action_logits` and :meth:`_sample_tokens` (and
+    checkpoints). Everything else is shared."""
 
     action_bins: ActionBins
     observation_keys: tuple[str, ...] = ("instruction",)
@@ -226,20 +227,40 @@ class VLAPolicy(nn.Module):
         return self.action_bins.num_bins
 
     @property
+    def chunk_size(self) -> int:
+        """Actions predicted per query (an action chunk, decoded in one forward pass when > 1)."""
+        return 1
+
+    @property
+    def execute_steps(self) -> int:
+        """Actions of each chunk to execute before querying again (``chunk_size``, or fewer: receding horizon)."""
+        return self.chunk_size
+
+    @property
+    def num_action_tokens(self) -> int:
+        return self.chunk_size * self.action_dim
+
+    def encode_actions(self, actions) -> np.ndarray:
+        """``(B, action_dim)`` actions, or ``(B, chunk_size, action_dim)`` chunks -> ``(B, num_action_tokens)`` tokens."""
+        tokens = self.action_bins.encode(actions)
+        return tokens.reshape(len(tokens), -1)
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
     # ------------------------------------------------------------------ to implement
     def action_logits(self, obs_batch: Mapping[str, Any], action_tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits ``(B, action_dim, num_bins)``: entry ``i`` is the distribution of token ``i``
-        given the observation and ``action_tokens[:, :i]``. One forward pass; differentiable."""
+        """Teacher-forced logits ``(B, num_action_tokens, num_bins)``: entry ``i`` is the distribution of token ``i``
+        given the observation and ``action_tokens[:, :i]`` (a chunking policy decodes its tokens in parallel: given
+        the observation alone). One forward pass; differentiable."""
         raise NotImplementedError
 
     def _sample_tokens(
         self, obs_batch: Mapping[str, Any], deterministic: bool, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Autoregressive decoding, each token chosen by :func:`choose_token`: ``(tokens (B, action_dim) int64,
-        logits (B, action_dim, num_bins))``, the logits divided by ``temperature``."""
+        """Decoding, each token chosen by :func:`choose_token`: ``(tokens (B, num_action_tokens) int64, logits
+        (B, num_action_tokens, num_bins))``, the logits divided by ``temperature``."""
         raise NotImplementedError
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -265,9 +286,10 @@ class VLAPolicy(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose actions for a batch of observations.
 
-        Returns ``(actions, action_tokens, token_log_probs)``: float32 ``(B, action_dim)`` bin centres,
-        int64 ``(B, action_dim)`` tokens in ``0..num_bins-1`` and their float32 log-probabilities
-        ``(B, action_dim)`` under the policy, all on the policy's device. ``deterministic`` takes the most
+        Returns ``(actions, action_tokens, token_log_probs)``: float32 bin centres, ``(B, action_dim)`` or, for a
+        chunking policy, ``(B, chunk_size, action_dim)``; int64 ``(B, num_action_tokens)`` tokens in
+        ``0..num_bins-1`` and their float32 log-probabilities ``(B, num_action_tokens)`` under the policy, all on
+        the policy's device. ``deterministic`` takes the most
         likely token at each step (greedy decoding, as OpenVLA's ``predict_action``); otherwise tokens are
         sampled from ``softmax(logits / temperature)`` with torch's global RNG, and the log-probabilities are
         those of that tempered distribution (what :meth:`log_prob` gives at the same ``temperature``).
@@ -275,15 +297,16 @@ class VLAPolicy(nn.Module):
         check_temperature(temperature)
         tokens, logits = self._sample_tokens(obs_batch, deterministic, temperature)
         token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
-        actions = torch.as_tensor(self.action_bins.decode(tokens.cpu().numpy()), device=tokens.device)
+        shape = (len(tokens), self.chunk_size, self.action_dim) if self.chunk_size > 1 else tokens.shape
+        actions = torch.as_tensor(self.action_bins.decode(tokens.cpu().numpy().reshape(shape)), device=tokens.device)
         return actions, tokens, token_log_probs
 
     def log_prob(
         self, obs_batch: Mapping[str, Any], action_tokens, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token ``log pi(a_i | o, a_<i)`` and entropy ``H(pi(. | o, a_<i))``, both ``(B, action_dim)``,
+        """Per-token ``log pi(a_i | o, a_<i)`` and entropy ``H(pi(. | o, a_<i))``, both ``(B, num_action_tokens)``,
         differentiable, in one forward pass, of ``softmax(logits / temperature)`` (1: the policy itself).
-        ``action_tokens``: ``(B, action_dim)`` ints in ``0..num_bins-1``."""
+        ``action_tokens``: ``(B, num_action_tokens)`` ints in ``0..num_bins-1``."""
         check_temperature(temperature)
         action_tokens = self.check_action_tokens(action_tokens, len(instructions_of(obs_batch)))
         log_probs = torch.log_softmax(self.action_logits(obs_batch, action_tokens).float() / temperature, dim=-1)
@@ -293,8 +316,10 @@ class VLAPolicy(nn.Module):
 
     def check_action_tokens(self, action_tokens, batch_size: int) -> torch.Tensor:
         tokens = torch.as_tensor(action_tokens, device=self.device)
-        if tokens.shape != (batch_size, self.action_dim):
-            raise ValueError(f"action_tokens have shape {tuple(tokens.shape)}: expected ({batch_size}, {self.action_dim})")
+        if tokens.shape != (batch_size, self.num_action_tokens):
+            raise ValueError(
+                f"action_tokens have shape {tuple(tokens.shape)}: expected ({batch_size}, {self.num_action_tokens})"
+            )
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(f"action_tokens must be integers: got dtype {tokens.dtype}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.num_bins):

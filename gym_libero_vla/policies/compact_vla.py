@@ -124,6 +124,13 @@ class CompactVLAConfig:
     """MLP width of the transformer blocks (default 2 * hidden_size)."""
     max_instruction_tokens: int = 32
     """Longest instruction (in words) the context holds; longer ones raise ValueError."""
+    chunk_size: int = 1
+    """Actions per query. 1: the 7 tokens decoded one after the other (OpenVLA). ``k > 1``: a chunk of ``k * 7`` tokens
+    decoded in one forward pass (OpenVLA-OFT's parallel decoding): learned query embeddings at the positions after
+    the prefix, attending to the prefix and to each other."""
+    execute_steps: int | None = None
+    """Actions of each chunk the env executes before the policy is queried again (None: all of them; fewer is a
+    receding horizon)."""
 
     def __post_init__(self):
         self.cameras = tuple(self.cameras)
@@ -150,6 +157,12 @@ class CompactVLAConfig:
             raise ValueError(
                 f"image_grid {self.image_grid} is finer than the conv feature map ({self.image_size // 8} cells a side)"
             )
+        if not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
+            raise ValueError(f"chunk_size {self.chunk_size!r} must be an int >= 1")
+        if self.execute_steps is not None and not (
+            isinstance(self.execute_steps, int) and 1 <= self.execute_steps <= self.chunk_size
+        ):
+            raise ValueError(f"execute_steps {self.execute_steps!r} must be an int in 1..chunk_size {self.chunk_size} or None")
         if not self.cameras and not self.use_state and not self.object_state_dim:
             raise ValueError("the policy reads nothing but the instruction: give cameras, use_state or object_state_dim")
 
@@ -211,7 +224,7 @@ class CompactVLA(VLAPolicy):
             num_hidden_layers=config.num_layers,
             num_attention_heads=config.num_heads,
             num_key_value_heads=config.num_heads,
-            max_position_embeddings=self.num_prefix_tokens + action_bins.action_dim,
+            max_position_embeddings=self.num_prefix_tokens + config.chunk_size * action_bins.action_dim,
             pad_token_id=tokenizer.pad_id,
         )
         self.backbone = LlamaModel(backbone_config)
@@ -224,6 +237,11 @@ class CompactVLA(VLAPolicy):
             _vector_token(config.object_state_dim, config.hidden_size) if config.object_state_dim else None
         )
         self.lm_head = nn.Linear(config.hidden_size, self.vocab_size, bias=False)
+        # Parallel decoding (chunk_size > 1): one learned query per action token of the chunk.
+        self.action_queries = (
+            nn.Parameter(torch.randn(config.chunk_size * action_bins.action_dim, config.hidden_size) * 0.02)
+            if config.chunk_size > 1 else None
+        )  # fmt: skip
         self.base_model_path: str | None = None
         self._lora_model = None
 
@@ -260,6 +278,14 @@ class CompactVLA(VLAPolicy):
             instructions = dict.fromkeys(episode.instruction for episode in episodes)
         bins = ActionBins.from_statistics(action_stats(episodes))  # q01..q99 of the demo actions, as OpenVLA
         return cls(config, bins, WordTokenizer.from_texts(instructions))
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    @property
+    def execute_steps(self) -> int:
+        return self.config.execute_steps or self.config.chunk_size
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -323,16 +349,42 @@ class CompactVLA(VLAPolicy):
         logits = self.lm_head(hidden[:, prefix.shape[1] - 1 :])
         return action_logits_from_vocab(logits, self.vocab_size, self.num_bins)
 
+    def _chunk_logits(self, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Parallel decoding: the logits of all ``chunk_size * 7`` tokens in one pass, ``(B, n, num_bins)``. The query
+        positions after the prefix see the (unpadded) prefix and each other; the prefix stays causal."""
+        batch_size, prefix_length = mask.shape
+        num_tokens = self.action_queries.shape[0]
+        embeds = torch.cat([prefix, self.action_queries.expand(batch_size, -1, -1)], dim=1)
+        length = prefix_length + num_tokens
+        allowed = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+        allowed[prefix_length:, prefix_length:] = True  # bidirectional among the action queries
+        keys = torch.cat([mask, mask.new_ones(batch_size, num_tokens)], dim=1).bool()
+        allowed = allowed[None] & keys[:, None, :]  # (B, L, L): no query attends to padding
+        attention = torch.zeros(batch_size, 1, length, length, dtype=embeds.dtype, device=embeds.device)
+        attention = attention.masked_fill(~allowed[:, None], torch.finfo(embeds.dtype).min)
+        prefix_positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count, padding does not
+        query_positions = prefix_positions[:, -1:] + 1 + torch.arange(num_tokens, device=mask.device)
+        position_ids = torch.cat([prefix_positions, query_positions], dim=1)
+        hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention, position_ids=position_ids).last_hidden_state
+        return action_logits_from_vocab(self.lm_head(hidden[:, prefix_length:]), self.vocab_size, self.num_bins)
+
     def action_logits(self, obs_batch: Mapping[str, Any], action_tokens: torch.Tensor) -> torch.Tensor:
         prefix, mask = self._prefix(obs_batch)
         tokens = self.check_action_tokens(action_tokens, prefix.shape[0])
+        if self.chunk_size > 1:
+            return self._chunk_logits(prefix, mask)  # parallel decoding: no token depends on another
         return self._action_logits_after(prefix, mask, tokens[:, :-1])  # a_i is predicted after a_<i
 
     def _sample_tokens(
         self, obs_batch: Mapping[str, Any], deterministic: bool, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode the 7 tokens with a KV cache: the prefix is encoded once, then one position per token."""
+        """Decode the 7 tokens with a KV cache: the prefix is encoded once, then one position per token (a chunk's
+        tokens all at once, in one pass)."""
         prefix, mask = self._prefix(obs_batch)
+        if self.chunk_size > 1:
+            logits = self._chunk_logits(prefix, mask)
+            tokens, scaled = choose_token(logits.reshape(-1, logits.shape[-1]), deterministic, temperature)
+            return tokens.reshape(logits.shape[:2]), scaled.reshape(logits.shape)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count, padding does not
         output = self.backbone(inputs_embeds=prefix, attention_mask=mask, position_ids=position_ids, use_cache=True)
         cache, next_position = output.cache, position_ids[:, -1:] + 1
