@@ -516,7 +516,10 @@ class GRPO(BaseLearner):
         rewards = torch.as_tensor(rollout.episode_rewards)
         episode_advantages = group_relative_advantages(rewards, config.group_size, config.advantage_eps)
         if config.loss_aggregation == "episode-mean":  # every episode the same total weight, whatever its length
-            episode_advantages = episode_mean_advantages(episode_advantages, rollout.episode_lengths)
+            lengths = rollout.episode_lengths  # in tokens that count, for chunks cut short by the episode's end
+            if rollout.token_mask is not None:
+                lengths = np.bincount(rollout.episode_index, rollout.token_mask.sum(1), len(rollout.episode_lengths))
+            episode_advantages = episode_mean_advantages(episode_advantages, lengths)
         zero_std = zero_variance_groups(rewards, config.group_size)
         step_advantages = episode_advantages[rollout.episode_index]  # A_j broadcast to every step of episode j
         step_indices = np.arange(len(rollout.action_tokens))
@@ -597,7 +600,10 @@ class GRPO(BaseLearner):
         means.update({
             "rollout/success_rate": success_rate,
             "rollout/frac_groups_zero_std": float(zero_std.float().mean()),
-            "rollout/ep_len_mean": float(rollout.episode_lengths[online].mean()) if online.any() else 0.0,
+            "rollout/ep_len_mean": (  # in env steps (actions executed), as SB3's
+                float(np.mean([episode.num_env_steps for episode, keep in zip(rollout.episodes, online) if keep]))
+                if online.any() else 0.0
+            ),
             "train/imitation_weight": imitation_weight if self.demos is not None else 0.0,
             "train/n_updates": float(num_updates),
             "train/off_policy_fraction": float(off_policy.mean()),

@@ -207,7 +207,7 @@ def _run(policy, env_id, task_ids, starts, env_kwargs, num_envs, deterministic, 
     def finish(start: Start, rollout: Rollout, envs_used: int) -> None:
         episode = rollout.episode
         row = {"task_id": start.task_id, "init_state_id": start.init_state_id, "seed": start.seed,
-               "success": episode.success, "length": episode.num_steps, "seconds": rollout.seconds}  # fmt: skip
+               "success": episode.success, "length": episode.num_env_steps, "seconds": rollout.seconds}  # fmt: skip
         rows.append(row)
         if file is not None:
             record = {**row, "policy_sha": fingerprint, "max_episode_steps": max_steps, "num_envs": envs_used}

@@ -17,6 +17,14 @@ def spatial_env():
     env.close()
 
 
+@pytest.fixture(scope="module")
+def chunked_env():
+    """A state-mode LiberoSpatial env taking chunks of 2 actions, 5 env steps an episode (chunks 2, 2, 1)."""
+    env = gym.make("LiberoSpatial-v0", obs_mode="state", task_ids=(0,), action_chunk=2, max_env_steps=5)
+    yield env
+    env.close()
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny models run far faster on one thread than on two contended ones (2 shared cores here)."""

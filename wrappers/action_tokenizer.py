@@ -183,9 +183,11 @@ class ActionBins:
 
 class ActionTokenizer(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
     """Makes the action space ``MultiDiscrete([num_bins] * action_dim)``: the env takes tokens, steps bin centres.
+    On a chunked env (``action_chunk=k``, action space ``(k, action_dim)``) the tokens of a chunk are ``k *
+    action_dim`` in a row, action by action, as a chunking policy decodes them.
 
     Args:
-        env: an env with a ``Box`` action space of shape ``(action_dim,)``.
+        env: an env with a ``Box`` action space of shape ``(action_dim,)`` or ``(k, action_dim)``.
         statistics: dataset action statistics with ``q01`` and ``q99`` (a dict, or any object with those
             attributes), or ready-made :class:`ActionBins` (e.g. ``ActionBins.load(checkpoint_dir)``).
         num_bins: bins per dimension (OpenVLA: 256).
@@ -201,22 +203,24 @@ class ActionTokenizer(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
     def __init__(self, env: gym.Env, statistics: Any, num_bins: int = NUM_BINS, gripper_dim: int | None = -1):
         gym.utils.RecordConstructorArgs.__init__(self, statistics=statistics, num_bins=num_bins, gripper_dim=gripper_dim)
         gym.ActionWrapper.__init__(self, env)
-        if not (isinstance(env.action_space, spaces.Box) and len(env.action_space.shape) == 1):
-            raise ValueError(f"ActionTokenizer needs a 1-D Box action space: got {env.action_space}")
+        if not (isinstance(env.action_space, spaces.Box) and len(env.action_space.shape) in (1, 2)):
+            raise ValueError(
+                f"ActionTokenizer needs a Box action space of shape (action_dim,) or (chunk, action_dim): got {env.action_space}"
+            )
         if isinstance(statistics, ActionBins):
             self.bins = statistics
         else:
             self.bins = ActionBins.from_statistics(statistics, num_bins=num_bins, gripper_dim=gripper_dim)
-        action_dim = env.action_space.shape[0]
+        action_dim = env.action_space.shape[-1]
         if self.bins.action_dim != action_dim:
             raise ValueError(
                 f"action statistics have {self.bins.action_dim} dimensions: "
                 f"the env's action space {env.action_space} has {action_dim}"
             )
-        self.action_space = spaces.MultiDiscrete([self.bins.num_bins] * action_dim)
+        self.action_space = spaces.MultiDiscrete([self.bins.num_bins] * int(np.prod(env.action_space.shape)))
 
     def action(self, action) -> np.ndarray:
         tokens = np.asarray(action)
         if tokens.shape != self.action_space.shape:
             raise ValueError(f"token action has shape {tokens.shape}: expected {self.action_space.shape}")
-        return self.bins.decode(tokens)
+        return self.bins.decode(tokens.reshape(self.env.action_space.shape))

@@ -55,7 +55,8 @@ class OpenVLAGripper(gym.ActionWrapper):
     steps the LIBERO env with LIBERO's (``-1`` = open, ``+1`` = close), binarised as OpenVLA does.
 
     Args:
-        env: a LIBERO env (single; for vector envs wrap each sub-env).
+        env: a LIBERO env (single; for vector envs wrap each sub-env), one action per step or a chunk of ``k``
+            (``action_chunk=k``): every action of the chunk is converted.
         binarize: round the gripper to ``-1``/``+1`` as OpenVLA's LIBERO scripts do (``False`` keeps the
             rescaled continuous value).
     """
@@ -63,8 +64,10 @@ class OpenVLAGripper(gym.ActionWrapper):
     def __init__(self, env: gym.Env, binarize: bool = True):
         super().__init__(env)
         space = env.action_space
-        if not isinstance(space, gym.spaces.Box) or space.shape is None or len(space.shape) != 1:
-            raise ValueError(f"OpenVLAGripper needs a 1-D Box action space (LIBERO's 7-D), got {space}")
+        if not isinstance(space, gym.spaces.Box) or space.shape is None or len(space.shape) not in (1, 2):
+            raise ValueError(
+                f"OpenVLAGripper needs a Box action space of shape (7,) or, on a chunked env, (k, 7): got {space}"
+            )
         self.binarize = bool(binarize)
 
     def action(self, action):

@@ -15,6 +15,11 @@ its own layout, so no Spatial task relabels another. A goal counts as reached on
 true during the rollout (it did not hold at the previous check, nor at reset): a goal that the
 initial state already satisfies teaches nothing.
 
+Goals are checked after every executed action, also inside an action chunk (``action_chunk=k``: the env calls
+the wrapper back through ``LiberoEnv.action_hooks``), so a goal reached in the middle of a chunk and undone by
+its remaining actions still counts. The relabelled episode then ends with that chunk cut where the goal held:
+``Episode.executed`` of its last step says how many of the chunk's actions belong to it.
+
 Rescue of all-fail groups (GRPO): a group of rollouts of one (task, init state) that all failed has
 zero reward variance, hence zero group-relative advantage and no gradient. :func:`rescue_failed_group`
 substitutes an offline demonstration of the task for failed rollouts, so the group has a success to
@@ -76,9 +81,10 @@ class RolloutRelabel(gym.Wrapper, gym.utils.RecordConstructorArgs):
             in ``info`` only.
         multiple_goals: when a failed rollout reached several other goals, "all" emits one episode per goal,
             "first" only the goal reached first (lowest task id on a tie).
-        check_every: evaluate the other goals every ``check_every`` steps (and on the last step). Checking
-            all nine other LIBERO-Goal goals costs ~0.8 ms against ~27 ms a physics step (2-core CPU), so 1
-            is the default; with k > 1 a relabelled episode ends at the first checked step the goal held.
+        check_every: evaluate the other goals every ``check_every`` env steps (executed actions, and on the last
+            one). Checking all nine other LIBERO-Goal goals costs ~0.8 ms against ~27 ms a physics step (2-core
+            CPU), so 1 is the default; with n > 1 a relabelled episode ends at the first checked step the goal
+            held.
         target_task_ids: tasks that relabelled episodes may be for (default: every task of the suite).
         observation_keys: Dict observation entries kept in relabelled episodes (default: all; e.g.
             ``("instruction", "state", "object_state")`` keeps camera frames out of memory).
@@ -162,6 +168,9 @@ class RolloutRelabel(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self._episode = {
             "observations": [self._recorded(obs)],
             "actions": [],
+            "executed": [],  # actions of each step the env executed (a chunk's, or 1)
+            "env_steps": 0,
+            "last_check": 0,
             "candidates": candidates,
             "held": set(),  # goals that held at the last check: reaching one needs a rising edge
             "reached": {},  # task id -> first step its goal held
@@ -169,6 +178,9 @@ class RolloutRelabel(gym.Wrapper, gym.utils.RecordConstructorArgs):
             "policy_version": self.policy_version,
         }
         self._check_goals(step=0)
+        hooks = self.env.unwrapped.action_hooks
+        if self._after_action not in hooks:
+            hooks.append(self._after_action)  # goal checks after every action, inside chunks too
         return obs, info
 
     def step(self, action):
@@ -178,10 +190,11 @@ class RolloutRelabel(gym.Wrapper, gym.utils.RecordConstructorArgs):
             return obs, reward, terminated, truncated, info
         episode["observations"].append(self._recorded(obs))
         episode["actions"].append(np.array(action))
-        step, done = len(episode["actions"]), terminated or truncated
+        episode["executed"].append(int(info.get("executed_actions", 1)))
+        done = terminated or truncated
         success = bool(info.get("is_success", terminated and reward > 0))
-        if not success and (step % self.check_every == 0 or done):
-            self._check_goals(step)
+        if done and not success and episode["last_check"] != episode["env_steps"]:
+            self._check_goals(episode["env_steps"])  # the last state is always checked
         if done:
             info = dict(info)
             relabelled = [] if success else self._relabelled_episodes()
@@ -202,19 +215,36 @@ class RolloutRelabel(gym.Wrapper, gym.utils.RecordConstructorArgs):
                 "goal_check_seconds": episode["check_seconds"],
             }
             self._episode = None
+            self._remove_hook()
         return obs, reward, terminated, truncated, info
 
     def close(self):
+        self._remove_hook()
         if self.store is not None:
             self.store.close()
         super().close()
 
     # ------------------------------------------------------------------ helpers
+    def _remove_hook(self) -> None:
+        hooks = self.env.unwrapped.action_hooks
+        if self._after_action in hooks:
+            hooks.remove(self._after_action)
+
+    def _after_action(self) -> None:
+        episode = self._episode
+        if episode is None:
+            return
+        episode["env_steps"] += 1
+        if episode["env_steps"] % self.check_every == 0:
+            self._check_goals(episode["env_steps"])
+
     def _recorded(self, obs: dict) -> dict:
         return {key: obs[key] for key in (self.observation_keys or obs)}
 
     def _check_goals(self, step: int) -> None:
+        """Evaluate the candidate goals after ``step`` env steps (executed actions)."""
         episode, start = self._episode, time.perf_counter()
+        episode["last_check"] = step
         domain = self.env.unwrapped.libero_env.env
         for task_id, goal in episode["candidates"]:
             if task_id in episode["reached"]:
@@ -234,30 +264,39 @@ class RolloutRelabel(gym.Wrapper, gym.utils.RecordConstructorArgs):
             reached = reached[:1]
         return [self._truncated_episode(task_id, step) for task_id, step in reached]
 
-    def _truncated_episode(self, task_id: int, step: int) -> Episode:
-        """The first ``step`` steps of the current rollout, as a success of task ``task_id``."""
+    def _truncated_episode(self, task_id: int, env_step: int) -> Episode:
+        """The rollout up to env step ``env_step`` (its goal held after that many actions) as a success of task
+        ``task_id``: the steps up to the one holding that action, the last chunk cut after it."""
         steps, task = self._episode, self.env.unwrapped.tasks[task_id]
+        ends = np.cumsum(steps["executed"])  # env steps done at the end of each step
+        last = int(np.searchsorted(ends, env_step))  # the step (chunk) in which the goal came to hold
+        num_steps = last + 1
+        executed = list(steps["executed"][:last]) + [env_step - (int(ends[last - 1]) if last else 0)]
+        # The observation after the last step exists only if the goal held at that step's (chunk's) end.
+        num_observations = num_steps + 1 if executed[-1] == steps["executed"][last] else num_steps
         observations: dict[str, np.ndarray | str] = {}
         for key, first in steps["observations"][0].items():
             if key == "instruction":
                 observations[key] = task.instruction
             elif key == "task_id":
-                observations[key] = np.full(step + 1, task_id, dtype=np.asarray(first).dtype)
+                observations[key] = np.full(num_observations, task_id, dtype=np.asarray(first).dtype)
             elif isinstance(first, str):
                 observations[key] = first
             else:
-                observations[key] = np.stack([np.asarray(obs[key]) for obs in steps["observations"][: step + 1]])
-        rewards = np.zeros(step, dtype=np.float32)
+                observations[key] = np.stack([np.asarray(obs[key]) for obs in steps["observations"][:num_observations]])
+        rewards = np.zeros(num_steps, dtype=np.float32)
         rewards[-1] = 1.0  # LIBERO's sparse reward: 1 on the step the goal holds
+        actions = np.stack(steps["actions"][:num_steps])
         return Episode(
             observations=observations,
-            actions=np.stack(steps["actions"][:step]),
+            actions=actions,
             rewards=rewards,
             success=True,
             task_id=task_id,
             init_state_id=-1,
             policy_version=steps["policy_version"],
             source="relabelled",
+            executed=np.array(executed) if actions.ndim == 3 else None,  # (T, k, 7) chunks
             env_id=self.env.spec.id if self.env.spec is not None else "",
         )
 

@@ -13,6 +13,10 @@ PPO/GRPO on stale episodes) are not part of Gymnasium's ``step``; set them on th
     env.next_log_probs = log_probs      # before a step: stored with that step's action
 
 In a vector env, ``envs.set_attr("next_log_probs", per_env_log_probs)`` sets one value per env.
+
+On a chunked env (``action_chunk=k``) each step's action is a ``(k, 7)`` chunk; the episode also keeps how many of
+its actions the env executed (``info["executed_actions"]``: fewer in the chunk where the episode ended), which a
+learner needs to leave the rest out of its loss.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class TrajectoryCache(gym.Wrapper, gym.utils.RecordConstructorArgs):
             "actions": [],
             "rewards": [],
             "log_probs": [],
+            "executed": [],
             "task_id": info.get("task_id", obs.get("task_id", -1) if isinstance(obs, dict) else -1),
             "init_state_id": info.get("init_state_id", -1),
             "policy_version": self.policy_version,
@@ -92,6 +97,7 @@ class TrajectoryCache(gym.Wrapper, gym.utils.RecordConstructorArgs):
             self._episode["observations"].append(self._recorded(obs))
             self._episode["actions"].append(np.array(action))
             self._episode["rewards"].append(float(reward))
+            self._episode["executed"].append(int(info.get("executed_actions", 1)))
             self._episode["log_probs"].append(None if self.next_log_probs is None else np.array(self.next_log_probs))
             self.next_log_probs = None
             if terminated or truncated:
@@ -127,9 +133,10 @@ class TrajectoryCache(gym.Wrapper, gym.utils.RecordConstructorArgs):
         log_probs = steps["log_probs"]
         # Log-probs are kept only when every step has them: a partial record cannot give importance ratios.
         log_probs = np.stack(log_probs) if all(lp is not None for lp in log_probs) else None
+        actions = np.stack(steps["actions"])
         return Episode(
             observations=observations,
-            actions=np.stack(steps["actions"]),
+            actions=actions,
             rewards=np.asarray(steps["rewards"], dtype=np.float32),
             success=success,
             task_id=steps["task_id"],
@@ -137,5 +144,6 @@ class TrajectoryCache(gym.Wrapper, gym.utils.RecordConstructorArgs):
             policy_version=steps["policy_version"],
             source=self.source,
             log_probs=log_probs,
+            executed=np.array(steps["executed"]) if actions.ndim == 3 else None,  # (T, k, 7) chunks
             env_id=self.env.spec.id if self.env.spec is not None else "",
         )

@@ -209,6 +209,16 @@ def write_policy_config(directory: str | os.PathLike, content: dict) -> None:
         json.dump({"format_version": POLICY_FORMAT_VERSION, **content}, file, indent=2)
 
 
+def check_chunking(chunk_size, execute_steps) -> None:
+    """``chunk_size`` an int >= 1; ``execute_steps`` None or an int in ``1..chunk_size``."""
+    if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
+        raise ValueError(f"chunk_size {chunk_size!r} must be an int >= 1")
+    if execute_steps is not None and not (
+        isinstance(execute_steps, int) and not isinstance(execute_steps, bool) and 1 <= execute_steps <= chunk_size
+    ):
+        raise ValueError(f"execute_steps {execute_steps!r} must be None or an int in 1..chunk_size ({chunk_size})")
+
+
 class VLAPolicy(nn.Module):
     """A policy over action tokens: ``action_dim`` (7) per action, ``chunk_size`` actions per query
     (``num_action_tokens`` in all); subclasses implement :meth:`action_logits` and :meth:`_sample_tokens` (and

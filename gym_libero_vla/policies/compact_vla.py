@@ -35,6 +35,7 @@ from torch import nn
 from gym_libero_vla.policies.base import (
     VLAPolicy,
     action_logits_from_vocab,
+    check_chunking,
     choose_token,
     image_batch,
     instructions_of,
@@ -157,12 +158,7 @@ class CompactVLAConfig:
             raise ValueError(
                 f"image_grid {self.image_grid} is finer than the conv feature map ({self.image_size // 8} cells a side)"
             )
-        if not (isinstance(self.chunk_size, int) and self.chunk_size >= 1):
-            raise ValueError(f"chunk_size {self.chunk_size!r} must be an int >= 1")
-        if self.execute_steps is not None and not (
-            isinstance(self.execute_steps, int) and 1 <= self.execute_steps <= self.chunk_size
-        ):
-            raise ValueError(f"execute_steps {self.execute_steps!r} must be an int in 1..chunk_size {self.chunk_size} or None")
+        check_chunking(self.chunk_size, self.execute_steps)
         if not self.cameras and not self.use_state and not self.object_state_dim:
             raise ValueError("the policy reads nothing but the instruction: give cameras, use_state or object_state_dim")
 

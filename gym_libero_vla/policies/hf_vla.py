@@ -11,6 +11,12 @@ processor's image token before the prompt) and for OpenVLA-7B's remote code (``t
 its config maps ``AutoModelForVision2Seq``, which transformers 5 no longer has, so the class is resolved
 from the checkpoint's own code). Only action tokens are scored (see :mod:`gym_libero_vla.policies.base`).
 
+``chunk_size=k > 1`` follows OpenVLA-OFT's parallel decoding (Kim et al., 2025): ``k * 7`` placeholder positions
+follow the prompt, their input embeddings zeroed, attending to the prompt and to each other (bidirectional), and
+all ``k * 7`` tokens are read from one forward pass. The attention mask is passed as a 4-D mask, which needs a
+model whose language sequence is its ``input_ids`` (LLaVA-style processors expand the image token); OpenVLA-7B's
+remote code inserts its patches inside ``forward`` and is refused with an error.
+
 Loading never downloads: ``local_files_only=True`` by default, so a hub id resolves from the local cache
 and a directory from disk. LoRA goes through peft (:meth:`HFVLAPolicy.add_lora`); a LoRA checkpoint holds
 only the adapter and names its base.
@@ -29,6 +35,7 @@ from gym_libero_vla.policies.base import (
     POLICY_CONFIG_FILENAME,
     VLAPolicy,
     action_logits_from_vocab,
+    check_chunking,
     choose_token,
     image_batch,
     instructions_of,
@@ -90,6 +97,8 @@ class HFVLAPolicy(VLAPolicy):
             tokenizer's ``vocab_size``, OpenVLA's choice; the embedding table may be larger).
         prompt_suffix_token_id: a token appended after the prompt (OpenVLA-7B: 29871), or None.
         base_model_path: where the base weights come from (a directory or hub id), for LoRA checkpoints.
+        chunk_size: actions per query; ``> 1`` decodes the chunk's tokens in parallel (OpenVLA-OFT).
+        execute_steps: actions of each chunk executed before the next query (None: all; fewer: receding horizon).
         gripper_convention: ``"libero"`` (the gripper token decodes to LIBERO's -1 open / +1 close) or
             ``"openvla"`` (OpenVLA's [0, 1], 1 open: envs made for it with ``env_kwargs_for_policy`` get
             ``gripper_convention="openvla"``, the conversion of
@@ -109,8 +118,12 @@ class HFVLAPolicy(VLAPolicy):
         base_model_path: str | None = None,
         trust_remote_code: bool = False,
         gripper_convention: str = "libero",
+        chunk_size: int = 1,
+        execute_steps: int | None = None,
     ):
         super().__init__()
+        check_chunking(chunk_size, execute_steps)
+        self._chunk_size, self._execute_steps = chunk_size, execute_steps
         self.gripper_convention = check_gripper_convention(gripper_convention)
         if "{instruction}" not in prompt_template:
             raise ValueError(f"prompt_template {prompt_template!r} has no '{{instruction}}' field")
@@ -137,6 +150,14 @@ class HFVLAPolicy(VLAPolicy):
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._lora_model = None
 
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
+    @property
+    def execute_steps(self) -> int:
+        return self._execute_steps or self._chunk_size
+
     # ------------------------------------------------------------------ inputs
     def prompts(self, instructions: Sequence[str]) -> list[str]:
         prompts = [self.prompt_template.format(instruction=text.lower().rstrip(".")) for text in instructions]
@@ -158,9 +179,9 @@ class HFVLAPolicy(VLAPolicy):
             input_ids = torch.cat([input_ids, input_ids.new_full((len(input_ids), 1), self.prompt_suffix_token_id)], dim=1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], dim=1)
         max_positions = getattr(getattr(self.model.config, "text_config", self.model.config), "max_position_embeddings", None)
-        if max_positions is not None and input_ids.shape[1] + self.action_dim > max_positions:
+        if max_positions is not None and input_ids.shape[1] + self.num_action_tokens > max_positions:
             raise ValueError(
-                f"prompt of {input_ids.shape[1]} tokens plus {self.action_dim} action tokens exceeds the model's context of "
+                f"prompt of {input_ids.shape[1]} tokens plus {self.num_action_tokens} action tokens exceeds the model's context of "
                 f"{max_positions} positions: shorten the instruction"
             )
         device = self.device
@@ -181,10 +202,46 @@ class HFVLAPolicy(VLAPolicy):
             )
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    def _parallel_logits(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Parallel decoding: ``(B, num_action_tokens, num_bins)`` logits from one pass over the prompt and as many
+        zero-embedded placeholders, causal over the prompt, bidirectional among the placeholders."""
+        input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        (batch_size, prompt_length), num_tokens = input_ids.shape, self.num_action_tokens
+        length = prompt_length + num_tokens
+        input_ids = torch.cat([input_ids, input_ids.new_full((batch_size, num_tokens), self.tokenizer.pad_token_id)], 1)
+        keys = torch.cat([mask, mask.new_ones(batch_size, num_tokens)], dim=1).bool()
+        allowed = torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()
+        allowed[prompt_length:, prompt_length:] = True  # the placeholders see each other
+        allowed = allowed[None] & keys[:, None, :]  # and nobody sees padding
+        dtype = inputs["pixel_values"].dtype
+        attention = torch.zeros(batch_size, 1, length, length, dtype=dtype, device=keys.device)
+        attention = attention.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        kwargs = {"position_ids": (keys.long().cumsum(-1) - 1).clamp(min=0)} if self._accepts_position_ids else {}
+        placeholders = torch.arange(length, device=keys.device) >= prompt_length
+
+        def zero_placeholders(module, args, output):  # OFT feeds the action positions empty (zero) embeddings
+            return output.masked_fill(placeholders[:, None], 0) if output.shape[1] == length else output
+
+        hook = self.model.get_input_embeddings().register_forward_hook(zero_placeholders)
+        try:
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention, pixel_values=inputs["pixel_values"], **kwargs
+            ).logits
+        finally:
+            hook.remove()
+        if logits.shape[1] != length:
+            raise ValueError(
+                f"{type(self.model).__name__} adds {logits.shape[1] - length} positions inside forward (image patches), so "
+                "the 4-D mask of parallel decoding cannot be passed to it: use chunk_size=1 with this model"
+            )
+        return action_logits_from_vocab(logits[:, prompt_length:], self.action_vocab_size, self.num_bins)
+
     # ------------------------------------------------------------------ the policy
     def action_logits(self, obs_batch: Mapping[str, Any], action_tokens: torch.Tensor) -> torch.Tensor:
         inputs = self._encode(obs_batch)
         tokens = self.check_action_tokens(action_tokens, inputs["input_ids"].shape[0])
+        if self.chunk_size > 1:
+            return self._parallel_logits(inputs)  # no token depends on another
         vocab_ids = self.action_vocab_size - 1 - tokens  # bin k -> id vocab_size - 1 - k
         input_ids = torch.cat([inputs["input_ids"], vocab_ids], dim=1)
         attention_mask = torch.cat([inputs["attention_mask"], torch.ones_like(vocab_ids)], dim=1)
@@ -197,6 +254,10 @@ class HFVLAPolicy(VLAPolicy):
         self, obs_batch: Mapping[str, Any], deterministic: bool, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self._encode(obs_batch)
+        if self.chunk_size > 1:
+            logits = self._parallel_logits(inputs)
+            tokens, scaled = choose_token(logits.reshape(-1, logits.shape[-1]), deterministic, temperature)
+            return tokens.reshape(logits.shape[:2]), scaled.reshape(logits.shape)
         attention_mask = inputs["attention_mask"]
         output = self._forward(inputs["input_ids"], attention_mask, pixel_values=inputs["pixel_values"], use_cache=True)
         tokens, step_logits = [], []
@@ -266,6 +327,8 @@ class HFVLAPolicy(VLAPolicy):
                 "base_model_path": self.base_model_path,
                 "trust_remote_code": self.trust_remote_code,
                 "gripper_convention": self.gripper_convention,
+                "chunk_size": self.chunk_size,
+                "execute_steps": self._execute_steps,
             },
         )
 
@@ -315,7 +378,10 @@ class HFVLAPolicy(VLAPolicy):
             )
         kwargs = {
             key: saved[key]
-            for key in ("prompt_template", "camera", "action_vocab_size", "prompt_suffix_token_id", "gripper_convention")
+            for key in (
+                "prompt_template", "camera", "action_vocab_size", "prompt_suffix_token_id", "gripper_convention",
+                "chunk_size", "execute_steps",
+            )
             if key in saved
         }
         if not saved and bins_from_norm_stats:  # OpenVLA's data keep the gripper in [0, 1], 1 = open

@@ -184,11 +184,74 @@ def test_bad_inputs_raise_clear_errors(action_bins, tmp_path):
         (dict(hidden_size=30, num_heads=4), "divisible"),
         (dict(cameras=(), use_state=False), "reads nothing"),
         (dict(image_size=16, image_grid=4), "image_grid 4"),
+        (dict(chunk_size=0), "chunk_size 0 must be an int >= 1"),
+        (dict(chunk_size=4, execute_steps=5), r"execute_steps 5 must be None or an int in 1..chunk_size \(4\)"),
     ],
 )
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         CompactVLAConfig(**overrides)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_chunk_is_decoded_in_one_pass_and_scored_as_sampled(action_bins, name):
+    policy = make_policy(action_bins, chunk_size=3, **CONFIGS[name])
+    assert (policy.chunk_size, policy.execute_steps, policy.num_action_tokens) == (3, 3, 21)
+    obs = batch_for(name)
+    calls = []
+    hook = policy.backbone.register_forward_hook(lambda *args: calls.append(1))
+    actions, tokens, token_log_probs = policy.act(obs)
+    hook.remove()
+    assert len(calls) == 1  # parallel decoding: one pass for all 21 tokens
+    assert actions.shape == (3, 3, 7) and tokens.shape == token_log_probs.shape == (3, 21)
+    np.testing.assert_allclose(actions.numpy(), action_bins.decode(tokens.numpy().reshape(3, 3, 7)))
+    np.testing.assert_array_equal(policy.encode_actions(actions.numpy()), tokens.numpy())
+    log_probs, entropy = policy.log_prob(obs, tokens)
+    torch.testing.assert_close(log_probs, token_log_probs, atol=1e-5, rtol=1e-5)
+    assert entropy.shape == (3, 21) and bool((entropy > 0).all())
+    # No token conditions on another: the logits are those of the observation alone.
+    other = torch.randint(0, 256, (3, 21), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(policy.action_logits(obs, other), policy.action_logits(obs, tokens))
+    greedy = policy.act(obs, deterministic=True)[1]
+    assert torch.equal(policy.action_logits(obs, greedy).argmax(-1), greedy)
+
+
+def test_parallel_decoding_matches_a_reference_computation(action_bins):
+    """Each sample alone, no padding, the mask written out entry by entry: causal over the prefix, the action
+    queries seeing the whole prefix and each other. The batched, padded implementation must agree."""
+    policy = make_policy(action_bins, chunk_size=2, **CONFIGS["rgb+state"])
+    obs = batch_for("rgb+state", batch_size=3)  # three instruction lengths: padding in the batch
+    tokens = torch.randint(0, 256, (3, 14), generator=torch.Generator().manual_seed(0))
+    log_probs, _ = policy.log_prob(obs, tokens)
+    for row in range(3):
+        prefix, mask = policy._prefix({key: value[row : row + 1] for key, value in obs.items()})
+        assert bool(mask.all())
+        embeds = torch.cat([prefix, policy.action_queries[None]], dim=1)
+        length, prefix_length = embeds.shape[1], prefix.shape[1]
+        bias = torch.zeros(1, 1, length, length)
+        for i in range(length):
+            for j in range(length):
+                if not (j <= i or (i >= prefix_length and j >= prefix_length)):
+                    bias[0, 0, i, j] = torch.finfo(torch.float32).min
+        hidden = policy.backbone(inputs_embeds=embeds, attention_mask=bias,
+                                 position_ids=torch.arange(length)[None]).last_hidden_state  # fmt: skip
+        vocab_logits = policy.lm_head(hidden[:, prefix_length:])[..., policy.vocab_size - 256 :].flip(-1)
+        expected = torch.log_softmax(vocab_logits, -1).gather(-1, tokens[row : row + 1, :, None]).squeeze(-1)
+        torch.testing.assert_close(log_probs[row : row + 1], expected, atol=1e-5, rtol=1e-5)
+    # Bidirectional: the first token's distribution moves when only the last query changes.
+    before = policy.action_logits(obs, tokens)[:, 0]
+    with torch.no_grad():
+        policy.action_queries[-1] += 1.0
+    assert not torch.allclose(policy.action_logits(obs, tokens)[:, 0], before)
+
+
+def test_a_chunking_policy_round_trips_its_chunk(action_bins, tmp_path):
+    policy = make_policy(action_bins, chunk_size=4, execute_steps=2, **CONFIGS["state"])
+    policy.save_pretrained(tmp_path)
+    loaded = load_policy(tmp_path)
+    assert (loaded.chunk_size, loaded.execute_steps) == (4, 2)
+    obs = batch_for("state")
+    assert torch.equal(loaded.act(obs, deterministic=True)[1], policy.act(obs, deterministic=True)[1])
 
 
 def test_acts_in_a_real_vector_env(action_bins):

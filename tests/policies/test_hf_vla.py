@@ -60,6 +60,49 @@ def test_act_log_prob_consistency_and_batching(llava_and_processor, action_bins,
         torch.testing.assert_close(policy.log_prob(obs, tokens, 1.7)[0], token_log_probs, atol=1e-5, rtol=1e-5)
 
 
+def test_parallel_decoding_of_a_chunk_in_one_pass(base_checkpoint, action_bins, make_obs, tmp_path):
+    """OpenVLA-OFT's parallel decoding on the tiny LLaVA: ``k * 7`` zero-embedded placeholders after the prompt,
+    bidirectional among themselves; act and log_prob agree; padding changes nothing; the chunk survives a save."""
+    policy = HFVLAPolicy.from_pretrained(base_checkpoint, action_bins=action_bins, chunk_size=2)
+    obs = make_obs(3, cameras=("agentview",))
+    calls = []
+    hook = policy.model.register_forward_hook(lambda *args: calls.append(1))
+    torch.manual_seed(0)
+    actions, tokens, token_log_probs = policy.act(obs)
+    hook.remove()
+    assert len(calls) == 1 and actions.shape == (3, 2, 7) and tokens.shape == (3, 14)
+    log_probs, entropy = policy.log_prob(obs, tokens)
+    torch.testing.assert_close(log_probs, token_log_probs, atol=1e-5, rtol=1e-5)
+    assert entropy.shape == (3, 14)
+    for row in range(3):  # prompts of three lengths, left-padded
+        alone = {key: value[row : row + 1] for key, value in obs.items()}
+        torch.testing.assert_close(policy.log_prob(alone, tokens[row : row + 1])[0], log_probs[row : row + 1],
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+    # Reference: the first sample alone, placeholder embeddings written as zeros by hand, the mask entry by entry.
+    inputs = policy._encode({key: value[:1] for key, value in obs.items()})
+    prompt_length = inputs["input_ids"].shape[1]
+    length = prompt_length + 14
+    input_ids = torch.cat([inputs["input_ids"], torch.full((1, 14), policy.tokenizer.pad_token_id)], dim=1)
+    model = policy.model
+    embeds = model.get_input_embeddings()(input_ids).detach().clone()
+    embeds[:, prompt_length:] = 0
+    image_features = model.get_image_features(pixel_values=inputs["pixel_values"])
+    image_features = torch.cat(list(getattr(image_features, "pooler_output", image_features)), dim=0)
+    embeds[input_ids == model.config.image_token_id] = image_features.reshape(-1, embeds.shape[-1])
+    allowed = torch.tensor([[j <= i or min(i, j) >= prompt_length for j in range(length)] for i in range(length)])
+    bias = torch.zeros(1, 1, length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    logits = model.model.language_model(inputs_embeds=embeds, attention_mask=bias).last_hidden_state
+    logits = model.lm_head(logits[:, prompt_length:])
+    expected = torch.log_softmax(logits[..., policy.action_vocab_size - 256 : policy.action_vocab_size].flip(-1), -1)
+    torch.testing.assert_close(log_probs[:1], expected.gather(-1, tokens[:1, :, None]).squeeze(-1), atol=1e-5, rtol=1e-5)
+    policy.save_pretrained(tmp_path)
+    loaded = load_policy(tmp_path)
+    assert (loaded.chunk_size, loaded.execute_steps) == (2, 2)
+    assert torch.equal(loaded.act(obs, deterministic=True)[1], policy.act(obs, deterministic=True)[1])
+    with pytest.raises(ValueError, match="execute_steps 3 must be None or an int in 1..chunk_size"):
+        HFVLAPolicy.from_pretrained(base_checkpoint, action_bins=action_bins, chunk_size=2, execute_steps=3)
+
+
 def test_from_pretrained_offline_and_save_load(base_checkpoint, action_bins, make_obs, tmp_path):
     with pytest.raises(FileNotFoundError, match="action_bins.json"):
         HFVLAPolicy.from_pretrained(base_checkpoint)  # a raw model directory has no action statistics

@@ -154,3 +154,15 @@ def test_wrapped_env_passes_check_env(spatial_env):
         warnings.simplefilter("always")
         check_env(env, skip_render_check=True)
     assert [str(w.message) for w in caught if "different from the unwrapped" not in str(w.message)] == []
+
+
+def test_a_chunk_is_k_times_7_tokens_action_by_action(chunked_env):
+    env = ActionTokenizer(chunked_env, {"q01": Q01, "q99": Q99})
+    assert env.action_space == spaces.MultiDiscrete([256] * 14)
+    tokens = np.arange(14) * 10
+    np.testing.assert_array_equal(env.action(tokens), env.bins.decode(tokens.reshape(2, 7)))
+    env.reset(options={"task_id": 0, "init_state_id": 0})
+    *_, info = env.step(tokens)
+    assert info["executed_actions"] == 2
+    with pytest.raises(ValueError, match=r"token action has shape \(7,\): expected \(14,\)"):
+        env.step(tokens[:7])

@@ -68,5 +68,18 @@ def test_env_option_equals_the_wrapper(spatial_env):
 def test_unknown_convention_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unknown gripper_convention 'openVLA': valid \['libero', 'openvla'\]"):
         gym.make("LiberoSpatial-v0", gripper_convention="openVLA")
-    with pytest.raises(ValueError, match="1-D Box"):
+    with pytest.raises(ValueError, match=r"needs a Box action space of shape \(7,\) or, on a chunked env, \(k, 7\)"):
         OpenVLAGripper(gym.make("CartPole-v1"))
+
+
+def test_every_action_of_a_chunk_is_converted(chunked_env):
+    env = OpenVLAGripper(chunked_env)
+    chunk = np.zeros((2, 7))
+    chunk[:, -1] = [1.0, 0.0]  # OpenVLA: open, then close
+    np.testing.assert_array_equal(env.action(chunk)[:, -1], [-1.0, 1.0])
+    np.testing.assert_allclose(env.action(env.reverse_action(env.action(chunk))), env.action(chunk))
+    env.reset(**RESET)
+    *_, info = env.step(chunk)
+    assert info["executed_actions"] == 2
+    with pytest.raises(ValueError, match=r"shape \(7,\), expected \(2, 7\)"):
+        env.step(np.zeros(7))

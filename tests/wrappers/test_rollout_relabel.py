@@ -133,6 +133,42 @@ def test_success_and_rollouts_that_reach_no_new_goal_emit_nothing(goal_env):
     assert env.num_episodes == 3 and env.num_failed_episodes == 2 and env.num_episodes_relabelled == 0
 
 
+def test_a_goal_reached_inside_a_chunk_is_caught_and_the_chunk_cut_there():
+    """Chunks of 3 actions, 8 env steps (chunks 3, 3, 2). The drawer is opened after the 4th action and closed again
+    after the 5th, inside the second chunk: a check at chunk ends only would never see it open."""
+    base = gym.make("LiberoGoal-v0", obs_mode="state", action_chunk=3, max_env_steps=MAX_STEPS, max_cached_tasks=1)
+    env = RolloutRelabel(base, target_task_ids=[OPEN_MIDDLE_DRAWER])
+    counter = {"actions": 0}
+
+    def edit_mid_chunk():
+        counter["actions"] += 1
+        domain = base.unwrapped.libero_env.env
+        if counter["actions"] in (4, 5):  # open after action 4, closed again after action 5
+            domain.sim.data.set_joint_qpos("wooden_cabinet_1_middle_level", -0.15 if counter["actions"] == 4 else 0.0)
+            domain.sim.forward()
+
+    base.unwrapped.action_hooks.append(edit_mid_chunk)  # before RolloutRelabel's own check, which reset adds
+    try:
+        obs, _ = env.reset(options={"task_id": WINE_BOTTLE_ON_RACK, "init_state_id": 0})
+        rng, states, chunks, done = np.random.default_rng(0), [obs["state"]], [], False
+        while not done:
+            chunks.append(rng.uniform(-0.3, 0.3, (3, 7)).astype(np.float32))
+            obs, _, terminated, truncated, info = env.step(chunks[-1])
+            states.append(obs["state"])
+            done = terminated or truncated
+        assert [len(chunks), counter["actions"]] == [3, MAX_STEPS]
+        (episode,) = info["relabelled_episodes"]
+        assert episode.task_id == OPEN_MIDDLE_DRAWER and episode.actions.shape == (2, 3, 7)
+        assert episode.executed.tolist() == [3, 1] and episode.num_env_steps == 4  # the goal held after action 4
+        np.testing.assert_array_equal(episode.actions, np.stack(chunks[:2]))
+        np.testing.assert_array_equal(episode.rewards, [0, 1])
+        # No frame exists after action 4 (the env observes at chunk ends): the observations before each chunk.
+        np.testing.assert_array_equal(episode.observations["state"], np.stack(states[:2]))
+    finally:
+        base.unwrapped.action_hooks.remove(edit_mid_chunk)
+        env.close()
+
+
 @pytest.fixture(scope="module")
 def stove_episodes(goal_env, tmp_path_factory):
     """Three failed rollouts of task 7 from init state 0, one success (online), and one demo (offline)."""

@@ -121,3 +121,22 @@ def test_bad_arguments_name_the_valid_choices(short_env, tmp_path):
     ):
         TrajectoryCache(short_env, tmp_path, observation_keys=("agentview",))
     assert not (tmp_path / "store.json").exists()  # __init__ does no I/O
+
+
+def test_chunked_episodes_keep_their_chunks_and_what_ran(chunked_env, tmp_path):
+    env = TrajectoryCache(chunked_env, EpisodeStore(tmp_path / "store"))
+    rng = np.random.default_rng(0)
+    env.reset(options={"task_id": 0, "init_state_id": 0})
+    chunks = []
+    while True:
+        chunks.append(rng.uniform(-1, 1, (2, 7)).astype(np.float32))
+        env.next_log_probs = np.zeros(14, np.float32)
+        *_, terminated, truncated, info = env.step(chunks[-1])
+        if terminated or truncated:
+            break
+    (record,) = env.store.records()
+    assert record["num_steps"] == 5  # env steps: chunks of 2, 2 and the last cut to 1 by the step limit
+    episode = env.store.load(record["episode_id"])
+    np.testing.assert_array_equal(episode.actions, np.stack(chunks))
+    assert episode.executed.tolist() == [2, 2, 1] and episode.log_probs.shape == (3, 14)
+    env.close()
