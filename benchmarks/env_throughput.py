@@ -1,12 +1,18 @@
-"""Env throughput: raw LIBERO vs our env vs our async vector env, in state and rgb mode, in one run.
+"""Env throughput: raw LIBERO vs our env vs our async vector env, in state and rgb mode; action chunks; a policy
+in the loop. All in one run, so that the ratios compare numbers measured side by side.
 
-    python benchmarks/env_throughput.py                 # full table (a few minutes on 2 cores)
+    python benchmarks/env_throughput.py                 # full tables (~10 minutes on 2 cores)
     python benchmarks/env_throughput.py --steps 50      # quicker
 
-Prints a Markdown table and writes JSON. Targets (issue #2): our env within 5% of raw LIBERO;
-2 async workers >= 1.7x one worker on a 2-core machine. Steps are timed after a warm-up reset, with
-random actions, on one task (``task_ids=[0]``) so that no simulator is rebuilt inside the timed loop;
-vector numbers count every sub-env step and include Gymnasium's autoresets at the step limit.
+Prints Markdown tables and writes JSON. Targets: our env within 5% of raw LIBERO and 2 async workers >= 1.7x one
+worker on a 2-core machine (issue #2); with chunks of 8 actions, rgb env steps/s >= 5x one action per step
+(issue #24: the cameras render once per chunk). Steps are timed after a warm-up reset, with random actions, on one
+task (``task_ids=[0]``) so that no simulator is rebuilt inside the timed loop; vector numbers count every sub-env
+step and include Gymnasium's autoresets at the step limit; chunked numbers count executed actions (env steps).
+
+The policy-in-the-loop rows run :func:`gym_libero_vla.rollouts.run_episodes` with a freshly initialised CompactVLA of
+the default size (state: privileged object poses, as the SFT baseline; rgb: both cameras at 128 px): env steps/s
+including the policy's forward passes, one per step at ``k = 1`` and one per chunk at ``k = 8``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -24,6 +29,7 @@ import tyro
 
 import gym_libero_vla  # noqa: F401
 from gym_libero_vla import rendering
+from reporting import command_line, machine_info
 from gym_libero_vla.libero_env import CAMERAS
 from gym_libero_vla.suites import libero_modules, quiet, suite_tasks, task_init_states
 
@@ -42,6 +48,14 @@ class Args:
     """Vector-env worker counts; default (1, 2, os.cpu_count())."""
     modes: tuple[str, ...] = ("state", "rgb")
     """Observation modes to measure."""
+    chunks: tuple[int, ...] = (1, 8)
+    """Action-chunk sizes of the chunked rows (rgb, both cameras) and of the policy-in-the-loop rows; () skips both."""
+    chunk_rgb_steps: int = 160
+    """Timed env steps (actions) per chunked rgb measurement."""
+    policy_steps: int = 160
+    """Env steps per policy-in-the-loop measurement (episodes of this many steps)."""
+    torch_threads: int = 1
+    """Torch CPU threads of the policy-in-the-loop rows (the rollouts' setting: one per process)."""
     out: Path = Path("benchmarks/results/env_throughput.json")
     """Where to write the JSON results."""
     seed: int = 0
@@ -97,12 +111,63 @@ def ours_vector(mode: str, num_envs: int, args: Args) -> float:
     return rate
 
 
+def ours_chunked(chunk: int, args: Args) -> tuple[float, float]:
+    """rgb (both cameras) env steps/s with chunks of ``chunk`` actions, and camera frames rendered per env step."""
+    env = gym.make(args.env_id, obs_mode="rgb", image_size=args.image_size, task_ids=[0], action_chunk=chunk,
+                   max_env_steps=10**6, max_episode_steps=10**6)  # fmt: skip
+    env.reset(seed=args.seed)
+    base = env.unwrapped
+    frames_before = base.frames_rendered
+    calls = max(1, args.chunk_rgb_steps // chunk)
+    rate = time_steps(env.step, calls, batch=chunk, seed=args.seed) if chunk > 1 else time_steps(env.step, calls, seed=args.seed)
+    frames_per_step = (base.frames_rendered - frames_before) / (calls * chunk)
+    env.close()
+    return rate, frames_per_step
+
+
+def policy_in_the_loop(mode: str, chunk: int, args: Args) -> float:
+    """Env steps/s of a CompactVLA acting through ``run_episodes`` (one forward pass per query)."""
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    from gym_libero_vla.evaluate import env_kwargs_for_policy
+    from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
+    from gym_libero_vla.rollouts import Start, run_episodes
+    from gym_libero_vla.wrappers.action_tokenizer import ActionBins
+
+    torch.manual_seed(args.seed)
+    suite = gym.spec(args.env_id).kwargs["suite"]
+    tokenizer = WordTokenizer.from_texts(task.instruction for task in suite_tasks(suite))
+    bins = ActionBins.from_statistics({"q01": [-0.5] * 6 + [-1.0], "q99": [0.5] * 6 + [1.0]})
+    probe = gym.make(args.env_id, obs_mode="state", privileged_state=True, task_ids=[0])
+    object_state_dim = probe.observation_space["object_state"].shape[0]
+    probe.close()
+    config = (CompactVLAConfig(cameras=(), object_state_dim=object_state_dim, chunk_size=chunk) if mode == "state" else
+              CompactVLAConfig(cameras=("agentview", "wrist"), image_size=args.image_size, chunk_size=chunk))  # fmt: skip
+    policy = CompactVLA(config, bins, tokenizer).eval()
+    env = gym.make(args.env_id, task_ids=[0], **env_kwargs_for_policy(policy, args.policy_steps))
+    env_steps = 0
+
+    def count(num_steps: int) -> bool:
+        nonlocal env_steps
+        env_steps += num_steps
+        return True
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in run_episodes(policy, env, [Start(0, 0, args.seed)], record_observations=False, on_step=count):
+            pass
+    rate = env_steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
 def main(args: Args) -> dict:
     suite = gym.spec(args.env_id).kwargs["suite"]
     workers = args.workers or tuple(sorted({1, 2, os.cpu_count() or 1}))
     results: dict = {
         "env_id": args.env_id,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "command": command_line(args, "benchmarks/env_throughput.py"),
         "mujoco_gl": rendering.select_backend(),
         "image_size": args.image_size,
         "modes": {},
@@ -118,9 +183,21 @@ def main(args: Args) -> dict:
         results["modes"][mode] = row
         rows.append((mode, row))
 
+    if args.chunks:
+        chunked = {}
+        for chunk in args.chunks:
+            rate, frames = ours_chunked(chunk, args)
+            chunked[chunk] = {"rgb_env_steps_per_s": rate, "frames_per_env_step": frames}
+            for mode in ("state", "rgb"):
+                chunked[chunk][f"policy_{mode}_env_steps_per_s"] = policy_in_the_loop(mode, chunk, args)
+        results["chunks"] = {str(chunk): row for chunk, row in chunked.items()}
+        if "rgb" in results["modes"]:
+            results["raw_libero_rgb"] = results["modes"]["rgb"]["raw_libero"]
+
     import mujoco
 
     results["mujoco_version"] = mujoco.__version__
+    results["machine"] = machine_info(args.torch_threads if args.chunks else None)
     header = ["mode", "raw LIBERO", "ours", *[f"async x{n}" for n in workers], "ours/raw", "async x2 / x1"]
     print(f"\n{args.env_id}, env steps/s ({os.cpu_count()} CPUs, MUJOCO_GL={results['mujoco_gl']}, {args.image_size}px)\n")
     print("| " + " | ".join(header) + " |")
@@ -129,6 +206,22 @@ def main(args: Args) -> dict:
         cells = [mode, f"{row['raw_libero']:.1f}", f"{row['ours']:.1f}", *[f"{row[f'vector_{n}']:.1f}" for n in workers]]
         cells += [f"{row['ours_vs_raw']:.2f}", f"{row.get('vector_2_vs_1', float('nan')):.2f}"]
         print("| " + " | ".join(cells) + " |")
+    if args.chunks:
+        first = results["chunks"][str(args.chunks[0])]
+        raw = results.get("raw_libero_rgb")
+        print(f"\nAction chunks (rgb: both cameras at {args.image_size}px; policy: CompactVLA through run_episodes), "
+              f"env steps/s, ratio to k = {args.chunks[0]}\n")  # fmt: skip
+        print("| k | rgb env | frames / env step | rgb env vs raw LIBERO | policy + state env | policy + rgb env |")
+        print("|---|---|---|---|---|---|")
+        for chunk in args.chunks:
+            row = results["chunks"][str(chunk)]
+            ratio = {key: row[key] / first[key] for key in row if key.endswith("per_s")}
+            row["vs_first_chunk"] = ratio
+            versus_raw = f"{row['rgb_env_steps_per_s'] / raw:.2f}x" if raw else "-"
+            print(f"| {chunk} | {row['rgb_env_steps_per_s']:.1f} ({ratio['rgb_env_steps_per_s']:.2f}x) | "
+                  f"{row['frames_per_env_step']:.3f} | {versus_raw} | "
+                  f"{row['policy_state_env_steps_per_s']:.1f} ({ratio['policy_state_env_steps_per_s']:.2f}x) | "
+                  f"{row['policy_rgb_env_steps_per_s']:.1f} ({ratio['policy_rgb_env_steps_per_s']:.2f}x) |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\nJSON written to {args.out}")

@@ -15,6 +15,7 @@ import numpy as np
 
 from gym_libero_vla.algos.base import latest_checkpoint
 from gym_libero_vla.algos.grpo import GRPO
+from gym_libero_vla.algos.irevla import IReVLA
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "train_grpo.py")
@@ -60,12 +61,12 @@ def test_runs_end_to_end_with_tiny_budgets(tmp_path):
     assert GRPO.load(run / "final").policy_version == 2
 
 
-def test_irevla_runs_on_the_same_pipeline(tmp_path):
+def test_irevla_runs_on_the_same_pipeline_with_action_chunks(tmp_path):
     run = tmp_path / "run"
     command = [
         sys.executable, SCRIPT, "--algo", "irevla", "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
         "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2",
-        "--policy.hidden-size", "32", "--policy.num-heads", "2",
+        "--policy.hidden-size", "32", "--policy.num-heads", "2", "--policy.chunk-size", "2",
         "--total-timesteps", "10", "--grpo.num-groups", "1", "--grpo.group-size", "2", "--max-episode-steps", "5",
         "--irevla.rl-updates-per-stage", "1", "--irevla.sl-steps-per-stage", "3",
         "--eval-episodes-per-task", "1", "--video-episodes", "0",
@@ -78,6 +79,10 @@ def test_irevla_runs_on_the_same_pipeline(tmp_path):
         results = json.load(file)
     assert results["algo"] == "irevla" and results["grpo_timesteps"] in (10, 20)  # one or two sampling rounds
     assert glob.glob(str(run / "tb" / "IReVLA_1" / "events.out.tfevents.*")), "no TensorBoard events"
+    assert IReVLA.load(run / "final").policy.chunk_size == 2
+    with open(run / "eval_after" / "success.json") as file:
+        episodes = json.load(file)["episodes"]
+    assert episodes and all(row["length"] == 5 for row in episodes)  # env steps, the last chunk cut to 1 action
 
     # Resuming its output dir as a GRPO run is refused before anything is loaded or written.
     checkpoints_before = sorted(os.listdir(run / "checkpoints"))
