@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -210,15 +211,18 @@ def run_episodes(
             at once (episodes not finished are dropped).
     """
     runner = _Runner(policy, _Slots(env), starts, record_observations, policy_version, render)
-    runner.begin(list(range(runner.slots.size)))
-    while runner.running:
-        num_steps, ended = runner.step(deterministic, temperature)
-        if on_step is not None and not on_step(num_steps):
-            return
-        for _, rollout in ended:
-            yield rollout
-        if ended:
-            runner.begin([index for index, _ in ended])
+    try:
+        runner.begin(list(range(runner.slots.size)))
+        while runner.running:
+            num_steps, ended = runner.step(deterministic, temperature)
+            if on_step is not None and not on_step(num_steps):
+                return
+            for _, rollout in ended:
+                yield rollout
+            if ended:
+                runner.begin([index for index, _ in ended])
+    finally:
+        runner.close()
 
 
 class _Runner:
@@ -239,6 +243,20 @@ class _Runner:
         self.running: dict[int, _Running] = {}
         self.idle: dict[int, dict] = {}  # vector-env sub-envs with no start left: stepped, not recorded
         self.last_start: dict[int, Start] = {}
+        # Videos of chunked episodes get a frame after every executed action, not one per chunk.
+        self.action_frames: dict[int, list[np.ndarray]] = {}
+        self.hooks: list[tuple[list, Callable]] = []
+        if render and slots.action_chunk > 1:
+            for index, env in enumerate(slots.envs):
+                self.action_frames[index] = frames = []
+                hook = functools.partial(lambda env, frames: frames.append(env.render()), env, frames)
+                env.unwrapped.action_hooks.append(hook)
+                self.hooks.append((env.unwrapped.action_hooks, hook))
+
+    def close(self) -> None:
+        for hooks, hook in self.hooks:
+            hooks.remove(hook)
+        self.hooks = []
 
     def begin(self, indices: list[int]) -> None:
         """Give each slot of ``indices`` the next start (or, in a vector env, its last one to idle on)."""
@@ -265,6 +283,7 @@ class _Runner:
             self.running[index] = _Running(position, start, observations[index], share)
             if self.render:
                 self.running[index].frames.append(self.slots.render(index))
+                self.action_frames.get(index, []).clear()
 
     def step(self, deterministic: bool, temperature: float) -> tuple[int, list[tuple[int, Rollout]]]:
         """One batched policy call and env step; the env steps taken (actions executed) and the episodes that ended."""
@@ -298,7 +317,10 @@ class _Runner:
             env_steps += executed
             run.seconds += policy_share + step_share
             run.obs = obs
-            if self.render:
+            if self.render and index in self.action_frames:  # one frame per executed action of the chunk
+                run.frames.extend(self.action_frames[index])
+                self.action_frames[index].clear()
+            elif self.render:
                 run.frames.append(slots.render(index))
             if terminated or truncated:
                 episode = _episode(run, self.recorded, self.policy_version, slots.env_id)

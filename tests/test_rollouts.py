@@ -111,3 +111,29 @@ def test_render_needs_single_envs():
             next(run_episodes(make_policy(), vector_env, [Start(0, 0)], render=True))
     finally:
         vector_env.close()
+
+
+def test_chunked_episodes_count_env_steps_and_videos_get_a_frame_per_action():
+    torch.manual_seed(0)
+    bins = ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7})
+    config = CompactVLAConfig(cameras=(), hidden_size=16, num_layers=1, num_heads=2, chunk_size=3)
+    policy = CompactVLA(config, bins, WordTokenizer.from_texts([INSTRUCTION]))
+    env = gym.make("LiberoSpatial-v0", obs_mode="state", task_ids=(0,), num_settle_steps=2, action_chunk=3,
+                   max_env_steps=7, render_mode="rgb_array", render_size=32)  # fmt: skip
+    counted = []
+    try:
+        (rollout,) = run_episodes(policy, env, [Start(0, 0)], render=True, on_step=lambda n: counted.append(n) or True)
+        assert counted == [3, 3, 1]  # env steps: the step limit cuts the third chunk after one action
+        episode = rollout.episode
+        assert episode.actions.shape == (3, 3, 7) and episode.executed.tolist() == [3, 3, 1]
+        assert episode.num_env_steps == 7 and episode.log_probs.shape == (3, 21)
+        assert len(rollout.frames) == 1 + 7 and rollout.frames[0].shape == (32, 32, 3)  # reset, then every action
+        assert env.unwrapped.action_hooks == []  # the video hooks are gone with the episodes
+    finally:
+        env.close()
+    single = make(4)()
+    try:
+        with pytest.raises(ValueError, match="the env executes 1 action.*make the env with action_chunk=3"):
+            next(run_episodes(policy, single, [Start(0, 0)]))
+    finally:
+        single.close()
