@@ -100,9 +100,10 @@ def test_cameras_render_once_per_chunk_and_gripper_conventions_apply_to_each_act
         single.close()
 
 
-def test_vector_envs_step_chunks():
-    envs = gym.make_vec("LiberoSpatial-v0", num_envs=2, vectorization_mode="sync", obs_mode="state", task_ids=[0],
-                        action_chunk=5, max_env_steps=7)  # fmt: skip
+@pytest.mark.parametrize("mode", [{"vectorization_mode": "sync"}, {}])  # {}: our async vector env (forkserver workers)
+def test_vector_envs_step_chunks(mode):
+    envs = gym.make_vec("LiberoSpatial-v0", num_envs=2, obs_mode="state", task_ids=[0], action_chunk=5, max_env_steps=7,
+                        **mode)  # fmt: skip
     try:
         assert envs.single_action_space.shape == (5, 7) and envs.action_space.shape == (2, 5, 7)
         envs.reset(seed=0)
