@@ -33,6 +33,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from gym_libero_vla.algos.base import BaseLearner, check_ints, check_positive, is_finite, is_int
 from gym_libero_vla.episode import Episode, as_episode
+from gym_libero_vla.libero_env import CAMERAS
 
 
 # ---------------------------------------------------------------------------------------------- demonstrations
@@ -159,6 +160,18 @@ def demo_token_log_probs(
     return action_tokens, token_log_probs, log_probs
 
 
+def random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+    """``(B, H, W, C)`` frames, each padded by ``pad`` pixels (edges repeated) and cropped back to ``H x W`` at an
+    offset drawn uniformly from ``0..2 * pad`` in each direction (DrQ, Kostrikov et al., 2020)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4:
+        raise ValueError(f"random_shift takes (B, H, W, C) frames: got shape {frames.shape}")
+    batch_size, height, width = frames.shape[:3]
+    padded = np.pad(frames, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    offsets = rng.integers(0, 2 * pad + 1, size=(batch_size, 2))
+    return np.stack([padded[i, y : y + height, x : x + width] for i, (y, x) in enumerate(offsets)])
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The mean of ``values`` over the entries ``mask`` keeps: the tokens of real actions (None: every entry, exactly
     ``values.mean()``)."""
@@ -202,12 +215,16 @@ class SFTConfig:
     """Clip the gradient's global norm to this (None: no clipping)."""
     log_interval: int = 10
     """Log the averaged training scalars every this many steps."""
+    random_shift: int = 0
+    """Image augmentation: each camera frame of a batch is padded by this many pixels (edge pixels repeated) and
+    cropped back at a random offset, per sample (DrQ's random shift; pixel BC and OpenVLA-OFT augment likewise).
+    0: none."""
     seed: int | None = None
-    """Seeds torch's RNG and the batch order."""
+    """Seeds torch's RNG, the batch order and the augmentation."""
 
     def __post_init__(self):
         check_positive(self, "learning_rate")
-        check_ints(self, batch_size=1, log_interval=1)
+        check_ints(self, batch_size=1, log_interval=1, random_shift=0)
         if not (is_finite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay {self.weight_decay!r} must be >= 0")
         if self.max_grad_norm is not None and not (is_finite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -264,6 +281,9 @@ class SFT(BaseLearner):
         policy = self.policy
         indices = self._next_indices()
         obs, actions = self.demos.batch(indices)
+        if self.config.random_shift:
+            obs = {key: random_shift(value, self.config.random_shift, self._rng) if key in CAMERAS else value
+                   for key, value in obs.items()}  # fmt: skip
         action_tokens, token_log_probs, log_probs = demo_token_log_probs(policy, obs, actions)
         mask = self.demos.token_mask(indices)  # chunks: the padding past an episode's end is not learned
         mask = None if mask is None else torch.as_tensor(mask, device=policy.device)

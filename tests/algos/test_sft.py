@@ -210,10 +210,30 @@ def test_learns_from_camera_frames(demos):
     policy = CompactVLA(config, bins, WordTokenizer.from_texts(["open the drawer"]))
     frames = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     episode = {"instruction": "open the drawer", "agentview": frames, "state": np.zeros((5, 8)), "actions": np.zeros((5, 7))}
-    model = SFT(policy, demos=[episode], batch_size=4, seed=0).learn(2, progress_bar=False)
+    model = SFT(policy, demos=[episode], batch_size=4, seed=0, random_shift=4).learn(2, progress_bar=False)
     assert model.demos.observations["agentview"].shape == (5, 32, 32, 3) and np.isfinite(model.last_metrics["train/loss"])
+    np.testing.assert_array_equal(model.demos.observations["agentview"], frames)  # augmented copies, demos untouched
     with pytest.raises(ValueError, match="built for 32x32"):
         model.predict({"instruction": "open the drawer", "agentview": frames[0, :16], "state": np.zeros(8)})
+
+
+def test_random_shift_moves_each_frame_within_its_padding():
+    from gym_libero_vla.algos.sft import random_shift
+
+    frames = np.random.default_rng(0).integers(0, 256, (16, 12, 12, 3), dtype=np.uint8)
+    shifted = random_shift(frames, 2, np.random.default_rng(1))
+    assert shifted.shape == frames.shape and shifted.dtype == np.uint8
+    moved = 0
+    for original, frame in zip(frames, shifted):
+        # Some offset (dy, dx) in -2..2 maps the frame's interior onto the original's.
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if np.array_equal(frame[2:-2, 2:-2], original[2 + dy : 10 + dy, 2 + dx : 10 + dx])]  # fmt: skip
+        assert matches
+        moved += matches[0] != (0, 0)
+    assert moved >= 8  # 24 of 25 offsets move the frame
+    np.testing.assert_array_equal(random_shift(frames, 0, np.random.default_rng(1)), frames)
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\) frames"):
+        random_shift(frames[0], 2, np.random.default_rng(0))
 
 
 def test_continue_sft_resumes_its_checkpoint_with_the_same_batches(demos, tmp_path):

@@ -185,6 +185,7 @@ def test_bad_inputs_raise_clear_errors(action_bins, tmp_path):
         (dict(cameras=(), use_state=False), "reads nothing"),
         (dict(image_size=16, image_grid=4), "image_grid 4"),
         (dict(chunk_size=0), "chunk_size 0 must be an int >= 1"),
+        (dict(instruction_encoder="bert"), r"unknown instruction_encoder 'bert': valid \('words', 'minilm'\)"),
         (dict(chunk_size=4, execute_steps=5), r"execute_steps 5 must be None or an int in 1..chunk_size \(4\)"),
     ],
 )
@@ -251,6 +252,29 @@ def test_a_chunking_policy_round_trips_its_chunk(action_bins, tmp_path):
     loaded = load_policy(tmp_path)
     assert (loaded.chunk_size, loaded.execute_steps) == (4, 2)
     obs = batch_for("state")
+    assert torch.equal(loaded.act(obs, deterministic=True)[1], policy.act(obs, deterministic=True)[1])
+
+
+def test_a_sentence_encoder_instruction_reads_unseen_phrasings(action_bins, tmp_path):
+    """instruction_encoder="minilm": one token from the frozen pretrained MiniLM. A paraphrase no word vocabulary
+    holds gets a distribution near the instruction it means, not one as far as another task's."""
+    policy = make_policy(action_bins, instruction_encoder="minilm", **CONFIGS["state"])
+    assert policy.num_prefix_tokens == 1 + 1 + 1  # BOS, the sentence token, the state token
+    obs = batch_for("state", batch_size=3)
+    actions, tokens, token_log_probs = policy.act(obs)
+    torch.testing.assert_close(policy.log_prob(obs, tokens)[0], token_log_probs, atol=1e-5, rtol=1e-5)
+    texts = ("open the top drawer", "pull the uppermost drawer open", "pick up the black bowl on the stove and place it on the plate")
+    with torch.no_grad():
+        token = policy.sentence_token(policy._sentence_batch(texts))[:, 0]  # the instruction's token in the prefix
+    paraphrase, unrelated = (token[1] - token[0]).norm(), (token[2] - token[0]).norm()
+    assert paraphrase < 0.7 * unrelated, (paraphrase, unrelated)
+    assert WordTokenizer.from_texts(INSTRUCTIONS).encode("pull the uppermost drawer open").count(1) == 2  # <unk> x2
+    # The MiniLM weights are not the policy's: only the projection is trained and saved.
+    assert not any("minilm" in name.lower() for name in policy.state_dict())
+    assert sum(p.numel() for p in policy.sentence_token.parameters()) == 384 * 32 + 32 + 32 * 32 + 32
+    policy.save_pretrained(tmp_path)
+    loaded = load_policy(tmp_path)
+    assert loaded.config.instruction_encoder == "minilm"
     assert torch.equal(loaded.act(obs, deterministic=True)[1], policy.act(obs, deterministic=True)[1])
 
 
