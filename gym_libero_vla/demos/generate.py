@@ -75,6 +75,9 @@ class GenerateArgs:
     """Std of Gaussian noise on the expert's translation actions (0: deterministic expert)."""
     max_retries: int = 3
     """Grasp retries the expert may make within an episode."""
+    workers: int = 1
+    """Processes rolling out the expert side by side, each on its own tasks and simulator (one per core: rendering
+    frames is most of an rgb episode's cost)."""
     keep_parts: bool = True
     """Keep the per-episode sidecar directory after assembling the HDF5 file."""
     progress: bool = True
@@ -286,6 +289,8 @@ def generate(args: GenerateArgs) -> dict:
         raise ValueError(f"episodes_per_task {args.episodes_per_task} must be >= 1")
     if args.image_size < 1:
         raise ValueError(f"image_size {args.image_size} must be >= 1")
+    if not (isinstance(args.workers, int) and args.workers >= 1):
+        raise ValueError(f"workers {args.workers!r} must be an int >= 1")
     tasks = suites.suite_tasks(spec.libero_name)
     task_ids = tuple(range(len(tasks))) if args.task_ids is None else tuple(args.task_ids)
     bad = [t for t in task_ids if not 0 <= t < len(tasks)]
@@ -313,7 +318,10 @@ def generate(args: GenerateArgs) -> dict:
         _check_config(parts_dir, config)
         done = _scan_parts(parts_dir)
 
-        counts = _roll_out_missing(args, spec, task_ids, parts_dir, done)
+        if args.workers > 1 and len(task_ids) > 1:
+            counts = _roll_out_in_workers(args, spec, task_ids, parts_dir, done)
+        else:
+            counts = _roll_out_missing(args, spec, task_ids, parts_dir, done)
         counts["num_demos"] = assemble_hdf5(out, parts_dir)
         if not args.keep_parts:
             shutil.rmtree(parts_dir)
@@ -359,6 +367,48 @@ def prepare_demos(args: GenerateArgs, filter_noops: bool = True) -> tuple[list, 
         if size != args.image_size:
             raise ValueError(f"{path} holds {size} px frames, not {args.image_size} px: ask for {size} or give other demos")
     return episodes, generated
+
+
+def _roll_out_in_workers(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts_dir: str, done: dict) -> dict:
+    """:func:`_roll_out_missing` over ``args.workers`` processes, one task at a time each (tasks are independent and
+    every attempt is its own sidecar file, so a kill loses at most the attempts in flight)."""
+    import concurrent.futures
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    worker_args = dataclasses.replace(args, progress=False, workers=1)
+    wanted = args.episodes_per_task * len(task_ids)
+
+    def have() -> int:
+        scanned = _successes_per_task(parts_dir)
+        return sum(min(scanned.get(task_id, 0), args.episodes_per_task) for task_id in task_ids)
+
+    counts = {"successes": 0, "failures": 0, "attempts": 0, "skipped": 0}
+    bar = tqdm(total=wanted, initial=have(), desc=f"{spec.env_id} demos ({args.workers} workers)", unit="demo",
+               disable=not args.progress)  # fmt: skip
+    context = multiprocessing.get_context("forkserver")  # a clean process per worker: its own GL context
+    try:
+        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+            pending = {pool.submit(_roll_out_missing, worker_args, spec, (task_id,), parts_dir, done) for task_id in task_ids}
+            while pending:
+                finished, pending = concurrent.futures.wait(pending, timeout=5.0)
+                for future in finished:
+                    for key, value in future.result().items():
+                        counts[key] += value
+                bar.update(have() - bar.n)
+    finally:
+        bar.close()
+    return counts
+
+
+def _successes_per_task(parts_dir: str) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for name in os.listdir(parts_dir):
+        if name.endswith(".npz") and name.startswith("task"):
+            task_id = int(name[4:7])
+            counts[task_id] = counts.get(task_id, 0) + 1
+    return counts
 
 
 def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts_dir: str, done: dict) -> dict:
