@@ -51,7 +51,7 @@ class Args:
     suite: str = "spatial"
     """LIBERO suite: short name (spatial, object, goal, 10, 90), LIBERO name or env id."""
     obs_mode: Literal["state", "rgb+state"] = "state"
-    """"state": proprio (+ object poses with --object-state); "rgb+state": agentview frames too."""
+    """"state": proprio (+ object poses with --object-state); "rgb+state": camera frames too (--policy.cameras)."""
     image_size: int = 64
     """Side of the agentview frames (rgb+state only); the demos' frames must have it."""
     object_state: bool = False
@@ -72,7 +72,8 @@ class Args:
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     """SFT's settings (its seed is --seed unless given; its step size also applies when continuing a checkpoint)."""
     policy: CompactVLAConfig = dataclasses.field(default_factory=lambda: CompactVLAConfig(cameras=()))
-    """The fresh CompactVLA's sizes (its cameras follow --obs-mode; frame and object-state sizes come from the demos)."""
+    """The fresh CompactVLA's sizes; in rgb+state mode it reads --policy.cameras (default agentview only; OpenVLA-OFT
+    reads agentview and wrist), in state mode none. Frame and object-state sizes come from the demos."""
     init_from: str | None = None
     """Start from this SFT checkpoint directory (copied to <output-dir>/sft; its step counter and wall time continue)
     instead of a fresh CompactVLA. Ignored once <output-dir>/sft exists."""
@@ -135,11 +136,18 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     return suite, task_ids, init_state_ids
 
 
+def policy_cameras(args: Args) -> tuple[str, ...]:
+    """The cameras a fresh policy reads: none in state mode; ``--policy.cameras`` (default agentview) in rgb+state."""
+    if args.obs_mode != "rgb+state":
+        return ()
+    return tuple(args.policy.cameras) or ("agentview",)
+
+
 def check_policy_inputs(policy: VLAPolicy, args: Args, source: str) -> None:
     """A checkpoint must read what ``args`` trains on: same cameras and image size, object_state or not."""
     keys = tuple(policy.observation_keys)
     cameras = tuple(key for key in keys if key in CAMERA_KEYS)
-    wanted = ("agentview",) if args.obs_mode == "rgb+state" else ()
+    wanted = policy_cameras(args)
     if cameras != wanted:
         raise ValueError(f"{source} reads cameras {cameras}, but --obs-mode {args.obs_mode} means {wanted}")
     image_size = getattr(getattr(policy, "config", None), "image_size", args.image_size)
@@ -174,7 +182,7 @@ def train_sft(args: Args, episodes, instructions: list[str], path: str, tb_dir: 
 
     def create() -> SFT:
         torch.manual_seed(args.seed)
-        config = dataclasses.replace(args.policy, cameras=("agentview",) if args.obs_mode == "rgb+state" else ())
+        config = dataclasses.replace(args.policy, cameras=policy_cameras(args))
         policy = CompactVLA.from_demos(episodes, config, instructions=instructions, object_state=args.object_state)
         return SFT(policy, demos=episodes, tensorboard_log=tb_dir, device=device, **dataclasses.asdict(sft_config))
 
