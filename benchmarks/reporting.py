@@ -65,19 +65,42 @@ def cpu_model() -> str:
 
 
 def command_line(args, script: str) -> str:
-    """The command that runs ``script`` with ``args``, a tyro dataclass (flags only where they differ from its defaults)."""
-    parts = ["python", script]
+    """The command that runs ``script`` with ``args``, a tyro dataclass (flags only where they differ from its defaults;
+    nested config dataclasses as tyro spells them, ``--sft.batch-size 32``)."""
+    return shlex.join(["python", script, *_flags(args, _defaults(type(args)), "")])
+
+
+def _defaults(cls) -> dict:
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            values[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            values[field.name] = field.default_factory()
+    return values
+
+
+def _flags(args, defaults: dict, prefix: str) -> list[str]:
+    parts = []
     for field in dataclasses.fields(args):
-        value, flag = getattr(args, field.name), "--" + field.name.replace("_", "-")
-        if value == field.default:
+        value, name = getattr(args, field.name), prefix + field.name.replace("_", "-")
+        default = defaults.get(field.name, dataclasses.MISSING)
+        if value == default:
             continue
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + field.name.replace("_", "-"))
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            if dataclasses.is_dataclass(default):  # the script's own default of the nested config
+                nested_defaults = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+            else:
+                nested_defaults = _defaults(type(value))
+            parts += _flags(value, nested_defaults, name + ".")
+        elif isinstance(value, bool):
+            group, _, flag = name.rpartition(".")  # tyro's negation: --no-progress, --policy.no-use-state
+            parts.append("--" + name if value else f"--{group + '.' if group else ''}no-{flag}")
         elif isinstance(value, tuple):
-            parts += [flag, *(str(item) for item in value)]
+            parts += ["--" + name, *(str(item) for item in value)]
         else:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
+            parts += ["--" + name, str(value)]
+    return parts
 
 
 def success_summary(rows: list[dict]) -> dict:

@@ -1,0 +1,29 @@
+"""benchmarks/reporting.py: the reproducing command of a report parses back to the same arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+import sft_baseline
+import tyro
+from reporting import command_line
+
+from gym_libero_vla.algos.sft import SFTConfig
+from gym_libero_vla.policies import CompactVLAConfig
+
+
+def test_command_line_spells_nested_configs_as_tyro_does_and_parses_back():
+    args = sft_baseline.Args(
+        object_state=True, progress=False, task_ids=(0, 3), demos="data/spatial_state.hdf5",
+        sft=SFTConfig(batch_size=32, random_shift=4), policy=CompactVLAConfig(cameras=(), chunk_size=8, use_state=False,
+                                                                             object_state_dim=3),
+    )  # fmt: skip
+    command = command_line(args, "benchmarks/sft_baseline.py")
+    assert command == (
+        "python benchmarks/sft_baseline.py --object-state --task-ids 0 3 --demos data/spatial_state.hdf5 "
+        "--sft.batch-size 32 --sft.random-shift 4 --policy.no-use-state --policy.object-state-dim 3 "
+        "--policy.chunk-size 8 --no-progress"
+    )
+    assert tyro.cli(sft_baseline.Args, args=shlex.split(command)[2:]) == args
+    assert command_line(sft_baseline.Args(), "benchmarks/sft_baseline.py") == "python benchmarks/sft_baseline.py"
