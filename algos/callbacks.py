@@ -76,7 +76,8 @@ class RolloutCheckpointCallback(CheckpointCallback):
 class LiberoEvalCallback(BaseCallback):
     """Every ``eval_freq`` env steps (at a rollout end), evaluate the policy deterministically on every
     (task, init state, seed) -- or on exactly ``starts``, a subset such as one init state per task for a cheap
-    learning curve -- with :func:`gym_libero_vla.evaluate.evaluate_policy` (``num_envs`` side by side);
+    learning curve -- with :func:`gym_libero_vla.evaluate.evaluate_policy` (``num_envs`` side by side, in this
+    process or in worker processes: ``vectorization_mode``);
     log ``eval/success_rate`` and ``eval/success_rate_task<t>``, append a row (steps, successes, episodes, success
     rate, per task, seconds) to ``<log_path>/evaluations.jsonl``, and save the best model to ``best_model_save_path``.
     ``last_success_rate`` / ``best_success_rate`` hold the results."""
@@ -94,8 +95,14 @@ class LiberoEvalCallback(BaseCallback):
         num_envs: int = 1,
         verbose: int = 0,
         starts: Sequence | None = None,
+        vectorization_mode: str = "sync",
     ):
         super().__init__(verbose)
+        from gym_libero_vla.evaluate import VECTORIZATION_MODES
+
+        if vectorization_mode not in VECTORIZATION_MODES:
+            raise ValueError(f"unknown vectorization_mode {vectorization_mode!r}: valid {VECTORIZATION_MODES}")
+        self.vectorization_mode = vectorization_mode
         if not (isinstance(eval_freq, int) and eval_freq >= 1):
             raise ValueError(f"eval_freq {eval_freq!r} must be an int >= 1 (env steps between evaluations)")
         if not init_state_ids and not starts:
@@ -127,6 +134,7 @@ class LiberoEvalCallback(BaseCallback):
         results = evaluate_policy(
             self.model.policy, self.env_id, self.task_ids, self.init_state_ids, seeds=self.seeds,
             max_episode_steps=self.max_episode_steps, progress=False, num_envs=self.num_envs, starts=self.starts,
+            vectorization_mode=self.vectorization_mode,
         )  # fmt: skip
         self.last_success_rate = results["success_rate"]
         self.logger.record("eval/success_rate", results["success_rate"])

@@ -26,10 +26,10 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import tyro
+from reporting import command_line, machine_info
 
 import gym_libero_vla  # noqa: F401
 from gym_libero_vla import rendering
-from reporting import command_line, machine_info
 from gym_libero_vla.libero_env import CAMERAS
 from gym_libero_vla.suites import libero_modules, quiet, suite_tasks, task_init_states
 
@@ -119,7 +119,8 @@ def ours_chunked(chunk: int, args: Args) -> tuple[float, float]:
     base = env.unwrapped
     frames_before = base.frames_rendered
     calls = max(1, args.chunk_rgb_steps // chunk)
-    rate = time_steps(env.step, calls, batch=chunk, seed=args.seed) if chunk > 1 else time_steps(env.step, calls, seed=args.seed)
+    batch = {"batch": chunk} if chunk > 1 else {}
+    rate = time_steps(env.step, calls, seed=args.seed, **batch)
     frames_per_step = (base.frames_rendered - frames_before) / (calls * chunk)
     env.close()
     return rate, frames_per_step

@@ -99,6 +99,11 @@ class Args:
     """Evaluation envs run side by side in this process, the policy acting on all of them in one batched call;
     1 runs the episodes one after another. The outcomes do not depend on it. Default: 8 in state mode (~0.3 GB
     each), 2 in rgb+state mode (~1 GB each with a renderer, and rendering dominates the step anyway)."""
+    eval_vectorization_mode: Literal["sync", "async"] = "async"
+    """"async": each evaluation env in a worker process (gym.make_vec), all stepping at once (both cores busy);
+    "sync": all in this process. The outcomes do not depend on it."""
+    demo_workers: int = 2
+    """Processes generating the demos when the demo file is missing (one per core)."""
     torch_threads: int = 1
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     progress: bool = True
@@ -162,7 +167,7 @@ def demo_args(args: Args, task_ids, path: str) -> GenerateArgs:
     return GenerateArgs(
         suite=args.suite, out=path, episodes_per_task=args.episodes_per_task, task_ids=task_ids, init_state_start=0,
         init_state_end=args.demo_init_state_end, obs_mode=args.obs_mode, image_size=args.image_size,
-        object_state=args.object_state, seed=args.seed, progress=args.progress,
+        object_state=args.object_state, seed=args.seed, progress=args.progress, workers=args.demo_workers,
     )  # fmt: skip
 
 
@@ -265,7 +270,7 @@ def main(args: Args) -> dict:
     evaluation = evaluate_policy(
         model.policy, suite.env_id, task_ids, init_state_ids, seeds=args.seeds, max_episode_steps=args.max_episode_steps,
         progress=args.progress, num_envs=args.eval_num_envs or (8 if args.obs_mode == "state" else 2),
-        episodes_path=os.path.join(output_dir, "episodes.jsonl"),
+        episodes_path=os.path.join(output_dir, "episodes.jsonl"), vectorization_mode=args.eval_vectorization_mode,
     )  # fmt: skip
     rows = evaluation["episodes"]
 

@@ -120,8 +120,13 @@ class Args:
     """Evaluation episodes per task (init states eval_init_state_start, +1, ...); deterministic decoding."""
     video_episodes: int = 1
     """Record this many evaluation episodes as mp4 (before and after)."""
-    eval_num_envs: int = 4
-    """Evaluation envs run side by side, the policy acting on all of them in one batched call (same episodes)."""
+    num_envs: int = 2
+    """Simulators that GRPO's rollouts (a group's episodes) and the evaluations run side by side, the policy acting
+    on all of them in one batched call (and, with "async", the processes generating missing demos); GRPO's
+    group_size must be a multiple of it. The evaluations' episodes and the demos do not depend on it."""
+    vectorization_mode: Literal["sync", "async"] = "async"
+    """"async": each simulator in a worker process (gym.make_vec), stepping at the same time: one per core keeps
+    both cores of a 2-core machine busy; "sync": all in this process, stepped in turn."""
     device: str = "cpu"
     """Torch device of the policy (SFT, GRPO / iRe-VLA learner, evaluation): cpu, cuda, cuda:<index>, mps or auto.
     The simulators, and --async's rollout workers, stay on the CPU."""
@@ -141,7 +146,7 @@ def demo_args(args: Args) -> GenerateArgs:
     return GenerateArgs(
         suite=args.env_id, out=args.demos or demo_path(args), task_ids=args.task_ids,
         episodes_per_task=args.demo_episodes_per_task, init_state_end=args.demo_init_state_end, object_state=True,
-        progress=args.progress_bar,
+        progress=args.progress_bar, workers=args.num_envs if args.vectorization_mode == "async" else 1,
     )  # fmt: skip
 
 
@@ -196,6 +201,15 @@ def learner_settings(args: Args) -> tuple[type, dict]:
     return GRPO, dataclasses.asdict(grpo)
 
 
+def make_rollout_env(args: Args, env_id: str, env_kwargs: dict):
+    """GRPO's (and iRe-VLA's) env: ``num_envs`` simulators in worker processes (``--vectorization-mode async``) or in
+    this process. ``--async``'s rollout workers make their own, so it gets a single env (read for its spaces)."""
+    if args.async_ or args.num_envs == 1:
+        return gym.make(env_id, task_ids=args.task_ids, **env_kwargs)
+    return gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode=None if args.vectorization_mode == "async"
+                        else "sync", task_ids=args.task_ids, **env_kwargs)  # fmt: skip
+
+
 def check_resumable(args: Args, checkpoints: str, learner_class: type) -> None:
     """A clear error for resuming a run of another learner in this output dir."""
     newest = latest_checkpoint(checkpoints)
@@ -215,8 +229,8 @@ def main(args: Args) -> dict:
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)  # a clear error for a device this machine lacks, before any work
-    if args.eval_num_envs < 1:
-        raise ValueError(f"eval_num_envs {args.eval_num_envs} must be >= 1")
+    if args.num_envs < 1:
+        raise ValueError(f"num_envs {args.num_envs} must be >= 1")
     learner_class, hyperparameters = learner_settings(args)  # bad settings fail here, before any work
     suite = resolve_suite(args.env_id)
     tasks = suite_tasks(suite.libero_name)
@@ -250,7 +264,7 @@ def main(args: Args) -> dict:
             evaluated_policy, suite.env_id, args.task_ids, eval_init_states, seeds=(args.seed,),
             max_episode_steps=args.max_episode_steps, video_episodes=args.video_episodes,
             video_dir=os.path.join(args.output_dir, f"eval_{stage}", "videos"), progress=args.progress_bar,
-            num_envs=args.eval_num_envs,
+            num_envs=args.num_envs, vectorization_mode=args.vectorization_mode,
         )  # fmt: skip
         print(
             f"\n{stage} {args.algo}:\n"
@@ -268,7 +282,7 @@ def main(args: Args) -> dict:
     timings["eval_before"] = time.time() - start - sum(timings.values())
 
     # 4. GRPO with the demos as offline regularization (or iRe-VLA), on the demos' init states (evaluation's stay held out).
-    env = gym.make(suite.env_id, task_ids=args.task_ids, **env_kwargs_for_policy(policy, args.max_episode_steps))
+    env = make_rollout_env(args, suite.env_id, env_kwargs_for_policy(policy, args.max_episode_steps))
     tensorboard_log = os.path.join(args.output_dir, "tb")
 
     def create():
@@ -287,7 +301,7 @@ def main(args: Args) -> dict:
             LiberoEvalCallback(
                 suite.env_id, args.task_ids, eval_init_states, args.eval_freq, seeds=(args.seed,),
                 max_episode_steps=args.max_episode_steps, log_path=os.path.join(args.output_dir, "eval_periodic"),
-                num_envs=args.eval_num_envs,
+                num_envs=args.num_envs, vectorization_mode=args.vectorization_mode,
             )
         )  # fmt: skip
     remaining = args.total_timesteps - model.num_timesteps

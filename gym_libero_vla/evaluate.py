@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -38,6 +38,7 @@ from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 
 CAMERA_KEYS = ("agentview", "wrist")
+VECTORIZATION_MODES = ("sync", "async")
 VIDEO_FPS = 20
 
 
@@ -68,8 +69,11 @@ class EvalArgs:
     out_dir: str = "runs/eval"
     """success.md, success.json, success.png and videos/ go here."""
     num_envs: int = 4
-    """Envs run side by side in this process, the policy acting on all of them in one batched call (each
-    holds one simulator, ~0.3 GB); 1 runs the episodes one after another."""
+    """Envs run side by side, the policy acting on all of them in one batched call (each holds one simulator,
+    ~0.3 GB, ~1 GB with cameras); 1 runs the episodes one after another."""
+    vectorization_mode: Literal["sync", "async"] = "sync"
+    """"sync": the envs live in this process and step in turn; "async": each in a worker process (gym.make_vec),
+    all stepping at once: one per core keeps every core simulating and rendering."""
     torch_threads: int = 1
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     progress: bool = True
@@ -115,10 +119,13 @@ def evaluate_policy(
     num_envs: int = 1,
     starts: Sequence[Start] | None = None,
     episodes_path: str | None = None,
+    vectorization_mode: str = "sync",
 ) -> dict:
     """Success of ``policy`` on every (task, init state, seed) of ``env_id`` (or on ``starts``, when given); one
     episode each, ``num_envs`` envs side by side with one batched policy call per step
-    (:func:`gym_libero_vla.rollouts.run_episodes`).
+    (:func:`gym_libero_vla.rollouts.run_episodes`): in this process (``vectorization_mode="sync"``) or each in a
+    worker process of ``gym.make_vec`` (``"async"``: the simulators step at the same time, one core each). The
+    outcomes do not depend on either (each episode is seeded by its start; greedy decoding is per row).
 
     With ``episodes_path`` the evaluation resumes: every finished episode is appended to that JSON-lines file at
     once (with a fingerprint of the policy's weights and the step limit), and episodes already there for the same
@@ -149,6 +156,8 @@ def evaluate_policy(
         seeds = tuple(sorted({start.seed for start in starts if start.seed is not None}))
     if video_episodes > 0 and video_dir is None:
         raise ValueError(f"video_episodes {video_episodes} needs a video_dir")
+    if vectorization_mode not in VECTORIZATION_MODES:
+        raise ValueError(f"unknown vectorization_mode {vectorization_mode!r}: valid {VECTORIZATION_MODES}")
     if episodes_path is not None and not deterministic:
         raise ValueError("episodes_path resumes deterministic evaluations only: sampled episodes are not repeatable")
     env_kwargs = env_kwargs_for_policy(policy, max_episode_steps)
@@ -164,7 +173,8 @@ def evaluate_policy(
         done = recorded_episodes(episodes_path, fingerprint, max_steps) if episodes_path else {}
         todo = [start for start in starts if (start.task_id, start.init_state_id, start.seed) not in done]
         rows, videos = _run(policy, suite.env_id, task_ids, todo, env_kwargs, num_envs, deterministic, temperature,
-                            video_episodes, video_dir, progress, episodes_path, fingerprint, max_steps)  # fmt: skip
+                            video_episodes, video_dir, progress, episodes_path, fingerprint, max_steps,
+                            vectorization_mode)  # fmt: skip
     policy.train(was_training)
     done.update({(row["task_id"], row["init_state_id"], row["seed"]): row for row in rows})
     episodes = [done[(start.task_id, start.init_state_id, start.seed)] for start in starts]
@@ -194,7 +204,7 @@ def evaluate_policy(
 
 
 def _run(policy, env_id, task_ids, starts, env_kwargs, num_envs, deterministic, temperature, video_episodes, video_dir,
-         progress, episodes_path, fingerprint, max_steps) -> tuple[list[dict], list[str]]:  # fmt: skip
+         progress, episodes_path, fingerprint, max_steps, vectorization_mode) -> tuple[list[dict], list[str]]:  # fmt: skip
     """Run ``starts`` (the first ``video_episodes`` in an env of their own that renders), appending each finished
     episode to ``episodes_path`` when given; the rows and the video paths."""
     rows: list[dict] = []
@@ -231,14 +241,16 @@ def _run(policy, env_id, task_ids, starts, env_kwargs, num_envs, deterministic, 
             finally:
                 video_env.close()
         if batched_starts:
-            envs = make_eval_envs(env_id, num_envs, task_ids, num_runs=len(batched_starts), **env_kwargs)
+            envs = make_eval_envs(env_id, num_envs, task_ids, num_runs=len(batched_starts),
+                                  vectorization_mode=vectorization_mode, **env_kwargs)  # fmt: skip
+            vector = isinstance(envs, gym.vector.VectorEnv)
             try:
-                _check_object_state(policy, envs[0], env_id)
+                _check_object_state(policy, envs.single_observation_space if vector else envs[0].observation_space, env_id)
                 for rollout in run_episodes(policy, envs, batched_starts, deterministic=deterministic,
                                             temperature=temperature, record_observations=False):  # fmt: skip
-                    finish(batched_starts[rollout.index], rollout, len(envs))
+                    finish(batched_starts[rollout.index], rollout, envs.num_envs if vector else len(envs))
             finally:
-                for env in envs:
+                for env in [envs] if vector else envs:
                     env.close()
     finally:
         bar.close()
@@ -247,10 +259,10 @@ def _run(policy, env_id, task_ids, starts, env_kwargs, num_envs, deterministic, 
     return rows, videos
 
 
-def _check_object_state(policy: VLAPolicy, env: gym.Env, env_id: str) -> None:
+def _check_object_state(policy: VLAPolicy, observation_space: gym.spaces.Dict, env_id: str) -> None:
     if "object_state" not in policy.observation_keys:
         return
-    env_dim = env.observation_space["object_state"].shape[0]
+    env_dim = observation_space["object_state"].shape[0]
     policy_dim = getattr(getattr(policy, "config", None), "object_state_dim", env_dim)
     if env_dim != policy_dim:
         raise ValueError(f"the policy reads {policy_dim} object_state numbers but {env_id} gives {env_dim}")
@@ -295,17 +307,29 @@ def _open_episodes_file(path: str):
 
 
 def make_eval_envs(
-    env_id: str, num_envs: int, task_ids: Sequence[int] | None = None, *, num_runs: int | None = None, **env_kwargs
-) -> list[gym.Env]:
-    """``num_envs`` envs of ``env_id`` in this process for :func:`~gym_libero_vla.rollouts.run_episodes`. With several,
-    each keeps one task's simulator (``max_cached_tasks=1``): a freed env takes a start of its own task when there is
-    one. ``num_runs``, the episodes they are for, caps the count (envs beyond it would sit idle); at least one is made."""
+    env_id: str,
+    num_envs: int,
+    task_ids: Sequence[int] | None = None,
+    *,
+    num_runs: int | None = None,
+    vectorization_mode: str = "sync",
+    **env_kwargs,
+) -> list[gym.Env] | gym.vector.VectorEnv:
+    """``num_envs`` envs of ``env_id`` for :func:`~gym_libero_vla.rollouts.run_episodes`: a list of envs in this
+    process (``vectorization_mode="sync"``) or a vector env of as many worker processes (``"async"``, our
+    ``gym.make_vec`` entry point). With several, each keeps one task's simulator (``max_cached_tasks=1``): a freed
+    env takes a start of its own task when there is one. ``num_runs``, the episodes they are for, caps the count
+    (envs beyond it would sit idle); at least one is made."""
     if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
         raise ValueError(f"num_envs {num_envs!r} must be an int >= 1")
+    if vectorization_mode not in VECTORIZATION_MODES:
+        raise ValueError(f"unknown vectorization_mode {vectorization_mode!r}: valid {VECTORIZATION_MODES}")
     if num_runs is not None:
         num_envs = max(1, min(int(num_envs), int(num_runs)))
     if num_envs > 1:
         env_kwargs.setdefault("max_cached_tasks", 1)
+    if vectorization_mode == "async":
+        return gym.make_vec(env_id, num_envs=int(num_envs), task_ids=task_ids, **env_kwargs)
     envs: list[gym.Env] = []
     try:
         for _ in range(num_envs):
@@ -466,7 +490,7 @@ def main(args: EvalArgs) -> dict:
         policy, suite.env_id, args.task_ids, init_state_ids, seeds=args.seeds,
         max_episode_steps=args.max_episode_steps, deterministic=args.deterministic,
         video_episodes=args.video_episodes, video_dir=os.path.join(args.out_dir, "videos"), progress=args.progress,
-        num_envs=args.num_envs,
+        num_envs=args.num_envs, vectorization_mode=args.vectorization_mode,
     )  # fmt: skip
     results["checkpoint"] = os.fspath(args.checkpoint)
     title = f"{os.path.basename(os.path.normpath(args.checkpoint))} on {suite.env_id}"

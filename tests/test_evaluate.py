@@ -134,6 +134,35 @@ def test_evaluate_policy_results_do_not_depend_on_num_envs():
         next(run_episodes(policy, [], [Start(0, 20, 0)]))
 
 
+def test_async_evaluation_runs_in_worker_processes_with_the_same_episodes():
+    # Each env in a worker process (both cores busy): the same rows as in-process envs, and the episodes start
+    # where their starts say (their observations match an in-process env's, step for step).
+    policy = tiny_policy(object_state_dim=70)
+    kwargs = dict(max_episode_steps=5, progress=False, num_envs=2)
+    sync, async_ = (
+        evaluate_policy(policy, "LiberoSpatial-v0", (1, 2), (20, 21), vectorization_mode=mode, **kwargs)
+        for mode in ("sync", "async")
+    )
+    drop_seconds = [{key: value for key, value in e.items() if key != "seconds"} for e in sync["episodes"]]
+    assert drop_seconds == [{key: value for key, value in e.items() if key != "seconds"} for e in async_["episodes"]]
+    starts = [Start(1, 20, 0), Start(2, 21, 0), Start(1, 21, 0)]
+    env_kwargs = env_kwargs_for_policy(policy, 3)
+    vector_env = make_eval_envs("LiberoSpatial-v0", 2, (1, 2), vectorization_mode="async", **env_kwargs)
+    assert isinstance(vector_env, gym.vector.VectorEnv) and vector_env.num_envs == 2
+    envs = make_eval_envs("LiberoSpatial-v0", 1, (1, 2), **env_kwargs)
+    try:
+        in_workers = {r.index: r.episode for r in run_episodes(policy, vector_env, starts, deterministic=True)}
+        in_process = {r.index: r.episode for r in run_episodes(policy, envs, starts, deterministic=True)}
+    finally:
+        vector_env.close()
+        envs[0].close()
+    for index in range(len(starts)):
+        np.testing.assert_allclose(in_workers[index].observations["object_state"],
+                                   in_process[index].observations["object_state"], atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown vectorization_mode 'threads': valid \('sync', 'async'\)"):
+        evaluate_policy(policy, "LiberoSpatial-v0", (1,), (20,), vectorization_mode="threads", progress=False)
+
+
 def test_evaluation_resumes_from_its_episodes_file(tmp_path):
     """Each episode is appended as it ends; a second call with more starts runs only the new ones, and a policy
     with other weights runs everything again."""

@@ -205,7 +205,8 @@ class ActionTokenizer(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
         gym.ActionWrapper.__init__(self, env)
         if not (isinstance(env.action_space, spaces.Box) and len(env.action_space.shape) in (1, 2)):
             raise ValueError(
-                f"ActionTokenizer needs a Box action space of shape (action_dim,) or (chunk, action_dim): got {env.action_space}"
+                "ActionTokenizer needs a Box action space of shape (action_dim,) or (chunk, action_dim): "
+                f"got {env.action_space}"
             )
         if isinstance(statistics, ActionBins):
             self.bins = statistics

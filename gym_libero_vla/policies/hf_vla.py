@@ -181,7 +181,8 @@ class HFVLAPolicy(VLAPolicy):
         max_positions = getattr(getattr(self.model.config, "text_config", self.model.config), "max_position_embeddings", None)
         if max_positions is not None and input_ids.shape[1] + self.num_action_tokens > max_positions:
             raise ValueError(
-                f"prompt of {input_ids.shape[1]} tokens plus {self.num_action_tokens} action tokens exceeds the model's context of "
+                f"prompt of {input_ids.shape[1]} tokens plus {self.num_action_tokens} action tokens exceeds the model's "
+                f"context of "
                 f"{max_positions} positions: shorten the instruction"
             )
         device = self.device
@@ -379,8 +380,13 @@ class HFVLAPolicy(VLAPolicy):
         kwargs = {
             key: saved[key]
             for key in (
-                "prompt_template", "camera", "action_vocab_size", "prompt_suffix_token_id", "gripper_convention",
-                "chunk_size", "execute_steps",
+                "prompt_template",
+                "camera",
+                "action_vocab_size",
+                "prompt_suffix_token_id",
+                "gripper_convention",
+                "chunk_size",
+                "execute_steps",
             )
             if key in saved
         }

@@ -187,11 +187,41 @@ def test_bad_inputs_raise_clear_errors(action_bins, tmp_path):
         (dict(chunk_size=0), "chunk_size 0 must be an int >= 1"),
         (dict(instruction_encoder="bert"), r"unknown instruction_encoder 'bert': valid \('words', 'minilm'\)"),
         (dict(chunk_size=4, execute_steps=5), r"execute_steps 5 must be None or an int in 1..chunk_size \(4\)"),
+        (dict(image_size=128, encoder_size=48), "encoder_size 48 must be an int that divides image_size 128"),
+        (dict(image_size=64, encoder_size=16, image_grid=4), r"image_grid 4 is finer than the conv feature map \(2 cells"),
     ],
 )
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         CompactVLAConfig(**overrides)
+
+
+def test_encoder_size_encodes_the_area_average_of_the_frames(action_bins, tmp_path):
+    # Frames rendered at 128 px and encoded at 64 px: the encoder sees each 2x2 block's mean, so two frames that
+    # differ only inside blocks (same block means) give the same action distribution, and another frame does not.
+    policy = make_policy(action_bins, cameras=("agentview",), image_size=128, encoder_size=64, image_grid=2)
+    obs = batch_for("state", batch_size=2)
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(1, 255, (2, 64, 64, 3))
+    frames = np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2)
+    checker = np.tile(np.array([[1, -1], [-1, 1]])[:, :, None], (64, 64, 1))  # +-1 inside each 2x2 block
+    swapped = (frames + checker).astype(np.uint8)  # same block means, every pixel different
+    frames, coarse = frames.astype(np.uint8), coarse.astype(np.uint8)
+    tokens = torch.as_tensor(np.zeros((2, 7), dtype=np.int64))
+    policy.eval()
+    with torch.no_grad():
+        same = policy.log_prob({**obs, "agentview": frames}, tokens)
+        also_same = policy.log_prob({**obs, "agentview": swapped}, tokens)
+        other = policy.log_prob({**obs, "agentview": frames[::-1].copy()}, tokens)
+    torch.testing.assert_close(same, also_same, rtol=0, atol=1e-5)
+    assert not torch.allclose(same[0], other[0])
+    with pytest.raises(ValueError, match="frames are 64x64: this policy was built for 128x128"):
+        policy.act({**obs, "agentview": coarse})
+    policy.save_pretrained(tmp_path)
+    reloaded = load_policy(tmp_path)
+    assert reloaded.config.encoder_size == 64
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.log_prob({**obs, "agentview": frames}, tokens), same)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -263,7 +293,11 @@ def test_a_sentence_encoder_instruction_reads_unseen_phrasings(action_bins, tmp_
     obs = batch_for("state", batch_size=3)
     actions, tokens, token_log_probs = policy.act(obs)
     torch.testing.assert_close(policy.log_prob(obs, tokens)[0], token_log_probs, atol=1e-5, rtol=1e-5)
-    texts = ("open the top drawer", "pull the uppermost drawer open", "pick up the black bowl on the stove and place it on the plate")
+    texts = (
+        "open the top drawer",
+        "pull the uppermost drawer open",
+        "pick up the black bowl on the stove and place it on the plate",
+    )
     with torch.no_grad():
         token = policy.sentence_token(policy._sentence_batch(texts))[:, 0]  # the instruction's token in the prefix
     paraphrase, unrelated = (token[1] - token[0]).norm(), (token[2] - token[0]).norm()
