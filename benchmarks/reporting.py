@@ -103,6 +103,12 @@ def _flags(args, defaults: dict, prefix: str) -> list[str]:
     return parts
 
 
+def policy_cameras(obs_mode: str, cameras) -> tuple[str, ...]:
+    """The cameras a fresh policy reads in ``obs_mode``: none in "state" mode; ``cameras`` (``--policy.cameras``,
+    agentview when empty) in "rgb+state" mode."""
+    return () if obs_mode == "state" else (tuple(cameras) or ("agentview",))
+
+
 def success_summary(rows: list[dict]) -> dict:
     """Successes / episodes of evaluation rows, the success rate with its Wilson 95% interval, mean seconds and steps."""
     successes, episodes = sum(bool(row["success"]) for row in rows), len(rows)

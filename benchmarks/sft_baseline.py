@@ -31,7 +31,15 @@ from typing import Literal
 import numpy as np
 import torch
 import tyro
-from reporting import command_line, held_out_note, id_ranges, machine_info, success_summary, write_report_files
+from reporting import (
+    command_line,
+    held_out_note,
+    id_ranges,
+    machine_info,
+    policy_cameras,
+    success_summary,
+    write_report_files,
+)
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla import suites
@@ -141,18 +149,11 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     return suite, task_ids, init_state_ids
 
 
-def policy_cameras(args: Args) -> tuple[str, ...]:
-    """The cameras a fresh policy reads: none in state mode; ``--policy.cameras`` (default agentview) in rgb+state."""
-    if args.obs_mode != "rgb+state":
-        return ()
-    return tuple(args.policy.cameras) or ("agentview",)
-
-
 def check_policy_inputs(policy: VLAPolicy, args: Args, source: str) -> None:
     """A checkpoint must read what ``args`` trains on: same cameras and image size, object_state or not."""
     keys = tuple(policy.observation_keys)
     cameras = tuple(key for key in keys if key in CAMERA_KEYS)
-    wanted = policy_cameras(args)
+    wanted = policy_cameras(args.obs_mode, args.policy.cameras)
     if cameras != wanted:
         raise ValueError(f"{source} reads cameras {cameras}, but --obs-mode {args.obs_mode} means {wanted}")
     image_size = getattr(getattr(policy, "config", None), "image_size", args.image_size)
@@ -187,7 +188,7 @@ def train_sft(args: Args, episodes, instructions: list[str], path: str, tb_dir: 
 
     def create() -> SFT:
         torch.manual_seed(args.seed)
-        config = dataclasses.replace(args.policy, cameras=policy_cameras(args))
+        config = dataclasses.replace(args.policy, cameras=policy_cameras(args.obs_mode, args.policy.cameras))
         policy = CompactVLA.from_demos(episodes, config, instructions=instructions, object_state=args.object_state)
         return SFT(policy, demos=episodes, tensorboard_log=tb_dir, device=device, **dataclasses.asdict(sft_config))
 

@@ -58,6 +58,7 @@ from reporting import (
     held_out_note,
     id_ranges,
     machine_info,
+    policy_cameras,
     runs_summary,
     write_report_files,
 )
@@ -224,7 +225,8 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     init_state_ids = tuple(range(args.eval_init_state_start, args.eval_init_state_start + args.eval_num_init_states))
     if args.sft_checkpoint is not None:
         keys = load_policy(args.sft_checkpoint).observation_keys
-        cameras, wanted = tuple(key for key in keys if key in CAMERA_KEYS), ("agentview",) if args.obs_mode != "state" else ()
+        cameras = tuple(key for key in keys if key in CAMERA_KEYS)
+        wanted = cameras if args.obs_mode != "state" and cameras else policy_cameras(args.obs_mode, args.policy.cameras)
         if cameras != wanted:
             raise ValueError(f"sft_checkpoint reads cameras {cameras}, but --obs-mode {args.obs_mode} means {wanted}")
     return suite, task_ids, init_state_ids
@@ -249,7 +251,8 @@ def prepare_sft(args: Args, seed: int, episodes, instructions, output_dir: str, 
 
     def create() -> SFT:
         torch.manual_seed(seed)
-        policy = CompactVLA.from_demos(episodes, args.policy, instructions=instructions, object_state=args.object_state)
+        config = dataclasses.replace(args.policy, cameras=policy_cameras(args.obs_mode, args.policy.cameras))
+        policy = CompactVLA.from_demos(episodes, config, instructions=instructions, object_state=args.object_state)
         return SFT(policy, demos=episodes, device=device, **dataclasses.asdict(dataclasses.replace(args.sft, seed=seed)))
 
     with exclusive(path + ".lock", f"SFT seed {seed}"):  # another process training it: wait, then continue from it
@@ -471,7 +474,8 @@ def markdown(report: dict) -> str:
     results, evaluation, setup = report["results"], report["eval"], report["setup"]
     names = [variant for variant in VARIANTS if variant in results]
     mode = report.get("obs_mode", "state")
-    inputs = ("state" if mode == "state" else f"agentview {report.get('image_size')} px + state") + (
+    cameras = " + ".join(report.get("cameras") or ["agentview"])
+    inputs = ("state" if mode == "state" else f"{cameras} {report.get('image_size')} px + state") + (
         " + object_state" if report["object_state"] else ""
     )
     lines = [
@@ -658,13 +662,15 @@ def build_report(
     sft_setup = (
         f"{args.sft_steps} steps of {args.sft.batch_size} transitions per seed, CompactVLA width {args.policy.hidden_size}"
     )
+    cameras = policy_cameras(args.obs_mode, args.policy.cameras)
     if args.sft_checkpoint:
         sft_setup = f"the checkpoint {args.sft_checkpoint} for every seed"
+        cameras = tuple(key for key in load_policy(args.sft_checkpoint).observation_keys if key in CAMERA_KEYS)
     return {
         "benchmark": BENCHMARK,
         "command": command_line(dataclasses.replace(args, report_only=False), "benchmarks/sft_vs_grpo.py"),
         "args": dataclasses.asdict(args),
-        "env_id": suite.env_id, "obs_mode": args.obs_mode, "image_size": args.image_size,
+        "env_id": suite.env_id, "obs_mode": args.obs_mode, "image_size": args.image_size, "cameras": list(cameras),
         "object_state": args.object_state, "task_ids": list(task_ids), "seeds": seeds,
         "demos": demos,
         "eval": {

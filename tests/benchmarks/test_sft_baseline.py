@@ -3,6 +3,7 @@ real simulator, and a second run of the same command resumes: no SFT step and no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -110,3 +111,29 @@ def test_bad_input_names_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="is not an SFT checkpoint directory"):
         main(tiny_args(tmp_path, init_from=str(tmp_path)))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
+
+
+def test_the_vision_recipe_runs_from_pixels(tmp_path):
+    # Issue #25's recipe at toy size: demos with both cameras (no privileged poses), frames rendered at 32 px and
+    # encoded at 16, chunks of 4, random shifts; evaluation in worker processes. The policy reads pixels and proprio
+    # only.
+    args = tiny_args(
+        tmp_path, obs_mode="rgb+state", image_size=32, object_state=False, episodes_per_task=1, demo_init_state_end=1,
+        sft_steps=4, save_every=4, sft=SFTConfig(batch_size=4, random_shift=2), max_episode_steps=8,
+        policy=CompactVLAConfig(cameras=("agentview", "wrist"), encoder_size=16, image_grid=2, chunk_size=4,
+                                hidden_size=32, num_heads=2, num_layers=1),
+    )  # fmt: skip
+    report = main(args)
+    assert report["image_size"] == 32 and report["eval"]["episodes"] == 2
+    assert all(row["length"] <= 8 for row in report["episodes"])
+    from gym_libero_vla.policies import load_policy
+
+    policy = load_policy(tmp_path / "run" / "sft")
+    assert policy.observation_keys == ("instruction", "agentview", "wrist", "state")
+    assert (policy.config.image_size, policy.config.encoder_size, policy.chunk_size) == (32, 16, 4)
+    with h5py.File(args.demos) as file:
+        frames = file["data/demo_0/obs/agentview_rgb"]
+        assert frames.shape[1:] == (32, 32, 3) and "eye_in_hand_rgb" in file["data/demo_0/obs"]
+    # A checkpoint that reads other cameras than asked for is refused before any work.
+    with pytest.raises(ValueError, match=r"reads cameras \('agentview', 'wrist'\), but --obs-mode rgb\+state means"):
+        main(dataclasses.replace(args, policy=dataclasses.replace(args.policy, cameras=("agentview",))))
