@@ -1,6 +1,6 @@
 """The main job: demos -> SFT warm start -> GRPO with offline regularization, success measured before and after.
 
-    python examples/train_grpo.py                      # defaults: 2 LIBERO-Spatial tasks, ~10 min on a 2-core CPU
+    python examples/train_grpo.py                      # defaults: 2 LIBERO-Spatial tasks, ~5 min on a 2-core CPU
     python examples/train_grpo.py --grpo.learning-rate 1e-4 --total-timesteps 20000 --init-from runs/sft/final
     python examples/train_grpo.py --algo irevla --output-dir runs/irevla    # iRe-VLA on the same work
     python examples/train_grpo.py --async --pipeline.num-workers 2          # rollout workers in their own processes
