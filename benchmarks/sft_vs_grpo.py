@@ -226,8 +226,8 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     if args.sft_checkpoint is not None:
         keys = load_policy(args.sft_checkpoint).observation_keys
         cameras = tuple(key for key in keys if key in CAMERA_KEYS)
-        wanted = cameras if args.obs_mode != "state" and cameras else policy_cameras(args.obs_mode, args.policy.cameras)
-        if cameras != wanted:
+        if bool(cameras) != (args.obs_mode != "state"):  # pixels in rgb+state mode (any cameras), none in state mode
+            wanted = policy_cameras(args.obs_mode, args.policy.cameras)
             raise ValueError(f"sft_checkpoint reads cameras {cameras}, but --obs-mode {args.obs_mode} means {wanted}")
     return suite, task_ids, init_state_ids
 
