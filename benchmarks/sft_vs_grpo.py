@@ -43,6 +43,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -73,13 +74,13 @@ from gym_libero_vla.algos.sft import continue_sft
 from gym_libero_vla.demos.generate import GenerateArgs, prepare_demos
 from gym_libero_vla.evaluate import (
     CAMERA_KEYS,
+    behaviour_fingerprint,
     env_kwargs_for_policy,
     evaluate_policy,
     read_episode_rows,
     recorded_episodes,
 )
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy, resolve_device
-from gym_libero_vla.policies.base import weights_fingerprint
 from gym_libero_vla.rollouts import Start
 from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
@@ -164,8 +165,12 @@ class Args:
     rollout_max_episode_steps: int | None = None
     """Step limit of training rollouts (default: max_episode_steps)."""
     rollout_num_envs: int = 4
-    """Envs a group's episodes run in side by side (a sync vector env in the learner's process); divides the group
-    size. Each keeps two tasks' simulators (~0.3 GB each, ~1 GB with a renderer)."""
+    """Envs a group's episodes run in side by side; divides the group size. Each keeps two tasks' simulators (~0.3 GB
+    each, ~1 GB with a renderer)."""
+    vectorization_mode: Literal["sync", "async"] = "async"
+    """Where the rollout and evaluation envs run: "async", each in a worker process (the simulators and renderers
+    keep every core busy while the policy acts in this process; the same episodes as "sync"), or "sync", all in this
+    process."""
     checkpoint_every: int = 2000
     """Save a fine-tuning checkpoint after the first rollout past every this many env steps."""
     eval_init_state_start: int = 20
@@ -184,6 +189,9 @@ class Args:
     """Evaluation envs side by side in one process (default: 8 in state mode, 2 in rgb+state mode)."""
     torch_threads: int = 1
     """Torch CPU threads; more than the free cores slows small models down a lot."""
+    videos: bool = True
+    """Record a successful and a failed held-out episode of each policy of the first seed as mp4 (the first of each
+    in its evaluation, run again greedily: the same episode), copied next to the report (``<report>_videos/``)."""
     progress: bool = True
     """Show progress bars."""
     report_only: bool = False
@@ -343,8 +351,14 @@ def train_variant(variant, args, seed, sft, episodes, run_dir, suite, task_ids, 
     wrappers = None
     if variant == "grpo_offline_relabel":
         wrappers = [functools.partial(RolloutRelabel, target_task_ids=task_ids, observation_keys=policy.observation_keys)]
-    env = gym.make_vec(suite.env_id, num_envs=args.rollout_num_envs, vectorization_mode="sync", wrappers=wrappers,
-                       max_cached_tasks=2, **kwargs)  # fmt: skip
+    if args.vectorization_mode == "sync":
+        vectorization = dict(vectorization_mode="sync")
+    elif wrappers:  # our entry point takes no wrappers: Gymnasium's async env, with a start method safe after torch
+        vectorization = dict(vectorization_mode="async", vector_kwargs={"context": "forkserver"})
+    else:
+        vectorization = {}  # our entry point (gym_libero_vla.vector)
+    env = gym.make_vec(suite.env_id, num_envs=args.rollout_num_envs, wrappers=wrappers, max_cached_tasks=2,
+                       **vectorization, **kwargs)  # fmt: skip
     demos = None if variant == "grpo" else episodes
     tensorboard_log = os.path.join(run_dir, "tb")
     resume_from = latest_checkpoint(checkpoints, learner_class)
@@ -356,7 +370,8 @@ def train_variant(variant, args, seed, sft, episodes, run_dir, suite, task_ids, 
         model = learner_class(policy, env, demos=demos, tensorboard_log=tensorboard_log, **hyperparameters)
     steps_before = model.num_timesteps
     curve = LiberoEvalCallback(suite.env_id, None, (), args.curve_every or 10**12, max_episode_steps=max_episode_steps,
-                               log_path=run_dir, num_envs=eval_num_envs(args), starts=curve_starts)  # fmt: skip
+                               log_path=run_dir, num_envs=eval_num_envs(args), starts=curve_starts,
+                               vectorization_mode=args.vectorization_mode)  # fmt: skip
     callbacks = [UpdateLog(os.path.join(run_dir, "updates.jsonl")), curve,
                  RolloutCheckpointCallback(args.checkpoint_every, checkpoints, variant, keep_last=2)]  # fmt: skip
     try:
@@ -384,12 +399,43 @@ def evaluate(path: str, suite, starts, max_episode_steps: int, directory: str, a
     policy = load_policy(path).to(resolve_device(args.device))
     episodes_path = os.path.join(directory, "episodes.jsonl")
     if not run:
-        done = recorded_episodes(episodes_path, weights_fingerprint(policy), max_episode_steps)
+        done = recorded_episodes(episodes_path, behaviour_fingerprint(policy), max_episode_steps)
         keys = [(start.task_id, start.init_state_id, start.seed) for start in starts]
         return ([done[key] for key in keys], 0) if all(key in done for key in keys) else (None, 0)
     results = evaluate_policy(policy, suite.env_id, starts=starts, max_episode_steps=max_episode_steps, progress=args.progress,
-                              num_envs=eval_num_envs(args), episodes_path=episodes_path)  # fmt: skip
+                              num_envs=eval_num_envs(args), episodes_path=episodes_path,
+                              vectorization_mode=args.vectorization_mode)  # fmt: skip
     return results["episodes"], results["run_now"]
+
+
+def record_videos(path: str, name: str, rows: list[dict], suite, max_episode_steps: int, directory: str, json_out: str,
+                  args: Args, run: bool) -> list[str]:  # fmt: skip
+    """A successful and a failed episode of the policy at ``path`` as mp4: the first of each among its evaluation
+    ``rows``, run again greedily (the same episode) into ``<directory>/videos`` and copied next to the report as
+    ``<report>_videos/<name>_{success,failure}.mp4``. Kept once there; without ``run`` only those are listed.
+    Returns the report-relative paths."""
+    target = os.path.splitext(json_out)[0] + "_videos"
+    chosen = {}
+    for outcome in ("success", "failure"):
+        row = next((row for row in rows if bool(row["success"]) == (outcome == "success")), None)
+        if row is not None:
+            chosen[outcome] = row
+    copies = {outcome: os.path.join(target, f"{name}_{outcome}.mp4") for outcome in chosen}
+    missing = [outcome for outcome in chosen if not os.path.exists(copies[outcome])]
+    if missing and run:
+        policy = load_policy(path).to(resolve_device(args.device))
+        starts = [Start(chosen[o]["task_id"], chosen[o]["init_state_id"], chosen[o]["seed"]) for o in missing]
+        results = evaluate_policy(policy, suite.env_id, starts=starts, max_episode_steps=max_episode_steps,
+                                  video_episodes=len(starts), video_dir=os.path.join(directory, "videos"), num_envs=1,
+                                  progress=False)  # fmt: skip
+        os.makedirs(target, exist_ok=True)
+        for outcome, episode, video in zip(missing, results["episodes"], results["videos"]):
+            if bool(episode["success"]) != (outcome == "success"):  # greedy episodes repeat; say so if one did not
+                print(f"{name}: the episode of {video} ended otherwise than in its evaluation", flush=True)
+            shutil.copyfile(video, copies[outcome] + ".tmp")
+            os.replace(copies[outcome] + ".tmp", copies[outcome])
+    report_dir = os.path.dirname(os.path.abspath(json_out))
+    return [os.path.relpath(copies[o], report_dir) for o in chosen if os.path.exists(copies[o])]
 
 
 def success_on(rows: list[dict], starts) -> float:
@@ -569,7 +615,14 @@ def markdown(report: dict) -> str:
         f"{machine['torch']} on {machine['torch_threads']} thread(s), load average {machine['load_average_1min_at_end']}",
         f"- command: `{report['command']}`",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + video_lines(report["runs"])) + "\n"
+
+
+def video_lines(runs: list[dict]) -> list[str]:
+    """Markdown links to the runs' videos (see :func:`record_videos`), or nothing."""
+    links = [f"- {run['variant']} seed {run['seed']}: " + ", ".join(f"[{os.path.basename(p)}]({p})" for p in run["videos"])
+             for run in runs if run.get("videos")]  # fmt: skip
+    return ["", "Videos (a successful and a failed held-out episode, greedy, first seed):", "", *links] if links else []
 
 
 def plot(report: dict, path: str) -> None:
@@ -683,6 +736,7 @@ def build_report(
             "sft": sft_setup, "total_timesteps": args.total_timesteps, "num_groups": args.grpo.num_groups,
             "group_size": args.grpo.group_size, "train_init_state_ids": list(range(args.demo_init_state_end)),
             "rollout_max_episode_steps": rollout_limit, "rollout_num_envs": args.rollout_num_envs,
+            "vectorization_mode": args.vectorization_mode,
             "eval_num_envs": eval_num_envs(args), "curve_every": args.curve_every,
             "relabel_note": "some tasks share a scene: relabelling can happen" if shares_scene else
             "no two of these tasks share a scene, so no relabelling can happen: (c) is (b) + group rescue",
@@ -763,6 +817,9 @@ def main(args: Args) -> dict:
             "success_rate": float(np.mean([row["success"] for row in rows])), "train_seconds": sft["seconds"],
             "eval_seconds": float(sum(row["seconds"] for row in rows)),
         })  # fmt: skip
+        if args.videos and seed == args.seeds[0] and "sft" in args.variants:
+            runs[-1]["videos"] = record_videos(sft["path"], f"sft_seed{seed}", rows, suite, max_episode_steps, sft_dir,
+                                               json_out, args, run)  # fmt: skip
         sft_curve_rate = success_on(rows, curve_starts)
 
         # 3. Each fine-tuning variant from that SFT checkpoint, on the same budget; 4. its evaluation.
@@ -776,6 +833,9 @@ def main(args: Args) -> dict:
                 print(f"{variant} seed {seed}: not trained or not evaluated: left out of the report", flush=True)
                 continue
             runs.append(run_record(variant, seed, trained, rows, run_now, curve_starts, sft_curve_rate))
+            if args.videos and seed == args.seeds[0]:
+                runs[-1]["videos"] = record_videos(trained["checkpoint"], f"{variant}_seed{seed}", rows, suite,
+                                                   max_episode_steps, run_dir, json_out, args, run)  # fmt: skip
             # 5. The report over the runs done so far, rewritten after each (a long run shows results early).
             if run:
                 report = build_report(args, suite, task_ids, init_state_ids, curve_starts, instructions, demos, runs)

@@ -64,6 +64,9 @@ class EvalArgs:
     """Step limit per episode (default: the suite's, OpenVLA's evaluation limits)."""
     deterministic: bool = True
     """Greedy action tokens (OpenVLA's decoding); False samples them."""
+    execute_steps: int | None = None
+    """A chunking policy's receding horizon: actions of each chunk executed before it is queried again (1 ..
+    chunk size; default: the checkpoint's). Fewer re-plan from fresh frames more often, at a frame per query."""
     video_episodes: int = 2
     """Record this many episodes (the first ones) as mp4; 0 records none."""
     out_dir: str = "runs/eval"
@@ -128,9 +131,10 @@ def evaluate_policy(
     outcomes do not depend on either (each episode is seeded by its start; greedy decoding is per row).
 
     With ``episodes_path`` the evaluation resumes: every finished episode is appended to that JSON-lines file at
-    once (with a fingerprint of the policy's weights and the step limit), and episodes already there for the same
-    weights, step limit and decoding are not run again, also those another process evaluating into the same file
-    wrote while this one waited for it (the file is locked while in use).
+    once (with a fingerprint of the policy's weights and receding horizon, :func:`behaviour_fingerprint`, and the
+    step limit), and episodes already there for the same weights, horizon, step limit and decoding are not run
+    again, also those another process evaluating into the same file wrote while this one waited for it (the file is
+    locked while in use).
 
     Returns ``{"env_id", "task_ids", "init_state_ids", "seeds", "max_episode_steps", "deterministic", "success_rate"
     (over all episodes), "per_task": {task_id: {"instruction", "successes", "episodes", "success_rate"}}, "episodes":
@@ -169,7 +173,7 @@ def evaluate_policy(
     policy.eval()
     start_time = time.time()
     with lock:
-        fingerprint = weights_fingerprint(policy) if episodes_path else None
+        fingerprint = behaviour_fingerprint(policy) if episodes_path else None
         done = recorded_episodes(episodes_path, fingerprint, max_steps) if episodes_path else {}
         todo = [start for start in starts if (start.task_id, start.init_state_id, start.seed) not in done]
         rows, videos = _run(policy, suite.env_id, task_ids, todo, env_kwargs, num_envs, deterministic, temperature,
@@ -266,6 +270,13 @@ def _check_object_state(policy: VLAPolicy, observation_space: gym.spaces.Dict, e
     policy_dim = getattr(getattr(policy, "config", None), "object_state_dim", env_dim)
     if env_dim != policy_dim:
         raise ValueError(f"the policy reads {policy_dim} object_state numbers but {env_id} gives {env_dim}")
+
+
+def behaviour_fingerprint(policy: VLAPolicy) -> str:
+    """What a recorded evaluation episode is keyed by: the weights' fingerprint, and the receding horizon when the
+    policy executes fewer actions than a chunk (the same weights then act differently)."""
+    fingerprint = weights_fingerprint(policy)
+    return fingerprint if policy.execute_steps == policy.chunk_size else f"{fingerprint}-execute{policy.execute_steps}"
 
 
 def read_episode_rows(path: str) -> list[dict]:
@@ -486,6 +497,8 @@ def main(args: EvalArgs) -> dict:
             )
         init_state_ids = tuple(range(args.init_state_start, args.init_state_start + args.num_init_states))
     policy = load_policy(args.checkpoint)
+    if args.execute_steps is not None:
+        policy.set_execute_steps(args.execute_steps)
     results = evaluate_policy(
         policy, suite.env_id, args.task_ids, init_state_ids, seeds=args.seeds,
         max_episode_steps=args.max_episode_steps, deterministic=args.deterministic,
@@ -493,6 +506,7 @@ def main(args: EvalArgs) -> dict:
         num_envs=args.num_envs, vectorization_mode=args.vectorization_mode,
     )  # fmt: skip
     results["checkpoint"] = os.fspath(args.checkpoint)
+    results["execute_steps"] = policy.execute_steps
     title = f"{os.path.basename(os.path.normpath(args.checkpoint))} on {suite.env_id}"
     print(write_report(results, args.out_dir, title))
     print(f"wrote {args.out_dir}/success.md, success.json, success.png" + (", videos/" if results["videos"] else ""))

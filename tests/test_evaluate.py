@@ -185,6 +185,38 @@ def test_evaluation_resumes_from_its_episodes_file(tmp_path):
         evaluate_policy(policy, "LiberoSpatial-v0", (0,), (20,), deterministic=False, episodes_path=path)
 
 
+def test_a_receding_horizon_is_evaluated_as_another_behaviour(tmp_path):
+    """The same weights executing fewer actions of each chunk act differently: their recorded episodes are not reused
+    for the full-chunk policy (nor the other way), and the CLI's --execute-steps sets the horizon."""
+    config = CompactVLAConfig(cameras=(), object_state_dim=70, hidden_size=16, num_layers=1, num_heads=2, chunk_size=4)
+    bins = ActionBins(low=-np.ones(7, np.float32), high=np.ones(7, np.float32), num_bins=16)
+    policy = CompactVLA(config, bins, WordTokenizer.from_texts(["pick up the black bowl and place it on the plate"]))
+    path = str(tmp_path / "episodes.jsonl")
+    run = dict(max_episode_steps=8, progress=False, episodes_path=path)
+    assert evaluate_policy(policy, "LiberoSpatial-v0", (0,), (20,), **run)["run_now"] == 1
+    policy.set_execute_steps(2)
+    assert policy.execute_steps == 2 and env_kwargs_for_policy(policy)["action_chunk"] == 2
+    assert evaluate_policy(policy, "LiberoSpatial-v0", (0,), (20,), **run)["run_now"] == 1  # not the full chunk's
+    assert evaluate_policy(policy, "LiberoSpatial-v0", (0,), (20,), **run)["run_now"] == 0  # its own, reused
+    policy.set_execute_steps(None)
+    assert policy.execute_steps == 4
+    assert evaluate_policy(policy, "LiberoSpatial-v0", (0,), (20,), **run)["run_now"] == 0
+    weights = weights_fingerprint(policy)
+    assert [row["policy_sha"] for row in read_episode_rows(path)] == [weights, f"{weights}-execute2"]
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=rf"execute_steps {bad} must be None or an int in 1..chunk_size \(4\)"):
+            policy.set_execute_steps(bad)
+    with pytest.raises(ValueError, match=r"execute_steps 2 must be None or an int in 1..chunk_size \(1\)"):
+        tiny_policy().set_execute_steps(2)  # one action per query: no chunk to cut
+    policy.save_pretrained(tmp_path / "chunked")
+    results = main(EvalArgs(checkpoint=str(tmp_path / "chunked"), suite="spatial", task_ids=(0,), init_states=(20,),
+                            max_episode_steps=8, execute_steps=3, video_episodes=0, out_dir=str(tmp_path / "eval"),
+                            progress=False))  # fmt: skip
+    assert results["execute_steps"] == 3 and results["episodes"][0]["length"] <= 8
+    with pytest.raises(ValueError, match=r"execute_steps 9 must be None or an int in 1..chunk_size \(4\)"):
+        main(EvalArgs(checkpoint=str(tmp_path / "chunked"), suite="spatial", execute_steps=9, progress=False))
+
+
 # Another evaluator: holds the lock of the episodes file argv[1] until a line arrives on stdin, then appends the
 # row argv[2] (its episode) and lets go.
 OTHER_EVALUATOR = """

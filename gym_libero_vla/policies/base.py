@@ -246,6 +246,12 @@ class VLAPolicy(nn.Module):
         """Actions of each chunk to execute before querying again (``chunk_size``, or fewer: receding horizon)."""
         return self.chunk_size
 
+    def set_execute_steps(self, execute_steps: int | None) -> None:
+        """Execute this many actions of each chunk before querying again (None: the whole chunk): a receding horizon
+        re-plans from a fresh frame more often, at a frame per query. The weights are unchanged; a saved checkpoint
+        keeps the setting."""
+        check_chunking(self.chunk_size, execute_steps)  # a one-action policy: only None or 1
+
     @property
     def num_action_tokens(self) -> int:
         return self.chunk_size * self.action_dim

@@ -317,6 +317,10 @@ class CompactVLA(VLAPolicy):
     def execute_steps(self) -> int:
         return self.config.execute_steps or self.config.chunk_size
 
+    def set_execute_steps(self, execute_steps: int | None) -> None:
+        check_chunking(self.chunk_size, execute_steps)
+        self.config.execute_steps = execute_steps
+
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.backbone.get_input_embeddings()

@@ -158,6 +158,10 @@ class HFVLAPolicy(VLAPolicy):
     def execute_steps(self) -> int:
         return self._execute_steps or self._chunk_size
 
+    def set_execute_steps(self, execute_steps: int | None) -> None:
+        check_chunking(self._chunk_size, execute_steps)
+        self._execute_steps = execute_steps
+
     # ------------------------------------------------------------------ inputs
     def prompts(self, instructions: Sequence[str]) -> list[str]:
         prompts = [self.prompt_template.format(instruction=text.lower().rstrip(".")) for text in instructions]

@@ -13,7 +13,9 @@ import time
 
 import numpy as np
 import pytest
-import sft_vs_grpo  # benchmarks/ is on sys.path (conftest.py), as for `python benchmarks/...`
+import sft_vs_grpo
+import torch
+from safetensors.torch import load_file  # benchmarks/ is on sys.path (conftest.py), as for `python benchmarks/...`
 
 from gym_libero_vla.algos import GRPOConfig, IReVLAConfig, SFTConfig
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
@@ -27,8 +29,8 @@ Args, main, VARIANTS = sft_vs_grpo.Args, sft_vs_grpo.main, sft_vs_grpo.ISSUE_VAR
 
 def tiny_args(tmp_path, **overrides) -> Args:
     """Task 0 of LIBERO-Spatial: 2 demos, 10 SFT steps of a width-32 policy, 20 env steps per variant (one group of
-    two 10-step episodes, side by side in a sync vector env), one 10-step evaluation episode (held-out init state
-    20) per policy."""
+    two 10-step episodes, side by side in a sync vector env unless ``vectorization_mode="async"``), one 10-step
+    evaluation episode (held-out init state 20) per policy."""
     values = dict(
         suite="spatial", task_ids=(0,), seeds=(0,), demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2,
         demo_init_state_end=2, sft_steps=10, sft_save_every=10, sft=SFTConfig(batch_size=8),
@@ -37,7 +39,7 @@ def tiny_args(tmp_path, **overrides) -> Args:
         irevla=IReVLAConfig(rl_updates_per_stage=1, sl_steps_per_stage=2, sl_batch_size=8), rollout_num_envs=2,
         checkpoint_every=10, max_episode_steps=10, eval_init_state_start=20, eval_num_init_states=1, curve_every=10,
         curve_num_init_states=1, output_dir=str(tmp_path / "run"), json_out=str(tmp_path / "results" / "sft_vs_grpo.json"),
-        progress=False,
+        vectorization_mode="sync", videos=False, progress=False,
     )  # fmt: skip
     values.update(overrides)
     return Args(**values)
@@ -49,7 +51,7 @@ def line_count(path) -> int:
 
 
 def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):
-    args = tiny_args(tmp_path)
+    args = tiny_args(tmp_path, vectorization_mode="async")  # rollouts and evaluations in worker processes
     report = main(args)
 
     with open(args.json_out) as file:
@@ -125,6 +127,28 @@ def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):
             assert [steps for steps, _ in run["curve"]["entropy"]] == [20, run["steps"]]
 
 
+def test_worker_processes_run_the_same_episodes_as_one_process(tmp_path):
+    """--vectorization-mode async (the default: simulators and renderers in worker processes) changes where the envs
+    run, not what happens: the same rollouts, hence the same fine-tuned weights, and the same evaluation episodes."""
+    reports = {}
+    for mode in ("sync", "async"):
+        args = tiny_args(tmp_path, variants=("sft", "grpo_offline"), vectorization_mode=mode,
+                         output_dir=str(tmp_path / mode), json_out=str(tmp_path / mode / "report.json"))  # fmt: skip
+        reports[mode] = main(args)
+    weights = {mode: load_file(str(tmp_path / mode / "grpo_offline_seed0" / "checkpoints" / "final" / "model.safetensors"))
+               for mode in reports}  # fmt: skip
+    assert weights["sync"].keys() == weights["async"].keys()
+    for name, tensor in weights["sync"].items():
+        assert torch.equal(tensor, weights["async"][name]), name
+    updates = {mode: sft_vs_grpo.read_episode_rows(str(tmp_path / mode / "grpo_offline_seed0" / "updates.jsonl"))
+               for mode in reports}  # fmt: skip
+    assert updates["sync"] == updates["async"] and updates["sync"]
+    for mode, report in reports.items():
+        assert report["setup"]["vectorization_mode"] == mode
+    outcomes = {mode: [run["outcomes"] for run in report["runs"]] for mode, report in reports.items()}
+    assert outcomes["sync"] == outcomes["async"]
+
+
 def test_bad_input_names_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match=r"unknown variant\(s\) \['ppo'\]: valid \('sft', 'grpo', 'grpo_offline', "):
         main(tiny_args(tmp_path, variants=("sft", "ppo")))
@@ -190,7 +214,22 @@ def test_report_after_every_run_compares_each_variant_with_sft_on_its_own_seeds(
 
 
 def test_offline_only_ablation_trains_without_the_policy_gradient_term(tmp_path):
-    report = main(tiny_args(tmp_path, variants=("sft", "grpo_offline", "offline_only")))
+    args = tiny_args(tmp_path, variants=("sft", "grpo_offline", "offline_only"), videos=True)
+    report = main(args)
+    # --videos: each policy's first successful and first failed held-out episode, next to the report and linked
+    videos = tmp_path / "results" / "sft_vs_grpo_videos"
+    for run in report["runs"]:
+        outcomes = {"success" if success else "failure" for _, _, success, _ in run["outcomes"]}
+        name = f"{run['variant']}_seed0"
+        assert run["videos"] == [f"sft_vs_grpo_videos/{name}_{outcome}.mp4" for outcome in ("success", "failure")
+                                 if outcome in outcomes]  # fmt: skip
+        for path in run["videos"]:
+            assert (tmp_path / "results" / path).stat().st_size > 0
+            assert f"[{os.path.basename(path)}]({path})" in (tmp_path / "results" / "sft_vs_grpo.md").read_text()
+    recorded = {path: path.stat().st_mtime for path in videos.iterdir()}
+    assert len(recorded) == 3 and not list(videos.glob("*.tmp"))
+    assert main(args)["runs"][0]["videos"] == report["runs"][0]["videos"]  # kept, not recorded again
+    assert {path: path.stat().st_mtime for path in videos.iterdir()} == recorded
     assert list(report["results"]) == ["sft", "grpo_offline", "offline_only"]
     text = sft_vs_grpo.markdown(report)
     assert "(e) ablation" in text

@@ -3,6 +3,7 @@ subprocess; its results.json holds success before and after, and its GRPO checkp
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -11,7 +12,9 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
+import pytest
 
 from gym_libero_vla.algos.base import latest_checkpoint
 from gym_libero_vla.algos.grpo import GRPO
@@ -61,17 +64,22 @@ def test_runs_end_to_end_with_tiny_budgets(tmp_path):
     assert GRPO.load(run / "final").policy_version == 2
 
 
+def tiny_command(tmp_path, *flags: str) -> list[str]:
+    """The main job on task 0 with one demo, a width-32 policy, one group of two episodes, one evaluation episode."""
+    return [
+        sys.executable, SCRIPT, *flags, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(tmp_path / "run"),
+        "--task-ids", "0", "--demo-episodes-per-task", "1", "--policy.hidden-size", "32", "--policy.num-heads", "2",
+        "--grpo.num-groups", "1", "--grpo.group-size", "2", "--eval-episodes-per-task", "1", "--no-progress-bar",
+    ]  # fmt: skip
+
+
 def test_irevla_runs_on_the_same_pipeline_with_action_chunks(tmp_path):
     run = tmp_path / "run"
-    command = [
-        sys.executable, SCRIPT, "--algo", "irevla", "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
-        "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2",
-        "--policy.hidden-size", "32", "--policy.num-heads", "2", "--policy.chunk-size", "2",
-        "--total-timesteps", "10", "--grpo.num-groups", "1", "--grpo.group-size", "2", "--max-episode-steps", "5",
-        "--irevla.rl-updates-per-stage", "1", "--irevla.sl-steps-per-stage", "3",
-        "--eval-episodes-per-task", "1", "--video-episodes", "0",
-        "--checkpoint-freq", "5", "--no-progress-bar",
-    ]  # fmt: skip
+    command = tiny_command(
+        tmp_path, "--algo", "irevla", "--sft-steps", "2", "--policy.chunk-size", "2", "--total-timesteps", "10",
+        "--max-episode-steps", "5", "--irevla.rl-updates-per-stage", "1", "--irevla.sl-steps-per-stage", "3",
+        "--video-episodes", "0", "--checkpoint-freq", "5",
+    )  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "before irevla 0.00, after irevla" in result.stdout
@@ -91,6 +99,50 @@ def test_irevla_runs_on_the_same_pipeline_with_action_chunks(tmp_path):
     assert result.returncode != 0
     assert "is a checkpoint of --algo irevla, but this run has --algo grpo" in result.stderr
     assert sorted(os.listdir(run / "checkpoints")) == checkpoints_before
+
+
+def test_rgb_mode_trains_a_policy_that_sees(tmp_path):
+    """--obs-mode rgb: demos with both cameras' frames, a policy that reads them and the proprio (no object poses),
+    chunked; SFT, evaluation and GRPO from pixels. The vision recipe's defaults apply unless a flag overrides them."""
+    run = tmp_path / "run"
+    command = tiny_command(tmp_path, "--obs-mode", "rgb", "--sft-steps", "3", "--policy.image-size", "64",
+                           "--total-timesteps", "16", "--max-episode-steps", "8", "--checkpoint-freq", "0")  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(run / "results.json") as file:
+        results = json.load(file)
+    assert results["args"]["obs_mode"] == "rgb" and results["args"]["sft"]["random_shift"] == 8  # the recipe's
+    assert results["grpo_timesteps"] >= 16
+    model = GRPO.load(run / "final")
+    config = model.policy.config
+    assert config.cameras == ("agentview", "wrist") and config.chunk_size == 8 and config.encoder_size == 64  # recipe
+    assert (config.image_size, config.hidden_size) == (64, 32)  # the flags'
+    assert set(model.policy.observation_keys) == {"instruction", "agentview", "wrist", "state"}
+    with h5py.File(tmp_path / "demos.hdf5", "r") as file:
+        keys = set(file["data"]["demo_0"]["obs"])
+    assert {"agentview_rgb", "eye_in_hand_rgb"} <= keys and "object_state" not in keys
+    assert glob.glob(str(run / "eval_after" / "videos" / "*.mp4"))
+
+
+def test_obs_mode_and_policy_must_agree(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    try:
+        import train_grpo
+    finally:
+        sys.path.remove(os.path.join(REPO, "examples"))
+    args = train_grpo.Args(obs_mode="rgb", output_dir=str(tmp_path / "run"), demos=str(tmp_path / "demos.hdf5"))
+    with pytest.raises(ValueError, match="obs_mode 'rgb' needs a policy that reads cameras: pass --policy.cameras"):
+        train_grpo.main(args)
+    state_with_cameras = dataclasses.replace(train_grpo.default_args("rgb"), obs_mode="state", output_dir=args.output_dir)
+    with pytest.raises(ValueError, match=r"obs_mode 'state' renders no frames, but --policy.cameras is \('agentview', "):
+        train_grpo.main(state_with_cameras)
+    with pytest.raises(ValueError, match=r"unknown obs_mode 'pixels': valid \('state', 'rgb'\)"):
+        train_grpo.default_args("pixels")
+    assert not os.listdir(tmp_path)  # refused before any work
+    # --help after --obs-mode rgb shows the recipe's defaults
+    result = subprocess.run([sys.executable, SCRIPT, "--obs-mode", "rgb", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and "runs/grpo_rgb" in result.stdout and "agentview wrist" in result.stdout
 
 
 def test_help_documents_every_field():

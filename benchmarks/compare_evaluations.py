@@ -1,0 +1,137 @@
+"""Did a change help? Two or more evaluations of the same starts, compared start by start.
+
+Each input is a report whose ``episodes`` hold one row per evaluation episode (``task_id``, ``init_state_id``,
+``success``): ``benchmarks/sft_baseline.py``'s JSON, ``python -m gym_libero_vla.evaluate``'s ``success.json``, or an
+``episodes.jsonl`` that evaluations append to (``--policy-sha`` picks one policy's rows from it). The first input is
+the baseline. On the (task, init state) starts every input has, the script prints each one's success per task (Wilson
+95% intervals) and each one's difference to the baseline with a 95% interval from the paired bootstrap over the starts
+(resampled within tasks: :func:`gym_libero_vla.evaluate.paired_difference_interval`, the interval sft_vs_grpo.py's
+targets use). Rows of several seeds of one start are averaged first.
+
+    python benchmarks/compare_evaluations.py benchmarks/results/sft_vision_object.json \\
+        benchmarks/results/sft_vision_object_minilm.json --names words minilm
+    python benchmarks/compare_evaluations.py runs/a/success.json runs/b/success.json --json-out runs/a_vs_b.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tyro
+from reporting import write_report_files
+
+from gym_libero_vla.evaluate import paired_difference_interval, read_episode_rows, wilson_interval
+
+
+@dataclasses.dataclass
+class Args:
+    reports: tyro.conf.Positional[tuple[str, ...]]
+    """Evaluation reports (JSON with "episodes", or an episodes.jsonl); the first is the baseline."""
+    names: tuple[str, ...] | None = None
+    """A short name per report for the table (default: the file names)."""
+    policy_sha: tuple[str, ...] | None = None
+    """Per report, the policy fingerprint whose rows to keep ("" keeps all; only needed for a .jsonl file that
+    several policies' evaluations share)."""
+    json_out: str | None = None
+    """Also write the comparison as JSON (and Markdown next to it)."""
+
+
+def start_outcomes(path: str, policy_sha: str = "") -> dict[tuple[int, int], float]:
+    """Success per (task, init state) of one report, averaged over the seeds it ran."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no evaluation report at {path}")
+    if path.endswith(".jsonl"):
+        rows = read_episode_rows(path)
+    else:
+        with open(path) as file:
+            report = json.load(file)
+        if "episodes" not in report:
+            raise ValueError(f"{path} has no 'episodes' rows: give an evaluation report (valid keys found: {sorted(report)})")
+        rows = report["episodes"]
+    if policy_sha:
+        rows = [row for row in rows if row.get("policy_sha") == policy_sha]
+    outcomes: dict[tuple[int, int], list[float]] = {}
+    for row in rows:
+        outcomes.setdefault((int(row["task_id"]), int(row["init_state_id"])), []).append(float(row["success"]))
+    if not outcomes:
+        raise ValueError(f"{path} holds no episodes" + (f" of policy {policy_sha}" if policy_sha else ""))
+    return {start: float(np.mean(values)) for start, values in outcomes.items()}
+
+
+def compare(outcomes: list[dict[tuple[int, int], float]], names: list[str]) -> dict:
+    """Per report: success per task and overall on the common starts; per report but the first: its paired
+    difference to the first, overall and per task."""
+    starts = sorted(set.intersection(*(set(each) for each in outcomes)))
+    if not starts:
+        raise ValueError("the reports share no (task, init state) start: nothing to compare")
+    task_ids = sorted({task for task, _ in starts})
+
+    def success(values: list[float]) -> dict:
+        successes, episodes = float(sum(values)), len(values)
+        return {"success_rate": successes / episodes, "successes": successes, "starts": episodes,
+                "ci95": list(wilson_interval(round(successes), episodes))}  # fmt: skip
+
+    def delta(mine: dict, base: dict, chosen: list) -> dict:
+        differences = [mine[start] - base[start] for start in chosen]
+        low, high = paired_difference_interval(differences, [task for task, _ in chosen])
+        return {"delta": float(np.mean(differences)), "ci95": [low, high], "starts": len(chosen)}
+
+    result: dict = {"starts": len(starts), "task_ids": task_ids, "reports": {}}
+    for index, (name, mine) in enumerate(zip(names, outcomes)):
+        entry = {
+            "overall": success([mine[start] for start in starts]),
+            "per_task": {str(t): success([mine[s] for s in starts if s[0] == t]) for t in task_ids},
+        }
+        if index:
+            entry["delta_vs_baseline"] = {
+                "overall": delta(mine, outcomes[0], starts),
+                "per_task": {str(t): delta(mine, outcomes[0], [s for s in starts if s[0] == t]) for t in task_ids},
+            }
+        result["reports"][name] = entry
+    return result
+
+
+def markdown(result: dict, names: list[str]) -> str:
+    baseline = names[0]
+    lines = [
+        f"## Paired comparison on {result['starts']} common starts (baseline: {baseline})",
+        "",
+        "| task | " + " | ".join(names) + " | " + " | ".join(f"{name} − {baseline}" for name in names[1:]) + " |",
+        "|---:|" + "---:|" * (2 * len(names) - 1),
+    ]
+    for task in [str(t) for t in result["task_ids"]] + ["all"]:
+        entries = [result["reports"][name]["overall" if task == "all" else "per_task"] for name in names]
+        entries = [entry if task == "all" else entry[task] for entry in entries]
+        cells = [f"{entry['success_rate']:.2f}" for entry in entries]
+        for name in names[1:]:
+            deltas = result["reports"][name]["delta_vs_baseline"]
+            entry = deltas["overall"] if task == "all" else deltas["per_task"][task]
+            cells.append(f"{entry['delta']:+.2f} [{entry['ci95'][0]:+.2f}, {entry['ci95'][1]:+.2f}]")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines += ["", "Differences: mean over starts with a 95% paired-bootstrap interval (resampled within tasks).", ""]
+    return "\n".join(lines)
+
+
+def main(args: Args) -> dict:
+    if len(args.reports) < 2:
+        raise ValueError(f"give at least two reports to compare, got {len(args.reports)}")
+    names = list(args.names or [os.path.splitext(os.path.basename(path))[0] for path in args.reports])
+    if len(names) != len(args.reports) or len(set(names)) != len(names):
+        raise ValueError(f"names {names} must be distinct, one per report ({len(args.reports)})")
+    shas = list(args.policy_sha or [""] * len(args.reports))
+    if len(shas) != len(args.reports):
+        raise ValueError(f"policy_sha has {len(shas)} entries: give one per report ({len(args.reports)}), '' for all rows")
+    result = compare([start_outcomes(path, sha) for path, sha in zip(args.reports, shas)], names)
+    result["inputs"] = dict(zip(names, args.reports))
+    text = markdown(result, names)
+    print(text)
+    if args.json_out:
+        write_report_files(result, text, args.json_out)
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

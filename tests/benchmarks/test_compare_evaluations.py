@@ -1,0 +1,72 @@
+"""benchmarks/compare_evaluations.py: success and paired differences on the starts every report has, from the report
+formats evaluations write (JSON with "episodes", an episodes.jsonl shared by several policies)."""
+
+from __future__ import annotations
+
+import json
+
+import compare_evaluations  # benchmarks/ is on sys.path (conftest.py)
+import pytest
+
+Args, main = compare_evaluations.Args, compare_evaluations.main
+
+
+def row(task_id, init_state_id, success, seed=0, **extra):
+    return {"task_id": task_id, "init_state_id": init_state_id, "seed": seed, "success": success, "length": 10,
+            "seconds": 1.0, **extra}  # fmt: skip
+
+
+def test_paired_differences_on_the_common_starts(tmp_path):
+    baseline = tmp_path / "baseline.json"
+    # task 0: starts 20, 21 (21 under two seeds, averaged to 0.5); task 1: starts 20, 21; start (1, 22) only here
+    baseline.write_text(json.dumps({"episodes": [row(0, 20, False), row(0, 21, True), row(0, 21, False, seed=1),
+                                                 row(1, 20, True), row(1, 21, True), row(1, 22, True)]}))  # fmt: skip
+    shared = tmp_path / "episodes.jsonl"  # two policies' evaluations in one file
+    lines = [row(0, 20, True, policy_sha="new"), row(0, 21, True, policy_sha="new"), row(1, 20, True, policy_sha="new"),
+             row(1, 21, False, policy_sha="new"), row(0, 20, False, policy_sha="old"), row(0, 21, False, policy_sha="old"),
+             row(1, 20, False, policy_sha="old"), row(1, 21, False, policy_sha="old")]  # fmt: skip
+    shared.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "out" / "comparison.json"
+    result = main(Args(reports=(str(baseline), str(shared), str(shared)), names=("base", "new", "old"),
+                       policy_sha=("", "new", "old"), json_out=str(out)))  # fmt: skip
+
+    assert result["starts"] == 4 and result["task_ids"] == [0, 1]  # (1, 22) is not common
+    base, new, old = (result["reports"][name] for name in ("base", "new", "old"))
+    assert base["overall"]["success_rate"] == pytest.approx((0 + 0.5 + 1 + 1) / 4)
+    assert new["overall"]["success_rate"] == 0.75 and old["overall"]["success_rate"] == 0.0
+    assert new["per_task"]["0"]["success_rate"] == 1.0 and new["per_task"]["1"]["success_rate"] == 0.5
+    assert "delta_vs_baseline" not in base
+    assert new["delta_vs_baseline"]["overall"]["delta"] == pytest.approx(0.75 - 0.625)
+    assert new["delta_vs_baseline"]["per_task"]["0"]["delta"] == pytest.approx(0.75)  # (1 - 0 + 1 - 0.5) / 2
+    assert new["delta_vs_baseline"]["per_task"]["1"]["delta"] == pytest.approx(-0.5)
+    assert old["delta_vs_baseline"]["overall"]["delta"] == pytest.approx(-0.625)
+    for entry in (new["delta_vs_baseline"]["overall"], old["delta_vs_baseline"]["overall"]):
+        low, high = entry["ci95"]
+        assert -1.0 <= low <= entry["delta"] <= high <= 1.0 and entry["starts"] == 4
+    # task 1 of "old" against the baseline: -1 at both starts, so the interval has no width
+    assert old["delta_vs_baseline"]["per_task"]["1"]["ci95"] == [-1.0, -1.0]
+    with open(out) as file:
+        assert json.load(file)["inputs"] == {"base": str(baseline), "new": str(shared), "old": str(shared)}
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| all | 0.62 | 0.75 | 0.00 | +0.12 [" in text and "new − base" in text
+
+
+def test_bad_input_is_named(tmp_path):
+    report = tmp_path / "a.json"
+    report.write_text(json.dumps({"episodes": [row(0, 20, True)]}))
+    other = tmp_path / "b.json"
+    other.write_text(json.dumps({"episodes": [row(0, 21, True)]}))
+    with pytest.raises(ValueError, match="give at least two reports to compare, got 1"):
+        main(Args(reports=(str(report),)))
+    with pytest.raises(ValueError, match="the reports share no .task, init state. start"):
+        main(Args(reports=(str(report), str(other))))
+    with pytest.raises(FileNotFoundError, match="no evaluation report at .*missing.json"):
+        main(Args(reports=(str(report), str(tmp_path / "missing.json"))))
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"success_rate": 0.5}))
+    with pytest.raises(ValueError, match=r"has no 'episodes' rows: give an evaluation report \(valid keys found: "):
+        main(Args(reports=(str(report), str(summary))))
+    with pytest.raises(ValueError, match=r"names \['x', 'x'\] must be distinct, one per report \(2\)"):
+        main(Args(reports=(str(report), str(report)), names=("x", "x")))
+    with pytest.raises(ValueError, match="holds no episodes of policy nope"):
+        main(Args(reports=(str(report), str(report)), names=("x", "y"), policy_sha=("", "nope")))
