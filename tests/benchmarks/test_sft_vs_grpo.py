@@ -77,7 +77,14 @@ def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):
             assert result["entropy"]["start"] > 0 and result["entropy"]["end"] > 0
     assert saved["results"]["grpo_offline_relabel"]["relabelled_episodes"] == 0  # no Spatial task shares a scene
     assert "no relabelling can happen" in saved["setup"]["relabel_note"]
-    assert set(saved["targets"]) == {"grpo_offline_beats_sft", "grpo_offline_entropy_holds"}
+    assert set(saved["targets"]) == {"grpo_offline_beats_sft", "grpo_offline_ten_points_and_85", "grpo_offline_entropy_holds"}
+    strong, offline = saved["targets"]["grpo_offline_ten_points_and_85"], saved["results"]["grpo_offline"]
+    assert strong["success_rate"] == offline["overall"]["success_rate"]
+    assert strong["met"] == (offline["delta_vs_sft"]["overall"]["delta"] >= 0.10 and strong["success_rate"] >= 0.85)
+    assert (
+        "- grpo_offline_ten_points_and_85: grpo_offline mean success >= sft + 0.10 and >= 0.85 (issue #25): "
+        in (tmp_path / "results" / "sft_vs_grpo.md").read_text()
+    )
     runs = {(run["variant"], run["seed"]): run for run in saved["runs"]}
     assert set(runs) == {(variant, 0) for variant in VARIANTS}
     for variant in VARIANTS[1:]:
