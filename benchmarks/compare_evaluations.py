@@ -19,11 +19,10 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 import tyro
-from reporting import write_report_files
+from reporting import paired_delta, start_success, write_report_files
 
-from gym_libero_vla.evaluate import paired_difference_interval, read_episode_rows, wilson_interval
+from gym_libero_vla.evaluate import read_episode_rows, wilson_interval
 
 
 @dataclasses.dataclass
@@ -53,12 +52,9 @@ def start_outcomes(path: str, policy_sha: str = "") -> dict[tuple[int, int], flo
         rows = report["episodes"]
     if policy_sha:
         rows = [row for row in rows if row.get("policy_sha") == policy_sha]
-    outcomes: dict[tuple[int, int], list[float]] = {}
-    for row in rows:
-        outcomes.setdefault((int(row["task_id"]), int(row["init_state_id"])), []).append(float(row["success"]))
-    if not outcomes:
+    if not rows:
         raise ValueError(f"{path} holds no episodes" + (f" of policy {policy_sha}" if policy_sha else ""))
-    return {start: float(np.mean(values)) for start, values in outcomes.items()}
+    return start_success([{"rows": rows}])
 
 
 def compare(outcomes: list[dict[tuple[int, int], float]], names: list[str]) -> dict:
@@ -74,11 +70,6 @@ def compare(outcomes: list[dict[tuple[int, int], float]], names: list[str]) -> d
         return {"success_rate": successes / episodes, "successes": successes, "starts": episodes,
                 "ci95": list(wilson_interval(round(successes), episodes))}  # fmt: skip
 
-    def delta(mine: dict, base: dict, chosen: list) -> dict:
-        differences = [mine[start] - base[start] for start in chosen]
-        low, high = paired_difference_interval(differences, [task for task, _ in chosen])
-        return {"delta": float(np.mean(differences)), "ci95": [low, high], "starts": len(chosen)}
-
     result: dict = {"starts": len(starts), "task_ids": task_ids, "reports": {}}
     for index, (name, mine) in enumerate(zip(names, outcomes)):
         entry = {
@@ -87,8 +78,8 @@ def compare(outcomes: list[dict[tuple[int, int], float]], names: list[str]) -> d
         }
         if index:
             entry["delta_vs_baseline"] = {
-                "overall": delta(mine, outcomes[0], starts),
-                "per_task": {str(t): delta(mine, outcomes[0], [s for s in starts if s[0] == t]) for t in task_ids},
+                "overall": paired_delta(mine, outcomes[0], starts),
+                "per_task": {str(t): paired_delta(mine, outcomes[0], [s for s in starts if s[0] == t]) for t in task_ids},
             }
         result["reports"][name] = entry
     return result

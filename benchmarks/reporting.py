@@ -207,6 +207,14 @@ def start_success(runs: list[dict]) -> dict[tuple[int, int], float]:
     return {start: float(np.mean(values)) for start, values in outcomes.items()}
 
 
+def paired_delta(mine: dict, theirs: dict, starts) -> dict:
+    """Mean of ``mine[start] - theirs[start]`` over ``starts`` (success per start, e.g. from :func:`start_success`)
+    with its 95% paired-bootstrap interval, resampled within tasks."""
+    differences = [mine[start] - theirs[start] for start in starts]
+    low, high = paired_difference_interval(differences, [task for task, _ in starts])
+    return {"delta": float(np.mean(differences)), "ci95": [low, high], "starts": len(differences)}
+
+
 def delta_vs(summary: dict, baseline: dict, task_ids, runs: list[dict], baseline_runs: list[dict]) -> dict:
     """``summary`` minus ``baseline`` success, overall, per task and per seed. ``ci95``: paired bootstrap over the
     evaluation starts (both sides averaged over their seeds per start; resampled within tasks), the interval the
@@ -219,10 +227,9 @@ def delta_vs(summary: dict, baseline: dict, task_ids, runs: list[dict], baseline
 
     def delta(entry, base, task_id=None):
         chosen = [start for start in starts if task_id is None or start[0] == task_id]
-        differences = [mine[start] - theirs[start] for start in chosen]
-        paired = paired_difference_interval(differences, [task for task, _ in chosen])
+        paired = paired_delta(mine, theirs, chosen)
         newcombe = difference_interval(entry["successes"], entry["episodes"], base["successes"], base["episodes"])
-        return {"delta": entry["success_rate"] - base["success_rate"], "ci95": list(paired),
+        return {"delta": entry["success_rate"] - base["success_rate"], "ci95": paired["ci95"],
                 "ci95_newcombe": list(newcombe), "starts": len(chosen)}  # fmt: skip
 
     per_seed = [rate - base for rate, base in zip(summary["overall"]["seed_rates"], baseline["overall"]["seed_rates"])]

@@ -38,6 +38,7 @@ chunk), random-shift augmentation in SFT, more SFT steps; any flag given with it
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -389,7 +390,9 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     # --sync is the spelling of --no-async that reads as the switch's other position (--async/--sync).
     argv = ["--no-async" if arg == "--sync" else arg for arg in sys.argv[1:]]
-    # --obs-mode picks the defaults that the other flags then override (tyro reads --obs-mode itself too).
-    mode = next((value for flag, value in zip(argv, argv[1:] + [""]) if flag == "--obs-mode"), None)
-    mode = mode or next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--obs-mode=")), "state")
+    # --obs-mode picks the defaults that the other flags then override (tyro reads --obs-mode itself too, and names
+    # the valid choices for a bad one).
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--obs-mode", default="state")
+    mode = peek.parse_known_args(argv)[0].obs_mode
     main(tyro.cli(Args, default=default_args(mode) if mode in OBS_MODES else Args(), args=argv))
