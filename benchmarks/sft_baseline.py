@@ -69,6 +69,9 @@ class Args:
     demos: str | None = None
     """Demo HDF5 file (default data/<suite>_state.hdf5, or data/<suite>_rgb<image_size>.hdf5 in rgb+state mode).
     Used as it is when it exists; otherwise generated with the scripted expert (resuming <demos>.parts/)."""
+    extra_demos: tuple[str, ...] = ()
+    """More demo files whose episodes join --demos' (they must exist, with the same tasks and frames): e.g. DART demos,
+    ``python -m gym_libero_vla.demos generate --perturb-scale 0.3 --seed 1 --out data/spatial_rgb128_dart.hdf5``."""
     episodes_per_task: int = 20
     """Successful demos per task to generate (only when the demo file is missing)."""
     demo_init_state_end: int = 20
@@ -133,6 +136,11 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
         raise ValueError("seeds is empty: give at least one evaluation seed")
     if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, SFT.config_filename)):
         raise ValueError(f"init_from {args.init_from!r} is not an SFT checkpoint directory (no {SFT.config_filename} in it)")
+    for path in args.extra_demos:  # extra files are never generated here: they carry settings of their own
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"extra_demos {path!r} does not exist: generate it first (python -m gym_libero_vla.demos generate ...)"
+            )
     tasks = suites.suite_tasks(suite.libero_name)
     task_ids = tuple(range(len(tasks))) if args.task_ids is None else tuple(args.task_ids)
     for task_id in task_ids or (None,):
@@ -225,7 +233,8 @@ def markdown(report: dict) -> str:
         f"- evaluation: init states {id_ranges(evaluation['init_state_ids'])} per task, "
         f"seeds {id_ranges(evaluation['seeds'])}, "
         f"greedy actions, at most {evaluation['max_episode_steps']} steps; {held_out}",
-        f"- demos: {demos['path']}, {demos['num_demos']} demos ({demos['num_transitions']} transitions)",
+        f"- demos: {' + '.join([demos['path'], *demos.get('extra_paths', [])])}, {demos['num_demos']} demos "
+        f"({demos['num_transitions']} transitions)",
         f"- SFT: {sft['steps']} steps of {sft['batch_size']} transitions, {wall}; "
         f"fit on the demos: loss {sft['demo_fit']['loss']:.3f}, token accuracy {sft['demo_fit']['token_accuracy']:.3f}",
         f"- evaluation wall time: {evaluation['seconds']:.1f} s ({evaluation['episodes']} episodes)",
@@ -252,6 +261,8 @@ def main(args: Args) -> dict:
 
     # 1. Demos (generated when missing) and whether the evaluation init states are held out from them.
     episodes, generated = prepare_demos(demo_args(args, task_ids, demos_path), filter_noops=args.filter_noops)
+    for path in args.extra_demos:
+        episodes += prepare_demos(demo_args(args, task_ids, path), filter_noops=args.filter_noops)[0]
     held_out, note = held_out_note(episodes, task_ids, init_state_ids)
     if not held_out:
         banner = "=" * 100
@@ -286,6 +297,7 @@ def main(args: Args) -> dict:
         "image_size": args.image_size if args.obs_mode == "rgb+state" else None,
         "demos": {
             "path": demos_path,
+            "extra_paths": list(args.extra_demos),
             "generated_this_run": generated,
             "num_demos": len(episodes),
             "num_transitions": int(sum(len(episode) for episode in episodes)),

@@ -354,13 +354,10 @@ def train_variant(variant, args, seed, sft, episodes, run_dir, suite, task_ids, 
     if variant == "grpo_offline_relabel":
         wrappers = [functools.partial(RolloutRelabel, target_task_ids=task_ids, observation_keys=policy.observation_keys)]
     if args.vectorization_mode == "sync":
-        vectorization = dict(vectorization_mode="sync")
-    elif wrappers:  # our entry point takes no wrappers: Gymnasium's async env, with a start method safe after torch
-        vectorization = dict(vectorization_mode="async", vector_kwargs={"context": "forkserver"})
-    else:
-        vectorization = {}  # our entry point (gym_libero_vla.vector)
-    env = gym.make_vec(suite.env_id, num_envs=args.rollout_num_envs, wrappers=wrappers, max_cached_tasks=2,
-                       **vectorization, **kwargs)  # fmt: skip
+        vectorization = dict(vectorization_mode="sync", wrappers=wrappers)
+    else:  # our entry point (gym_libero_vla.vector): worker processes, wrapped there
+        vectorization = dict(env_wrappers=wrappers)
+    env = gym.make_vec(suite.env_id, num_envs=args.rollout_num_envs, max_cached_tasks=2, **vectorization, **kwargs)
     demos = None if variant == "grpo" else episodes
     tensorboard_log = os.path.join(run_dir, "tb")
     resume_from = latest_checkpoint(checkpoints, learner_class)

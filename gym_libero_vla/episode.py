@@ -62,7 +62,8 @@ class Episode:
     """(T, S) flattened MuJoCo states, ``states[t]`` before ``actions[t]``; replay starts from ``states[0]``."""
     replay_state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """Simulator state outside the MuJoCo state at ``states[0]`` (our files only): the gripper's integrated command
-    ("gripper_current_action") and the solver warm start ("qacc_warmstart")."""
+    ("gripper_current_action") and the solver warm start ("qacc_warmstart"); DART demos add the perturbed actions the
+    env executed ("executed_actions", ``(T, 7)``), where ``actions`` holds the expert's clean labels."""
     seed: int | None = None
     """Seed of the env reset that produced the episode: LIBERO re-samples fixture placements at reset and MuJoCo
     states do not hold them, so exact replay and re-rendering reset with this seed."""

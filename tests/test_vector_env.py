@@ -93,3 +93,18 @@ def test_bad_vector_arguments():
         make_vector_env(2, context="threads")
     with pytest.raises(ValueError, match="num_envs 0"):
         make_vector_env(0)
+
+
+def test_env_wrappers_wrap_every_worker_env():
+    """``env_wrappers=`` is our entry point's ``wrappers=`` (Gymnasium refuses that one for a vector entry point)."""
+    from wrappers.openvla_gripper import OpenVLAGripper
+
+    envs = gym.make_vec("LiberoSpatial-v0", num_envs=2, env_wrappers=[OpenVLAGripper], task_ids=[0], max_episode_steps=3)
+    try:
+        envs.reset(seed=0)
+        assert envs.call("class_name") == ("OpenVLAGripper", "OpenVLAGripper")  # wrapped in the workers
+        assert len(set(envs.call("worker_pid"))) == 2
+    finally:
+        envs.close()
+    with pytest.raises(TypeError, match="env_wrappers must be callables"):
+        gym.make_vec("LiberoSpatial-v0", num_envs=1, env_wrappers=["OpenVLAGripper"])

@@ -73,6 +73,13 @@ class GenerateArgs:
     """Base seed; an episode's seed is derived from it, the task and the init state."""
     noise_scale: float = 0.0
     """Std of Gaussian noise on the expert's translation actions (0: deterministic expert)."""
+    perturb_scale: float = 0.0
+    """DART (Laskey et al. 2017): std of the noise added to the translation of the actions the env *executes*, while
+    the demo records the expert's clean action at every state it visits, so the demos show the expert recovering from
+    drift (the states a learner's errors lead to). 0: no perturbation. The executed actions are kept for exact replay."""
+    perturb_correlation: float = 0.9
+    """Step-to-step correlation of the DART noise (AR(1); 0.9 keeps a push for about ten steps, a chunk's length,
+    as a learner's error persists), in [0, 1)."""
     max_retries: int = 3
     """Grasp retries the expert may make within an episode."""
     workers: int = 1
@@ -103,9 +110,15 @@ def episode_seed(seed: int, task_id: int, init_state_id: int) -> int:
     return int(seed) * 1_000_003 + task_id * 1000 + init_state_id
 
 
-def rollout_expert(env, expert, task_id: int, init_state_id: int, seed: int) -> dict:
-    """One expert episode; returns its arrays in the official layout and ``success`` from the env."""
+def rollout_expert(
+    env, expert, task_id: int, init_state_id: int, seed: int, perturb_scale: float = 0.0, perturb_correlation: float = 0.9
+) -> dict:
+    """One expert episode; returns its arrays in the official layout and ``success`` from the env. With
+    ``perturb_scale`` the env executes the expert's actions plus AR(1) noise on the translation (DART) while
+    ``actions`` records the clean ones; the executed ones go to ``replay/executed_actions``."""
     obs, _ = env.reset(seed=seed, options={"task_id": task_id, "init_state_id": init_state_id})
+    perturb_rng = np.random.default_rng([seed, 1])  # apart from the expert's own noise stream
+    push = np.zeros(3)
     expert.reset()
     libero_env = env.unwrapped.libero_env
     observables = libero_env.env._observables
@@ -115,7 +128,7 @@ def rollout_expert(env, expert, task_id: int, init_state_id: int, seed: int) -> 
         "gripper_current_action": np.array(libero_env.env.robots[0].gripper.current_action, dtype=np.float64),
         "qacc_warmstart": np.array(libero_env.env.sim.data.qacc_warmstart, dtype=np.float64),
     }
-    record: dict[str, list] = {key: [] for key in ("actions", "states", "robot_states", "rewards", "dones")}
+    record: dict[str, list] = {key: [] for key in ("actions", "executed", "states", "robot_states", "rewards", "dones")}
     record.update({key: [] for key in ("ee_pos", "ee_ori", "gripper_states", "joint_states")})
     record.update({IMAGE_KEYS[camera]: [] for camera in IMAGE_KEYS if camera in obs})
     if "object_state" in obs:
@@ -138,8 +151,15 @@ def rollout_expert(env, expert, task_id: int, init_state_id: int, seed: int) -> 
         if "object_state" in obs:
             record["object_state"].append(obs["object_state"])
         action = expert.act(obs)
-        obs, reward, terminated, truncated, _ = env.step(action)
+        executed = action
+        if perturb_scale:
+            innovation = perturb_rng.normal(0.0, perturb_scale, 3) * np.sqrt(1.0 - perturb_correlation**2)
+            push = perturb_correlation * push + innovation
+            executed = action.copy()
+            executed[:3] = np.clip(action[:3] + push, -1.0, 1.0)
+        obs, reward, terminated, truncated, _ = env.step(executed)
         record["actions"].append(action)
+        record["executed"].append(executed)
         record["rewards"].append(reward)
         record["dones"].append(terminated)
         if terminated or truncated:
@@ -155,6 +175,8 @@ def rollout_expert(env, expert, task_id: int, init_state_id: int, seed: int) -> 
     for key in ("ee_pos", "ee_ori", "gripper_states", "joint_states", "object_state", *IMAGE_KEYS.values()):
         if record.get(key):
             episode["obs/" + key] = np.asarray(record[key], dtype=np.uint8 if key.endswith("_rgb") else np.float64)
+    if perturb_scale:
+        replay_extras["executed_actions"] = np.asarray(record["executed"], dtype=np.float64)
     episode.update({"replay/" + key: value for key, value in replay_extras.items()})
     return {"arrays": episode, "success": success, "num_steps": len(record["actions"])}
 
@@ -289,6 +311,10 @@ def generate(args: GenerateArgs) -> dict:
         raise ValueError(f"episodes_per_task {args.episodes_per_task} must be >= 1")
     if args.image_size < 1:
         raise ValueError(f"image_size {args.image_size} must be >= 1")
+    if args.perturb_scale < 0:
+        raise ValueError(f"perturb_scale {args.perturb_scale} must be >= 0 (0: no DART perturbation)")
+    if not 0.0 <= args.perturb_correlation < 1.0:
+        raise ValueError(f"perturb_correlation {args.perturb_correlation} must be in [0, 1)")
     if not (isinstance(args.workers, int) and args.workers >= 1):
         raise ValueError(f"workers {args.workers!r} must be an int >= 1")
     tasks = suites.suite_tasks(spec.libero_name)
@@ -315,6 +341,9 @@ def generate(args: GenerateArgs) -> dict:
         }
         if args.object_state:  # only when set, so sidecars written before this option still resume
             config["object_state"] = True
+        if args.perturb_scale:  # likewise
+            config["perturb_scale"] = args.perturb_scale
+            config["perturb_correlation"] = args.perturb_correlation
         _check_config(parts_dir, config)
         done = _scan_parts(parts_dir)
 
@@ -452,7 +481,9 @@ def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts
                 seed = episode_seed(args.seed, task_id, init_state_id)
                 expert.rng = np.random.default_rng(seed)
                 start = time.perf_counter()
-                episode = rollout_expert(env, expert, task_id, init_state_id, seed)
+                episode = rollout_expert(
+                    env, expert, task_id, init_state_id, seed, args.perturb_scale, args.perturb_correlation
+                )
                 meta = {
                     "task_id": task_id,
                     "init_state_id": init_state_id,

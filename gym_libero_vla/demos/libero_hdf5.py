@@ -5,7 +5,8 @@ generator writes (:mod:`gym_libero_vla.demos.generate`) share robomimic's layout
 
     data                      attrs: problem_info (JSON, "language_instruction"), env_args (JSON), ...
     data/demo_N               attrs: num_samples, init_state; ours add task_id, init_state_id, seed,
-                              language_instruction, replay_* (see generate.py)
+                              language_instruction, replay_* (see generate.py; DART demos add
+                              replay_executed_actions, the perturbed actions the env executed)
     data/demo_N/actions       (T, 7) delta eef position, delta axis-angle, gripper (-1 open, +1 close)
     data/demo_N/states        (T, S) flattened MuJoCo states, states[t] before actions[t]
     data/demo_N/robot_states  (T, 9) gripper qpos (2), eef position (3), eef quaternion (4)
@@ -308,6 +309,7 @@ def action_stats(episodes: Sequence[Episode]) -> ActionStats:
 
 def replay(env, episode: Episode) -> tuple[bool, np.ndarray]:
     """Replay ``episode``'s actions open-loop from ``states[0]``: (success, the sim state before each action).
+    A DART demo replays the actions its env executed (``replay_state["executed_actions"]``), not its clean labels.
 
     The reset uses the episode's recorded ``seed`` (when the file has one), which fixes LIBERO's fixture
     placement as it was during recording, and restores the recorded gripper command and solver warm start,
@@ -334,9 +336,11 @@ def replay(env, episode: Episode) -> tuple[bool, np.ndarray]:
         domain.robots[0].gripper.current_action = episode.replay_state["gripper_current_action"].copy()
     if "qacc_warmstart" in episode.replay_state:
         domain.sim.data.qacc_warmstart[:] = episode.replay_state["qacc_warmstart"]
+    # DART demos record the expert's clean actions; the env executed perturbed ones, which the replay must repeat.
+    actions = episode.replay_state.get("executed_actions", episode.actions)
     states = []
     success = False
-    for action in episode.actions:
+    for action in actions:
         states.append(libero_env.get_sim_state())
         _, _, terminated, truncated, _ = env.step(action)
         if terminated or truncated:

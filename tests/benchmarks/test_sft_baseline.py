@@ -87,6 +87,15 @@ def test_runs_end_to_end_then_resumes_without_redoing_work(tmp_path):
     assert not copied["eval"]["held_out"] and copied["eval"]["held_out_note"].startswith("not held out")
     assert "NOT HELD OUT" in (tmp_path / "results" / "sft_baseline.md").read_text()
 
+    # --extra-demos joins another file's episodes (here a copy of the same demos) to --demos'.
+    extra = tmp_path / "extra.hdf5"
+    shutil.copy(tmp_path / "demos.hdf5", extra)
+    joined = main(tiny_args(tmp_path, extra_demos=(str(extra),), output_dir=str(tmp_path / "d"), sft_steps=2, save_every=2,
+                            eval_num_init_states=1))  # fmt: skip
+    assert joined["demos"]["num_demos"] == 4 and joined["demos"]["extra_paths"] == [str(extra)]
+    assert joined["demos"]["num_transitions"] == 2 * report["demos"]["num_transitions"]
+    assert joined["demos"]["init_state_ids"] == {"0": [0, 0, 1, 1]}
+
     # Bad input named with the valid choices, before any work.
     without_object_state = tmp_path / "no_object_state.hdf5"
     shutil.copy(tmp_path / "demos.hdf5", without_object_state)
@@ -110,6 +119,8 @@ def test_bad_input_names_the_valid_choices(tmp_path):
         main(tiny_args(tmp_path, eval_init_state_start=58))
     with pytest.raises(ValueError, match="is not an SFT checkpoint directory"):
         main(tiny_args(tmp_path, init_from=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="extra_demos '.*nope.hdf5' does not exist: generate it first"):
+        main(tiny_args(tmp_path, extra_demos=(str(tmp_path / "nope.hdf5"),)))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -227,3 +228,34 @@ def test_workers_generate_the_same_demos_side_by_side(spatial_demo_file, tmp_pat
             np.testing.assert_array_equal(by_start[(0, episode.init_state_id)].actions, episode.actions)
     with pytest.raises(ValueError, match="workers 0 must be an int >= 1"):
         generate(GenerateArgs(suite="spatial", out=str(tmp_path / "x.hdf5"), workers=0))
+
+
+def test_dart_demos_label_perturbed_states_with_the_clean_expert(spatial_demo_file, tmp_path):
+    """--perturb-scale (DART): the env executes noisy actions, the file records the expert's clean action at every
+    state visited; the executed ones are kept, so replay still retraces the recording exactly."""
+    out = tmp_path / "dart.hdf5"
+    args = GenerateArgs(suite="spatial", out=str(out), task_ids=(0,), episodes_per_task=1, perturb_scale=0.3,
+                        progress=False)  # fmt: skip
+    assert generate(args)["num_demos"] == 1
+    with LiberoHDF5(out) as demos, LiberoHDF5(spatial_demo_file) as clean:
+        episode = demos[0]
+        unperturbed = {demo.init_state_id: demo for demo in clean}[episode.init_state_id]  # init state 0 times out
+    executed = episode.replay_state["executed_actions"]
+    assert executed.shape == episode.actions.shape
+    pushed = np.abs(executed[:, :3] - episode.actions[:, :3])
+    assert pushed.mean() > 0.05  # the env was pushed off the expert's path...
+    np.testing.assert_array_equal(executed[:, 3:], episode.actions[:, 3:])  # ...in translation only
+    # Same init state and seed, so the states differ only through the perturbation, and the expert's labels answer them.
+    np.testing.assert_array_equal(episode.states[0], unperturbed.states[0])
+    assert not np.allclose(episode.states[20], unperturbed.states[20])
+    assert [(r["success"], r["max_state_drift"]) for r in replay_file(ReplayArgs(file=str(out)))] == [(True, 0.0)]
+    with h5py.File(out, "r") as f:
+        config = json.loads(f["data"].attrs["generator_config"])
+    assert config["perturb_scale"] == 0.3 and config["perturb_correlation"] == 0.9
+
+    with pytest.raises(ValueError, match="different settings.*perturb_scale"):
+        generate(dataclasses.replace(args, perturb_scale=0.5))
+    with pytest.raises(ValueError, match="perturb_scale -0.1 must be >= 0"):
+        generate(dataclasses.replace(args, out=str(tmp_path / "x.hdf5"), perturb_scale=-0.1))
+    with pytest.raises(ValueError, match=r"perturb_correlation 1.0 must be in \[0, 1\)"):
+        generate(dataclasses.replace(args, out=str(tmp_path / "x.hdf5"), perturb_correlation=1.0))
