@@ -418,7 +418,10 @@ def _roll_out_in_workers(args: GenerateArgs, spec, task_ids: tuple[int, ...], pa
                disable=not args.progress)  # fmt: skip
     context = multiprocessing.get_context("forkserver")  # a clean process per worker: its own GL context
     try:
-        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        # A pool's workers outlive a killed parent and would go on rendering for nobody: each watches this process.
+        with concurrent.futures.ProcessPoolExecutor(
+            args.workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)
+        ) as pool:
             pending = {pool.submit(_roll_out_missing, worker_args, spec, (task_id,), parts_dir, done) for task_id in task_ids}
             while pending:
                 finished, pending = concurrent.futures.wait(pending, timeout=5.0)
@@ -438,6 +441,34 @@ def _successes_per_task(parts_dir: str) -> dict[int, int]:
             task_id = int(name[4:7])
             counts[task_id] = counts.get(task_id, 0) + 1
     return counts
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a killed one its parent has not reaped yet, a zombie, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _exit_with(parent_pid: int, interval: float = 1.0) -> None:
+    """Pool initializer: end this worker as soon as ``parent_pid`` is gone (an episode in flight is dropped; every
+    saved one is complete, and the next run removes the half-written temp file)."""
+    import threading
+
+    def watch() -> None:
+        while _alive(parent_pid):
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts_dir: str, done: dict) -> dict:

@@ -121,6 +121,57 @@ def test_generate_resumes_after_kill_without_redoing_episodes(tmp_path):
         assert all(episode.success for episode in demos)
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (read from /proc)."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[1]) == pid and fields[0] != "Z":
+                children.add(int(entry))
+    return children
+
+
+def test_workers_stop_when_their_generator_is_killed(tmp_path):
+    """A process pool's workers outlive a killed parent; ours notice and stop instead of rendering for nobody."""
+    out = tmp_path / "orphans.hdf5"
+    parts = tmp_path / "orphans.hdf5.parts"
+    command = [sys.executable, "-m", "gym_libero_vla.demos", "generate", "--suite", "spatial", "--task-ids", "0", "1"]
+    command += ["--episodes-per-task", "20", "--workers", "2", "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (parts.exists() and any(p.suffix == ".npz" for p in parts.iterdir())):
+            assert process.poll() is None, "generate exited before its first episode"
+            assert time.monotonic() < deadline, "no episode written within 240 s"
+            time.sleep(0.2)
+        # generate -> multiprocessing's forkserver (and resource tracker) -> the pool's workers
+        workers = set().union(*(_children(helper) for helper in _children(process.pid)))
+        assert len(workers) == 2
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers {sorted(workers)} still running 30 s after their parent was killed"
+        time.sleep(0.5)
+    written = sorted(p.name for p in parts.iterdir())
+    time.sleep(3)
+    assert sorted(p.name for p in parts.iterdir()) == written  # nobody writes any more
+
+
 def test_a_second_generator_on_the_same_file_waits_then_reuses_the_episodes(tmp_path):
     """Two generators on one --out would redo the same episodes and race on the sidecar's temp files and on
     <out>.tmp. Here the test is the first generator (it holds the lock and writes the episode); a real CLI process
