@@ -77,6 +77,9 @@ class GenerateArgs:
     """DART (Laskey et al. 2017): std of the noise added to the translation of the actions the env *executes*, while
     the demo records the expert's clean action at every state it visits, so the demos show the expert recovering from
     drift (the states a learner's errors lead to). 0: no perturbation. The executed actions are kept for exact replay."""
+    max_episode_steps: int | None = None
+    """Step limit of an attempt (default: the suite's, as for policies: 220 on Spatial). Perturbed (DART) attempts
+    are slower to finish; a longer limit keeps more of them."""
     perturb_correlation: float = 0.9
     """Step-to-step correlation of the DART noise (AR(1); 0.9 keeps a push for about ten steps, a chunk's length,
     as a learner's error persists), in [0, 1)."""
@@ -311,6 +314,8 @@ def generate(args: GenerateArgs) -> dict:
         raise ValueError(f"episodes_per_task {args.episodes_per_task} must be >= 1")
     if args.image_size < 1:
         raise ValueError(f"image_size {args.image_size} must be >= 1")
+    if args.max_episode_steps is not None and not (isinstance(args.max_episode_steps, int) and args.max_episode_steps >= 1):
+        raise ValueError(f"max_episode_steps {args.max_episode_steps!r} must be an int >= 1 (or None: the suite's limit)")
     if args.perturb_scale < 0:
         raise ValueError(f"perturb_scale {args.perturb_scale} must be >= 0 (0: no DART perturbation)")
     if not 0.0 <= args.perturb_correlation < 1.0:
@@ -341,6 +346,8 @@ def generate(args: GenerateArgs) -> dict:
         }
         if args.object_state:  # only when set, so sidecars written before this option still resume
             config["object_state"] = True
+        if args.max_episode_steps is not None:  # likewise
+            config["max_episode_steps"] = args.max_episode_steps
         if args.perturb_scale:  # likewise
             config["perturb_scale"] = args.perturb_scale
             config["perturb_correlation"] = args.perturb_correlation
@@ -482,6 +489,7 @@ def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts
 
     env = gym.make(
         spec.env_id,
+        max_episode_steps=args.max_episode_steps,
         obs_mode=args.obs_mode,
         image_size=args.image_size,
         cameras=("agentview", "wrist"),

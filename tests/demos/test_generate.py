@@ -306,6 +306,14 @@ def test_dart_demos_label_perturbed_states_with_the_clean_expert(spatial_demo_fi
 
     with pytest.raises(ValueError, match="different settings.*perturb_scale"):
         generate(dataclasses.replace(args, perturb_scale=0.5))
+    # An attempt stops at --max-episode-steps (the suite's limit by default): a failure, kept out of the file.
+    short = dataclasses.replace(args, out=str(tmp_path / "short.hdf5"), max_episode_steps=5, init_state_end=1)
+    counts = generate(short)
+    assert (counts["attempts"], counts["failures"], counts["num_demos"]) == (1, 1, 0)
+    with open(tmp_path / "short.hdf5.parts" / "task000_init0000.json") as f:
+        assert json.load(f)["num_steps"] == 5
+    with pytest.raises(ValueError, match="max_episode_steps 0 must be an int >= 1"):
+        generate(dataclasses.replace(short, max_episode_steps=0))
     with pytest.raises(ValueError, match="perturb_scale -0.1 must be >= 0"):
         generate(dataclasses.replace(args, out=str(tmp_path / "x.hdf5"), perturb_scale=-0.1))
     with pytest.raises(ValueError, match=r"perturb_correlation 1.0 must be in \[0, 1\)"):
