@@ -79,6 +79,15 @@ def test_resume_with_other_settings_is_refused(spatial_demo_file):
         generate(args)
 
 
+def wait_for_first_episode(process: subprocess.Popen, parts, timeout: float = 240.0) -> None:
+    """Until the generator ``process`` has saved an episode into the sidecar directory ``parts``."""
+    deadline = time.monotonic() + timeout
+    while not (parts.exists() and any(p.suffix == ".npz" for p in parts.iterdir())):
+        assert process.poll() is None, "generate exited before its first episode"
+        assert time.monotonic() < deadline, f"no episode written within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
 def test_generate_resumes_after_kill_without_redoing_episodes(tmp_path):
     out = tmp_path / "resume.hdf5"
     parts = tmp_path / "resume.hdf5.parts"
@@ -99,11 +108,7 @@ def test_generate_resumes_after_kill_without_redoing_episodes(tmp_path):
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
-        while not (parts.exists() and any(p.suffix == ".npz" for p in parts.iterdir())):
-            assert process.poll() is None, "generate exited before its first episode"
-            assert time.monotonic() < deadline, "no episode written within 240 s"
-            time.sleep(0.2)
+        wait_for_first_episode(process, parts)
     finally:
         os.kill(process.pid, signal.SIGKILL)  # like a crash or a lost job
         process.wait()
@@ -152,11 +157,7 @@ def test_workers_stop_when_their_generator_is_killed(tmp_path):
     command += ["--episodes-per-task", "20", "--workers", "2", "--out", str(out), "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
-        while not (parts.exists() and any(p.suffix == ".npz" for p in parts.iterdir())):
-            assert process.poll() is None, "generate exited before its first episode"
-            assert time.monotonic() < deadline, "no episode written within 240 s"
-            time.sleep(0.2)
+        wait_for_first_episode(process, parts)
         # generate -> multiprocessing's forkserver (and resource tracker) -> the pool's workers
         workers = set().union(*(_children(helper) for helper in _children(process.pid)))
         assert len(workers) == 2
