@@ -131,7 +131,7 @@ def rollout_expert(
         "gripper_current_action": np.array(libero_env.env.robots[0].gripper.current_action, dtype=np.float64),
         "qacc_warmstart": np.array(libero_env.env.sim.data.qacc_warmstart, dtype=np.float64),
     }
-    record: dict[str, list] = {key: [] for key in ("actions", "executed", "states", "robot_states", "rewards", "dones")}
+    record: dict[str, list] = {key: [] for key in ("actions", "states", "robot_states", "rewards", "dones")}
     record.update({key: [] for key in ("ee_pos", "ee_ori", "gripper_states", "joint_states")})
     record.update({IMAGE_KEYS[camera]: [] for camera in IMAGE_KEYS if camera in obs})
     if "object_state" in obs:
@@ -160,9 +160,9 @@ def rollout_expert(
             push = perturb_correlation * push + innovation
             executed = action.copy()
             executed[:3] = np.clip(action[:3] + push, -1.0, 1.0)
+            record.setdefault("executed", []).append(executed)  # without a perturbation: the actions themselves
         obs, reward, terminated, truncated, _ = env.step(executed)
         record["actions"].append(action)
-        record["executed"].append(executed)
         record["rewards"].append(reward)
         record["dones"].append(terminated)
         if terminated or truncated:
