@@ -182,22 +182,47 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 
 @torch.no_grad()
-def demo_fit(policy, demos: Transitions, max_transitions: int = 2048, batch_size: int = 256) -> dict[str, float]:
+def demo_fit(
+    policy, demos: Transitions, max_transitions: int = 2048, batch_size: int = 256, permute: Sequence[str] = (), seed: int = 0
+) -> dict[str, Any]:
     """Teacher-forced loss and token accuracy (SFT's objective) of ``policy`` on up to ``max_transitions`` evenly spaced
-    demo transitions: how well it fits its demonstrations."""
+    demo transitions: how well it fits its demonstrations. Also per action dimension (x, y, z, roll, pitch, yaw,
+    gripper; over every action of a chunk): the accuracy of the greedy token and its mean distance in bins from the
+    demonstrated one. ``permute``: observation keys (or "instruction") each transition takes from another transition
+    drawn at random (``seed``) instead of its own: the accuracy lost then is what the predictions rest on that input
+    (permutation importance)."""
+    unknown = sorted(set(permute) - set(demos.observations))
+    if unknown:
+        raise ValueError(f"permute: unknown input(s) {unknown}: valid {sorted(demos.observations)}")
+    rng = np.random.default_rng(seed)
     indices = np.unique(np.linspace(0, len(demos) - 1, min(len(demos), max_transitions)).astype(np.int64))
+    action_dim = policy.action_dim
     loss_sum, correct, count = 0.0, 0, 0
+    dim_correct, dim_error, dim_count = np.zeros(action_dim), np.zeros(action_dim), np.zeros(action_dim)
     was_training = policy.training
     policy.eval()
     for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
-        action_tokens, token_log_probs, log_probs = demo_token_log_probs(policy, *demos.batch(chunk))
+        obs, actions = demos.batch(chunk)
+        if permute:
+            others = demos.batch(rng.integers(0, len(demos), len(chunk)))[0]
+            obs = {**obs, **{key: others[key] for key in permute}}
+        action_tokens, token_log_probs, log_probs = demo_token_log_probs(policy, obs, actions)
         mask = demos.token_mask(chunk)
         real = torch.ones_like(token_log_probs) if mask is None else torch.as_tensor(mask, device=policy.device).float()
+        right = (log_probs.argmax(-1) == action_tokens).float() * real
+        error = (log_probs.argmax(-1) - action_tokens).abs().float() * real
         loss_sum -= (token_log_probs * real).sum().item()
-        correct += ((log_probs.argmax(-1) == action_tokens).float() * real).sum().item()
+        correct += right.sum().item()
         count += real.sum().item()
+        dim_correct += right.reshape(len(chunk), -1, action_dim).sum((0, 1)).cpu().numpy()
+        dim_error += error.reshape(len(chunk), -1, action_dim).sum((0, 1)).cpu().numpy()
+        dim_count += real.reshape(len(chunk), -1, action_dim).sum((0, 1)).cpu().numpy()
     policy.train(was_training)
-    return {"loss": loss_sum / count, "token_accuracy": correct / count, "transitions": len(indices)}
+    return {
+        "loss": loss_sum / count, "token_accuracy": correct / count, "transitions": len(indices),
+        "token_accuracy_per_dimension": (dim_correct / dim_count).tolist(),
+        "bin_error_per_dimension": (dim_error / dim_count).tolist(), "permuted": list(permute),
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- hyperparameters
