@@ -20,7 +20,7 @@ import json
 import os
 
 import tyro
-from reporting import paired_delta, start_success, write_report_files
+from reporting import paired_delta, publish, start_success
 
 from gym_libero_vla.evaluate import read_episode_rows, wilson_interval
 
@@ -118,10 +118,7 @@ def main(args: Args) -> dict:
     result = compare([start_outcomes(path, sha) for path, sha in zip(args.reports, shas)], names)
     result["inputs"] = dict(zip(names, args.reports))
     text = markdown(result, names)
-    print(text)
-    if args.json_out:
-        write_report_files(result, text, args.json_out)
-    return result
+    return publish(result, text, args.json_out)
 
 
 if __name__ == "__main__":

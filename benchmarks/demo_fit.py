@@ -23,7 +23,7 @@ import time
 
 import torch
 import tyro
-from reporting import command_line, machine_info, write_report_files
+from reporting import command_line, machine_info, publish
 
 from gym_libero_vla.algos.sft import Transitions, demo_fit
 from gym_libero_vla.demos.libero_hdf5 import load_episodes
@@ -111,10 +111,7 @@ def main(args: Args) -> dict:
         "machine": machine_info(args.torch_threads), "command": command_line(args, "benchmarks/demo_fit.py"),
     }  # fmt: skip
     text = markdown(report)
-    print(text)
-    if args.json_out:
-        write_report_files(report, text, args.json_out)
-    return report
+    return publish(report, text, args.json_out)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,15 @@ def write_report_files(report: dict, markdown: str, json_out: str, plot=None) ->
     print(f"wrote {', '.join(path for _, path in renames)}", flush=True)
 
 
+def publish(report: dict, markdown: str, json_out: str | None) -> dict:
+    """Print ``markdown`` and, with ``json_out``, write the report files (:func:`write_report_files`). Returns
+    ``report``."""
+    print(markdown)
+    if json_out:
+        write_report_files(report, markdown, json_out)
+    return report
+
+
 # ---------------------------------------------------------------------------------------------- comparing runs
 def runs_summary(runs: list[dict], task_ids, instructions: dict) -> dict:
     """Per-task and overall success over the runs' (seeds') evaluation rows (Wilson 95%), per-seed rates, the entropy at
