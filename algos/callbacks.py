@@ -80,7 +80,8 @@ class LiberoEvalCallback(BaseCallback):
     process or in worker processes: ``vectorization_mode``);
     log ``eval/success_rate`` and ``eval/success_rate_task<t>``, append a row (steps, successes, episodes, success
     rate, per task, seconds) to ``<log_path>/evaluations.jsonl``, and save the best model to ``best_model_save_path``.
-    ``last_success_rate`` / ``best_success_rate`` hold the results."""
+    ``last_success_rate`` / ``best_success_rate`` hold the results. Rows of that file past the model's step count when
+    training starts are removed then: a run resumed from a checkpoint redoes those steps with other weights."""
 
     def __init__(
         self,
@@ -117,10 +118,14 @@ class LiberoEvalCallback(BaseCallback):
         self._last_eval_step: int | None = None
 
     def _init_callback(self) -> None:
+        from gym_libero_vla.evaluate import drop_rows_after
+
         self._last_eval_step = self.model.num_timesteps
         for path in (self.log_path, self.best_model_save_path):
             if path is not None:
                 os.makedirs(path, exist_ok=True)
+        if self.log_path is not None:
+            drop_rows_after(os.path.join(self.log_path, "evaluations.jsonl"), self.model.num_timesteps)
 
     def _on_step(self) -> bool:
         return True

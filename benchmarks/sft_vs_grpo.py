@@ -75,6 +75,7 @@ from gym_libero_vla.demos.generate import GenerateArgs, prepare_demos
 from gym_libero_vla.evaluate import (
     CAMERA_KEYS,
     behaviour_fingerprint,
+    drop_rows_after,
     env_kwargs_for_policy,
     evaluate_policy,
     read_episode_rows,
@@ -289,11 +290,15 @@ def variant_hyperparameters(variant: str, args: Args, task_ids, seed: int, run_d
 
 
 class UpdateLog(BaseCallback):
-    """After every update, append the learner's entropy, rollout success and offline-term scalars to ``path``."""
+    """After every update, append the learner's entropy, rollout success and offline-term scalars to ``path`` (rows
+    past the step count training starts from are removed first: a resumed run redoes those updates)."""
 
     def __init__(self, path: str):
         super().__init__()
         self.path = path
+
+    def _init_callback(self) -> None:
+        drop_rows_after(self.path, self.model.num_timesteps)
 
     def _on_step(self) -> bool:
         return True
@@ -306,8 +311,7 @@ class UpdateLog(BaseCallback):
 
 
 def rows_until(path: str, steps: int) -> list[dict]:
-    """The rows of a JSON-lines log up to ``steps`` env steps, the last one per step count (a resumed run repeats the
-    updates after its checkpoint)."""
+    """The rows of a JSON-lines log up to ``steps`` env steps, the last one per step count."""
     rows = {row["num_timesteps"]: row for row in read_episode_rows(path) if row["num_timesteps"] <= steps}
     return [rows[steps] for steps in sorted(rows)]
 

@@ -293,6 +293,19 @@ def read_episode_rows(path: str) -> list[dict]:
     return rows
 
 
+def drop_rows_after(path: str, num_timesteps: int) -> int:
+    """Remove the rows of a training log (JSON lines with "num_timesteps", such as ``evaluations.jsonl``) past
+    ``num_timesteps``: a run that resumes from a checkpoint redoes the training after it, so what was logged then
+    describes weights that no longer exist. The file is rewritten atomically; returns how many rows went."""
+    rows = read_episode_rows(path)
+    kept = [row for row in rows if row.get("num_timesteps", 0) <= num_timesteps]
+    if len(kept) < len(rows):
+        with open(path + ".tmp", "w") as file:
+            file.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(path + ".tmp", path)
+    return len(rows) - len(kept)
+
+
 def recorded_episodes(path: str, fingerprint: str, max_steps: int) -> dict[tuple, dict]:
     """The rows of ``path`` run by the weights of ``fingerprint`` with this step limit, by (task, init state, seed)."""
     keep = ("task_id", "init_state_id", "seed", "success", "length", "seconds")

@@ -123,8 +123,17 @@ def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):
     with pytest.raises(ValueError, match="report_only: no demos at .*missing.hdf5, so no run can have finished"):
         main(tiny_args(tmp_path, report_only=True, demos=str(tmp_path / "missing.hdf5")))
 
-    # A larger budget continues each run from its final checkpoint (same SFT, SFT episodes reused).
+    # A larger budget continues each run from its final checkpoint (same SFT, SFT episodes reused). Rows a killed run
+    # logged after that checkpoint (here planted at 30 env steps) describe discarded weights: the resumed run drops them.
+    for name in ("updates.jsonl", "evaluations.jsonl"):
+        with open(run_dir / "grpo_offline_seed0" / name) as file:
+            last = json.loads(file.read().splitlines()[-1])
+        with open(run_dir / "grpo_offline_seed0" / name, "a") as file:
+            file.write(json.dumps({**last, "num_timesteps": 30}) + "\n")
     longer = main(tiny_args(tmp_path, total_timesteps=40, variants=("sft", "grpo_offline", "irevla")))
+    for name in ("updates.jsonl", "evaluations.jsonl"):
+        with open(run_dir / "grpo_offline_seed0" / name) as file:
+            assert 30 not in [json.loads(line)["num_timesteps"] for line in file]
     for run in longer["runs"]:
         if run["variant"] == "sft":
             assert run["steps_this_run"] == 0 and run["episodes_this_run"] == 0
