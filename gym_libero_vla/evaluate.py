@@ -81,6 +81,9 @@ class EvalArgs:
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     progress: bool = True
     """Show a tqdm progress bar over episodes."""
+    resume: bool = False
+    """Append every finished episode to ``<out_dir>/episodes.jsonl`` and skip those already there for the same weights,
+    horizon and step limit: a killed evaluation continues where it stopped (greedy decoding only)."""
 
 
 def env_kwargs_for_policy(policy: VLAPolicy, max_episode_steps: int | None = None) -> dict:
@@ -509,6 +512,9 @@ def main(args: EvalArgs) -> dict:
                 f"init_state_start {args.init_state_start} / num_init_states {args.num_init_states}: need >= 0 / >= 1"
             )
         init_state_ids = tuple(range(args.init_state_start, args.init_state_start + args.num_init_states))
+    if args.resume and not args.deterministic:
+        raise ValueError("--resume continues greedy evaluations only (sampled episodes do not repeat): drop one of "
+                         "--resume and --no-deterministic")  # fmt: skip
     policy = load_policy(args.checkpoint)
     if args.execute_steps is not None:
         policy.set_execute_steps(args.execute_steps)
@@ -517,6 +523,7 @@ def main(args: EvalArgs) -> dict:
         max_episode_steps=args.max_episode_steps, deterministic=args.deterministic,
         video_episodes=args.video_episodes, video_dir=os.path.join(args.out_dir, "videos"), progress=args.progress,
         num_envs=args.num_envs, vectorization_mode=args.vectorization_mode,
+        episodes_path=os.path.join(args.out_dir, "episodes.jsonl") if args.resume else None,
     )  # fmt: skip
     results["checkpoint"] = os.fspath(args.checkpoint)
     results["execute_steps"] = policy.execute_steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -59,6 +60,15 @@ def test_writes_table_json_plot_and_video(checkpoint, tmp_path, capsys):
     assert (out_dir / "success.png").read_bytes()[:4] == b"\x89PNG"
     (video,) = results["videos"]
     assert video.endswith(".mp4") and os.path.getsize(video) > 0
+
+    # --resume: episodes go to episodes.jsonl as they finish; the same command again runs none of them.
+    resumed = dataclasses.replace(args, video_episodes=0, resume=True)
+    first = main(resumed)
+    assert first["run_now"] == 2 and len((out_dir / "episodes.jsonl").read_text().splitlines()) == 2
+    again = main(resumed)
+    assert again["run_now"] == 0 and again["episodes"] == first["episodes"]
+    with pytest.raises(ValueError, match="--resume continues greedy evaluations only"):
+        main(dataclasses.replace(resumed, deterministic=False))
 
 
 class StepLog(gym.Wrapper):
