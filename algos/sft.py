@@ -209,8 +209,9 @@ def demo_fit(
         action_tokens, token_log_probs, log_probs = demo_token_log_probs(policy, obs, actions)
         mask = demos.token_mask(chunk)
         real = torch.ones_like(token_log_probs) if mask is None else torch.as_tensor(mask, device=policy.device).float()
-        right = (log_probs.argmax(-1) == action_tokens).float() * real
-        error = (log_probs.argmax(-1) - action_tokens).abs().float() * real
+        predicted = log_probs.argmax(-1)
+        right = (predicted == action_tokens).float() * real
+        error = (predicted - action_tokens).abs().float() * real
         loss_sum -= (token_log_probs * real).sum().item()
         correct += right.sum().item()
         count += real.sum().item()
