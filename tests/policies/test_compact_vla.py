@@ -11,6 +11,7 @@ import torch
 
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer, load_policy
 from gym_libero_vla.policies.base import POLICY_CONFIG_FILENAME
+from gym_libero_vla.policies.compact_vla import ImageEncoder, spatial_softmax
 
 INSTRUCTIONS = (
     "pick up the black bowl between the plate and the ramekin and place it on the plate",
@@ -22,6 +23,7 @@ CONFIGS = {
     "rgb+state": dict(cameras=("agentview", "wrist"), image_size=64, image_grid=2),
     "state": dict(cameras=()),
     "privileged": dict(cameras=(), object_state_dim=6),
+    "keypoints": dict(cameras=("agentview", "wrist"), image_size=64, image_grid=2, image_pooling="spatial_softmax"),
 }
 
 
@@ -189,11 +191,47 @@ def test_bad_inputs_raise_clear_errors(action_bins, tmp_path):
         (dict(chunk_size=4, execute_steps=5), r"execute_steps 5 must be None or an int in 1..chunk_size \(4\)"),
         (dict(image_size=128, encoder_size=48), "encoder_size 48 must be an int that divides image_size 128"),
         (dict(image_size=64, encoder_size=16, image_grid=4), r"image_grid 4 is finer than the conv feature map \(2 cells"),
+        (dict(image_pooling="max"), r"unknown image_pooling 'max': valid \('average', 'spatial_softmax'\)"),
     ],
 )
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         CompactVLAConfig(**overrides)
+
+
+def test_spatial_softmax_gives_where_each_feature_map_peaks():
+    # One map peaks at row 1, column 3 of a 4 x 5 grid, one is flat, one has two equal peaks: the keypoints are the
+    # peak's position on the -1..1 scale of pixel centres, the centre, and the peaks' midpoint.
+    features = torch.zeros(2, 3, 4, 5)
+    features[:, 0, 1, 3] = 50.0
+    features[:, 2, 0, 0] = features[:, 2, 3, 4] = 50.0
+    keypoints = spatial_softmax(features)
+    assert keypoints.shape == (2, 3, 2)
+    torch.testing.assert_close(keypoints[:, 0], torch.tensor([[0.5, -1 / 3]] * 2))
+    torch.testing.assert_close(keypoints[:, 1], torch.zeros(2, 2))
+    torch.testing.assert_close(keypoints[:, 2], torch.zeros(2, 2), rtol=0, atol=1e-5)
+    # A high temperature flattens the softmax: the peaked map's keypoint moves towards the centre.
+    warm = spatial_softmax(features, temperature=100.0)
+    assert 0 < warm[0, 0, 0] < 0.5 and -1 / 3 < warm[0, 0, 1] < 0
+
+
+def test_keypoint_tokens_follow_an_object_across_the_frame(action_bins):
+    # A spatial-softmax encoder's tokens say where things are: a bright square moved right and down across a dark
+    # frame moves the keypoints (already at initialization: the maps are standardized before the softmax) so the
+    # tokens change with its position; the same frame gives the same tokens.
+    torch.manual_seed(0)
+    encoder = ImageEncoder(hidden_size=16, grid=2, pooling="spatial_softmax")
+    assert encoder.keypoint_maps.out_channels == 4 and not hasattr(encoder, "pool")
+    frames = np.zeros((3, 64, 64, 3), np.uint8)
+    frames[0, 8:16, 8:16] = frames[1, 8:16, 8:16] = frames[2, 44:52, 40:48] = 255
+    with torch.no_grad():
+        tokens, keypoints = encoder(torch.as_tensor(frames)), encoder.pooled(torch.as_tensor(frames))
+    assert tokens.shape == (3, 4, 16)
+    torch.testing.assert_close(tokens[0], tokens[1])
+    assert keypoints.shape == (3, 4, 2) and keypoints.abs().max() <= 1
+    shift = (keypoints[2] - keypoints[0]).mean(0)  # the square moved right and down: so do the keypoints, on average
+    assert shift[0] > 0.1 and shift[1] > 0.1, shift
+    assert not torch.allclose(tokens[0], tokens[2])
 
 
 def test_encoder_size_encodes_the_area_average_of_the_frames(action_bins, tmp_path):
