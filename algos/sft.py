@@ -58,6 +58,49 @@ def episodes_of(demos: Any, observation_keys: Sequence[str] = ()) -> list[Episod
     return [as_episode(episode) for episode in demos]
 
 
+class StepColumn:
+    """One observation entry (a camera's frames) of many episodes as one ``(N, ...)`` column without copying it: the
+    episodes' own arrays, one after the other; ``column[indices]`` gathers those steps. Flattening the frames of a
+    pixel demo set by concatenation would hold them twice (2.2 GB for LIBERO-Spatial's 193 demos at 128 px), and GRPO
+    rebuilds its offline data after every update with new successes."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        if not parts:
+            raise ValueError("a StepColumn needs at least one episode's array")
+        self.parts = list(parts)
+        self.starts = np.concatenate([[0], np.cumsum([len(part) for part in self.parts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.parts[0].shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    def __getitem__(self, indices) -> np.ndarray:
+        indices = np.arange(len(self))[indices] if isinstance(indices, slice) else np.asarray(indices)
+        if indices.dtype == bool and indices.shape != (len(self),):
+            raise IndexError(f"a boolean mask of a StepColumn has {len(self)} entries: got shape {indices.shape}")
+        indices = np.flatnonzero(indices) if indices.dtype == bool else indices.astype(np.int64)
+        if indices.ndim != 1:
+            raise IndexError(f"a StepColumn is indexed by a 1-D array of steps or a slice: got shape {indices.shape}")
+        if len(indices) and (indices.min() < -len(self) or indices.max() >= len(self)):
+            raise IndexError(f"step index out of range for {len(self)} steps")
+        indices = indices % max(len(self), 1)
+        episode = np.searchsorted(self.starts, indices, side="right") - 1
+        if not len(indices):
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        return np.stack([self.parts[e][i - self.starts[e]] for e, i in zip(episode, indices)])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = np.concatenate(self.parts)
+        return values if dtype is None else values.astype(dtype)
+
+
 @dataclasses.dataclass
 class Transitions:
     """Episodes flattened to ``N`` (observation, action) pairs, with the behaviour policy's token log-probs where
@@ -65,7 +108,8 @@ class Transitions:
     episode's end (or past what the env executed) and masked there."""
 
     observations: dict[str, Any]
-    """Each key the policy reads -> ``(N, ...)`` array; "instruction" -> ``(N,)`` array of str."""
+    """Each key the policy reads -> ``(N, ...)`` array (camera frames: a :class:`StepColumn` over the episodes' own
+    arrays); "instruction" -> ``(N,)`` array of str."""
     actions: np.ndarray
     """(N, action_dim) float32, or (N, chunk_size, action_dim) chunks."""
     task_ids: np.ndarray
@@ -112,7 +156,8 @@ class Transitions:
             masks.append(mask)
             task_ids.append(np.full(num_steps, episode.task_id, dtype=np.int64))
             behaviour.append(log_probs)
-        observations = {key: np.concatenate(values) for key, values in columns.items()}
+        observations = {key: StepColumn(values) if key in CAMERAS else np.concatenate(values)
+                        for key, values in columns.items()}  # fmt: skip
         observations["instruction"] = observations["instruction"].astype(object)
         behaviour_log_probs = np.concatenate(behaviour)
         if np.isnan(behaviour_log_probs).all():

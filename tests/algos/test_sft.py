@@ -15,7 +15,7 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.sft import SFT, Transitions
+from gym_libero_vla.algos.sft import SFT, StepColumn, Transitions
 from gym_libero_vla.episode import Episode
 from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
@@ -215,6 +215,32 @@ def test_learns_from_camera_frames(demos):
     np.testing.assert_array_equal(model.demos.observations["agentview"], frames)  # augmented copies, demos untouched
     with pytest.raises(ValueError, match="built for 32x32"):
         model.predict({"instruction": "open the drawer", "agentview": frames[0, :16], "state": np.zeros(8)})
+
+
+def test_frames_are_flattened_without_a_copy():
+    # Transitions of episodes with frames keep each episode's frame array (a pixel demo set is not held twice) and
+    # gather a batch's steps from them: equal to indexing the concatenation, whatever the index form.
+    rng = np.random.default_rng(0)
+    episodes = [
+        {"instruction": "open the drawer", "agentview": rng.integers(0, 256, (length, 8, 8, 3), dtype=np.uint8),
+         "state": rng.normal(size=(length, 8)), "actions": rng.uniform(-1, 1, (length, 7))}
+        for length in (3, 1, 5)
+    ]  # fmt: skip
+    transitions = Transitions.from_episodes(episodes, ("instruction", "agentview", "state"), action_dim=7)
+    column = transitions.observations["agentview"]
+    assert isinstance(column, StepColumn) and column.shape == (9, 8, 8, 3) and len(transitions) == 9
+    assert all(np.shares_memory(part, episode["agentview"]) for part, episode in zip(column.parts, episodes))
+    flat = np.concatenate([episode["agentview"] for episode in episodes])
+    for indices in ([8, 0, 3, 3, 4], np.arange(9)[::-1], [-1], slice(2, 7), flat[:, 0, 0, 0] > 128, []):
+        np.testing.assert_array_equal(column[indices], flat[indices])
+    np.testing.assert_array_equal(np.asarray(column), flat)
+    obs, actions = transitions.batch(np.array([4, 2]))
+    np.testing.assert_array_equal(obs["agentview"], flat[[4, 2]])
+    assert obs["instruction"] == ("open the drawer",) * 2 and actions.shape == (2, 7)
+    with pytest.raises(IndexError, match="out of range for 9 steps"):
+        column[[9]]
+    with pytest.raises(IndexError, match="boolean mask of a StepColumn has 9 entries"):
+        column[np.ones(4, bool)]
 
 
 def test_random_shift_moves_each_frame_within_its_padding():
