@@ -15,7 +15,7 @@ _EXPORTS = {
     "IReVLA": "irevla", "IReVLAConfig": "irevla",
     "AsyncGRPO": "async_grpo", "AsyncGRPOConfig": "async_grpo",
     "RolloutCheckpointCallback": "callbacks", "LiberoEvalCallback": "callbacks", "LatestCheckpointCallback": "callbacks",
-    "BaseLearner": "base", "latest_checkpoint": "base", "resume_or_create": "base",
+    "BaseLearner": "base", "latest_checkpoint": "base", "resume_or_create": "base", "WeightEMA": "ema",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 

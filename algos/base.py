@@ -11,6 +11,8 @@ a learner adds only its own loop and state. Here :class:`BaseLearner` holds:
 - logging: metrics are named by their final logger keys where they are made (``rollout/success_rate``,
   ``train/pg_loss``), so logging records them as they are (:meth:`BaseLearner._dump_logs`);
 - ``predict``, ``get_env``, ``logger`` / ``set_logger``;
+- a moving average of the weights where the learner keeps one (:class:`~gym_libero_vla.algos.ema.WeightEMA`): in the
+  policy outside ``learn``, for ``predict`` and ``save``; the training weights inside;
 - ``save(path)``: the policy (``save_pretrained``), the learner's own state (:meth:`BaseLearner._save_state`:
   optimizer, RNG, counters) and, written last, ``<config_filename>`` with the hyperparameters: assembled in a
   temporary directory and renamed into place, so a kill leaves the previous checkpoint or the new one, whole;
@@ -20,6 +22,7 @@ a learner adds only its own loop and state. Here :class:`BaseLearner` holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,6 +40,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import Logger, configure
 
+from gym_libero_vla.algos.ema import EMA_FILENAME, WeightEMA
 from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy
 
 
@@ -147,6 +151,8 @@ class BaseLearner:
         self.train_seconds = 0.0
         """Wall seconds spent in ``learn`` over the run, resumes included (saved with the checkpoints)."""
         self.last_metrics: dict[str, float] = {}
+        self.ema: WeightEMA | None = None
+        """A moving average of the weights (a learner's ``ema_decay``): outside ``learn`` the policy holds it."""
         self._logger: Logger | None = None
         self._start_time, self._start_step = time.time(), 0  # of the current learn call, for time/fps
         self._learning_since: float | None = None
@@ -180,6 +186,24 @@ class BaseLearner:
                 f"chunk of {policy.chunk_size}: make the env with action_chunk={policy.execute_steps}"
             )
 
+    def _make_ema(self, decay: float) -> WeightEMA | None:
+        """A :class:`WeightEMA` of the trainable weights (None for ``decay`` 0)."""
+        if not decay:
+            return None
+        return WeightEMA([(name, p) for name, p in self.policy.named_parameters() if p.requires_grad], decay)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Inside, the policy holds the averaged weights (as it does outside ``learn``); a no-op without EMA."""
+        if self.ema is None or self.ema.holds_averaged:
+            yield self.policy
+            return
+        self.ema.put_averaged()
+        try:
+            yield self.policy
+        finally:
+            self.ema.put_training()
+
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         parameters = [p for p in self.policy.parameters() if p.requires_grad]
         if not parameters:
@@ -208,7 +232,8 @@ class BaseLearner:
         single = isinstance(observation.get("instruction"), str)
         was_training = self.policy.training
         self.policy.eval()
-        actions, _, _ = self.policy.act(batch_observation(observation), deterministic=deterministic)
+        with self.averaged_weights():
+            actions, _, _ = self.policy.act(batch_observation(observation), deterministic=deterministic)
         self.policy.train(was_training)
         actions = actions.cpu().numpy()
         return (actions[0] if single else actions), None
@@ -231,6 +256,8 @@ class BaseLearner:
             callback.init_callback(self)
             callback.on_training_start(locals(), globals())
         bar = make_progress_bar(total_timesteps, tb_log_name, initial=self.num_timesteps) if progress_bar else None
+        if self.ema is not None:
+            self.ema.put_training()  # learn trains the training weights; _finish_learn puts the average back
         self._start_time, self._start_step = time.time(), self.num_timesteps
         self._learning_since = time.perf_counter()
         return total_timesteps, callback, bar
@@ -238,6 +265,8 @@ class BaseLearner:
     def _finish_learn(self, callback: BaseCallback | None, bar) -> None:
         self.train_seconds = self._train_seconds_now()
         self._learning_since = None
+        if self.ema is not None:
+            self.ema.put_averaged()
         if bar is not None:
             bar.close()
         if callback is not None:
@@ -281,7 +310,10 @@ class BaseLearner:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
         try:
-            self.policy.save_pretrained(tmp)
+            with self.averaged_weights():  # the policy a checkpoint holds is what is evaluated and deployed
+                self.policy.save_pretrained(tmp)
+            if self.ema is not None:  # the training weights, to continue from
+                torch.save(self.ema.state_dict(), os.path.join(tmp, EMA_FILENAME))
             state = {"num_timesteps": self.num_timesteps, "train_seconds": self._train_seconds_now(), **self._save_state(tmp)}
             with open(os.path.join(tmp, self.config_filename), "w") as file:  # written last: marks it complete
                 json.dump({**self._hyperparameters(), **state}, file, indent=2)
@@ -319,6 +351,12 @@ class BaseLearner:
         model.num_timesteps = int(state.get("num_timesteps", 0))
         model.train_seconds = float(state.get("train_seconds", 0.0))
         model._load_state(path, state)
+        ema_path = os.path.join(path, EMA_FILENAME)
+        if model.ema is not None and os.path.exists(ema_path):
+            model.ema.load_state_dict(torch.load(ema_path, map_location="cpu"))
+        elif os.path.exists(ema_path):
+            warnings.warn(f"{path!r} holds averaged (EMA) weights: without ema_decay, training continues from them, "
+                          "not from its training weights", stacklevel=2)  # fmt: skip
         return model
 
     @classmethod

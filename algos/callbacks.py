@@ -136,11 +136,12 @@ class LiberoEvalCallback(BaseCallback):
         from gym_libero_vla.evaluate import evaluate_policy
 
         self._last_eval_step = self.model.num_timesteps
-        results = evaluate_policy(
-            self.model.policy, self.env_id, self.task_ids, self.init_state_ids, seeds=self.seeds,
-            max_episode_steps=self.max_episode_steps, progress=False, num_envs=self.num_envs, starts=self.starts,
-            vectorization_mode=self.vectorization_mode,
-        )  # fmt: skip
+        with self.model.averaged_weights() as policy:  # a learner's moving average of its weights, where it has one
+            results = evaluate_policy(
+                policy, self.env_id, self.task_ids, self.init_state_ids, seeds=self.seeds,
+                max_episode_steps=self.max_episode_steps, progress=False, num_envs=self.num_envs, starts=self.starts,
+                vectorization_mode=self.vectorization_mode,
+            )  # fmt: skip
         self.last_success_rate = results["success_rate"]
         self.logger.record("eval/success_rate", results["success_rate"])
         for task_id, task in results["per_task"].items():

@@ -290,11 +290,17 @@ class SFTConfig:
     """Image augmentation: each camera frame of a batch is padded by this many pixels (edge pixels repeated) and
     cropped back at a random offset, per sample (DrQ's random shift; pixel BC and OpenVLA-OFT augment likewise).
     0: none."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (0: none; 0.999 averages over about the last
+    1,000 steps, with a warm-up): outside ``learn`` the policy holds the average, which ``predict``, evaluation and
+    ``save`` use; the training weights are saved beside it to continue from (:mod:`gym_libero_vla.algos.ema`)."""
     seed: int | None = None
     """Seeds torch's RNG, the batch order and the augmentation."""
 
     def __post_init__(self):
         check_positive(self, "learning_rate")
+        if not (is_finite(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay {self.ema_decay!r} must be in [0, 1) (0: no moving average)")
         check_ints(self, batch_size=1, log_interval=1, random_shift=0)
         if not (is_finite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay {self.weight_decay!r} must be >= 0")
@@ -329,6 +335,7 @@ class SFT(BaseLearner):
         self.optimizer = torch.optim.AdamW(
             self._trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
+        self.ema = self._make_ema(config.ema_decay)
         self._rng = np.random.default_rng(config.seed)
         if config.seed is not None:
             torch.manual_seed(config.seed)
@@ -350,6 +357,8 @@ class SFT(BaseLearner):
     def train_step(self) -> dict[str, float]:
         """One gradient step on the next batch of demo transitions; its scalars."""
         policy = self.policy
+        if self.ema is not None:
+            self.ema.put_training()
         indices = self._next_indices()
         obs, actions = self.demos.batch(indices)
         if self.config.random_shift:
@@ -367,6 +376,8 @@ class SFT(BaseLearner):
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         self.num_timesteps += 1
         with torch.no_grad():
             predicted = log_probs.argmax(-1)

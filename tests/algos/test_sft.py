@@ -143,6 +143,8 @@ def test_tensorboard_logging(demos, tmp_path):
         (dict(batch_size=2.5), "batch_size 2.5"),
         (dict(max_grad_norm=-1.0), "max_grad_norm -1.0"),
         (dict(log_interval=0), "log_interval 0"),
+        (dict(ema_decay=1.0), r"ema_decay 1.0 must be in \[0, 1\)"),
+        (dict(ema_decay=-0.5), r"ema_decay -0.5 must be in \[0, 1\)"),
     ],
 )
 def test_hyperparameters_are_validated(demos, kwargs, message):
@@ -280,6 +282,60 @@ def test_continue_sft_resumes_its_checkpoint_with_the_same_batches(demos, tmp_pa
         torch.testing.assert_close(a, b)
     again, steps = continue_sft(str(tmp_path / "split"), create, 6, demos=demos)
     assert steps == 0 and again.num_timesteps == 6  # done: nothing trained
+
+
+def test_ema_averages_the_training_weights_and_resumes_exactly(demos, tmp_path):
+    """With ema_decay, outside learn the policy holds the moving average of the weights each step trained (recomputed
+    here from the weights a callback sees, warm-up included); predict and save use it; the checkpoint also holds the
+    training weights, so training on after a save and a load ends exactly where an uninterrupted run does."""
+    from gym_libero_vla.algos.sft import continue_sft
+
+    decay, seen = 0.6, []
+
+    class Record(BaseCallback):
+        def _on_step(self) -> bool:
+            seen.append([p.detach().clone() for p in self.model.policy.parameters()])
+            return True
+
+    def create():
+        return SFT(make_policy(demos), demos=demos, batch_size=8, seed=0, learning_rate=1e-2, ema_decay=decay)
+
+    model = create()
+    start = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(5, callback=Record())
+    expected = start
+    for t, weights in enumerate(seen):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = [d * a + (1 - d) * w for a, w in zip(expected, weights)]
+    assert model.ema.holds_averaged and model.ema.num_updates == 5
+    for averaged, parameter in zip(expected, model.policy.parameters()):
+        torch.testing.assert_close(parameter.detach(), averaged)
+    assert not all(torch.equal(p.detach(), w) for p, w in zip(model.policy.parameters(), seen[-1]))
+    obs = {"instruction": demos[0].observations["instruction"], "state": demos[0].observations["state"][0]}
+    plain = SFT(make_policy(demos), demos=demos)
+    with torch.no_grad():
+        for target, averaged in zip(plain.policy.parameters(), expected):
+            target.copy_(averaged)
+    np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], plain.predict(obs, deterministic=True)[0])
+    with model.averaged_weights() as policy:  # already in place outside learn: nothing changes
+        assert policy is model.policy and model.ema.holds_averaged
+
+    model.save(tmp_path / "ema")
+    from gym_libero_vla.policies import load_policy
+
+    for saved, averaged in zip(load_policy(tmp_path / "ema").parameters(), expected):
+        torch.testing.assert_close(saved.detach(), averaged)  # the checkpoint's policy is the average
+    # Split at 3 steps with a save and load in between = straight to 6 steps: training and averaged weights.
+    straight, _ = continue_sft(str(tmp_path / "straight"), create, 6, save_every=100)
+    continue_sft(str(tmp_path / "split"), create, 3, save_every=100)
+    resumed, steps = continue_sft(str(tmp_path / "split"), create, 6, save_every=100, demos=demos)
+    assert steps == 3 and resumed.config.ema_decay == decay and resumed.ema.num_updates == 6
+    for a, b in zip(straight.policy.parameters(), resumed.policy.parameters()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(straight.ema.training_weights(), resumed.ema.training_weights()):
+        torch.testing.assert_close(a, b)
+    with pytest.warns(UserWarning, match="holds averaged"):
+        SFT.load(tmp_path / "split", demos=demos, ema_decay=0.0)
 
 
 def test_latest_checkpoint_callback_saves_every_n_steps(demos, tmp_path):
