@@ -77,7 +77,7 @@ class WeightEMA:
     def state_dict(self) -> dict[str, Any]:
         """The update count and the training weights (the averaged ones are the policy a checkpoint saves)."""
         weights = self.training_weights()
-        return {"num_updates": self.num_updates, "decay": self.decay,
+        return {"num_updates": self.num_updates,
                 "training_weights": {name: weight.cpu().clone() for name, weight in zip(self.names, weights)}}  # fmt: skip
 
     @torch.no_grad()

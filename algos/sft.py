@@ -88,12 +88,12 @@ class StepColumn:
         indices = np.flatnonzero(indices) if indices.dtype == bool else indices.astype(np.int64)
         if indices.ndim != 1:
             raise IndexError(f"a StepColumn is indexed by a 1-D array of steps or a slice: got shape {indices.shape}")
-        if len(indices) and (indices.min() < -len(self) or indices.max() >= len(self)):
-            raise IndexError(f"step index out of range for {len(self)} steps")
-        indices = indices % max(len(self), 1)
-        episode = np.searchsorted(self.starts, indices, side="right") - 1
         if not len(indices):
             return np.empty((0, *self.shape[1:]), self.dtype)
+        if indices.min() < -len(self) or indices.max() >= len(self):
+            raise IndexError(f"step index out of range for {len(self)} steps")
+        indices = indices % len(self)
+        episode = np.searchsorted(self.starts, indices, side="right") - 1
         return np.stack([self.parts[e][i - self.starts[e]] for e, i in zip(episode, indices)])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
