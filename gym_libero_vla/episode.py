@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 
 SOURCES = ("online", "offline", "relabelled")
+SAMPLED_INIT_STATE = -2
+"""``Episode.init_state_id`` of an episode that started from a newly sampled layout
+(:meth:`~gym_libero_vla.libero_env.LiberoEnv.sample_init_state`), not from one of the suite's stored init states."""
 
 
 @dataclasses.dataclass
@@ -42,7 +45,8 @@ class Episode:
     task_id: int
     """Task index in its suite, or -1 when unknown."""
     init_state_id: int = -1
-    """Index of the suite's init state the episode started from, or -1 when unknown."""
+    """Index of the suite's init state the episode started from, -1 when unknown, or :data:`SAMPLED_INIT_STATE` for a
+    start drawn anew by LIBERO's placement sampler (none of the suite's stored states)."""
     policy_version: int = 0
     """The learner update that produced a rollout (0 for demos)."""
     source: str = "online"

@@ -246,6 +246,22 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
     def num_init_states(self, task_id: int) -> int:
         return len(task_init_states(self.suite, task_id))
 
+    def sample_init_state(self, task_id: int, seed: int) -> np.ndarray:
+        """A new start of task ``task_id``: the flattened MuJoCo state after LIBERO's own reset, which places every
+        object by the task's placement sampler (the regions of its BDDL file), as LIBERO drew the suite's stored init
+        states. The same ``seed`` gives the same state; it is none of the stored ones. Start an episode from it with
+        ``reset(options={"task_id": task_id, "init_state": state})`` (objects settle there); whether the BDDL premises
+        hold after settling is :func:`gym_libero_vla.fidelity.init_predicates`' to check. The env's current episode
+        (if of the same task) ends: reset before stepping again."""
+        if not (isinstance(task_id, (int, np.integer)) and int(task_id) in self.task_ids):
+            raise ValueError(f"unknown task_id {task_id!r} for {self.suite_spec.env_id}: valid {self._task_id_choices()}")
+        sim = self._simulator(int(task_id))
+        if sim is self._sim:
+            self._sim = None  # its episode's state is gone
+        with _global_numpy_seed(int(seed)):  # the samplers draw from the global numpy RNG
+            sim.reset()
+        return np.array(sim.get_sim_state(), dtype=np.float64)
+
     def _simulator(self, task_id: int):
         if task_id in self._simulators:
             self._simulators.move_to_end(task_id)

@@ -41,10 +41,12 @@ from typing import Literal
 import numpy as np
 
 from gym_libero_vla.demos.libero_hdf5 import IMAGE_KEYS, LiberoHDF5, replay
+from gym_libero_vla.episode import SAMPLED_INIT_STATE
 from gym_libero_vla.run_lock import exclusive
 
 PARTS_SUFFIX = ".parts"
 FORMAT_VERSION = 1
+MAX_ATTEMPTS_PER_EPISODE = 10
 
 
 @dataclasses.dataclass
@@ -62,7 +64,13 @@ class GenerateArgs:
     init_state_start: int = 0
     """First init state index to try."""
     init_state_end: int | None = None
-    """One past the last init state index to try (default: all of the task's init states)."""
+    """One past the last init state index to try (default: all of the task's init states; with ``--init-states
+    sampled``, as many as it takes, up to 10 attempts per wanted episode)."""
+    init_states: Literal["suite", "sampled"] = "suite"
+    """"suite": start from the suite's stored init states (LIBERO's 50 per task; evaluations hold some out).
+    "sampled": start from new layouts drawn by LIBERO's own placement sampler, one per index from the episode seed
+    (redrawn until the task's BDDL premises hold after settling): more demos than the suite has starts, none of them
+    an evaluation start. Their demos record ``init_state_id`` -2 (:data:`~gym_libero_vla.episode.SAMPLED_INIT_STATE`)."""
     obs_mode: Literal["state", "rgb+state"] = "state"
     """"state" stores proprio only (fast); "rgb+state" also stores agentview and wrist frames."""
     image_size: int = 128
@@ -113,13 +121,44 @@ def episode_seed(seed: int, task_id: int, init_state_id: int) -> int:
     return int(seed) * 1_000_003 + task_id * 1000 + init_state_id
 
 
+MAX_LAYOUT_DRAWS = 20
+
+
+def sampled_init_state(env, task_id: int, seed: int) -> np.ndarray:
+    """A new start of ``task_id`` for episode seed ``seed``: LIBERO's placement sampler's layout
+    (:meth:`~gym_libero_vla.libero_env.LiberoEnv.sample_init_state`), redrawn while a premise of the task's BDDL
+    ``:init`` (a bowl on the ramekin, a closed drawer) does not hold after the reset's settle steps. Deterministic in
+    ``seed``; leaves ``env`` reset to that start."""
+    from gym_libero_vla.fidelity import init_predicates
+
+    for draw in range(MAX_LAYOUT_DRAWS):
+        layout_seed = int(np.random.SeedSequence([seed, draw]).generate_state(1)[0])
+        state = env.unwrapped.sample_init_state(task_id, layout_seed)
+        env.reset(seed=seed, options={"task_id": task_id, "init_state": state})
+        if all(check.holds for check in init_predicates(env) if check.is_premise):
+            return state
+    raise RuntimeError(
+        f"{MAX_LAYOUT_DRAWS} layouts of task {task_id} drawn for seed {seed} all broke a premise of its BDDL :init; "
+        "check the scene with benchmarks/init_state_fidelity.py"
+    )
+
+
 def rollout_expert(
-    env, expert, task_id: int, init_state_id: int, seed: int, perturb_scale: float = 0.0, perturb_correlation: float = 0.9
+    env,
+    expert,
+    task_id: int,
+    init_state_id: int,
+    seed: int,
+    perturb_scale: float = 0.0,
+    perturb_correlation: float = 0.9,
+    init_state: np.ndarray | None = None,
 ) -> dict:
-    """One expert episode; returns its arrays in the official layout and ``success`` from the env. With
+    """One expert episode; returns its arrays in the official layout and ``success`` from the env. It starts from
+    the suite's init state ``init_state_id``, or from ``init_state`` (a flattened MuJoCo state) when given. With
     ``perturb_scale`` the env executes the expert's actions plus AR(1) noise on the translation (DART) while
     ``actions`` records the clean ones; the executed ones go to ``replay/executed_actions``."""
-    obs, _ = env.reset(seed=seed, options={"task_id": task_id, "init_state_id": init_state_id})
+    start = {"init_state_id": init_state_id} if init_state is None else {"init_state": init_state}
+    obs, _ = env.reset(seed=seed, options={"task_id": task_id, **start})
     perturb_rng = np.random.default_rng([seed, 1])  # apart from the expert's own noise stream
     push = np.zeros(3)
     expert.reset()
@@ -230,7 +269,8 @@ def _check_config(parts_dir: str, config: dict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
-        changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+        # A setting at its default is left out of the config (older sidecars lack it): absent on both sides is equal.
+        changed = {k: (previous.get(k), config.get(k)) for k in {**previous, **config} if previous.get(k) != config.get(k)}
         if changed:
             raise ValueError(
                 f"{parts_dir!r} holds episodes generated with different settings {changed} (old, new): "
@@ -293,7 +333,8 @@ def assemble_hdf5(out: str, parts_dir: str) -> int:
                 demo.attrs["init_state"] = states[0]
                 total += len(arrays["actions"])
             demo.attrs["task_id"] = task_id
-            demo.attrs["init_state_id"] = init_state_id
+            # A sampled layout's index is not the suite's init state of that index.
+            demo.attrs["init_state_id"] = SAMPLED_INIT_STATE if config.get("init_states") == "sampled" else init_state_id
             demo.attrs["seed"] = meta_by_key[(task_id, init_state_id)]["seed"]
             demo.attrs["task_name"] = tasks[task_id].name
             demo.attrs["language_instruction"] = tasks[task_id].instruction
@@ -322,6 +363,8 @@ def generate(args: GenerateArgs) -> dict:
         raise ValueError(f"perturb_correlation {args.perturb_correlation} must be in [0, 1)")
     if not (isinstance(args.workers, int) and args.workers >= 1):
         raise ValueError(f"workers {args.workers!r} must be an int >= 1")
+    if args.init_states not in ("suite", "sampled"):
+        raise ValueError(f"unknown init_states {args.init_states!r}: valid 'suite' (the stored starts) or 'sampled'")
     tasks = suites.suite_tasks(spec.libero_name)
     task_ids = tuple(range(len(tasks))) if args.task_ids is None else tuple(args.task_ids)
     bad = [t for t in task_ids if not 0 <= t < len(tasks)]
@@ -348,6 +391,8 @@ def generate(args: GenerateArgs) -> dict:
             config["object_state"] = True
         if args.max_episode_steps is not None:  # likewise
             config["max_episode_steps"] = args.max_episode_steps
+        if args.init_states != "suite":  # likewise
+            config["init_states"] = args.init_states
         if args.perturb_scale:  # likewise
             config["perturb_scale"] = args.perturb_scale
             config["perturb_correlation"] = args.perturb_correlation
@@ -509,8 +554,12 @@ def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts
     )
     try:
         for task_id in task_ids:
-            end = suites.task_init_states(spec.libero_name, task_id).shape[0]
-            end = end if args.init_state_end is None else min(end, args.init_state_end)
+            if args.init_states == "sampled":  # any number of new layouts
+                end = args.init_state_start + MAX_ATTEMPTS_PER_EPISODE * args.episodes_per_task
+                end = end if args.init_state_end is None else args.init_state_end
+            else:
+                end = suites.task_init_states(spec.libero_name, task_id).shape[0]
+                end = end if args.init_state_end is None else min(end, args.init_state_end)
             for init_state_id in range(args.init_state_start, end):
                 if have[task_id] >= args.episodes_per_task:
                     break
@@ -520,8 +569,9 @@ def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts
                 seed = episode_seed(args.seed, task_id, init_state_id)
                 expert.rng = np.random.default_rng(seed)
                 start = time.perf_counter()
+                init_state = sampled_init_state(env, task_id, seed) if args.init_states == "sampled" else None
                 episode = rollout_expert(
-                    env, expert, task_id, init_state_id, seed, args.perturb_scale, args.perturb_correlation
+                    env, expert, task_id, init_state_id, seed, args.perturb_scale, args.perturb_correlation, init_state
                 )
                 meta = {
                     "task_id": task_id,
