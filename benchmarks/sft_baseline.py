@@ -136,11 +136,6 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
         raise ValueError("seeds is empty: give at least one evaluation seed")
     if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, SFT.config_filename)):
         raise ValueError(f"init_from {args.init_from!r} is not an SFT checkpoint directory (no {SFT.config_filename} in it)")
-    for path in args.extra_demos:  # extra files are never generated here: they carry settings of their own
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"extra_demos {path!r} does not exist: generate it first (python -m gym_libero_vla.demos generate ...)"
-            )
     tasks = suites.suite_tasks(suite.libero_name)
     task_ids = tuple(range(len(tasks))) if args.task_ids is None else tuple(args.task_ids)
     for task_id in task_ids or (None,):
@@ -256,13 +251,13 @@ def main(args: Args) -> dict:
     )
     output_dir = args.output_dir or os.path.join("runs", "sft_baseline", f"{short_name}_{mode}")
     json_out = args.json_out or os.path.join("benchmarks", "results", f"sft_baseline_{short_name}_{mode}.json")
-    os.makedirs(output_dir, exist_ok=True)
     instructions = {task.task_id: task.instruction for task in suites.suite_tasks(suite.libero_name)}
 
     # 1. Demos (generated when missing) and whether the evaluation init states are held out from them.
-    episodes, generated = prepare_demos(demo_args(args, task_ids, demos_path), filter_noops=args.filter_noops)
-    for path in args.extra_demos:
-        episodes += prepare_demos(demo_args(args, task_ids, path), filter_noops=args.filter_noops)[0]
+    episodes, generated = prepare_demos(
+        demo_args(args, task_ids, demos_path), filter_noops=args.filter_noops, extra_files=args.extra_demos
+    )
+    os.makedirs(output_dir, exist_ok=True)
     held_out, note = held_out_note(episodes, task_ids, init_state_ids)
     if not held_out:
         banner = "=" * 100

@@ -142,6 +142,10 @@ class Args:
     demos: str | None = None
     """Demo HDF5 file (default data/<suite>_state.hdf5, or data/<suite>_rgb<image_size>.hdf5; shared with
     sft_baseline.py), generated with the scripted expert when missing."""
+    extra_demos: tuple[str, ...] = ()
+    """More demo files whose episodes join --demos' for SFT, the offline terms, the rescues and iRe-VLA's SL stages
+    (they must exist, with the same tasks and frames): e.g. new layouts, ``python -m gym_libero_vla.demos generate
+    --init-states sampled --out data/spatial_rgb128_sampled.hdf5``."""
     episodes_per_task: int = 20
     """Successful demos per task to generate (only when the demo file is missing)."""
     demo_init_state_end: int = 20
@@ -621,7 +625,8 @@ def markdown(report: dict) -> str:
     made = f"generated in {demos['seconds']:.0f} s" if demos["generated_this_run"] else "reused"
     lines += [
         "",
-        f"- demos: {demos['path']} ({made}), {demos['num_demos']} demos, {demos['num_transitions']} transitions",
+        f"- demos: {' + '.join([demos['path'], *demos.get('extra_paths', [])])} ({made}), {demos['num_demos']} demos, "
+        f"{demos['num_transitions']} transitions",
         f"- machine: {machine['cpu_count']} CPUs, {machine['cpu_model']}, MuJoCo {machine.get('mujoco')}, torch "
         f"{machine['torch']} on {machine['torch_threads']} thread(s), load average {machine['load_average_1min_at_end']}",
         f"- command: `{report['command']}`",
@@ -785,7 +790,6 @@ def main(args: Args) -> dict:
     max_episode_steps = args.max_episode_steps or suite.max_episode_steps
     if args.report_only and not os.path.exists(demos_path):
         raise ValueError(f"report_only: no demos at {demos_path}, so no run can have finished: run without it first")
-    os.makedirs(output_dir, exist_ok=True)
 
     # 1. Demos (generated when missing), shared by SFT, the offline terms, the rescues and iRe-VLA's SL stages.
     generate = GenerateArgs(
@@ -794,13 +798,15 @@ def main(args: Args) -> dict:
         object_state=args.object_state, seed=args.seeds[0], progress=args.progress,
     )  # fmt: skip
     clock = time.perf_counter()
-    episodes, generated = prepare_demos(generate, filter_noops=args.filter_noops)
+    episodes, generated = prepare_demos(generate, filter_noops=args.filter_noops, extra_files=args.extra_demos)
+    os.makedirs(output_dir, exist_ok=True)
     held_out, note = held_out_note(episodes, task_ids, init_state_ids)
     if not held_out:
         print(f"WARNING: the evaluation is {note.replace('not held out', 'NOT HELD OUT', 1)}", file=sys.stderr, flush=True)
         warnings.warn(f"evaluation {note}: success there overstates generalization to new init states", stacklevel=2)
     demos = {
-        "path": demos_path, "generated_this_run": generated, "seconds": time.perf_counter() - clock,
+        "path": demos_path, "extra_paths": list(args.extra_demos),
+        "generated_this_run": generated, "seconds": time.perf_counter() - clock,
         "num_demos": len(episodes), "num_transitions": int(sum(len(episode) for episode in episodes)),
         "held_out": held_out, "held_out_note": note,
     }  # fmt: skip

@@ -409,14 +409,18 @@ def generate(args: GenerateArgs) -> dict:
         return counts
 
 
-def prepare_demos(args: GenerateArgs, filter_noops: bool = True) -> tuple[list, bool]:
+def prepare_demos(args: GenerateArgs, filter_noops: bool = True, extra_files: tuple[str, ...] = ()) -> tuple[list, bool]:
     """The successful demos of ``args.task_ids`` in ``args.out``, generated first when the file is missing (a process
-    wanting a file another is generating waits for it and loads the result). Returns ``(episodes, generated)``;
-    a file that lacks a task, the object poses or the frames ``args`` asks for is refused, naming the difference.
-    No-op steps are dropped (OpenVLA's processed data) unless ``filter_noops`` is False."""
-    from gym_libero_vla import suites
-    from gym_libero_vla.demos.libero_hdf5 import load_episodes
-
+    wanting a file another is generating waits for it and loads the result), followed by those of ``extra_files``
+    (demo files made by other settings -- DART, sampled layouts -- which must exist: they are never generated here).
+    Returns ``(episodes, generated)``; a file that lacks a task, the object poses or the frames ``args`` asks for is
+    refused, naming the difference. No-op steps are dropped (OpenVLA's processed data) unless ``filter_noops`` is
+    False."""
+    for path in extra_files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"extra demo file {path!r} does not exist: generate it first (python -m gym_libero_vla.demos generate ...)"
+            )
     path = args.out
     with exclusive(os.path.abspath(path) + ".lock", f"demos {path}"):
         generated = not os.path.exists(path)
@@ -424,8 +428,24 @@ def prepare_demos(args: GenerateArgs, filter_noops: bool = True) -> tuple[list, 
             resuming = f" (resuming {path}{PARTS_SUFFIX})" if os.path.isdir(path + PARTS_SUFFIX) else ""
             print(f"{path} not found: generating it with the scripted expert{resuming}", flush=True)
             print(f"demos: {generate(args)}", flush=True)
-    episodes = load_episodes(path, filter_noops=filter_noops, load_images=args.obs_mode == "rgb+state")
+    episodes = []
+    for path in (args.out, *extra_files):
+        episodes += _load_checked(path, args, filter_noops)
+    return episodes, generated
+
+
+def _load_checked(path: str, args: GenerateArgs, filter_noops: bool) -> list:
+    """The demos of ``args.task_ids`` in ``path``, refused (naming the difference) when the file lacks a task, the
+    object poses or the frames ``args`` asks for."""
+    from gym_libero_vla import suites
+    from gym_libero_vla.demos.libero_hdf5 import load_episodes
+
     spec = suites.resolve_suite(args.suite)
+    with LiberoHDF5(path, load_images=False) as demos:
+        recorded = demos.env_args.get("suite")  # official files do not name it
+    if recorded is not None and suites.resolve_suite(recorded).libero_name != spec.libero_name:
+        raise ValueError(f"{path} holds {recorded} demos, not {spec.libero_name}: give demos of the suite you train on")
+    episodes = load_episodes(path, filter_noops=filter_noops, load_images=args.obs_mode == "rgb+state")
     task_ids = args.task_ids if args.task_ids is not None else tuple(range(len(suites.suite_tasks(spec.libero_name))))
     present = sorted({episode.task_id for episode in episodes})
     missing = [task_id for task_id in task_ids if task_id not in present]
@@ -447,7 +467,7 @@ def prepare_demos(args: GenerateArgs, filter_noops: bool = True) -> tuple[list, 
         size = observations["agentview"].shape[1]
         if size != args.image_size:
             raise ValueError(f"{path} holds {size} px frames, not {args.image_size} px: ask for {size} or give other demos")
-    return episodes, generated
+    return episodes
 
 
 def _roll_out_in_workers(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts_dir: str, done: dict) -> dict:

@@ -119,7 +119,7 @@ def test_bad_input_names_the_valid_choices(tmp_path):
         main(tiny_args(tmp_path, eval_init_state_start=58))
     with pytest.raises(ValueError, match="is not an SFT checkpoint directory"):
         main(tiny_args(tmp_path, init_from=str(tmp_path)))
-    with pytest.raises(FileNotFoundError, match="extra_demos '.*nope.hdf5' does not exist: generate it first"):
+    with pytest.raises(FileNotFoundError, match="extra demo file '.*nope.hdf5' does not exist: generate it first"):
         main(tiny_args(tmp_path, extra_demos=(str(tmp_path / "nope.hdf5"),)))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
 

@@ -187,6 +187,8 @@ def test_bad_input_names_the_valid_choices(tmp_path):
     ).save_pretrained(state_policy)
     with pytest.raises(ValueError, match=r"reads cameras \(\), but --obs-mode rgb\+state means \('agentview',\)"):
         main(tiny_args(tmp_path, obs_mode="rgb+state", image_size=32, sft_checkpoint=str(state_policy)))
+    with pytest.raises(FileNotFoundError, match="extra demo file '.*nope.hdf5' does not exist: generate it first"):
+        main(tiny_args(tmp_path, extra_demos=(str(tmp_path / "nope.hdf5"),)))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
 
 

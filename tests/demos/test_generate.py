@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 import gym_libero_vla  # noqa: F401
 from gym_libero_vla.demos import LiberoHDF5, replay_success
-from gym_libero_vla.demos.generate import GenerateArgs, ReplayArgs, generate, replay_file
+from gym_libero_vla.demos.generate import GenerateArgs, ReplayArgs, generate, prepare_demos, replay_file
 from gym_libero_vla.run_lock import exclusive
 
 
@@ -364,6 +365,18 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
     assert not held_out_note(suite_episodes, (0,), range(50))[0]
     with h5py.File(out, "r") as f:
         assert json.loads(f["data"].attrs["generator_config"])["init_states"] == "sampled"
+    # Training joins them to the suite-state demos; a file of another suite is refused, a missing one named.
+    suite_args = GenerateArgs(suite="spatial", out=str(spatial_demo_file), task_ids=(0,), progress=False)
+    joined, generated = prepare_demos(suite_args, extra_files=(str(out),))
+    assert not generated and sorted(episode.init_state_id for episode in joined) == [SAMPLED_INIT_STATE] * 2 + [0, 1]
+    mislabelled = tmp_path / "object.hdf5"
+    shutil.copy(out, mislabelled)
+    with h5py.File(mislabelled, "r+") as f:
+        f["data"].attrs["env_args"] = json.dumps({**json.loads(f["data"].attrs["env_args"]), "suite": "libero_object"})
+    with pytest.raises(ValueError, match="object.hdf5 holds libero_object demos, not libero_spatial"):
+        prepare_demos(suite_args, extra_files=(str(mislabelled),))
+    with pytest.raises(FileNotFoundError, match="extra demo file '.*nope.hdf5' does not exist"):
+        prepare_demos(suite_args, extra_files=(str(tmp_path / "nope.hdf5"),))
     with pytest.raises(ValueError, match="different settings.*init_states"):
         generate(dataclasses.replace(args, init_states="suite"))
     with pytest.raises(ValueError, match="unknown init_states 'random'.*'suite'.*'sampled'"):
