@@ -46,7 +46,8 @@ from gym_libero_vla.run_lock import exclusive
 
 PARTS_SUFFIX = ".parts"
 FORMAT_VERSION = 1
-MAX_ATTEMPTS_PER_EPISODE = 10
+MAX_ATTEMPTS_PER_EPISODE = 10  # sampled layouts tried per wanted demo before a task gives up
+MAX_LAYOUT_DRAWS = 20  # draws of one sampled layout while a premise of the BDDL :init fails
 
 
 @dataclasses.dataclass
@@ -119,9 +120,6 @@ class ReplayArgs:
 # ---------------------------------------------------------------------------------------------- rollout
 def episode_seed(seed: int, task_id: int, init_state_id: int) -> int:
     return int(seed) * 1_000_003 + task_id * 1000 + init_state_id
-
-
-MAX_LAYOUT_DRAWS = 20
 
 
 def sampled_init_state(env, task_id: int, seed: int) -> np.ndarray:
