@@ -29,7 +29,8 @@ import numpy as np
 from gymnasium import spaces
 
 from gym_libero_vla import rendering
-from gym_libero_vla.fidelity import check_mujoco_version
+from gym_libero_vla.episode import SAMPLED_INIT_STATE
+from gym_libero_vla.fidelity import check_mujoco_version, init_predicates
 from gym_libero_vla.instruction_space import InstructionText
 from gym_libero_vla.suites import libero_modules, quiet, resolve_suite, suite_tasks, task_init_states
 from gym_libero_vla.wrappers.openvla_gripper import check_gripper_convention, openvla_gripper_to_libero
@@ -47,7 +48,8 @@ OBJECT_STATE_BOUND = np.float32(10.0)
 OBJECT_STATE_PER_OBJECT = 14  # LIBERO's object-state: position, quaternion, both relative to the gripper too.
 NUM_SETTLE_STEPS = 10  # OpenVLA's LIBERO evaluation waits 10 steps for objects to settle.
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # no motion, gripper open.
-RESET_OPTIONS = ("task_id", "init_state_id", "init_state")
+RESET_OPTIONS = ("task_id", "init_state_id", "init_state", "layout_seed")
+MAX_LAYOUT_DRAWS = 20  # draws of a new layout (reset option "layout_seed") while a premise of the BDDL :init fails
 
 
 def _quat2axisangle(quat: np.ndarray) -> np.ndarray:
@@ -125,7 +127,11 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
     (seed // len(task_ids)) % num_init_states``, so a vector env seeded with consecutive seeds spreads
     its workers over consecutive tasks; with neither, both are drawn from ``np_random``. Passing
     ``options={"task_id": i, "init_state": state}`` starts from an arbitrary flattened MuJoCo state
-    (demo replay); ``info["init_state_id"]`` is then -1.
+    (demo replay); ``info["init_state_id"]`` is then -1. ``options={"task_id": i, "layout_seed": k}`` starts from a
+    new layout, none of the suite's stored ones: LIBERO's placement sampler draws it from ``k``
+    (:meth:`sample_init_state`), redrawn while a premise of the task's BDDL ``:init`` fails after the settle steps
+    (a bowl that must rest on the ramekin); the same ``k`` and seed give the same scene, and
+    ``info["init_state_id"]`` is ``SAMPLED_INIT_STATE`` (-2).
 
     Actions outside [-1, 1] are clipped (LIBERO's OSC controller scales that range); an action of the
     wrong shape or with NaN/inf raises ``ValueError``.
@@ -309,9 +315,16 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             raise ValueError(f"unknown task_id {task_id!r} for {self.suite_spec.env_id}: valid {self._task_id_choices()}")
         task_id = int(task_id)
 
-        if options.get("init_state") is not None:
-            if options.get("init_state_id") is not None:
-                raise ValueError("reset options 'init_state' and 'init_state_id' are exclusive: give one")
+        given = [key for key in ("init_state_id", "init_state", "layout_seed") if options.get(key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"reset options {given} are exclusive: give one of 'init_state_id', 'init_state', 'layout_seed'")
+        init_state = None
+        if options.get("layout_seed") is not None:
+            layout_seed = options["layout_seed"]
+            if not (isinstance(layout_seed, (int, np.integer)) and layout_seed >= 0):
+                raise ValueError(f"layout_seed {layout_seed!r} must be an int >= 0")
+            init_state_id = SAMPLED_INIT_STATE
+        elif options.get("init_state") is not None:
             init_state = np.asarray(options["init_state"], dtype=np.float64)
             init_state_id = -1
         else:
@@ -332,12 +345,24 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
 
         sim = self._simulator(task_id)
         expected = sim.get_sim_state().shape
-        if init_state.shape != expected:
+        if init_state is not None and init_state.shape != expected:
             raise ValueError(f"init_state has shape {init_state.shape}, task {task_id} needs {expected}")
         # LIBERO's reset re-samples fixture placements (cabinets, stoves move by ~1 cm) from the global
         # numpy RNG, and init states do not store them: draw them from this env's RNG instead, so that a
         # seed fixes the whole scene, and leave the caller's global RNG as it was.
-        with _global_numpy_seed(int(self.np_random.integers(2**31))):
+        fixture_seed = int(self.np_random.integers(2**31))
+        self._task, self._init_state_id = self.tasks[task_id], init_state_id
+        if init_state is not None:
+            raw_obs = self._start(sim, init_state, fixture_seed)
+        else:
+            raw_obs = self._start_new_layout(sim, task_id, int(options["layout_seed"]), fixture_seed)
+        self._env_steps = 0
+        return self._observation(raw_obs), self._info(success=False)
+
+    def _start(self, sim, init_state: np.ndarray, fixture_seed: int):
+        """Reset ``sim`` (fixtures placed from ``fixture_seed``) to ``init_state``, run the settle steps; the raw
+        observation after them. ``sim`` becomes the current episode's simulator."""
+        with _global_numpy_seed(fixture_seed):
             sim.reset()
         # A soft reset keeps the Panda gripper's integrated command from the last episode; a hard reset
         # (LIBERO's default) starts it at zero. Match the hard reset so episodes do not leak into each other.
@@ -352,9 +377,20 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         # started with num_settle_steps=0 (demo replay) diverges from the recording at its first step.
         for robot in sim.robots:
             robot.controller.new_update = True
-        self._sim, self._task, self._init_state_id = sim, self.tasks[task_id], init_state_id
-        self._env_steps = 0
-        return self._observation(raw_obs), self._info(success=False)
+        self._sim = sim
+        return raw_obs
+
+    def _start_new_layout(self, sim, task_id: int, layout_seed: int, fixture_seed: int):
+        """:meth:`_start` from a layout drawn from ``layout_seed`` (and redrawn while a premise fails)."""
+        for draw in range(MAX_LAYOUT_DRAWS):
+            draw_seed = int(np.random.SeedSequence([layout_seed, draw]).generate_state(1)[0])
+            raw_obs = self._start(sim, self.sample_init_state(task_id, draw_seed), fixture_seed)
+            if all(check.holds for check in init_predicates(self) if check.is_premise):
+                return raw_obs
+        raise RuntimeError(
+            f"{MAX_LAYOUT_DRAWS} layouts of task {task_id} drawn from layout_seed {layout_seed} all broke a premise of "
+            "its BDDL :init: check the scene with benchmarks/init_state_fidelity.py"
+        )
 
     def step(self, action):
         if self._sim is None:

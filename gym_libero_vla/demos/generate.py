@@ -47,7 +47,6 @@ from gym_libero_vla.run_lock import exclusive
 PARTS_SUFFIX = ".parts"
 FORMAT_VERSION = 1
 MAX_ATTEMPTS_PER_EPISODE = 10  # sampled layouts tried per wanted demo before a task gives up
-MAX_LAYOUT_DRAWS = 20  # draws of one sampled layout while a premise of the BDDL :init fails
 
 
 @dataclasses.dataclass
@@ -70,8 +69,9 @@ class GenerateArgs:
     init_states: Literal["suite", "sampled"] = "suite"
     """"suite": start from the suite's stored init states (LIBERO's 50 per task; evaluations hold some out).
     "sampled": start from new layouts drawn by LIBERO's own placement sampler, one per index from the episode seed
-    (redrawn until the task's BDDL premises hold after settling): more demos than the suite has starts, none of them
-    an evaluation start. Their demos record ``init_state_id`` -2 (:data:`~gym_libero_vla.episode.SAMPLED_INIT_STATE`)."""
+    (reset option ``layout_seed``; redrawn until the task's BDDL premises hold after settling): more demos than the
+    suite has starts, none of them an evaluation start. Their demos record ``init_state_id`` -2
+    (:data:`~gym_libero_vla.episode.SAMPLED_INIT_STATE`)."""
     obs_mode: Literal["state", "rgb+state"] = "state"
     """"state" stores proprio only (fast); "rgb+state" also stores agentview and wrist frames."""
     image_size: int = 128
@@ -122,25 +122,6 @@ def episode_seed(seed: int, task_id: int, init_state_id: int) -> int:
     return int(seed) * 1_000_003 + task_id * 1000 + init_state_id
 
 
-def sampled_init_state(env, task_id: int, seed: int) -> np.ndarray:
-    """A new start of ``task_id`` for episode seed ``seed``: LIBERO's placement sampler's layout
-    (:meth:`~gym_libero_vla.libero_env.LiberoEnv.sample_init_state`), redrawn while a premise of the task's BDDL
-    ``:init`` (a bowl on the ramekin, a closed drawer) does not hold after the reset's settle steps. Deterministic in
-    ``seed``; leaves ``env`` reset to that start."""
-    from gym_libero_vla.fidelity import init_predicates
-
-    for draw in range(MAX_LAYOUT_DRAWS):
-        layout_seed = int(np.random.SeedSequence([seed, draw]).generate_state(1)[0])
-        state = env.unwrapped.sample_init_state(task_id, layout_seed)
-        env.reset(seed=seed, options={"task_id": task_id, "init_state": state})
-        if all(check.holds for check in init_predicates(env) if check.is_premise):
-            return state
-    raise RuntimeError(
-        f"{MAX_LAYOUT_DRAWS} layouts of task {task_id} drawn for seed {seed} all broke a premise of its BDDL :init; "
-        "check the scene with benchmarks/init_state_fidelity.py"
-    )
-
-
 def rollout_expert(
     env,
     expert,
@@ -149,13 +130,13 @@ def rollout_expert(
     seed: int,
     perturb_scale: float = 0.0,
     perturb_correlation: float = 0.9,
-    init_state: np.ndarray | None = None,
+    layout_seed: int | None = None,
 ) -> dict:
     """One expert episode; returns its arrays in the official layout and ``success`` from the env. It starts from
-    the suite's init state ``init_state_id``, or from ``init_state`` (a flattened MuJoCo state) when given. With
+    the suite's init state ``init_state_id``, or from the new layout of ``layout_seed`` when given. With
     ``perturb_scale`` the env executes the expert's actions plus AR(1) noise on the translation (DART) while
     ``actions`` records the clean ones; the executed ones go to ``replay/executed_actions``."""
-    start = {"init_state_id": init_state_id} if init_state is None else {"init_state": init_state}
+    start = {"init_state_id": init_state_id} if layout_seed is None else {"layout_seed": layout_seed}
     obs, _ = env.reset(seed=seed, options={"task_id": task_id, **start})
     perturb_rng = np.random.default_rng([seed, 1])  # apart from the expert's own noise stream
     push = np.zeros(3)
@@ -587,9 +568,9 @@ def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts
                 seed = episode_seed(args.seed, task_id, init_state_id)
                 expert.rng = np.random.default_rng(seed)
                 start = time.perf_counter()
-                init_state = sampled_init_state(env, task_id, seed) if args.init_states == "sampled" else None
+                layout_seed = seed if args.init_states == "sampled" else None  # a new layout per index
                 episode = rollout_expert(
-                    env, expert, task_id, init_state_id, seed, args.perturb_scale, args.perturb_correlation, init_state
+                    env, expert, task_id, init_state_id, seed, args.perturb_scale, args.perturb_correlation, layout_seed
                 )
                 meta = {
                     "task_id": task_id,

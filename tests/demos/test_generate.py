@@ -326,7 +326,6 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
     """--init-states sampled: each index is a new layout from LIBERO's placement sampler (deterministic in the seed,
     none of the suite's stored starts, premises holding), the expert solves it, replay retraces it, and a benchmark
     counts its demos as held out from any evaluation start."""
-    from gym_libero_vla.demos.generate import sampled_init_state
     from gym_libero_vla.episode import SAMPLED_INIT_STATE
     from gym_libero_vla.fidelity import init_predicates
     from gym_libero_vla.suites import task_init_states
@@ -337,13 +336,24 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
     # Task 5: its bowl must rest on the ramekin (the premise MuJoCo >= 3.4 breaks), so a draw is checked after settling.
     env = gym.make("LiberoSpatial-v0", obs_mode="state", task_ids=(5,))
     try:
-        first, again, other = (sampled_init_state(env, 5, seed) for seed in (11, 11, 12))
-        assert all(check.holds for check in init_predicates(env) if check.is_premise)
-        stored = task_init_states("libero_spatial", 5)
+
+        def start(layout_seed: int, seed: int = 0) -> np.ndarray:
+            _, info = env.reset(seed=seed, options={"task_id": 5, "layout_seed": layout_seed})
+            assert info["init_state_id"] == SAMPLED_INIT_STATE
+            assert all(check.holds for check in init_predicates(env) if check.is_premise)
+            return env.unwrapped.libero_env.get_sim_state().copy()
+
+        first, again, other = start(11), start(11), start(12)
         np.testing.assert_array_equal(first, again)
         # Objects move by centimetres between layouts (the stored starts differ from each other by up to ~5 cm).
         assert 1e-3 < np.abs(first - other).max() < 0.2
-        assert min(np.abs(first - state).max() for state in stored) > 1e-3
+        env.reset(seed=0, options={"task_id": 5, "init_state_id": 0})
+        stored = env.unwrapped.libero_env.get_sim_state().copy()
+        assert np.abs(first - stored).max() > 1e-3 and len(task_init_states("libero_spatial", 5)) == 50
+        with pytest.raises(ValueError, match=r"reset options \['init_state_id', 'layout_seed'\] are exclusive"):
+            env.reset(options={"task_id": 5, "init_state_id": 0, "layout_seed": 1})
+        with pytest.raises(ValueError, match="layout_seed -1 must be an int >= 0"):
+            env.reset(options={"task_id": 5, "layout_seed": -1})
         with pytest.raises(ValueError, match=r"unknown task_id 3 .*valid"):
             env.unwrapped.sample_init_state(3, 0)
     finally:
