@@ -145,7 +145,8 @@ class AsyncGRPO(GRPO):
         spec = WorkerSpec(
             env_spec=self.env.spec, pipeline_dir=config.pipeline_dir, cache_dir=config.cache_dir,
             group_size=config.group_size, envs_per_worker=config.envs_per_worker, task_ids=config.task_ids,
-            init_state_ids=config.init_state_ids, temperature=config.temperature, cache_max_episodes=config.cache_max_episodes,
+            init_state_ids=config.init_state_ids, init_states=config.init_states, temperature=config.temperature,
+            cache_max_episodes=config.cache_max_episodes,
             max_queued_groups=max_queued,
             seed=None if config.seed is None else int(self._rng.integers(1 << 62)),  # a resumed run draws anew
         )  # fmt: skip

@@ -39,7 +39,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -227,6 +227,10 @@ class GRPOConfig:
     init_state_ids: tuple[int, ...] | None = None
     """Init states to draw groups from (default: all of each task's); leave evaluation init states out of it
     to measure success on held-out ones."""
+    init_states: Literal["suite", "sampled"] = "suite"
+    """Where groups start: "suite" (the stored init states, ``init_state_ids``) or "sampled" (a new layout per group,
+    drawn by LIBERO's placement sampler: the policy trains on the distribution the stored starts come from, never on
+    one of them)."""
     seed: int | None = None
     """Seeds torch's RNG and the draw of (task, init state) pairs."""
 
@@ -255,6 +259,9 @@ class GRPOConfig:
             check_ints(self, cache_max_episodes=1)
         if self.cache_dir is not None:
             self.cache_dir = str(self.cache_dir)
+        self._check_starts()
+
+    def _check_starts(self) -> None:
         if self.task_ids is not None:
             self.task_ids = tuple(int(task_id) for task_id in self.task_ids)
             if not self.task_ids:
@@ -263,6 +270,10 @@ class GRPOConfig:
             self.init_state_ids = tuple(int(init_state_id) for init_state_id in self.init_state_ids)
             if not self.init_state_ids or min(self.init_state_ids) < 0:
                 raise ValueError(f"init_state_ids {self.init_state_ids!r} must be non-empty ints >= 0, or None for all")
+        if self.init_states not in rollouts.INIT_STATES:
+            raise ValueError(f"unknown init_states {self.init_states!r}: valid {rollouts.INIT_STATES}")
+        if self.init_states == "sampled" and self.init_state_ids is not None:
+            raise ValueError("init_state_ids picks stored init states: leave it None with init_states='sampled'")
 
 
 # ---------------------------------------------------------------------------------------------- rollouts
@@ -428,7 +439,9 @@ class GRPO(BaseLearner):
             return not stopped
 
         for _ in range(count):
-            start = rollouts.draw_start(self._rng, self._env_task_ids(), config.init_state_ids, self._num_init_states)
+            start = rollouts.draw_start(
+                self._rng, self._env_task_ids(), config.init_state_ids, self._num_init_states, config.init_states
+            )
             finished = sorted(
                 rollouts.run_episodes(self.policy, self.env, [start] * config.group_size, temperature=config.temperature,
                                       policy_version=self.policy_version, on_step=on_step),
@@ -480,7 +493,9 @@ class GRPO(BaseLearner):
         candidates = self._demos_by_task.get(group[0].task_id, [])
         if not candidates:
             return group, False
-        same_start = [demo for demo in candidates if demo.init_state_id == group[0].init_state_id]
+        # Sampled layouts (init_state_id < 0) are each their own: no demo started from the group's.
+        start = group[0].init_state_id
+        same_start = [demo for demo in candidates if start >= 0 and demo.init_state_id == start]
         pool = same_start or candidates
         demo = dataclasses.replace(
             pool[self._rng.integers(len(pool))], task_id=group[0].task_id, init_state_id=group[0].init_state_id,

@@ -276,10 +276,18 @@ def prepare_sft(args: Args, seed: int, episodes, instructions, output_dir: str, 
     return {"path": path, "steps": model.num_timesteps, "seconds": model.train_seconds, "steps_this_run": steps}
 
 
+def train_starts_text(setup: dict) -> str:
+    """Where the fine-tuning groups started, for the report."""
+    if setup.get("train_init_states", "suite") == "sampled":
+        return "training starts: a new layout per group (LIBERO's placement sampler)"
+    return f"training init states {id_ranges(setup['train_init_state_ids'])}"
+
+
 def variant_hyperparameters(variant: str, args: Args, task_ids, seed: int, run_dir: str) -> dict:
     """The GRPO config every variant shares, with what makes the variant (see the module docstring)."""
-    grpo = dataclasses.replace(args.grpo, task_ids=task_ids, init_state_ids=tuple(range(args.demo_init_state_end)),
-                               seed=seed, cache_dir=os.path.join(run_dir, "cache"))  # fmt: skip
+    train_starts = tuple(range(args.demo_init_state_end)) if args.grpo.init_states == "suite" else None  # or new layouts
+    grpo = dataclasses.replace(args.grpo, task_ids=task_ids, init_state_ids=train_starts, seed=seed,
+                               cache_dir=os.path.join(run_dir, "cache"))  # fmt: skip
     if variant == "grpo":  # (a): the policy-gradient term alone
         grpo = dataclasses.replace(grpo, imitation_weight_max=0.0, imitation_weight_min=0.0, success_replay_size=0,
                                    rescue_failed_groups=False, cache_dir=None)  # fmt: skip
@@ -609,7 +617,7 @@ def markdown(report: dict) -> str:
         "",
         f"Setup: SFT {setup['sft']}; fine-tuning budget {setup['total_timesteps']} env steps per run, groups of "
         f"{setup['group_size']} episodes from {setup['num_groups']} (task, init state) pairs per rollout, training "
-        f"init states {id_ranges(setup['train_init_state_ids'])}, rollouts of at most "
+        f"{train_starts_text(setup)}, rollouts of at most "
         f"{setup['rollout_max_episode_steps']} steps ({setup.get('rollout_num_envs', 1)} side by side); learning curve "
         f"on init states {id_ranges(evaluation['curve_init_state_ids'])} {curve_when}; {held_out}.",
         "",
@@ -751,6 +759,7 @@ def build_report(
         "setup": {
             "sft": sft_setup, "total_timesteps": args.total_timesteps, "num_groups": args.grpo.num_groups,
             "group_size": args.grpo.group_size, "train_init_state_ids": list(range(args.demo_init_state_end)),
+            "train_init_states": args.grpo.init_states,
             "rollout_max_episode_steps": rollout_limit, "rollout_num_envs": args.rollout_num_envs,
             "vectorization_mode": args.vectorization_mode,
             "eval_num_envs": eval_num_envs(args), "curve_every": args.curve_every,

@@ -230,7 +230,8 @@ def learner_settings(args: Args) -> tuple[type, dict]:
     grpo = dataclasses.replace(
         grpo,
         task_ids=grpo.task_ids or args.task_ids,
-        init_state_ids=grpo.init_state_ids or tuple(range(args.demo_init_state_end)),
+        init_state_ids=grpo.init_state_ids
+        or (tuple(range(args.demo_init_state_end)) if grpo.init_states == "suite" else None),  # or new layouts
         seed=args.seed if grpo.seed is None else grpo.seed,
         cache_dir=grpo.cache_dir or os.path.join(args.output_dir, "cache"),
     )

@@ -48,7 +48,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -89,6 +89,8 @@ class WorkerSpec:
     """Tasks to draw groups from (None: every task of the env)."""
     init_state_ids: tuple[int, ...] | None = None
     """Init states to draw groups from (None: all of each task's)."""
+    init_states: Literal["suite", "sampled"] = "suite"
+    """"suite" (the stored init states) or "sampled" (a new layout per group): GRPO's ``init_states``."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts (GRPO's ``temperature``)."""
     cache_max_episodes: int | None = None
@@ -272,7 +274,7 @@ class RolloutWorker:
                 return int(self._base_env.call("num_init_states", task_id)[0])
             return int(self._base_env.unwrapped.num_init_states(task_id))
 
-        return draw_start(self._rng, task_ids, self.spec.init_state_ids, num_init_states)
+        return draw_start(self._rng, task_ids, self.spec.init_state_ids, num_init_states, self.spec.init_states)
 
     def run_group(self, keep_going: Callable[[], bool] = lambda: True) -> list[Episode] | None:
         """``group_size`` episodes from one drawn (task, init state), then any hindsight-relabelled ones, all

@@ -37,29 +37,44 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from gym_libero_vla.episode import Episode
+from gym_libero_vla.episode import SAMPLED_INIT_STATE, Episode
 from gym_libero_vla.policies.base import stack_observations
+
+INIT_STATES = ("suite", "sampled")
 
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    """Where an episode starts: ``env.reset(seed=seed, options={"task_id": ..., "init_state_id": ...})``."""
+    """Where an episode starts: ``env.reset(seed=seed, options={"task_id": ..., "init_state_id": ...})``, or from the
+    new layout of ``layout_seed`` (``init_state_id`` is then ``SAMPLED_INIT_STATE``; see :class:`LiberoEnv`)."""
 
     task_id: int
     init_state_id: int
     seed: int | None = None
+    layout_seed: int | None = None
 
     @property
     def options(self) -> dict[str, int]:
+        if self.layout_seed is not None:
+            return {"task_id": self.task_id, "layout_seed": self.layout_seed}
         return {"task_id": self.task_id, "init_state_id": self.init_state_id}
 
 
 def draw_start(
-    rng: np.random.Generator, task_ids: Sequence[int], init_state_ids: Sequence[int] | None, num_init_states: Callable
+    rng: np.random.Generator,
+    task_ids: Sequence[int],
+    init_state_ids: Sequence[int] | None,
+    num_init_states: Callable,
+    init_states: str = "suite",
 ) -> Start:
-    """A uniformly drawn (task, init state): from ``init_state_ids`` if given, else from all ``num_init_states(task)``
-    of the task's (GRPO's groups and the rollout workers draw their starts here)."""
+    """A uniformly drawn task and start (GRPO's groups and the rollout workers draw their starts here). With
+    ``init_states="suite"`` the start is one of the task's stored init states: of ``init_state_ids`` if given, else of
+    all ``num_init_states(task)``; with ``"sampled"`` it is a new layout (a drawn ``layout_seed``)."""
+    if init_states not in INIT_STATES:
+        raise ValueError(f"unknown init_states {init_states!r}: valid {INIT_STATES}")
     task_id = int(task_ids[rng.integers(len(task_ids))])
+    if init_states == "sampled":
+        return Start(task_id, SAMPLED_INIT_STATE, layout_seed=int(rng.integers(2**31)))
     if init_state_ids is None:
         init_state_id = int(rng.integers(num_init_states(task_id)))
     else:
@@ -105,7 +120,7 @@ class _Slots:
         observations = {}
         by_options = collections.defaultdict(list)  # one reset call per distinct options, seeds per sub-env
         for index, start in resets.items():
-            by_options[(start.task_id, start.init_state_id)].append(index)
+            by_options[(start.task_id, start.init_state_id, start.layout_seed)].append(index)
         groups = sorted(by_options.values(), key=len, reverse=True)
         calls = [(indices, resets[indices[0]]) for indices in groups]
         if len(resets) == self.size:  # the first reset of a run: all sub-envs at once (one may never have been reset)

@@ -394,7 +394,8 @@ class FailedGroupRescue:
     def _draw_demos(self, group: list[Episode]) -> list[Episode]:
         records = self.demos.records(task_id=group[0].task_id, source="offline", success=True)
         if self.match_init_state:
-            same_start = [r for r in records if r["init_state_id"] == group[0].init_state_id]
+            start = group[0].init_state_id  # < 0: unknown or a sampled layout, which no demo shares
+            same_start = [r for r in records if start >= 0 and r["init_state_id"] == start]
             records = same_start or records
         # "replace" keeps at least one rollout: a group of demos only has zero variance again.
         wanted = min(self.num_demos, len(records), len(group) - 1 if self.mode == "replace" else self.num_demos)

@@ -18,7 +18,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from gym_libero_vla.algos.async_grpo import AsyncGRPO
-from gym_libero_vla.episode import Episode
+from gym_libero_vla.episode import SAMPLED_INIT_STATE, Episode
 from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.rollout_worker import (
@@ -128,16 +128,18 @@ def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path)
 
 def test_a_worker_samples_at_its_specs_temperature(env, instruction, tmp_path):
     """A worker's episodes carry the log-probs of the tempered policy that sampled them (GRPO's ratio is taken
-    against them at the same temperature)."""
+    against them at the same temperature), and start where its spec says."""
     policy = make_policy(instruction)
     spec = WorkerSpec(env_spec=env.spec, pipeline_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), group_size=2,
-                      temperature=2.0, seed=0)  # fmt: skip
+                      temperature=2.0, seed=0, init_states="sampled")  # fmt: skip
     worker = RolloutWorker(spec, worker_id=0, policy=policy)
     try:
         episodes = worker.run_group()
     finally:
         worker.close()
     assert len(episodes) == 2
+    # init_states="sampled" (AsyncGRPO passes GRPO's): the group started from a new layout.
+    assert {episode.init_state_id for episode in episodes} == {SAMPLED_INIT_STATE}
     for episode in episodes:
         batch = {key: value if key != "instruction" else [value] * episode.num_steps
                  for key, value in episode.observations.items()}  # fmt: skip

@@ -15,7 +15,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from gym_libero_vla.algos.base import latest_checkpoint
 from gym_libero_vla.algos.grpo import GRPO, GroupRollout
-from gym_libero_vla.episode import Episode
+from gym_libero_vla.episode import SAMPLED_INIT_STATE, Episode
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
@@ -235,6 +235,38 @@ def test_groups_start_only_from_the_given_init_states(env, instruction):
     assert {options["init_state_id"] for options in recording_env.reset_options} <= {3, 7}
     with pytest.raises(ValueError, match="init_state_ids"):
         GRPO(make_policy(instruction), env, init_state_ids=())
+
+
+def test_sampled_starts_give_each_group_one_new_layout(env, instruction):
+    """init_states="sampled": every group starts its episodes from one new layout of its own (the same scene for the
+    whole group, so its advantages compare like with like), none of them a stored init state; all-fail groups are
+    still rescued with a demo of their task."""
+    starts = []
+
+    class RecordStarts(gym.Wrapper):
+        def reset(self, *, seed=None, options=None):
+            obs, info = super().reset(seed=seed, options=options)
+            starts.append((dict(options), self.unwrapped.libero_env.get_sim_state().copy(), info["init_state_id"]))
+            return obs, info
+
+    demos = [dataclasses.replace(demo(instruction), init_state_id=SAMPLED_INIT_STATE)]
+    model = make_grpo(make_policy(instruction), RecordStarts(env), demos=demos, group_size=2, num_groups=3,
+                      init_states="sampled", rescue_failed_groups=True, seed=0)  # fmt: skip
+    rollout = model.collect_rollouts()
+    assert len(starts) == 6 and all(info_id == SAMPLED_INIT_STATE for _, _, info_id in starts)
+    assert all(set(options) == {"task_id", "layout_seed"} for options, _, _ in starts)
+    for first, second in zip(starts[::2], starts[1::2]):  # a group: one layout seed, one scene
+        assert first[0] == second[0]
+        np.testing.assert_allclose(first[1], second[1], atol=1e-9)  # the solver's warm start differs by 1e-16
+    assert len({options["layout_seed"] for options, _, _ in starts}) == 3  # groups: three different layouts
+    assert np.abs(starts[0][1] - starts[2][1]).max() > 1e-3
+    online = [episode for episode in rollout.episodes if episode.source == "online"]
+    assert {episode.init_state_id for episode in online} == {SAMPLED_INIT_STATE}
+    assert rollout.stats["rollout/groups_rescued"] == 3  # a tiny random policy fails; each group takes the demo
+    with pytest.raises(ValueError, match="init_state_ids picks stored init states: leave it None"):
+        GRPO(make_policy(instruction), env, init_states="sampled", init_state_ids=(0,))
+    with pytest.raises(ValueError, match=r"unknown init_states 'random': valid \('suite', 'sampled'\)"):
+        GRPO(make_policy(instruction), env, init_states="random")
 
 
 # ---------------------------------------------------------------------- dynamic sampling, rescue, replay, staleness

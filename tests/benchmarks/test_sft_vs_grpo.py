@@ -290,3 +290,17 @@ def test_a_second_process_on_the_same_run_waits_for_it(tmp_path):
     with open(args.json_out) as file:
         runs = json.load(file)["runs"]
     assert [run["steps"] >= 20 for run in runs if run["variant"] == "grpo_offline"] == [True]
+
+
+def test_every_variant_trains_on_the_starts_asked_for(tmp_path):
+    """Groups start from the training init states (held out from the evaluation's), or from new layouts with
+    --grpo.init-states sampled, for every variant; the report says which."""
+    for init_states, expected in (("suite", (0, 1)), ("sampled", None)):
+        grpo = GRPOConfig(num_groups=1, group_size=2, init_states=init_states)
+        args = tiny_args(tmp_path, grpo=grpo)
+        for variant in ("grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "offline_only"):
+            settings = sft_vs_grpo.variant_hyperparameters(variant, args, (0,), 0, str(tmp_path))
+            assert (settings["init_states"], settings["init_state_ids"]) == (init_states, expected), variant
+    setup = {"train_init_states": "sampled", "train_init_state_ids": [0, 1]}
+    assert "a new layout per group" in sft_vs_grpo.train_starts_text(setup)
+    assert sft_vs_grpo.train_starts_text({"train_init_state_ids": [0, 1]}) == "training init states 0, 1"
