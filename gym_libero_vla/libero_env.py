@@ -225,6 +225,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         self._sim = None  # LIBERO env of the current episode
         self._task: Any = None
         self._init_state_id = -1
+        self._fixture_poses: dict[int, list] = {}  # task -> (body, pos, quat) of its fixtures in a fresh model
         self._frames: dict[str, np.ndarray] = {}  # frames rendered for the current observation
         self._env_steps = 0  # actions executed in the current episode
         self.frames_rendered = 0  # camera frames rendered for observations, for speed checks
@@ -261,9 +262,24 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         (if of the same task) ends: reset before stepping again."""
         if not (isinstance(task_id, (int, np.integer)) and int(task_id) in self.task_ids):
             raise ValueError(f"unknown task_id {task_id!r} for {self.suite_spec.env_id}: valid {self._task_id_choices()}")
-        sim = self._simulator(int(task_id))
+        task_id = int(task_id)
+        sim = self._simulator(task_id)
         if sim is self._sim:
             self._sim = None  # its episode's state is gone
+        domain = sim.env
+        if task_id not in self._fixture_poses:  # a freshly loaded model's, as LIBERO's hard reset has them
+            fresh = domain.model.get_model(mode="mujoco")
+            self._fixture_poses[task_id] = [
+                (fixture.root_body, fresh.body(fixture.root_body).pos.copy(), fresh.body(fixture.root_body).quat.copy())
+                for fixture in domain.fixtures_dict.values()
+            ]
+        # LIBERO places an object on a fixture's site (a bowl on the cabinet) at the fixture's newly drawn pose plus
+        # the site's current world position: right after a hard reset (a fresh model, fixtures at their origin), as
+        # LIBERO drew its init states, but off by the fixture's last pose after a soft one. Put them back first.
+        for body, pos, quat in self._fixture_poses[task_id]:
+            body_id = domain.sim.model.body_name2id(body)
+            domain.sim.model.body_pos[body_id] = pos
+            domain.sim.model.body_quat[body_id] = quat
         with _global_numpy_seed(int(seed)):  # the samplers draw from the global numpy RNG
             sim.reset()
         return np.array(sim.get_sim_state(), dtype=np.float64)
