@@ -24,6 +24,7 @@ import gym_libero_vla  # noqa: F401
 from gym_libero_vla import suites
 from gym_libero_vla.demos.generate import episode_seed, rollout_expert
 from gym_libero_vla.demos.scripted_expert import ScriptedExpert
+from gym_libero_vla.rollouts import Start
 
 
 @dataclasses.dataclass
@@ -49,7 +50,7 @@ def run_episodes(env, expert, task_id: int, init_state_ids, seed: int) -> list[d
     for init_state_id in init_state_ids:
         start = time.perf_counter()
         try:
-            episode = rollout_expert(env, expert, task_id, init_state_id, episode_seed(seed, task_id, init_state_id))
+            episode = rollout_expert(env, expert, Start(task_id, init_state_id, episode_seed(seed, task_id, init_state_id)))
         except NotImplementedError as error:  # a goal the expert has no script for
             return [{"error": str(error)}]
         results.append(

@@ -12,6 +12,7 @@ from gymnasium.utils.env_checker import check_env
 
 from gym_libero_vla.demos.generate import rollout_expert
 from gym_libero_vla.demos.scripted_expert import ScriptedExpert
+from gym_libero_vla.rollouts import Start
 
 SEED = 3
 
@@ -21,7 +22,7 @@ def expert_actions():
     """A successful scripted-expert episode of LIBERO-Spatial task 1, init state 4, one action per step."""
     env = gym.make("LiberoSpatial-v0", obs_mode="state", privileged_state=True, task_ids=[1])
     try:
-        episode = rollout_expert(env, ScriptedExpert(env), 1, 4, SEED)
+        episode = rollout_expert(env, ScriptedExpert(env), Start(1, 4, SEED))
     finally:
         env.close()
     assert episode["success"]

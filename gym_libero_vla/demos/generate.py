@@ -42,6 +42,7 @@ import numpy as np
 
 from gym_libero_vla.demos.libero_hdf5 import IMAGE_KEYS, LiberoHDF5, replay
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
+from gym_libero_vla.rollouts import Start
 from gym_libero_vla.run_lock import exclusive
 
 PARTS_SUFFIX = ".parts"
@@ -122,23 +123,15 @@ def episode_seed(seed: int, task_id: int, init_state_id: int) -> int:
     return int(seed) * 1_000_003 + task_id * 1000 + init_state_id
 
 
-def rollout_expert(
-    env,
-    expert,
-    task_id: int,
-    init_state_id: int,
-    seed: int,
-    perturb_scale: float = 0.0,
-    perturb_correlation: float = 0.9,
-    layout_seed: int | None = None,
-) -> dict:
-    """One expert episode; returns its arrays in the official layout and ``success`` from the env. It starts from
-    the suite's init state ``init_state_id``, or from the new layout of ``layout_seed`` when given. With
-    ``perturb_scale`` the env executes the expert's actions plus AR(1) noise on the translation (DART) while
-    ``actions`` records the clean ones; the executed ones go to ``replay/executed_actions``."""
-    start = {"init_state_id": init_state_id} if layout_seed is None else {"layout_seed": layout_seed}
-    obs, _ = env.reset(seed=seed, options={"task_id": task_id, **start})
-    perturb_rng = np.random.default_rng([seed, 1])  # apart from the expert's own noise stream
+def rollout_expert(env, expert, start: Start, perturb_scale: float = 0.0, perturb_correlation: float = 0.9) -> dict:
+    """One expert episode from ``start`` (a stored init state or a new layout; its ``seed`` is required); returns its
+    arrays in the official layout and ``success`` from the env. With ``perturb_scale`` the env executes the expert's
+    actions plus AR(1) noise on the translation (DART) while ``actions`` records the clean ones; the executed ones go
+    to ``replay/executed_actions``."""
+    if start.seed is None:
+        raise ValueError("an expert episode needs start.seed: replay resets with it")
+    obs, _ = env.reset(seed=start.seed, options=start.options)
+    perturb_rng = np.random.default_rng([start.seed, 1])  # apart from the expert's own noise stream
     push = np.zeros(3)
     expert.reset()
     libero_env = env.unwrapped.libero_env
@@ -568,10 +561,11 @@ def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts
                 seed = episode_seed(args.seed, task_id, init_state_id)
                 expert.rng = np.random.default_rng(seed)
                 start = time.perf_counter()
-                layout_seed = seed if args.init_states == "sampled" else None  # a new layout per index
-                episode = rollout_expert(
-                    env, expert, task_id, init_state_id, seed, args.perturb_scale, args.perturb_correlation, layout_seed
-                )
+                if args.init_states == "sampled":  # a new layout per index
+                    origin = Start(task_id, SAMPLED_INIT_STATE, seed, layout_seed=seed)
+                else:
+                    origin = Start(task_id, init_state_id, seed)
+                episode = rollout_expert(env, expert, origin, args.perturb_scale, args.perturb_correlation)
                 meta = {
                     "task_id": task_id,
                     "init_state_id": init_state_id,
