@@ -108,7 +108,8 @@ def test_batched_episodes_are_the_sequential_ones():
     assert sorted(rollout.index for rollout in results) == list(range(len(starts)))  # each start once
     for rollout in results:
         episode, alone = rollout.episode, one_by_one[rollout.index].episode
-        assert (episode.task_id, episode.init_state_id, episode.seed) == tuple(vars(starts[rollout.index]).values())
+        start = starts[rollout.index]
+        assert (episode.task_id, episode.init_state_id, episode.seed) == (start.task_id, start.init_state_id, start.seed)
         assert (episode.success, episode.num_steps) == (alone.success, alone.num_steps)
         np.testing.assert_allclose(episode.actions, alone.actions)
         np.testing.assert_allclose(episode.observations["state"], alone.observations["state"], atol=1e-6)
