@@ -42,7 +42,7 @@ import numpy as np
 
 from gym_libero_vla.demos.libero_hdf5 import IMAGE_KEYS, LiberoHDF5, replay
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
-from gym_libero_vla.rollouts import Start
+from gym_libero_vla.rollouts import INIT_STATES, Start
 from gym_libero_vla.run_lock import exclusive
 
 PARTS_SUFFIX = ".parts"
@@ -335,8 +335,8 @@ def generate(args: GenerateArgs) -> dict:
         raise ValueError(f"perturb_correlation {args.perturb_correlation} must be in [0, 1)")
     if not (isinstance(args.workers, int) and args.workers >= 1):
         raise ValueError(f"workers {args.workers!r} must be an int >= 1")
-    if args.init_states not in ("suite", "sampled"):
-        raise ValueError(f"unknown init_states {args.init_states!r}: valid 'suite' (the stored starts) or 'sampled'")
+    if args.init_states not in INIT_STATES:
+        raise ValueError(f"unknown init_states {args.init_states!r}: valid {INIT_STATES}")
     tasks = suites.suite_tasks(spec.libero_name)
     task_ids = tuple(range(len(tasks))) if args.task_ids is None else tuple(args.task_ids)
     bad = [t for t in task_ids if not 0 <= t < len(tasks)]
