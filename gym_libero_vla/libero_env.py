@@ -360,9 +360,8 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             init_state = init_states[init_state_id]
 
         sim = self._simulator(task_id)
-        expected = sim.get_sim_state().shape
-        if init_state is not None and init_state.shape != expected:
-            raise ValueError(f"init_state has shape {init_state.shape}, task {task_id} needs {expected}")
+        if init_state is not None and init_state.shape != sim.get_sim_state().shape:
+            raise ValueError(f"init_state has shape {init_state.shape}, task {task_id} needs {sim.get_sim_state().shape}")
         # LIBERO's reset re-samples fixture placements (cabinets, stoves move by ~1 cm) from the global
         # numpy RNG, and init states do not store them: draw them from this env's RNG instead, so that a
         # seed fixes the whole scene, and leave the caller's global RNG as it was.
