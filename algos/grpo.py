@@ -52,7 +52,7 @@ from gym_libero_vla.episode import Episode
 from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies.base import check_temperature
 from gym_libero_vla.success_replay import SuccessReplay
-from gym_libero_vla.wrappers.rollout_relabel import rescue_failed_group
+from gym_libero_vla.wrappers.rollout_relabel import rescue_failed_group, same_start_first
 
 LOSS_AGGREGATIONS = ("token-mean", "episode-mean")
 
@@ -493,10 +493,7 @@ class GRPO(BaseLearner):
         candidates = self._demos_by_task.get(group[0].task_id, [])
         if not candidates:
             return group, False
-        # Sampled layouts (init_state_id < 0) are each their own: no demo started from the group's.
-        start = group[0].init_state_id
-        same_start = [demo for demo in candidates if start >= 0 and demo.init_state_id == start]
-        pool = same_start or candidates
+        pool = same_start_first(candidates, group[0].init_state_id)
         demo = dataclasses.replace(
             pool[self._rng.integers(len(pool))], task_id=group[0].task_id, init_state_id=group[0].init_state_id,
             success=True, source="offline",

@@ -82,7 +82,7 @@ from gym_libero_vla.evaluate import (
     recorded_episodes,
 )
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy, resolve_device
-from gym_libero_vla.rollouts import Start
+from gym_libero_vla.rollouts import Start, held_in_init_states
 from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
 
@@ -285,7 +285,7 @@ def train_starts_text(setup: dict) -> str:
 
 def variant_hyperparameters(variant: str, args: Args, task_ids, seed: int, run_dir: str) -> dict:
     """The GRPO config every variant shares, with what makes the variant (see the module docstring)."""
-    train_starts = tuple(range(args.demo_init_state_end)) if args.grpo.init_states == "suite" else None  # or new layouts
+    train_starts = held_in_init_states(args.grpo.init_states, args.demo_init_state_end)
     grpo = dataclasses.replace(args.grpo, task_ids=task_ids, init_state_ids=train_starts, seed=seed,
                                cache_dir=os.path.join(run_dir, "cache"))  # fmt: skip
     if variant == "grpo":  # (a): the policy-gradient term alone

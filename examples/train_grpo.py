@@ -58,6 +58,7 @@ from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpoint
 from gym_libero_vla.demos.generate import GenerateArgs, prepare_demos
 from gym_libero_vla.evaluate import CAMERA_KEYS, env_kwargs_for_policy, evaluate_policy, write_report
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy, resolve_device
+from gym_libero_vla.rollouts import held_in_init_states
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 
 LEARNERS = {"grpo": GRPO, "irevla": IReVLA}
@@ -230,8 +231,7 @@ def learner_settings(args: Args) -> tuple[type, dict]:
     grpo = dataclasses.replace(
         grpo,
         task_ids=grpo.task_ids or args.task_ids,
-        init_state_ids=grpo.init_state_ids
-        or (tuple(range(args.demo_init_state_end)) if grpo.init_states == "suite" else None),  # or new layouts
+        init_state_ids=grpo.init_state_ids or held_in_init_states(grpo.init_states, args.demo_init_state_end),
         seed=args.seed if grpo.seed is None else grpo.seed,
         cache_dir=grpo.cache_dir or os.path.join(args.output_dir, "cache"),
     )

@@ -43,6 +43,15 @@ from gym_libero_vla.policies.base import stack_observations
 INIT_STATES = ("suite", "sampled")
 
 
+def held_in_init_states(init_states: str, demo_init_state_end: int) -> tuple[int, ...] | None:
+    """The init states a run trains on beside demos of init states ``0 .. demo_init_state_end - 1``: those same
+    stored states (``init_states="suite"``; evaluation holds out the states past them), or None for new layouts
+    (``"sampled"``: no stored state is trained on)."""
+    if init_states not in INIT_STATES:
+        raise ValueError(f"unknown init_states {init_states!r}: valid {INIT_STATES}")
+    return tuple(range(demo_init_state_end)) if init_states == "suite" else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Start:
     """Where an episode starts: ``env.reset(seed=seed, options={"task_id": ..., "init_state_id": ...})``, or from the

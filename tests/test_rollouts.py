@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
-from gym_libero_vla.rollouts import Start, draw_start, run_episodes
+from gym_libero_vla.rollouts import Start, draw_start, held_in_init_states, run_episodes
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 INSTRUCTION = "pick up the black bowl between the plate and the ramekin and place it on the plate"
@@ -102,6 +102,13 @@ def test_draw_start_is_seeded_and_keeps_to_the_given_init_states():
     assert {start.task_id for start in draws(0, None)} == {1, 4}
     assert {start.init_state_id for start in draws(0, (2, 9))} == {2, 9}
     assert max(start.init_state_id for start in draws(0, None)) < 50
+
+
+def test_held_in_init_states_are_the_demos_or_none_for_new_layouts():
+    assert held_in_init_states("suite", 20) == tuple(range(20))
+    assert held_in_init_states("sampled", 20) is None
+    with pytest.raises(ValueError, match=r"unknown init_states 'stored': valid \('suite', 'sampled'\)"):
+        held_in_init_states("stored", 20)
 
 
 def test_render_needs_single_envs():

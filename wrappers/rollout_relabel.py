@@ -338,6 +338,14 @@ def rescue_failed_group(
     return group + list(demos), True
 
 
+def same_start_first(candidates: Sequence[Any], init_state_id: int, start_of=lambda demo: demo.init_state_id) -> list:
+    """The ``candidates`` (demos of a group's task) that started from the group's init state, or all of them when none
+    did. Only a stored init state (``init_state_id >= 0``) is shared: an unknown start (-1) and a newly sampled layout
+    (-2, each its own) match no demo. ``start_of`` reads a candidate's init state id (an episode's by default)."""
+    same_start = [candidate for candidate in candidates if init_state_id >= 0 and start_of(candidate) == init_state_id]
+    return same_start or list(candidates)
+
+
 class FailedGroupRescue:
     """Rescues all-fail GRPO groups with offline demos of the same task drawn from an :class:`EpisodeStore`.
 
@@ -394,9 +402,7 @@ class FailedGroupRescue:
     def _draw_demos(self, group: list[Episode]) -> list[Episode]:
         records = self.demos.records(task_id=group[0].task_id, source="offline", success=True)
         if self.match_init_state:
-            start = group[0].init_state_id  # < 0: unknown or a sampled layout, which no demo shares
-            same_start = [r for r in records if start >= 0 and r["init_state_id"] == start]
-            records = same_start or records
+            records = same_start_first(records, group[0].init_state_id, start_of=lambda record: record["init_state_id"])
         # "replace" keeps at least one rollout: a group of demos only has zero variance again.
         wanted = min(self.num_demos, len(records), len(group) - 1 if self.mode == "replace" else self.num_demos)
         picks = self.rng.choice(len(records), size=wanted, replace=False) if wanted > 0 else []

@@ -14,7 +14,13 @@ import pytest
 
 from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.wrappers.language_embedding import LanguageEmbedding
-from gym_libero_vla.wrappers.rollout_relabel import FailedGroupRescue, RolloutRelabel, rescue_failed_group, scene_goals
+from gym_libero_vla.wrappers.rollout_relabel import (
+    FailedGroupRescue,
+    RolloutRelabel,
+    rescue_failed_group,
+    same_start_first,
+    scene_goals,
+)
 from gym_libero_vla.wrappers.trajectory_cache import TrajectoryCache
 
 MAX_STEPS = 8
@@ -207,6 +213,16 @@ def test_all_fail_group_gets_a_demo_and_other_groups_are_untouched(stove_episode
         "relabel/groups_rescued": 1,
         "relabel/groups_without_demo": 0,
     }
+
+
+def test_a_demo_from_the_groups_stored_start_is_preferred_and_other_starts_match_none():
+    demos = [{"name": name, "init_state_id": start} for name, start in (("a", 3), ("b", 7), ("c", 3), ("d", -2))]
+    start_of = lambda record: record["init_state_id"]  # noqa: E731
+    assert [d["name"] for d in same_start_first(demos, 3, start_of)] == ["a", "c"]
+    assert [d["name"] for d in same_start_first(demos, 5, start_of)] == ["a", "b", "c", "d"]  # none from 5: all
+    # An unknown start (-1) and a sampled layout (-2) are each their own: a -2 demo is no closer to a -2 group.
+    assert [d["name"] for d in same_start_first(demos, -2, start_of)] == ["a", "b", "c", "d"]
+    assert [d["name"] for d in same_start_first(demos, -1, start_of)] == ["a", "b", "c", "d"]
 
 
 def test_bad_configuration_names_the_valid_choices(goal_env, stove_episodes):
