@@ -101,8 +101,6 @@ class Args:
 
 
 def make_policy(size: str, args: Args, device: torch.device) -> CompactVLA:
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}: valid {tuple(SIZES)}")
     config = CompactVLAConfig(
         cameras=("agentview", "wrist"), image_size=args.image_size, chunk_size=args.chunk_size, **SIZES[size]
     )
