@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 import tyro
-from reporting import command_line, machine_info, publish, write_report_files
+from reporting import command_line, cpu_model, machine_info, publish, write_report_files
 
 from gym_libero_vla.algos import GRPO, SFT, GRPOConfig, SFTConfig
 from gym_libero_vla.algos.grpo import GroupRollout
@@ -223,7 +223,7 @@ def _cell(row: dict, key: str, form: str, scale: float = 1.0) -> str:
 def markdown(report: dict) -> str:
     args = report["args"]
     grpo = args["grpo"]
-    env_steps = args["grpo"]["num_groups"] * args["grpo"]["group_size"] * args["rollout_queries"] * args["chunk_size"]
+    env_steps = grpo["num_groups"] * grpo["group_size"] * args["rollout_queries"] * args["chunk_size"]
     lines = [
         f"# Learner throughput on {report['device_name']} ({report['device']})",
         "",
@@ -258,7 +258,7 @@ def main(args: Args) -> dict:
         raise ValueError(f"unknown phase(s) {unknown or list(args.phases)}: valid {PHASES}, at least one")
     torch.set_num_threads(args.torch_threads)
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["cpu_model"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     started = time.perf_counter()
     report = {
         "command": command_line(args, "benchmarks/learner_throughput.py"), "device": str(device), "device_name": name,
