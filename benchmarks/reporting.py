@@ -14,8 +14,10 @@ import json
 import os
 import platform
 import shlex
+import typing
 
 import numpy as np
+import tyro
 
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
 from gym_libero_vla.evaluate import difference_interval, paired_difference_interval, wilson_interval
@@ -81,6 +83,13 @@ def _defaults(cls) -> dict:
     return values
 
 
+def _omits_prefix(cls, field_name: str) -> bool:
+    """Whether ``cls`` declares ``field_name`` with ``tyro.conf.OmitArgPrefixes`` (its flags are spelled without the
+    field's name, ``--demos`` rather than ``--demo.demos``)."""
+    hint = typing.get_type_hints(cls, include_extras=True).get(field_name)
+    return any(marker is tyro.conf.OmitArgPrefixes for marker in getattr(hint, "__metadata__", ()))
+
+
 def _flags(args, defaults: dict, prefix: str) -> list[str]:
     parts = []
     for field in dataclasses.fields(args):
@@ -93,7 +102,7 @@ def _flags(args, defaults: dict, prefix: str) -> list[str]:
                 nested_defaults = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
             else:
                 nested_defaults = _defaults(type(value))
-            parts += _flags(value, nested_defaults, name + ".")
+            parts += _flags(value, nested_defaults, prefix if _omits_prefix(type(args), field.name) else name + ".")
         elif isinstance(value, bool):
             group, _, flag = name.rpartition(".")  # tyro's negation: --no-progress, --policy.no-use-state
             parts.append("--" + name if value else f"--{group + '.' if group else ''}no-{flag}")

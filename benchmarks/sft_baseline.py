@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla import suites
 from gym_libero_vla.algos import SFT, SFTConfig
 from gym_libero_vla.algos.sft import continue_sft, demo_fit
-from gym_libero_vla.demos.generate import GenerateArgs, prepare_demos
+from gym_libero_vla.demos.generate import DemoConfig, GenerateArgs, default_demo_path
 from gym_libero_vla.evaluate import CAMERA_KEYS, evaluate_policy
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, VLAPolicy, resolve_device
 from gym_libero_vla.policies.base import weights_fingerprint
@@ -66,18 +66,9 @@ class Args:
     """Also give the policy LIBERO's privileged object poses (demos generated with them, env privileged_state)."""
     task_ids: tuple[int, ...] | None = None
     """Tasks to train on and evaluate (default: every task of the suite)."""
-    demos: str | None = None
-    """Demo HDF5 file (default data/<suite>_state.hdf5, or data/<suite>_rgb<image_size>.hdf5 in rgb+state mode).
-    Used as it is when it exists; otherwise generated with the scripted expert (resuming <demos>.parts/)."""
-    extra_demos: tuple[str, ...] = ()
-    """More demo files whose episodes join --demos' (they must exist, with the same tasks and frames): e.g. DART demos,
-    ``python -m gym_libero_vla.demos generate --perturb-scale 0.3 --seed 1 --out data/spatial_rgb128_dart.hdf5``."""
-    episodes_per_task: int = 20
-    """Successful demos per task to generate (only when the demo file is missing)."""
-    demo_init_state_end: int = 20
-    """Generate demos from init states 0 .. demo_init_state_end - 1 (only when the demo file is missing)."""
-    filter_noops: bool = True
-    """Drop no-op steps from the demos, as OpenVLA's processed LIBERO data."""
+    demo: Annotated[DemoConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=DemoConfig)
+    """The demos: --demos (default data/<suite>_state.hdf5, or data/<suite>_rgb<image_size>.hdf5 in rgb+state mode;
+    shared with sft_vs_grpo.py), --extra-demos, and how a missing file is generated."""
     sft_steps: int = 15000
     """Total SFT gradient steps of the checkpoint; a checkpoint with fewer is continued, one with as many is kept."""
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
@@ -128,7 +119,7 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     resolve_device(args.device)  # names the devices this machine has
     if args.obs_mode not in OBS_MODES:
         raise ValueError(f"unknown obs_mode {args.obs_mode!r}: valid {OBS_MODES}")
-    for name in ("image_size", "episodes_per_task", "demo_init_state_end", "sft_steps", "save_every", "eval_num_init_states"):
+    for name in ("image_size", "sft_steps", "save_every", "eval_num_init_states"):
         value = getattr(args, name)
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} {value!r} must be an int >= 1")
@@ -167,11 +158,12 @@ def check_policy_inputs(policy: VLAPolicy, args: Args, source: str) -> None:
         raise ValueError(f"{source} {'reads' if 'object_state' in keys else 'does not read'} object_state: {fix}")
 
 
-def demo_args(args: Args, task_ids, path: str) -> GenerateArgs:
-    return GenerateArgs(
-        suite=args.suite, out=path, episodes_per_task=args.episodes_per_task, task_ids=task_ids, init_state_start=0,
-        init_state_end=args.demo_init_state_end, obs_mode=args.obs_mode, image_size=args.image_size,
-        object_state=args.object_state, seed=args.seed, progress=args.progress, workers=args.demo_workers,
+def demo_args(args: Args, task_ids) -> GenerateArgs:
+    """The demo file of this run and how to generate it when it is missing."""
+    return args.demo.generate_args(
+        default_demo_path(args.suite, args.obs_mode, args.image_size), suite=args.suite, task_ids=task_ids,
+        obs_mode=args.obs_mode, image_size=args.image_size, object_state=args.object_state, seed=args.seed,
+        progress=args.progress, workers=args.demo_workers,
     )  # fmt: skip
 
 
@@ -246,17 +238,13 @@ def main(args: Args) -> dict:
     suite, task_ids, init_state_ids = check_args(args)
     short_name = suite.libero_name.removeprefix("libero_")
     mode = "state" if args.obs_mode == "state" else "rgb"
-    demos_path = args.demos or (
-        f"data/{short_name}_state.hdf5" if mode == "state" else f"data/{short_name}_rgb{args.image_size}.hdf5"
-    )
     output_dir = args.output_dir or os.path.join("runs", "sft_baseline", f"{short_name}_{mode}")
     json_out = args.json_out or os.path.join("benchmarks", "results", f"sft_baseline_{short_name}_{mode}.json")
     instructions = {task.task_id: task.instruction for task in suites.suite_tasks(suite.libero_name)}
 
     # 1. Demos (generated when missing) and whether the evaluation init states are held out from them.
-    episodes, generated = prepare_demos(
-        demo_args(args, task_ids, demos_path), filter_noops=args.filter_noops, extra_files=args.extra_demos
-    )
+    generate = demo_args(args, task_ids)
+    episodes, generated = args.demo.load(generate)
     os.makedirs(output_dir, exist_ok=True)
     held_out, note = held_out_note(episodes, task_ids, init_state_ids)
     if not held_out:
@@ -291,11 +279,7 @@ def main(args: Args) -> dict:
         "object_state": args.object_state,
         "image_size": args.image_size if args.obs_mode == "rgb+state" else None,
         "demos": {
-            "path": demos_path,
-            "extra_paths": list(args.extra_demos),
-            "generated_this_run": generated,
-            "num_demos": len(episodes),
-            "num_transitions": int(sum(len(episode) for episode in episodes)),
+            **args.demo.summary(generate, episodes, generated),
             "init_state_ids": {
                 str(task_id): sorted(episode.init_state_id for episode in episodes if episode.task_id == task_id)
                 for task_id in task_ids

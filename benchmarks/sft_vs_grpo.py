@@ -47,7 +47,7 @@ import shutil
 import sys
 import time
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -71,7 +71,7 @@ from gym_libero_vla.algos import GRPO, SFT, GRPOConfig, IReVLA, IReVLAConfig, SF
 from gym_libero_vla.algos.base import latest_checkpoint
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
 from gym_libero_vla.algos.sft import continue_sft
-from gym_libero_vla.demos.generate import GenerateArgs, prepare_demos
+from gym_libero_vla.demos.generate import DemoConfig, default_demo_path
 from gym_libero_vla.evaluate import (
     CAMERA_KEYS,
     behaviour_fingerprint,
@@ -139,19 +139,10 @@ class Args:
     """Checkpoints, curves and episodes, one subdirectory per variant and seed (default runs/sft_vs_grpo/<suite>)."""
     json_out: str | None = None
     """Report JSON; the Markdown and the plot go next to it (default benchmarks/results/sft_vs_grpo_<suite>.json)."""
-    demos: str | None = None
-    """Demo HDF5 file (default data/<suite>_state.hdf5, or data/<suite>_rgb<image_size>.hdf5; shared with
-    sft_baseline.py), generated with the scripted expert when missing."""
-    extra_demos: tuple[str, ...] = ()
-    """More demo files whose episodes join --demos' for SFT, the offline terms, the rescues and iRe-VLA's SL stages
-    (they must exist, with the same tasks and frames): e.g. new layouts, ``python -m gym_libero_vla.demos generate
-    --init-states sampled --out data/spatial_rgb128_sampled.hdf5``."""
-    episodes_per_task: int = 20
-    """Successful demos per task to generate (only when the demo file is missing)."""
-    demo_init_state_end: int = 20
-    """Demos and GRPO groups use init states 0 .. demo_init_state_end - 1; evaluation must start past them."""
-    filter_noops: bool = True
-    """Drop no-op steps from the demos, as OpenVLA's processed LIBERO data."""
+    demo: Annotated[DemoConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=DemoConfig)
+    """The demos of SFT, the offline terms, the rescues and iRe-VLA's SL stages: --demos (default
+    data/<suite>_state.hdf5, or data/<suite>_rgb<image_size>.hdf5; shared with sft_baseline.py), --extra-demos, and
+    how a missing file is generated; GRPO's groups use the same init states 0 .. demo_init_state_end - 1."""
     sft_checkpoint: str | None = None
     """Start every seed's fine-tuning from this policy checkpoint instead of training SFT per seed."""
     sft_steps: int = 15000
@@ -218,10 +209,10 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
             raise ValueError(f"{name} {getattr(args, name)!r} must be an int >= {minimum}")
     if args.curve_num_init_states > args.eval_num_init_states:
         raise ValueError(f"curve_num_init_states {args.curve_num_init_states} must be <= eval_num_init_states")
-    if args.eval_init_state_start < args.demo_init_state_end:
+    if args.eval_init_state_start < args.demo.demo_init_state_end:
         raise ValueError(
             f"eval_init_state_start {args.eval_init_state_start} lies inside the training init states "
-            f"0..{args.demo_init_state_end - 1} (demos and GRPO groups): give >= {args.demo_init_state_end}"
+            f"0..{args.demo.demo_init_state_end - 1} (demos and GRPO groups): give >= {args.demo.demo_init_state_end}"
         )
     if (
         not (isinstance(args.rollout_num_envs, int) and args.rollout_num_envs >= 1)
@@ -285,7 +276,7 @@ def train_starts_text(setup: dict) -> str:
 
 def variant_hyperparameters(variant: str, args: Args, task_ids, seed: int, run_dir: str) -> dict:
     """The GRPO config every variant shares, with what makes the variant (see the module docstring)."""
-    train_starts = held_in_init_states(args.grpo.init_states, args.demo_init_state_end)
+    train_starts = held_in_init_states(args.grpo.init_states, args.demo.demo_init_state_end)
     grpo = dataclasses.replace(args.grpo, task_ids=task_ids, init_state_ids=train_starts, seed=seed,
                                cache_dir=os.path.join(run_dir, "cache"))  # fmt: skip
     if variant == "grpo":  # (a): the policy-gradient term alone
@@ -758,7 +749,7 @@ def build_report(
         },
         "setup": {
             "sft": sft_setup, "total_timesteps": args.total_timesteps, "num_groups": args.grpo.num_groups,
-            "group_size": args.grpo.group_size, "train_init_state_ids": list(range(args.demo_init_state_end)),
+            "group_size": args.grpo.group_size, "train_init_state_ids": list(range(args.demo.demo_init_state_end)),
             "train_init_states": args.grpo.init_states,
             "rollout_max_episode_steps": rollout_limit, "rollout_num_envs": args.rollout_num_envs,
             "vectorization_mode": args.vectorization_mode,
@@ -790,33 +781,28 @@ def main(args: Args) -> dict:
     torch.set_num_threads(args.torch_threads)
     suite, task_ids, init_state_ids = check_args(args)
     short_name = suite.libero_name.removeprefix("libero_")
-    demos_path = args.demos or (
-        f"data/{short_name}_state.hdf5" if args.obs_mode == "state" else f"data/{short_name}_rgb{args.image_size}.hdf5"
-    )
     output_dir = args.output_dir or os.path.join("runs", "sft_vs_grpo", short_name)
     json_out = args.json_out or os.path.join("benchmarks", "results", f"sft_vs_grpo_{short_name}.json")
     instructions = {task.task_id: task.instruction for task in suites.suite_tasks(suite.libero_name)}
     max_episode_steps = args.max_episode_steps or suite.max_episode_steps
-    if args.report_only and not os.path.exists(demos_path):
-        raise ValueError(f"report_only: no demos at {demos_path}, so no run can have finished: run without it first")
 
     # 1. Demos (generated when missing), shared by SFT, the offline terms, the rescues and iRe-VLA's SL stages.
-    generate = GenerateArgs(
-        suite=suite.libero_name, out=demos_path, episodes_per_task=args.episodes_per_task, task_ids=task_ids,
-        init_state_end=args.demo_init_state_end, obs_mode=args.obs_mode, image_size=args.image_size,
-        object_state=args.object_state, seed=args.seeds[0], progress=args.progress,
+    generate = args.demo.generate_args(
+        default_demo_path(suite.libero_name, args.obs_mode, args.image_size), suite=suite.libero_name,
+        task_ids=task_ids, obs_mode=args.obs_mode, image_size=args.image_size, object_state=args.object_state,
+        seed=args.seeds[0], progress=args.progress,
     )  # fmt: skip
+    if args.report_only and not os.path.exists(generate.out):
+        raise ValueError(f"report_only: no demos at {generate.out}, so no run can have finished: run without it first")
     clock = time.perf_counter()
-    episodes, generated = prepare_demos(generate, filter_noops=args.filter_noops, extra_files=args.extra_demos)
+    episodes, generated = args.demo.load(generate)
     os.makedirs(output_dir, exist_ok=True)
     held_out, note = held_out_note(episodes, task_ids, init_state_ids)
     if not held_out:
         print(f"WARNING: the evaluation is {note.replace('not held out', 'NOT HELD OUT', 1)}", file=sys.stderr, flush=True)
         warnings.warn(f"evaluation {note}: success there overstates generalization to new init states", stacklevel=2)
     demos = {
-        "path": demos_path, "extra_paths": list(args.extra_demos),
-        "generated_this_run": generated, "seconds": time.perf_counter() - clock,
-        "num_demos": len(episodes), "num_transitions": int(sum(len(episode) for episode in episodes)),
+        **args.demo.summary(generate, episodes, generated), "seconds": time.perf_counter() - clock,
         "held_out": held_out, "held_out_note": note,
     }  # fmt: skip
 

@@ -55,7 +55,7 @@ from gym_libero_vla.algos import GRPO, SFT, AsyncGRPO, GRPOConfig, IReVLA, IReVL
 from gym_libero_vla.algos.async_grpo import PipelineConfig
 from gym_libero_vla.algos.base import latest_checkpoint, resume_or_create
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
-from gym_libero_vla.demos.generate import GenerateArgs, prepare_demos
+from gym_libero_vla.demos.generate import DemoConfig, GenerateArgs
 from gym_libero_vla.evaluate import CAMERA_KEYS, env_kwargs_for_policy, evaluate_policy, write_report
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy, resolve_device
 from gym_libero_vla.rollouts import held_in_init_states
@@ -91,13 +91,12 @@ class Args:
     (:class:`AsyncGRPO`, settings under --pipeline.*); --sync (or --no-async) collects, then updates, in one process."""
 
     # --- demonstrations
-    demos: str | None = None
-    """Demo HDF5 file (default: ``data/<suite>_<state|rgb<size>>_tasks<ids>_<n>ep_init0-<m>.hdf5``, generated if
-    missing, then reused)."""
-    demo_episodes_per_task: int = 10
-    """Successful expert episodes per task."""
-    demo_init_state_end: int = 20
-    """Demos (and GRPO groups) use init states 0 .. demo_init_state_end - 1; evaluation starts past them."""
+    demo: Annotated[DemoConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=lambda: DemoConfig(episodes_per_task=10)
+    )
+    """The expert demos: --demos (default ``data/<suite>_<state|rgb<size>>_tasks<ids>_<n>ep_init0-<m>.hdf5``,
+    generated if missing, then reused), --extra-demos, --episodes-per-task, --demo-init-state-end (demos and GRPO
+    groups use init states 0 .. demo_init_state_end - 1; evaluation starts past them)."""
 
     # --- SFT warm start
     init_from: str | None = None
@@ -178,15 +177,15 @@ def demo_path(args: Args) -> str:
     tasks = "-".join(str(task_id) for task_id in args.task_ids)
     short = suite.libero_name.removeprefix("libero_")
     inputs = "state" if args.obs_mode == "state" else f"rgb{args.policy.image_size}"
-    return f"data/{short}_{inputs}_tasks{tasks}_{args.demo_episodes_per_task}ep_init0-{args.demo_init_state_end - 1}.hdf5"
+    demo = args.demo
+    return f"data/{short}_{inputs}_tasks{tasks}_{demo.episodes_per_task}ep_init0-{demo.demo_init_state_end - 1}.hdf5"
 
 
 def demo_args(args: Args) -> GenerateArgs:
     """The expert demos this run trains on (generated when the file is missing, then reused): state mode with the
     privileged object poses, or rgb with both cameras' frames (and no object poses)."""
-    return GenerateArgs(
-        suite=args.env_id, out=args.demos or demo_path(args), task_ids=args.task_ids,
-        episodes_per_task=args.demo_episodes_per_task, init_state_end=args.demo_init_state_end,
+    return args.demo.generate_args(
+        demo_path(args), suite=args.env_id, task_ids=args.task_ids,
         obs_mode="state" if args.obs_mode == "state" else "rgb+state", image_size=args.policy.image_size,
         object_state=args.obs_mode == "state", progress=args.progress_bar,
         workers=args.num_envs if args.vectorization_mode == "async" else 1,
@@ -231,7 +230,7 @@ def learner_settings(args: Args) -> tuple[type, dict]:
     grpo = dataclasses.replace(
         grpo,
         task_ids=grpo.task_ids or args.task_ids,
-        init_state_ids=grpo.init_state_ids or held_in_init_states(grpo.init_states, args.demo_init_state_end),
+        init_state_ids=grpo.init_state_ids or held_in_init_states(grpo.init_states, args.demo.demo_init_state_end),
         seed=args.seed if grpo.seed is None else grpo.seed,
         cache_dir=grpo.cache_dir or os.path.join(args.output_dir, "cache"),
     )
@@ -271,9 +270,9 @@ def check_resumable(args: Args, checkpoints: str, learner_class: type) -> None:
 
 
 def main(args: Args) -> dict:
-    if args.eval_init_state_start < args.demo_init_state_end:
+    if args.eval_init_state_start < args.demo.demo_init_state_end:
         print(f"warning: evaluation init states start at {args.eval_init_state_start}, inside the demos' and GRPO's "
-              f"0..{args.demo_init_state_end - 1}: they are not held out")  # fmt: skip
+              f"0..{args.demo.demo_init_state_end - 1}: they are not held out")  # fmt: skip
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)  # a clear error for a device this machine lacks, before any work
@@ -292,8 +291,9 @@ def main(args: Args) -> dict:
     # 1. Demonstrations (state mode: privileged object poses, see the module docstring; rgb mode: camera frames).
     generate = demo_args(args)
     demos = generate.out
-    episodes, _ = prepare_demos(generate)
-    print(f"{len(episodes)} demos, {sum(len(episode) for episode in episodes)} transitions from {demos}")
+    episodes, _ = args.demo.load(generate)
+    extra = "".join(f" + {path}" for path in args.demo.extra_demos)
+    print(f"{len(episodes)} demos, {sum(len(episode) for episode in episodes)} transitions from {demos}{extra}")
     timings["demos"] = time.time() - start
 
     # 2. SFT warm start (when resuming, the newest checkpoint's policy instead).

@@ -118,6 +118,64 @@ class ReplayArgs:
     """Replay at most this many demos."""
 
 
+@dataclasses.dataclass
+class DemoConfig:
+    """The expert demos a training run uses: one file, generated with the scripted expert when it is missing (then
+    reused), joined by extra files made by other settings. The training CLIs (``examples/train_grpo.py``,
+    ``benchmarks/sft_baseline.py``, ``benchmarks/sft_vs_grpo.py``) declare it with ``tyro.conf.OmitArgPrefixes``, so
+    its flags read ``--demos``, ``--extra-demos``, ``--episodes-per-task``..."""
+
+    demos: str | None = None
+    """Demo HDF5 file (default: a path under data/ the run names). Used as it is when it exists; otherwise generated
+    with the scripted expert (resuming ``<demos>.parts/``)."""
+    extra_demos: tuple[str, ...] = ()
+    """More demo files whose episodes join --demos' (they must exist, with the same tasks and frames): e.g. new
+    layouts, ``python -m gym_libero_vla.demos generate --init-states sampled --out data/spatial_rgb128_sampled.hdf5``,
+    or DART demos, ``generate --perturb-scale 0.3 --seed 1``."""
+    episodes_per_task: int = 20
+    """Successful expert demos per task to generate (only when the demo file is missing)."""
+    demo_init_state_end: int = 20
+    """Demos (and GRPO groups) come from init states 0 .. demo_init_state_end - 1; evaluation must start past them."""
+    filter_noops: bool = True
+    """Drop no-op steps from the demos, as OpenVLA's processed LIBERO data."""
+
+    def __post_init__(self) -> None:
+        for name in ("episodes_per_task", "demo_init_state_end"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} {value!r} must be an int >= 1")
+
+    def generate_args(self, default_path: str, **run) -> GenerateArgs:
+        """How to generate the file when it is missing: ``--demos`` (or ``default_path``), this config's episode count
+        and init states 0 .. demo_init_state_end - 1, and the run's own settings ``run`` (suite, task_ids, obs_mode,
+        image_size, object_state, seed, workers, progress)."""
+        return GenerateArgs(
+            out=self.demos or default_path, episodes_per_task=self.episodes_per_task, init_state_start=0,
+            init_state_end=self.demo_init_state_end, **run,
+        )  # fmt: skip
+
+    def load(self, generate: GenerateArgs) -> tuple[list, bool]:
+        """The episodes of ``generate.out`` (generated first when missing) and of ``extra_demos``, and whether the
+        file was generated now: :func:`prepare_demos`."""
+        return prepare_demos(generate, filter_noops=self.filter_noops, extra_files=self.extra_demos)
+
+    def summary(self, generate: GenerateArgs, episodes: list, generated: bool) -> dict:
+        """What a report says about the demos it trained on."""
+        return {
+            "path": generate.out, "extra_paths": list(self.extra_demos), "generated_this_run": generated,
+            "num_demos": len(episodes), "num_transitions": int(sum(len(episode) for episode in episodes)),
+        }  # fmt: skip
+
+
+def default_demo_path(suite: str, obs_mode: str, image_size: int) -> str:
+    """The benchmarks' shared demo file of a suite: ``data/<suite>_state.hdf5``, or ``data/<suite>_rgb<size>.hdf5``
+    with frames."""
+    from gym_libero_vla import suites
+
+    short_name = suites.resolve_suite(suite).libero_name.removeprefix("libero_")
+    return f"data/{short_name}_state.hdf5" if obs_mode == "state" else f"data/{short_name}_rgb{image_size}.hdf5"
+
+
 # ---------------------------------------------------------------------------------------------- rollout
 def episode_seed(seed: int, task_id: int, init_state_id: int) -> int:
     return int(seed) * 1_000_003 + task_id * 1000 + init_state_id

@@ -9,20 +9,22 @@ import tyro
 from reporting import command_line
 
 from gym_libero_vla.algos.sft import SFTConfig
+from gym_libero_vla.demos.generate import DemoConfig
 from gym_libero_vla.policies import CompactVLAConfig
 
 
 def test_command_line_spells_nested_configs_as_tyro_does_and_parses_back():
     args = sft_baseline.Args(
-        object_state=True, progress=False, task_ids=(0, 3), demos="data/spatial_state.hdf5",
+        object_state=True, progress=False, task_ids=(0, 3),
+        demo=DemoConfig(demos="data/spatial_state.hdf5", extra_demos=("a.hdf5", "b.hdf5"), filter_noops=False),
         sft=SFTConfig(batch_size=32, random_shift=4), policy=CompactVLAConfig(cameras=(), chunk_size=8, use_state=False,
                                                                              object_state_dim=3),
     )  # fmt: skip
     command = command_line(args, "benchmarks/sft_baseline.py")
     assert command == (
         "python benchmarks/sft_baseline.py --object-state --task-ids 0 3 --demos data/spatial_state.hdf5 "
-        "--sft.batch-size 32 --sft.random-shift 4 --policy.no-use-state --policy.object-state-dim 3 "
-        "--policy.chunk-size 8 --no-progress"
+        "--extra-demos a.hdf5 b.hdf5 --no-filter-noops --sft.batch-size 32 --sft.random-shift 4 --policy.no-use-state "
+        "--policy.object-state-dim 3 --policy.chunk-size 8 --no-progress"
     )
     assert tyro.cli(sft_baseline.Args, args=shlex.split(command)[2:]) == args
     assert command_line(sft_baseline.Args(), "benchmarks/sft_baseline.py") == "python benchmarks/sft_baseline.py"

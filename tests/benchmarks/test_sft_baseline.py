@@ -13,21 +13,25 @@ import pytest
 import sft_baseline  # benchmarks/ is on sys.path (conftest.py)
 
 from gym_libero_vla.algos import SFTConfig
+from gym_libero_vla.demos.generate import DemoConfig
 from gym_libero_vla.policies import CompactVLAConfig
 
 Args, main = sft_baseline.Args, sft_baseline.main
+DEMO_FIELDS = {field.name for field in dataclasses.fields(DemoConfig)}  # tiny_args(...) routes these to .demo
 
 
 def tiny_args(tmp_path, **overrides) -> Args:
     """Task 0 of LIBERO-Spatial: 2 demos (init states 0, 1), 20 SFT steps of a width-32 policy, 2 short episodes."""
     values = dict(
-        suite="spatial", task_ids=(0,), object_state=True, demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2,
-        demo_init_state_end=2, sft_steps=20, save_every=10, sft=SFTConfig(batch_size=8),
+        suite="spatial", task_ids=(0,), object_state=True,
+        sft_steps=20, save_every=10, sft=SFTConfig(batch_size=8),
         policy=CompactVLAConfig(cameras=(), hidden_size=32, num_heads=2, num_layers=1),
         eval_init_state_start=20, eval_num_init_states=2, max_episode_steps=30, output_dir=str(tmp_path / "run"),
         json_out=str(tmp_path / "results" / "sft_baseline.json"), progress=False,
     )  # fmt: skip
-    values.update(overrides)
+    demo = dict(demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2, demo_init_state_end=2)
+    demo.update({name: overrides.pop(name) for name in list(overrides) if name in DEMO_FIELDS})
+    values.update(overrides, demo=DemoConfig(**demo))
     return Args(**values)
 
 
@@ -142,7 +146,7 @@ def test_the_vision_recipe_runs_from_pixels(tmp_path):
     policy = load_policy(tmp_path / "run" / "sft")
     assert policy.observation_keys == ("instruction", "agentview", "wrist", "state")
     assert (policy.config.image_size, policy.config.encoder_size, policy.chunk_size) == (32, 16, 4)
-    with h5py.File(args.demos) as file:
+    with h5py.File(args.demo.demos) as file:
         frames = file["data/demo_0/obs/agentview_rgb"]
         assert frames.shape[1:] == (32, 32, 3) and "eye_in_hand_rgb" in file["data/demo_0/obs"]
     # A checkpoint that reads other cameras than asked for is refused before any work.

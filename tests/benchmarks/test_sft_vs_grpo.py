@@ -3,6 +3,7 @@ fine-tuning variants, evaluation, report and plot), and the same command again t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file  # benchmarks/ is on sys.path (conftest.py), as for `python benchmarks/...`
 
 from gym_libero_vla.algos import GRPOConfig, IReVLAConfig, SFTConfig
+from gym_libero_vla.demos.generate import DemoConfig
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
@@ -25,6 +27,7 @@ from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 Args, main, VARIANTS = sft_vs_grpo.Args, sft_vs_grpo.main, sft_vs_grpo.ISSUE_VARIANTS
+DEMO_FIELDS = {field.name for field in dataclasses.fields(DemoConfig)}  # tiny_args(...) routes these to .demo
 
 
 def tiny_args(tmp_path, **overrides) -> Args:
@@ -32,8 +35,8 @@ def tiny_args(tmp_path, **overrides) -> Args:
     two 10-step episodes, side by side in a sync vector env unless ``vectorization_mode="async"``), one 10-step
     evaluation episode (held-out init state 20) per policy."""
     values = dict(
-        suite="spatial", task_ids=(0,), seeds=(0,), demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2,
-        demo_init_state_end=2, sft_steps=10, sft_save_every=10, sft=SFTConfig(batch_size=8),
+        suite="spatial", task_ids=(0,), seeds=(0,),
+        sft_steps=10, sft_save_every=10, sft=SFTConfig(batch_size=8),
         policy=CompactVLAConfig(cameras=(), hidden_size=32, num_heads=2, num_layers=1), total_timesteps=20,
         grpo=GRPOConfig(num_groups=1, group_size=2, num_epochs=1, minibatch_size=16, max_sampling_rounds=1),
         irevla=IReVLAConfig(rl_updates_per_stage=1, sl_steps_per_stage=2, sl_batch_size=8), rollout_num_envs=2,
@@ -41,7 +44,9 @@ def tiny_args(tmp_path, **overrides) -> Args:
         curve_num_init_states=1, output_dir=str(tmp_path / "run"), json_out=str(tmp_path / "results" / "sft_vs_grpo.json"),
         vectorization_mode="sync", videos=False, progress=False,
     )  # fmt: skip
-    values.update(overrides)
+    demo = dict(demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2, demo_init_state_end=2)
+    demo.update({name: overrides.pop(name) for name in list(overrides) if name in DEMO_FIELDS})
+    values.update(overrides, demo=DemoConfig(**demo))
     return Args(**values)
 
 

@@ -17,8 +17,16 @@ import numpy as np
 import pytest
 
 import gym_libero_vla  # noqa: F401
-from gym_libero_vla.demos import LiberoHDF5, replay_success
-from gym_libero_vla.demos.generate import GenerateArgs, ReplayArgs, generate, prepare_demos, replay_file
+from gym_libero_vla.demos import LiberoHDF5, load_episodes, replay_success
+from gym_libero_vla.demos.generate import (
+    DemoConfig,
+    GenerateArgs,
+    ReplayArgs,
+    default_demo_path,
+    generate,
+    prepare_demos,
+    replay_file,
+)
 from gym_libero_vla.run_lock import exclusive
 
 
@@ -402,3 +410,33 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
         generate(dataclasses.replace(args, init_states="suite"))
     with pytest.raises(ValueError, match="unknown init_states 'random'.*'suite'.*'sampled'"):
         generate(dataclasses.replace(args, out=str(tmp_path / "x.hdf5"), init_states="random"))
+
+
+def test_demo_config_is_the_one_way_runs_name_their_demos(spatial_demo_file, tmp_path):
+    """DemoConfig (the training CLIs' --demos, --extra-demos, --episodes-per-task...) builds the generator's settings,
+    loads the file and the extra ones, and says what a report needs; bad counts are refused by name."""
+    config = DemoConfig(episodes_per_task=3, demo_init_state_end=7, extra_demos=(str(spatial_demo_file),))
+    generate_args = config.generate_args(str(tmp_path / "default.hdf5"), suite="spatial", task_ids=(0,), progress=False)
+    assert (generate_args.out, generate_args.episodes_per_task) == (str(tmp_path / "default.hdf5"), 3)
+    assert (generate_args.init_state_start, generate_args.init_state_end) == (0, 7)
+    named = dataclasses.replace(config, demos=str(spatial_demo_file), extra_demos=())
+    assert named.generate_args(str(tmp_path / "default.hdf5"), suite="spatial").out == str(spatial_demo_file)
+
+    both = dataclasses.replace(named, extra_demos=(str(spatial_demo_file),))
+    generate_args = both.generate_args("unused", suite="spatial", task_ids=(0,), progress=False)
+    one, generated = named.load(generate_args)
+    two, _ = both.load(generate_args)
+    assert not generated and len(two) == 2 * len(one) > 0  # the file is reused, the extra file's episodes join
+    summary = both.summary(generate_args, two, generated)
+    assert summary == {
+        "path": str(spatial_demo_file), "extra_paths": [str(spatial_demo_file)], "generated_this_run": False,
+        "num_demos": len(two), "num_transitions": sum(len(episode) for episode in two),
+    }  # fmt: skip
+    kept, _ = dataclasses.replace(named, filter_noops=False).load(generate_args)
+    raw = load_episodes(str(spatial_demo_file), filter_noops=False, load_images=False)
+    assert [len(episode) for episode in kept] == [len(episode) for episode in raw if episode.task_id == 0]
+    for bad in (dict(episodes_per_task=0), dict(demo_init_state_end=-1)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} -?[0-9]+ must be an int >= 1"):
+            DemoConfig(**bad)
+    assert default_demo_path("LiberoObject-v0", "rgb+state", 128) == "data/object_rgb128.hdf5"
+    assert default_demo_path("spatial", "state", 128) == "data/spatial_state.hdf5"

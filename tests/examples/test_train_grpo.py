@@ -19,6 +19,7 @@ import pytest
 from gym_libero_vla.algos.base import latest_checkpoint
 from gym_libero_vla.algos.grpo import GRPO
 from gym_libero_vla.algos.irevla import IReVLA
+from gym_libero_vla.demos.generate import DemoConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "train_grpo.py")
@@ -28,7 +29,7 @@ def test_runs_end_to_end_with_tiny_budgets(tmp_path):
     run = tmp_path / "run"
     command = [
         sys.executable, SCRIPT, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
-        "--task-ids", "0", "--demo-episodes-per-task", "2", "--sft-steps", "5",
+        "--task-ids", "0", "--episodes-per-task", "2", "--sft-steps", "5",
         "--policy.hidden-size", "32", "--policy.num-heads", "2",
         "--total-timesteps", "10", "--grpo.num-groups", "1", "--grpo.group-size", "2", "--max-episode-steps", "5",
         "--eval-episodes-per-task", "1", "--checkpoint-freq", "5", "--no-progress-bar",
@@ -68,7 +69,7 @@ def tiny_command(tmp_path, *flags: str) -> list[str]:
     """The main job on task 0 with one demo, a width-32 policy, one group of two episodes, one evaluation episode."""
     return [
         sys.executable, SCRIPT, *flags, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(tmp_path / "run"),
-        "--task-ids", "0", "--demo-episodes-per-task", "1", "--policy.hidden-size", "32", "--policy.num-heads", "2",
+        "--task-ids", "0", "--episodes-per-task", "1", "--policy.hidden-size", "32", "--policy.num-heads", "2",
         "--grpo.num-groups", "1", "--grpo.group-size", "2", "--eval-episodes-per-task", "1", "--no-progress-bar",
     ]  # fmt: skip
 
@@ -130,7 +131,9 @@ def test_obs_mode_and_policy_must_agree(tmp_path):
         import train_grpo
     finally:
         sys.path.remove(os.path.join(REPO, "examples"))
-    args = train_grpo.Args(obs_mode="rgb", output_dir=str(tmp_path / "run"), demos=str(tmp_path / "demos.hdf5"))
+    args = train_grpo.Args(
+        obs_mode="rgb", output_dir=str(tmp_path / "run"), demo=DemoConfig(demos=str(tmp_path / "demos.hdf5"))
+    )
     with pytest.raises(ValueError, match="obs_mode 'rgb' needs a policy that reads cameras: pass --policy.cameras"):
         train_grpo.main(args)
     state_with_cameras = dataclasses.replace(train_grpo.default_args("rgb"), obs_mode="state", output_dir=args.output_dir)
@@ -148,7 +151,7 @@ def test_obs_mode_and_policy_must_agree(tmp_path):
 def test_help_documents_every_field():
     result = subprocess.run([sys.executable, SCRIPT, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for flag in ("--task-ids", "--demo-episodes-per-task", "--init-from", "--sft-steps", "--total-timesteps",
+    for flag in ("--task-ids", "--episodes-per-task", "--extra-demos", "--init-from", "--sft-steps", "--total-timesteps",
                  "--grpo.group-size", "--grpo.num-groups", "--eval-init-state-start", "--max-episode-steps"):  # fmt: skip
         assert flag in result.stdout
 
@@ -166,7 +169,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     command = [
         sys.executable, SCRIPT, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
-        "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2",
+        "--task-ids", "0", "--episodes-per-task", "1", "--sft-steps", "2",
         "--policy.hidden-size", "32", "--policy.num-heads", "2",
         "--total-timesteps", "60", "--grpo.num-groups", "1", "--grpo.group-size", "2", "--max-episode-steps", "5",
         "--eval-episodes-per-task", "1", "--video-episodes", "0", "--checkpoint-freq", "10", "--no-progress-bar",
@@ -197,7 +200,7 @@ def test_async_run_trains_and_resumes(tmp_path):
     run = tmp_path / "run"
     command = [
         sys.executable, SCRIPT, "--async", "--pipeline.num-workers", "1", "--demos", str(tmp_path / "demos.hdf5"),
-        "--output-dir", str(run), "--task-ids", "0", "--demo-episodes-per-task", "1", "--sft-steps", "2",
+        "--output-dir", str(run), "--task-ids", "0", "--episodes-per-task", "1", "--sft-steps", "2",
 
         "--policy.hidden-size", "32", "--policy.num-heads", "2", "--total-timesteps", "20",
         "--grpo.num-groups", "1", "--grpo.group-size", "2",
