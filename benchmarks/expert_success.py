@@ -71,7 +71,7 @@ def main(args: Args) -> dict:
     for suite in args.suites:
         spec = suites.resolve_suite(suite)
         tasks = suites.suite_tasks(spec.libero_name)
-        task_ids = range(len(tasks)) if args.task_ids is None else args.task_ids
+        task_ids = suites.resolve_task_ids(spec.env_id, args.task_ids)
         env = gym.make(spec.env_id, obs_mode="state", max_cached_tasks=1)
         expert = ScriptedExpert(env)
         suite_report = {"tasks": {}}

@@ -127,11 +127,7 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
         raise ValueError("seeds is empty: give at least one evaluation seed")
     if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, SFT.config_filename)):
         raise ValueError(f"init_from {args.init_from!r} is not an SFT checkpoint directory (no {SFT.config_filename} in it)")
-    tasks = suites.suite_tasks(suite.libero_name)
-    task_ids = tuple(range(len(tasks))) if args.task_ids is None else tuple(args.task_ids)
-    for task_id in task_ids or (None,):
-        if task_id is None or not 0 <= task_id < len(tasks):
-            raise ValueError(f"unknown task_id {task_id} for {suite.env_id}: valid 0..{len(tasks) - 1}")
+    task_ids = suites.resolve_task_ids(suite.env_id, args.task_ids)
     init_state_ids = tuple(range(args.eval_init_state_start, args.eval_init_state_start + args.eval_num_init_states))
     for task_id in task_ids:
         num_init_states = suites.task_init_states(suite.libero_name, task_id).shape[0]

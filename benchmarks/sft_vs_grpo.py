@@ -223,11 +223,7 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
         )
     resolve_device(args.device)
     suite = suites.resolve_suite(args.suite)
-    tasks = suites.suite_tasks(suite.libero_name)
-    task_ids = tuple(range(len(tasks))) if args.task_ids is None else tuple(args.task_ids)
-    for task_id in task_ids:
-        if not 0 <= task_id < len(tasks):
-            raise ValueError(f"unknown task_id {task_id} for {suite.env_id}: valid 0..{len(tasks) - 1}")
+    task_ids = suites.resolve_task_ids(suite.env_id, args.task_ids)
     init_state_ids = tuple(range(args.eval_init_state_start, args.eval_init_state_start + args.eval_num_init_states))
     if args.sft_checkpoint is not None:
         keys = load_policy(args.sft_checkpoint).observation_keys

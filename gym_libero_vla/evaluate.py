@@ -35,7 +35,7 @@ import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.policies.base import VLAPolicy, load_policy, weights_fingerprint
 from gym_libero_vla.rollouts import Rollout, Start, run_episodes
 from gym_libero_vla.run_lock import exclusive
-from gym_libero_vla.suites import resolve_suite, suite_tasks
+from gym_libero_vla.suites import resolve_suite, resolve_task_ids, suite_tasks
 
 CAMERA_KEYS = ("agentview", "wrist")
 VECTORIZATION_MODES = ("sync", "async")
@@ -147,7 +147,7 @@ def evaluate_policy(
     suite = resolve_suite(env_id)
     tasks = suite_tasks(suite.libero_name)
     if starts is None:
-        task_ids = tuple(range(len(tasks))) if task_ids is None else tuple(int(task_id) for task_id in task_ids)
+        task_ids = resolve_task_ids(suite.env_id, task_ids)
         init_state_ids, seeds = tuple(int(i) for i in init_state_ids), tuple(int(seed) for seed in seeds)
         if not init_state_ids:
             raise ValueError("init_state_ids is empty: give at least one init state")

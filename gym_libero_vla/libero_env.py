@@ -32,7 +32,14 @@ from gym_libero_vla import rendering
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
 from gym_libero_vla.fidelity import check_mujoco_version, init_predicates
 from gym_libero_vla.instruction_space import InstructionText
-from gym_libero_vla.suites import libero_modules, quiet, resolve_suite, suite_tasks, task_init_states
+from gym_libero_vla.suites import (
+    libero_modules,
+    quiet,
+    resolve_suite,
+    resolve_task_ids,
+    suite_tasks,
+    task_init_states,
+)
 from gym_libero_vla.wrappers.openvla_gripper import check_gripper_convention, openvla_gripper_to_libero
 
 OBS_MODES = ("state", "rgb", "rgb+state")
@@ -178,16 +185,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             raise ValueError(f"max_env_steps {max_env_steps!r} must be an int >= 1 or None")
 
         self.tasks = suite_tasks(self.suite)
-        all_ids = tuple(range(len(self.tasks)))
-        if task_ids is None:
-            task_ids = all_ids
-        task_ids = tuple(int(t) for t in task_ids)
-        bad = [t for t in task_ids if t not in all_ids]
-        if bad or not task_ids:
-            raise ValueError(
-                f"unknown task_id {bad[0] if bad else task_ids} for {self.suite_spec.env_id}: valid 0..{len(all_ids) - 1}"
-            )
-        self.task_ids = task_ids
+        self.task_ids = resolve_task_ids(self.suite_spec.env_id, task_ids)
         self.obs_mode = obs_mode
         self.cameras = cameras if "rgb" in obs_mode else ()
         self.image_size = (int(height), int(width))

@@ -119,6 +119,20 @@ def suite_tasks(libero_name: str) -> tuple[TaskInfo, ...]:
     return tuple(tasks)
 
 
+def resolve_task_ids(suite: str, task_ids=None) -> tuple[int, ...]:
+    """The tasks ``task_ids`` names in ``suite`` (a short name, LIBERO name or env id), every task when None; an
+    unknown id, or none at all, is refused naming the valid ones."""
+    spec = resolve_suite(suite)
+    num_tasks = len(suite_tasks(spec.libero_name))
+    if task_ids is None:
+        return tuple(range(num_tasks))
+    ids = tuple(int(task_id) for task_id in task_ids)
+    bad = [task_id for task_id in ids if not 0 <= task_id < num_tasks]
+    if bad or not ids:
+        raise ValueError(f"unknown task_id {bad[0] if bad else ids} for {spec.env_id}: valid 0..{num_tasks - 1}")
+    return ids
+
+
 @functools.cache
 def task_init_states(libero_name: str, task_id: int) -> np.ndarray:
     """The suite's fixed initial MuJoCo states for one task, shape (num_init_states, state_dim)."""

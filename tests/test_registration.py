@@ -1,8 +1,9 @@
 import gymnasium as gym
+import numpy as np
 import pytest
 
 import gym_libero_vla
-from gym_libero_vla.suites import SUITES, resolve_suite
+from gym_libero_vla.suites import SUITES, resolve_suite, resolve_task_ids
 
 EXPECTED_LIMITS = {
     "LiberoSpatial-v0": 220,
@@ -39,6 +40,15 @@ def test_suite_names_resolve(name):
 def test_unknown_suite_lists_choices():
     with pytest.raises(ValueError, match="libero_spatial"):
         resolve_suite("libero_spatiall")
+
+
+def test_task_ids_resolve_in_one_place():
+    """Every CLI, the env and evaluation check task ids with resolve_task_ids: None is every task, others are checked."""
+    assert resolve_task_ids("spatial") == tuple(range(10))
+    assert resolve_task_ids("LiberoObject-v0", [np.int64(3), 1]) == (3, 1)
+    for bad, named in (([12], "12"), ([0, -1], "-1"), ((), r"\(\)")):
+        with pytest.raises(ValueError, match=f"unknown task_id {named} for LiberoSpatial-v0: valid 0..9"):
+            resolve_task_ids("spatial", bad)
 
 
 def test_registration_imports_nothing_heavy():

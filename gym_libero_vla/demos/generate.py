@@ -395,11 +395,7 @@ def generate(args: GenerateArgs) -> dict:
         raise ValueError(f"workers {args.workers!r} must be an int >= 1")
     if args.init_states not in INIT_STATES:
         raise ValueError(f"unknown init_states {args.init_states!r}: valid {INIT_STATES}")
-    tasks = suites.suite_tasks(spec.libero_name)
-    task_ids = tuple(range(len(tasks))) if args.task_ids is None else tuple(args.task_ids)
-    bad = [t for t in task_ids if not 0 <= t < len(tasks)]
-    if bad:
-        raise ValueError(f"unknown task_id {bad[0]} for {spec.env_id}: valid 0..{len(tasks) - 1}")
+    task_ids = suites.resolve_task_ids(spec.env_id, args.task_ids)
 
     out = os.path.abspath(args.out)
     # Two generators on one file would redo the same episodes, and one's removal of leftover temp files or its
@@ -476,7 +472,7 @@ def _load_checked(path: str, args: GenerateArgs, filter_noops: bool) -> list:
     if recorded is not None and suites.resolve_suite(recorded).libero_name != spec.libero_name:
         raise ValueError(f"{path} holds {recorded} demos, not {spec.libero_name}: give demos of the suite you train on")
     episodes = load_episodes(path, filter_noops=filter_noops, load_images=args.obs_mode == "rgb+state")
-    task_ids = args.task_ids if args.task_ids is not None else tuple(range(len(suites.suite_tasks(spec.libero_name))))
+    task_ids = suites.resolve_task_ids(spec.env_id, args.task_ids)
     present = sorted({episode.task_id for episode in episodes})
     missing = [task_id for task_id in task_ids if task_id not in present]
     if missing:
