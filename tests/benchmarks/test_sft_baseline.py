@@ -11,13 +11,12 @@ import shutil
 import h5py
 import pytest
 import sft_baseline  # benchmarks/ is on sys.path (conftest.py)
+from tiny_demos import tiny_demo_config
 
 from gym_libero_vla.algos import SFTConfig
-from gym_libero_vla.demos.generate import DemoConfig
 from gym_libero_vla.policies import CompactVLAConfig
 
 Args, main = sft_baseline.Args, sft_baseline.main
-DEMO_FIELDS = {field.name for field in dataclasses.fields(DemoConfig)}  # tiny_args(...) routes these to .demo
 
 
 def tiny_args(tmp_path, **overrides) -> Args:
@@ -29,9 +28,8 @@ def tiny_args(tmp_path, **overrides) -> Args:
         eval_init_state_start=20, eval_num_init_states=2, max_episode_steps=30, output_dir=str(tmp_path / "run"),
         json_out=str(tmp_path / "results" / "sft_baseline.json"), progress=False,
     )  # fmt: skip
-    demo = dict(demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2, demo_init_state_end=2)
-    demo.update({name: overrides.pop(name) for name in list(overrides) if name in DEMO_FIELDS})
-    values.update(overrides, demo=DemoConfig(**demo))
+    demo = tiny_demo_config(tmp_path, overrides)
+    values.update(overrides, demo=demo)
     return Args(**values)
 
 

@@ -3,7 +3,6 @@ fine-tuning variants, evaluation, report and plot), and the same command again t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -17,9 +16,9 @@ import pytest
 import sft_vs_grpo
 import torch
 from safetensors.torch import load_file  # benchmarks/ is on sys.path (conftest.py), as for `python benchmarks/...`
+from tiny_demos import tiny_demo_config
 
 from gym_libero_vla.algos import GRPOConfig, IReVLAConfig, SFTConfig
-from gym_libero_vla.demos.generate import DemoConfig
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
@@ -27,7 +26,6 @@ from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 Args, main, VARIANTS = sft_vs_grpo.Args, sft_vs_grpo.main, sft_vs_grpo.ISSUE_VARIANTS
-DEMO_FIELDS = {field.name for field in dataclasses.fields(DemoConfig)}  # tiny_args(...) routes these to .demo
 
 
 def tiny_args(tmp_path, **overrides) -> Args:
@@ -44,9 +42,8 @@ def tiny_args(tmp_path, **overrides) -> Args:
         curve_num_init_states=1, output_dir=str(tmp_path / "run"), json_out=str(tmp_path / "results" / "sft_vs_grpo.json"),
         vectorization_mode="sync", videos=False, progress=False,
     )  # fmt: skip
-    demo = dict(demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2, demo_init_state_end=2)
-    demo.update({name: overrides.pop(name) for name in list(overrides) if name in DEMO_FIELDS})
-    values.update(overrides, demo=DemoConfig(**demo))
+    demo = tiny_demo_config(tmp_path, overrides)
+    values.update(overrides, demo=demo)
     return Args(**values)
 
 
