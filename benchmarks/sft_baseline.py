@@ -128,14 +128,9 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, SFT.config_filename)):
         raise ValueError(f"init_from {args.init_from!r} is not an SFT checkpoint directory (no {SFT.config_filename} in it)")
     task_ids = suites.resolve_task_ids(suite.env_id, args.task_ids)
-    init_state_ids = tuple(range(args.eval_init_state_start, args.eval_init_state_start + args.eval_num_init_states))
-    for task_id in task_ids:
-        num_init_states = suites.task_init_states(suite.libero_name, task_id).shape[0]
-        if init_state_ids[0] < 0 or init_state_ids[-1] >= num_init_states:
-            bad = init_state_ids[0] if init_state_ids[0] < 0 else init_state_ids[-1]
-            raise ValueError(
-                f"unknown init_state_id {bad} for task {task_id} of {suite.env_id}: valid 0..{num_init_states - 1}"
-            )
+    init_state_ids = suites.resolve_init_state_ids(
+        suite.env_id, task_ids, range(args.eval_init_state_start, args.eval_init_state_start + args.eval_num_init_states)
+    )
     return suite, task_ids, init_state_ids
 
 

@@ -224,7 +224,9 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     resolve_device(args.device)
     suite = suites.resolve_suite(args.suite)
     task_ids = suites.resolve_task_ids(suite.env_id, args.task_ids)
-    init_state_ids = tuple(range(args.eval_init_state_start, args.eval_init_state_start + args.eval_num_init_states))
+    init_state_ids = suites.resolve_init_state_ids(
+        suite.env_id, task_ids, range(args.eval_init_state_start, args.eval_init_state_start + args.eval_num_init_states)
+    )
     if args.sft_checkpoint is not None:
         keys = load_policy(args.sft_checkpoint).observation_keys
         cameras = tuple(key for key in keys if key in CAMERA_KEYS)

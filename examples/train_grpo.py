@@ -59,7 +59,7 @@ from gym_libero_vla.demos.generate import DemoConfig, GenerateArgs
 from gym_libero_vla.evaluate import CAMERA_KEYS, env_kwargs_for_policy, evaluate_policy, write_report
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy, resolve_device
 from gym_libero_vla.rollouts import held_in_init_states
-from gym_libero_vla.suites import resolve_suite, suite_tasks
+from gym_libero_vla.suites import resolve_init_state_ids, resolve_suite, suite_tasks
 
 LEARNERS = {"grpo": GRPO, "irevla": IReVLA}
 OBS_MODES = ("state", "rgb")
@@ -282,6 +282,8 @@ def main(args: Args) -> dict:
     learner_class, hyperparameters = learner_settings(args)  # bad settings fail here, before any work
     suite = resolve_suite(args.env_id)
     tasks = suite_tasks(suite.libero_name)
+    eval_end = args.eval_init_state_start + args.eval_episodes_per_task
+    eval_init_states = resolve_init_state_ids(suite.env_id, args.task_ids, range(args.eval_init_state_start, eval_end))
     checkpoints = os.path.join(args.output_dir, "checkpoints")
     if args.resume:
         check_resumable(args, checkpoints, learner_class)
@@ -306,8 +308,6 @@ def main(args: Args) -> dict:
     timings["sft"] = time.time() - start - sum(timings.values())
 
     # 3. Evaluate before, on held-out init states (reused when resuming).
-    eval_init_states = tuple(range(args.eval_init_state_start, args.eval_init_state_start + args.eval_episodes_per_task))
-
     def evaluate(stage: str, evaluated_policy) -> dict:
         results = evaluate_policy(
             evaluated_policy, suite.env_id, args.task_ids, eval_init_states, seeds=(args.seed,),

@@ -35,7 +35,7 @@ import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.policies.base import VLAPolicy, load_policy, weights_fingerprint
 from gym_libero_vla.rollouts import Rollout, Start, run_episodes
 from gym_libero_vla.run_lock import exclusive
-from gym_libero_vla.suites import resolve_suite, resolve_task_ids, suite_tasks
+from gym_libero_vla.suites import resolve_init_state_ids, resolve_suite, resolve_task_ids, suite_tasks
 
 CAMERA_KEYS = ("agentview", "wrist")
 VECTORIZATION_MODES = ("sync", "async")
@@ -148,9 +148,8 @@ def evaluate_policy(
     tasks = suite_tasks(suite.libero_name)
     if starts is None:
         task_ids = resolve_task_ids(suite.env_id, task_ids)
-        init_state_ids, seeds = tuple(int(i) for i in init_state_ids), tuple(int(seed) for seed in seeds)
-        if not init_state_ids:
-            raise ValueError("init_state_ids is empty: give at least one init state")
+        init_state_ids = resolve_init_state_ids(suite.env_id, task_ids, init_state_ids)
+        seeds = tuple(int(seed) for seed in seeds)
         if not seeds:
             raise ValueError("seeds is empty: give at least one seed")
         starts = [Start(t, i, s) for t in task_ids for i in init_state_ids for s in seeds]

@@ -35,6 +35,7 @@ from gym_libero_vla.instruction_space import InstructionText
 from gym_libero_vla.suites import (
     libero_modules,
     quiet,
+    resolve_init_state_ids,
     resolve_suite,
     resolve_task_ids,
     suite_tasks,
@@ -349,12 +350,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
                     init_state_id = (seed // len(self.task_ids)) % len(init_states)
                 else:
                     init_state_id = int(self.np_random.integers(len(init_states)))
-            if not (isinstance(init_state_id, (int, np.integer)) and 0 <= init_state_id < len(init_states)):
-                raise ValueError(
-                    f"unknown init_state_id {init_state_id!r} for task {task_id} of {self.suite_spec.env_id}: "
-                    f"valid 0..{len(init_states) - 1}"
-                )
-            init_state_id = int(init_state_id)
+            (init_state_id,) = resolve_init_state_ids(self.suite, (task_id,), (init_state_id,))
             init_state = init_states[init_state_id]
 
         sim = self._simulator(task_id)

@@ -133,6 +133,25 @@ def resolve_task_ids(suite: str, task_ids=None) -> tuple[int, ...]:
     return ids
 
 
+def resolve_init_state_ids(suite: str, task_ids, init_state_ids) -> tuple[int, ...]:
+    """The stored init states ``init_state_ids`` names, checked against every task of ``task_ids`` in ``suite``; a
+    non-integer or unknown id, or none at all, is refused naming the valid ones."""
+    spec = resolve_suite(suite)
+    ids = tuple(init_state_ids)
+    if not ids:
+        raise ValueError(f"init_state_ids is empty: give at least one init state of {spec.env_id}")
+    for task_id in resolve_task_ids(spec.env_id, task_ids):
+        num_init_states = task_init_states(spec.libero_name, task_id).shape[0]
+        for init_state_id in ids:
+            valid = isinstance(init_state_id, (int, np.integer)) and not isinstance(init_state_id, bool)
+            if not (valid and 0 <= init_state_id < num_init_states):
+                raise ValueError(
+                    f"unknown init_state_id {init_state_id!r} for task {task_id} of {spec.env_id}: "
+                    f"valid 0..{num_init_states - 1}"
+                )
+    return tuple(int(init_state_id) for init_state_id in ids)
+
+
 @functools.cache
 def task_init_states(libero_name: str, task_id: int) -> np.ndarray:
     """The suite's fixed initial MuJoCo states for one task, shape (num_init_states, state_dim)."""

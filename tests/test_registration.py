@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import gym_libero_vla
-from gym_libero_vla.suites import SUITES, resolve_suite, resolve_task_ids
+from gym_libero_vla.suites import SUITES, resolve_init_state_ids, resolve_suite, resolve_task_ids
 
 EXPECTED_LIMITS = {
     "LiberoSpatial-v0": 220,
@@ -49,6 +49,19 @@ def test_task_ids_resolve_in_one_place():
     for bad, named in (([12], "12"), ([0, -1], "-1"), ((), r"\(\)")):
         with pytest.raises(ValueError, match=f"unknown task_id {named} for LiberoSpatial-v0: valid 0..9"):
             resolve_task_ids("spatial", bad)
+
+
+def test_init_state_ids_resolve_in_one_place():
+    """The env, evaluation and the CLIs check stored init state ids with resolve_init_state_ids, against every task."""
+    assert resolve_init_state_ids("spatial", None, range(20, 50)) == tuple(range(20, 50))
+    assert resolve_init_state_ids("LiberoObject-v0", [3], [np.int64(49), 0]) == (49, 0)
+    for bad, named in (([50], "50"), ([0, -1], "-1"), ([1.0], "1.0"), ([True], "True")):
+        with pytest.raises(ValueError, match=f"unknown init_state_id {named} for task 0 of LiberoSpatial-v0: valid 0..49"):
+            resolve_init_state_ids("spatial", None, bad)
+    with pytest.raises(ValueError, match="init_state_ids is empty: give at least one init state of LiberoGoal-v0"):
+        resolve_init_state_ids("goal", [0], ())
+    with pytest.raises(ValueError, match="unknown task_id 10"):
+        resolve_init_state_ids("spatial", [10], [0])
 
 
 def test_registration_imports_nothing_heavy():

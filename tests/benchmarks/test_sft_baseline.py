@@ -117,7 +117,7 @@ def test_bad_input_names_the_valid_choices(tmp_path):
         main(tiny_args(tmp_path, task_ids=(12,)))
     with pytest.raises(ValueError, match=r"unknown obs_mode 'rgb': valid \('state', 'rgb\+state'\)"):
         main(tiny_args(tmp_path, obs_mode="rgb"))
-    with pytest.raises(ValueError, match="unknown init_state_id 59 for task 0 of LiberoSpatial-v0: valid 0..49"):
+    with pytest.raises(ValueError, match="unknown init_state_id 58 for task 0 of LiberoSpatial-v0: valid 0..49"):
         main(tiny_args(tmp_path, eval_init_state_start=58))
     with pytest.raises(ValueError, match="is not an SFT checkpoint directory"):
         main(tiny_args(tmp_path, init_from=str(tmp_path)))

@@ -174,6 +174,8 @@ def test_bad_input_names_the_valid_choices(tmp_path):
         main(tiny_args(tmp_path, demo_init_state_end=20, eval_init_state_start=10))
     with pytest.raises(ValueError, match="unknown task_id 12 for LiberoSpatial-v0: valid 0..9"):
         main(tiny_args(tmp_path, task_ids=(12,)))
+    with pytest.raises(ValueError, match="unknown init_state_id 50 for task 0 of LiberoSpatial-v0: valid 0..49"):
+        main(tiny_args(tmp_path, eval_init_state_start=45, eval_num_init_states=6))
     with pytest.raises(ValueError, match="group_size 1 must be an int >= 2"):
         main(tiny_args(tmp_path, grpo=GRPOConfig(group_size=1), rollout_num_envs=1))
     with pytest.raises(ValueError, match="rollout_num_envs 3 must be an int >= 1 that divides group_size 2"):

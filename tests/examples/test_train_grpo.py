@@ -141,6 +141,10 @@ def test_obs_mode_and_policy_must_agree(tmp_path):
         train_grpo.main(state_with_cameras)
     with pytest.raises(ValueError, match=r"unknown obs_mode 'pixels': valid \('state', 'rgb'\)"):
         train_grpo.default_args("pixels")
+    past_the_states = dataclasses.replace(train_grpo.default_args("state"), eval_init_state_start=48,
+                                          output_dir=args.output_dir)  # fmt: skip
+    with pytest.raises(ValueError, match="unknown init_state_id 50 for task 0 of LiberoSpatial-v0: valid 0..49"):
+        train_grpo.main(past_the_states)
     assert not os.listdir(tmp_path)  # refused before any work
     # --help after --obs-mode rgb shows the recipe's defaults
     result = subprocess.run([sys.executable, SCRIPT, "--obs-mode", "rgb", "--help"], cwd=REPO, capture_output=True,
