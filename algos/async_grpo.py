@@ -309,6 +309,8 @@ class AsyncGRPO(GRPO):
             raise ValueError("AsyncGRPO has no env: pass env= to AsyncGRPO(...) or AsyncGRPO.load(..., env=...)")
         if reset_num_timesteps:
             self._committed_timesteps = 0
+        if self.ema is not None:
+            self.ema.put_training()  # the workers start from the training weights, as GRPO's own rollouts sample them
         try:
             self._start_pipeline()
             return super().learn(
@@ -316,6 +318,8 @@ class AsyncGRPO(GRPO):
             )
         finally:
             self._stop_pipeline()
+            if self.ema is not None:
+                self.ema.put_averaged()
 
     # ------------------------------------------------------------------ checkpoints
     def _save_state(self, directory: str) -> dict[str, Any]:

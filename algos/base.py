@@ -63,6 +63,12 @@ def check_positive(config, *names: str) -> None:
             raise ValueError(f"{name} {value!r} must be a finite number > 0")
 
 
+def check_ema_decay(config) -> None:
+    """A learner's ``ema_decay`` must lie in [0, 1) (0: no moving average of the weights)."""
+    if not (is_finite(config.ema_decay) and 0 <= config.ema_decay < 1):
+        raise ValueError(f"ema_decay {config.ema_decay!r} must be in [0, 1) (0: no moving average)")
+
+
 def check_ints(config, **minimums: int) -> None:
     """Each named field of ``config`` must be an int >= its minimum."""
     for name, minimum in minimums.items():
@@ -186,11 +192,11 @@ class BaseLearner:
                 f"chunk of {policy.chunk_size}: make the env with action_chunk={policy.execute_steps}"
             )
 
-    def _make_ema(self, decay: float) -> WeightEMA | None:
-        """A :class:`WeightEMA` of the trainable weights (None for ``decay`` 0)."""
+    def _make_ema(self, decay: float, warmup: bool = True) -> WeightEMA | None:
+        """A :class:`WeightEMA` of the trainable weights (None for ``decay`` 0); ``warmup`` as it says."""
         if not decay:
             return None
-        return WeightEMA([(name, p) for name, p in self.policy.named_parameters() if p.requires_grad], decay)
+        return WeightEMA([(name, p) for name, p in self.policy.named_parameters() if p.requires_grad], decay, warmup)
 
     @contextlib.contextmanager
     def averaged_weights(self):

@@ -7,7 +7,9 @@ policy and most pixel-BC recipes evaluate such an average). After every optimize
     averaged <- d_t * averaged + (1 - d_t) * weights,    d_t = min(decay, (1 + t) / (10 + t))
 
 where ``t`` counts the updates (the warm-up keeps the first steps' random weights from dominating, as TensorFlow's
-``ExponentialMovingAverage(num_updates=...)``).
+``ExponentialMovingAverage(num_updates=...)``). Fine-tuning from a trained policy (``GRPO(ema_decay=...)``) starts
+the average at that policy and has no warm-up (``warmup=False``, ``d_t = decay``): its first steps are not noise to
+forget, and the average should leave the starting point only as fast as the decay says.
 
 A learner with one (``SFT(ema_decay=...)``) trains its weights as usual; outside ``learn`` its policy holds the
 averaged ones (what ``predict``, evaluation and ``save`` see), the training weights kept aside and written beside
@@ -28,9 +30,10 @@ EMA_FILENAME = "ema_training_weights.pt"
 class WeightEMA:
     """The moving average of ``parameters`` (by ``names``, for checkpoints), and which set the parameters hold."""
 
-    def __init__(self, named_parameters: Sequence[tuple[str, torch.nn.Parameter]], decay: float):
+    def __init__(self, named_parameters: Sequence[tuple[str, torch.nn.Parameter]], decay: float, warmup: bool = True):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema decay {decay!r} must be in (0, 1)")
+        self.warmup = bool(warmup)
         self.names = [name for name, _ in named_parameters]
         self.parameters = [parameter for _, parameter in named_parameters]
         self.decay = float(decay)
@@ -48,7 +51,7 @@ class WeightEMA:
         """Move the average towards the parameters' (training) weights: call after each optimizer step."""
         if self.holds_averaged:
             raise RuntimeError("WeightEMA.update: the parameters hold the averaged weights, not the training ones")
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates)) if self.warmup else self.decay
         self.num_updates += 1
         for averaged, parameter in zip(self.averaged, self.parameters):
             averaged.lerp_(parameter.detach(), 1.0 - decay)

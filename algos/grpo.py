@@ -46,7 +46,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from gym_libero_vla import rollouts
-from gym_libero_vla.algos.base import BaseLearner, check_ints, check_positive, is_finite
+from gym_libero_vla.algos.base import BaseLearner, check_ema_decay, check_ints, check_positive, is_finite
 from gym_libero_vla.algos.sft import Transitions, demo_token_log_probs, episodes_of, masked_mean
 from gym_libero_vla.episode import Episode
 from gym_libero_vla.episode_store import EpisodeStore
@@ -222,6 +222,11 @@ class GRPOConfig:
     """Truncation of the importance ratio pi / mu on offline tokens that carry behaviour log-probs."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient's global norm to this (None: no clipping)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay, started at the policy GRPO begins from
+    (0: none; 0.99 averages over about the last 100 gradient steps, no warm-up). Rollouts sample the training
+    weights (GRPO is on-policy); outside ``learn`` the policy holds the average, which ``predict``, evaluation
+    callbacks and ``save`` use, as :class:`SFT`'s ``ema_decay`` (the training weights are saved beside it)."""
     task_ids: tuple[int, ...] | None = None
     """Tasks to draw groups from (default: every task of the env)."""
     init_state_ids: tuple[int, ...] | None = None
@@ -239,6 +244,7 @@ class GRPOConfig:
                    max_sampling_rounds=1, success_replay_size=0)  # fmt: skip
         check_positive(self, "learning_rate", "clip_low", "clip_high", "advantage_eps")
         check_temperature(self.temperature)  # the same rule as the policies' sampling
+        check_ema_decay(self)
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation {self.loss_aggregation!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
         if self.clip_low >= 1.0:
@@ -388,6 +394,7 @@ class GRPO(BaseLearner):
         self.demos: Transitions | None = None
         self._rebuild_offline()
         self.optimizer = torch.optim.AdamW(self._trainable_parameters(), lr=config.learning_rate, weight_decay=0.0)
+        self.ema = self._make_ema(config.ema_decay, warmup=False)  # starts at the (trained) policy it fine-tunes
         # The KL reference: the base model under the LoRA adapter, else a frozen copy of the starting policy.
         self.reference_policy = None
         if config.kl_coef > 0 and not self.policy.lora_enabled:
@@ -522,9 +529,12 @@ class GRPO(BaseLearner):
         log-probs. Off-policy steps -- stale rollouts of an older policy version, demos in rescued groups --
         take it against the *proximal* policy (the current one, before this update) and are weighted by the
         truncated importance ratio ``min(pi_prox / mu, is_clip)`` (decoupled PPO, Hilton et al. 2022); demos,
-        whose ``mu`` is unknown, get weight 1.
+        whose ``mu`` is unknown, get weight 1. With ``ema_decay`` the training weights are updated (and the average
+        after each step), even when called outside ``learn``.
         """
         config, policy, device = self.config, self.policy, self.policy.device
+        if self.ema is not None:
+            self.ema.put_training()
         rewards = torch.as_tensor(rollout.episode_rewards)
         episode_advantages = group_relative_advantages(rewards, config.group_size, config.advantage_eps)
         if config.loss_aggregation == "episode-mean":  # every episode the same total weight, whatever its length
@@ -594,12 +604,7 @@ class GRPO(BaseLearner):
                     imitation_loss, is_weight_mean = self._imitation_loss()
                     loss = loss + imitation_weight * imitation_loss  # offline regularization
                     metrics.update({"train/imitation_loss": imitation_loss.item(), "train/is_weight_mean": is_weight_mean})
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-                    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                self.optimizer.step()
+                self._gradient_step(loss)
                 metrics["train/loss"] = loss.item()
                 for name, value in metrics.items():
                     sums[name] = sums.get(name, 0.0) + value
@@ -628,6 +633,17 @@ class GRPO(BaseLearner):
             means[f"rollout/success_rate_task{int(task_id)}"] = float(rollout.episode_rewards[of_task].mean())
         means.update({name: float(value) for name, value in rollout.stats.items()})
         return means
+
+    def _gradient_step(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss``, clip the gradient's norm, step the optimizer and the moving average."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm is not None:
+            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
 
     @torch.no_grad()
     def _rollout_entropy(self, rollout: GroupRollout, max_steps: int = 256) -> float:

@@ -161,6 +161,12 @@ class IReVLA(BaseLearner):
                 "rescue_failed_groups=True is not available in iRe-VLA: its RL stage is pure RL (GRPO gets no "
                 "demonstrations to rescue groups with); the demonstrations train the policy in the SL stage"
             )
+        if rl_hyperparameters.get("ema_decay"):
+            raise ValueError(
+                f"ema_decay {rl_hyperparameters['ema_decay']!r} is not available in iRe-VLA: its stages train the same "
+                "weights in turn, and a moving average of the RL stage's alone would be undone by the next SL stage; "
+                "use ema_decay with GRPO or SFT"
+            )
         rl_hyperparameters.setdefault("success_replay_size", 0)  # successes go to the SL stage, not GRPO's offline term
         with self._head_only():  # GRPO's AdamW takes the parameters that require grad: the head's
             self.rl = GRPO(policy, env, demos=None, **rl_hyperparameters)

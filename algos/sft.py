@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.base import BaseLearner, check_ints, check_positive, is_finite, is_int
+from gym_libero_vla.algos.base import BaseLearner, check_ema_decay, check_ints, check_positive, is_finite, is_int
 from gym_libero_vla.episode import Episode, as_episode
 from gym_libero_vla.libero_env import CAMERAS
 
@@ -299,8 +299,7 @@ class SFTConfig:
 
     def __post_init__(self):
         check_positive(self, "learning_rate")
-        if not (is_finite(self.ema_decay) and 0 <= self.ema_decay < 1):
-            raise ValueError(f"ema_decay {self.ema_decay!r} must be in [0, 1) (0: no moving average)")
+        check_ema_decay(self)
         check_ints(self, batch_size=1, log_interval=1, random_shift=0)
         if not (is_finite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay {self.weight_decay!r} must be >= 0")

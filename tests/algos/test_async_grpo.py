@@ -88,7 +88,7 @@ def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path)
     start = make_policy(instruction)  # the same weights, kept as they were
     model = AsyncGRPO(
         policy, env, demos=[demo(instruction)], **ONE_GROUP, imitation_batch_size=8, num_workers=2,
-        pipeline_dir=str(tmp_path / "pipeline"), seed=0, temperature=1.5,
+        pipeline_dir=str(tmp_path / "pipeline"), seed=0, temperature=1.5, ema_decay=0.5,
     )  # fmt: skip
     model.learn(3 * GROUP_STEPS)
     assert model.num_timesteps == 3 * GROUP_STEPS and model.policy_version == 3 and model.worker_pool is None
@@ -124,6 +124,22 @@ def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path)
     loaded = AsyncGRPO.load(tmp_path / "ckpt", env=env)
     assert (loaded.consumed_through, loaded.policy_version, loaded.num_timesteps) == (model.consumed_through, 3, 60)
     assert loaded.config.num_workers == 2 and loaded.config.pipeline_dir == str(tmp_path / "pipeline")
+    # With a moving average of the weights (outside learn the policy holds it), the workers sample the training
+    # weights, from the first publish of a resumed run on.
+    assert loaded.ema.holds_averaged
+    trained = make_policy(instruction)
+    with torch.no_grad():
+        for target, weight in zip(trained.parameters(), loaded.ema.training_weights()):
+            target.copy_(weight)
+    loaded.learn(GROUP_STEPS, reset_num_timesteps=False)
+    resumed = [store.load(row["episode_id"]) for row in store.records(source="online") if row["policy_version"] == 3]
+    assert resumed
+    for episode in resumed:
+        batch = {key: value if key != "instruction" else [value] * episode.num_steps
+                 for key, value in episode.observations.items()}  # fmt: skip
+        with torch.no_grad():
+            expected = trained.log_prob(batch, trained.action_bins.encode(episode.actions), 1.5)[0].numpy()
+        np.testing.assert_allclose(episode.log_probs, expected, atol=1e-5)
 
 
 def test_a_worker_samples_at_its_specs_temperature(env, instruction, tmp_path):

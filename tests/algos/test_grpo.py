@@ -432,3 +432,52 @@ def test_hindsight_relabelled_episodes_are_replayed():
         assert model.train(rollout)["rollout/relabelled_episodes"] == 2.0
     finally:
         env.close()
+
+
+def test_ema_starts_at_the_policy_while_rollouts_sample_the_training_weights(env, instruction, tmp_path):
+    """With ema_decay, the average starts at the policy GRPO fine-tunes (no warm-up) and moves once per gradient step;
+    rollouts and updates use the training weights, while predict, save and load see the average."""
+    decay, at_rollout_start, after_update = 0.5, [], []
+
+    def weights(model):
+        return [p.detach().clone() for p in model.policy.parameters()]
+
+    class Record(BaseCallback):
+        def _on_rollout_start(self) -> None:
+            at_rollout_start.append(weights(self.model))
+
+        def _on_rollout_end(self) -> None:
+            after_update.append(weights(self.model))
+
+        def _on_step(self) -> bool:
+            return True
+
+    # One gradient step per update: one pass, one minibatch (the all-fail groups leave the demo batch alone).
+    model = make_grpo(make_policy(instruction), env, demos=[demo(instruction)], group_size=2, num_groups=1, seed=0,
+                      learning_rate=1e-2, ema_decay=decay)  # fmt: skip
+    start = weights(model)
+    model.learn(2 * 2 * MAX_EPISODE_STEPS, callback=Record())
+    assert model.ema.num_updates == 2 and model.ema.holds_averaged
+    expected = start
+    for trained in after_update:
+        expected = [decay * a + (1 - decay) * w for a, w in zip(expected, trained)]
+    for parameter, averaged in zip(model.policy.parameters(), expected):
+        torch.testing.assert_close(parameter.detach(), averaged)
+    # The second rollout sampled the weights the first update trained, not their average with the start.
+    assert all(torch.equal(a, b) for a, b in zip(at_rollout_start[1], after_update[0]))
+    assert not all(torch.equal(a, b) for a, b in zip(after_update[-1], expected))
+
+    model.save(tmp_path / "ema")
+    resumed = GRPO.load(tmp_path / "ema", env=env, demos=[demo(instruction)])
+    assert resumed.config.ema_decay == decay and resumed.ema.holds_averaged and resumed.ema.num_updates == 2
+    for loaded, averaged in zip(resumed.policy.parameters(), expected):
+        torch.testing.assert_close(loaded.detach(), averaged)
+    for loaded, trained in zip(resumed.ema.training_weights(), after_update[-1]):
+        torch.testing.assert_close(loaded, trained)
+    obs, _ = env.reset(options={"task_id": 0, "init_state_id": 0})
+    np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], resumed.predict(obs, deterministic=True)[0])
+    resumed.learn(2 * MAX_EPISODE_STEPS, callback=Record(), reset_num_timesteps=False)
+    assert all(torch.equal(a, b) for a, b in zip(at_rollout_start[-1], after_update[1]))  # continues the training weights
+    assert resumed.ema.num_updates == 3
+    with pytest.raises(ValueError, match=r"ema_decay 1.0 must be in \[0, 1\)"):
+        GRPO(make_policy(instruction), env, ema_decay=1.0)

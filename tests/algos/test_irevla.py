@@ -198,6 +198,8 @@ def test_bad_hyperparameters_are_named(env, instruction, tmp_path):
         IReVLA(policy, env, group_size=1)
     with pytest.raises(ValueError, match="rescue_failed_groups"):
         IReVLA(policy, env, demos=[episode(instruction, True, "offline")], rescue_failed_groups=True)
+    with pytest.raises(ValueError, match="ema_decay 0.99 is not available in iRe-VLA"):
+        IReVLA(policy, env, ema_decay=0.99)
     with pytest.raises(ValueError, match="IReVLA has no env"):
         IReVLA(policy).learn(10)
     assert all(p.requires_grad for p in policy.parameters())  # a failed construction leaves nothing frozen
