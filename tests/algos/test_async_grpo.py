@@ -77,6 +77,23 @@ def assert_groups_whole(cache_dir, group_size: int = 2) -> list[dict]:
     return groups
 
 
+def online_episodes(store: EpisodeStore, policy_version: int) -> list[Episode]:
+    """The store's online episodes sampled by ``policy_version``."""
+    return [store.load(row["episode_id"]) for row in store.records(source="online")
+            if row["policy_version"] == policy_version]  # fmt: skip
+
+
+def assert_sampled_by(policy, episodes: list[Episode], temperature: float) -> None:
+    """The episodes (there are some) carry the log-probs of ``policy`` at ``temperature``."""
+    assert episodes
+    for episode in episodes:
+        batch = {key: value if key != "instruction" else [value] * episode.num_steps
+                 for key, value in episode.observations.items()}  # fmt: skip
+        with torch.no_grad():
+            expected = policy.log_prob(batch, policy.action_bins.encode(episode.actions), temperature)[0].numpy()
+        np.testing.assert_allclose(episode.log_probs, expected, atol=1e-5)
+
+
 def learner_log(pipeline_dir) -> list[dict]:
     with open(os.path.join(pipeline_dir, "learner.jsonl")) as file:
         return [json.loads(line) for line in file]
@@ -109,14 +126,7 @@ def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path)
     # The workers sampled at the learner's temperature: version-0 episodes carry the starting policy's tempered
     # log-probs.
     store = EpisodeStore(tmp_path / "pipeline" / "cache")
-    first = [store.load(row["episode_id"]) for row in store.records(source="online") if row["policy_version"] == 0]
-    assert first
-    for episode in first:
-        batch = {key: value if key != "instruction" else [value] * episode.num_steps
-                 for key, value in episode.observations.items()}  # fmt: skip
-        with torch.no_grad():
-            expected = start.log_prob(batch, start.action_bins.encode(episode.actions), 1.5)[0].numpy()
-        np.testing.assert_allclose(episode.log_probs, expected, atol=1e-5)
+    assert_sampled_by(start, online_episodes(store, 0), temperature=1.5)
     published = read_latest_weights(str(tmp_path / "pipeline"))
     assert published["version"] == 3 and published["consumed_through"] == model.consumed_through
     # A checkpoint keeps the watermark; the loaded learner continues after it.
@@ -127,19 +137,23 @@ def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path)
     # With a moving average of the weights (outside learn the policy holds it), the workers sample the training
     # weights, from the first publish of a resumed run on.
     assert loaded.ema.holds_averaged
-    trained = make_policy(instruction)
-    with torch.no_grad():
-        for target, weight in zip(trained.parameters(), loaded.ema.training_weights()):
-            target.copy_(weight)
-    loaded.learn(GROUP_STEPS, reset_num_timesteps=False)
-    resumed = [store.load(row["episode_id"]) for row in store.records(source="online") if row["policy_version"] == 3]
-    assert resumed
-    for episode in resumed:
-        batch = {key: value if key != "instruction" else [value] * episode.num_steps
-                 for key, value in episode.observations.items()}  # fmt: skip
-        with torch.no_grad():
-            expected = trained.log_prob(batch, trained.action_bins.encode(episode.actions), 1.5)[0].numpy()
-        np.testing.assert_allclose(episode.log_probs, expected, atol=1e-5)
+    training = dict(zip(loaded.ema.names, loaded.ema.training_weights()))
+    first_published = {}
+
+    class FirstPublished(BaseCallback):  # learn's start: the pipeline is up and has published once
+        def _on_training_start(self) -> None:
+            from safetensors.torch import load_file
+
+            latest = read_latest_weights(str(tmp_path / "pipeline"))
+            first_published.update(load_file(str(tmp_path / "pipeline" / "weights" / latest["file"])))
+
+        def _on_step(self) -> bool:
+            return True
+
+    loaded.learn(GROUP_STEPS, callback=FirstPublished(), reset_num_timesteps=False)
+    assert set(first_published) == set(training)
+    for name, weight in training.items():
+        torch.testing.assert_close(first_published[name], weight.cpu())
 
 
 def test_a_worker_samples_at_its_specs_temperature(env, instruction, tmp_path):
@@ -156,13 +170,7 @@ def test_a_worker_samples_at_its_specs_temperature(env, instruction, tmp_path):
     assert len(episodes) == 2
     # init_states="sampled" (AsyncGRPO passes GRPO's): the group started from a new layout.
     assert {episode.init_state_id for episode in episodes} == {SAMPLED_INIT_STATE}
-    for episode in episodes:
-        batch = {key: value if key != "instruction" else [value] * episode.num_steps
-                 for key, value in episode.observations.items()}  # fmt: skip
-        tokens = policy.action_bins.encode(episode.actions)
-        with torch.no_grad():
-            expected = policy.log_prob(batch, tokens, 2.0)[0].numpy()
-        np.testing.assert_allclose(episode.log_probs, expected, atol=1e-5)
+    assert_sampled_by(policy, episodes, temperature=2.0)
 
 
 class KillWorkerOnce(BaseCallback):
