@@ -102,7 +102,8 @@ DESCRIPTIONS = {
     "grpo": "(a) plain GRPO: clipped group-relative surrogate only (no demos, no success replay, no rescue)",
     "grpo_offline": "(b) GRPO + offline regularization: adaptive demo NLL and success replay",
     "grpo_offline_relabel": "(c) (b) + Rollout Relabel: all-fail groups rescued with a demo, hindsight relabelling",
-    "irevla": "(d) iRe-VLA: head-only GRPO stages alternating with SL stages on demos + successes",
+    "irevla": "(d) iRe-VLA: head-only GRPO stages alternating with SL stages on demos + successes (no moving "
+    "average of the weights, whatever --grpo.ema-decay says)",
     "offline_only": "(e) ablation: (b) without its policy-gradient term (pg_coef 0), the same rollouts feeding only "
     "the success replay and the imitation weight; (b) minus (e) is what RL adds over more imitation",
 }
@@ -281,7 +282,9 @@ def variant_hyperparameters(variant: str, args: Args, task_ids, seed: int, run_d
         grpo = dataclasses.replace(grpo, imitation_weight_max=0.0, imitation_weight_min=0.0, success_replay_size=0,
                                    rescue_failed_groups=False, cache_dir=None)  # fmt: skip
     elif variant == "irevla":  # (d): GRPO is its RL stage on the head
-        grpo = dataclasses.replace(grpo, rescue_failed_groups=False, success_replay_size=0, cache_dir=None)
+        grpo = dataclasses.replace(
+            grpo, rescue_failed_groups=False, success_replay_size=0, cache_dir=None, ema_decay=0.0
+        )  # its SL stages retrain the weights: iRe-VLA keeps no average
         irevla = dataclasses.replace(args.irevla, success_store=os.path.join(run_dir, "successes"))
         return {**dataclasses.asdict(grpo), **dataclasses.asdict(irevla)}
     else:  # (b), (c), (e)

@@ -305,6 +305,12 @@ def test_every_variant_trains_on_the_starts_asked_for(tmp_path):
         for variant in ("grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "offline_only"):
             settings = sft_vs_grpo.variant_hyperparameters(variant, args, (0,), 0, str(tmp_path))
             assert (settings["init_states"], settings["init_state_ids"]) == (init_states, expected), variant
+    # --grpo.ema-decay averages the GRPO variants' weights; iRe-VLA (which refuses an average) runs without one.
+    args = tiny_args(tmp_path, grpo=GRPOConfig(num_groups=1, group_size=2, ema_decay=0.99))
+    decays = {variant: sft_vs_grpo.variant_hyperparameters(variant, args, (0,), 0, str(tmp_path))["ema_decay"]
+              for variant in ("grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "offline_only")}  # fmt: skip
+    assert decays == {"grpo": 0.99, "grpo_offline": 0.99, "grpo_offline_relabel": 0.99, "irevla": 0.0,
+                      "offline_only": 0.99}  # fmt: skip
     setup = {"train_init_states": "sampled", "train_init_state_ids": [0, 1]}
     assert "a new layout per group" in sft_vs_grpo.train_starts_text(setup)
     assert sft_vs_grpo.train_starts_text({"train_init_state_ids": [0, 1]}) == "training init states 0, 1"
