@@ -22,6 +22,7 @@ from gym_libero_vla.episode import SAMPLED_INIT_STATE, Episode
 from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.rollout_worker import (
+    WEIGHTS_DIRNAME,
     RolloutWorker,
     WorkerSpec,
     publish_weights,
@@ -145,7 +146,7 @@ def test_two_worker_async_run_trains_and_checkpoints(env, instruction, tmp_path)
             from safetensors.torch import load_file
 
             latest = read_latest_weights(str(tmp_path / "pipeline"))
-            first_published.update(load_file(str(tmp_path / "pipeline" / "weights" / latest["file"])))
+            first_published.update(load_file(str(tmp_path / "pipeline" / WEIGHTS_DIRNAME / latest["file"])))
 
         def _on_step(self) -> bool:
             return True
