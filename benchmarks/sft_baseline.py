@@ -46,7 +46,7 @@ from gym_libero_vla import suites
 from gym_libero_vla.algos import SFT, SFTConfig
 from gym_libero_vla.algos.sft import continue_sft, demo_fit
 from gym_libero_vla.demos.generate import DemoConfig, GenerateArgs, default_demo_path
-from gym_libero_vla.evaluate import CAMERA_KEYS, evaluate_policy
+from gym_libero_vla.evaluate import CAMERA_KEYS, EvalRange, evaluate_policy
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, VLAPolicy, resolve_device
 from gym_libero_vla.policies.base import weights_fingerprint
 from gym_libero_vla.run_lock import exclusive
@@ -83,10 +83,10 @@ class Args:
     """Save the SFT checkpoint every this many steps, so that a kill loses at most that many."""
     seed: int = 0
     """Seed of demo generation, of the fresh policy's weights and of the SFT batch order."""
-    eval_init_state_start: int = 20
-    """First evaluation init state; demos from init states 0..19 leave 20.. held out."""
-    eval_num_init_states: int = 20
-    """Evaluation init states per task: eval_init_state_start .. + eval_num_init_states - 1."""
+    eval: Annotated[EvalRange, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=lambda: EvalRange(eval_num_init_states=20)
+    )
+    """The held-out starts of every task: --eval-init-state-start, --eval-num-init-states."""
     seeds: tuple[int, ...] = (0,)
     """Evaluation reset seeds; each (task, init state) is run once per seed."""
     max_episode_steps: int | None = None
@@ -119,7 +119,7 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     resolve_device(args.device)  # names the devices this machine has
     if args.obs_mode not in OBS_MODES:
         raise ValueError(f"unknown obs_mode {args.obs_mode!r}: valid {OBS_MODES}")
-    for name in ("image_size", "sft_steps", "save_every", "eval_num_init_states"):
+    for name in ("image_size", "sft_steps", "save_every"):
         value = getattr(args, name)
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} {value!r} must be an int >= 1")
@@ -128,9 +128,7 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, SFT.config_filename)):
         raise ValueError(f"init_from {args.init_from!r} is not an SFT checkpoint directory (no {SFT.config_filename} in it)")
     task_ids = suites.resolve_task_ids(suite.env_id, args.task_ids)
-    init_state_ids = suites.resolve_init_state_ids(
-        suite.env_id, task_ids, range(args.eval_init_state_start, args.eval_init_state_start + args.eval_num_init_states)
-    )
+    init_state_ids = args.eval.init_state_ids(suite.env_id, task_ids)
     return suite, task_ids, init_state_ids
 
 

@@ -74,6 +74,7 @@ from gym_libero_vla.algos.sft import continue_sft
 from gym_libero_vla.demos.generate import DemoConfig, default_demo_path
 from gym_libero_vla.evaluate import (
     CAMERA_KEYS,
+    EvalRange,
     behaviour_fingerprint,
     drop_rows_after,
     env_kwargs_for_policy,
@@ -172,10 +173,10 @@ class Args:
     process."""
     checkpoint_every: int = 2000
     """Save a fine-tuning checkpoint after the first rollout past every this many env steps."""
-    eval_init_state_start: int = 20
-    """First evaluation init state (>= demo_init_state_end: held out from demos and GRPO groups)."""
-    eval_num_init_states: int = 20
-    """Evaluation init states per task: eval_init_state_start .. + eval_num_init_states - 1."""
+    eval: Annotated[EvalRange, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=lambda: EvalRange(eval_num_init_states=20)
+    )
+    """The held-out starts of every task (--eval-init-state-start >= demo_init_state_end, --eval-num-init-states)."""
     max_episode_steps: int | None = None
     """Step limit of evaluation episodes (default: the suite's, OpenVLA's evaluation limits)."""
     curve_every: int = 10000
@@ -205,16 +206,12 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"seeds {args.seeds} must be distinct and at least one")
     for name, minimum in (("total_timesteps", 1), ("checkpoint_every", 1), ("curve_every", 0), ("curve_num_init_states", 1),
-                          ("sft_steps", 1), ("eval_num_init_states", 1)):  # fmt: skip
+                          ("sft_steps", 1)):  # fmt: skip
         if not (isinstance(getattr(args, name), int) and getattr(args, name) >= minimum):
             raise ValueError(f"{name} {getattr(args, name)!r} must be an int >= {minimum}")
-    if args.curve_num_init_states > args.eval_num_init_states:
+    if args.curve_num_init_states > args.eval.eval_num_init_states:
         raise ValueError(f"curve_num_init_states {args.curve_num_init_states} must be <= eval_num_init_states")
-    if args.eval_init_state_start < args.demo.demo_init_state_end:
-        raise ValueError(
-            f"eval_init_state_start {args.eval_init_state_start} lies inside the training init states "
-            f"0..{args.demo.demo_init_state_end - 1} (demos and GRPO groups): give >= {args.demo.demo_init_state_end}"
-        )
+    args.eval.check_held_out(args.demo.demo_init_state_end)
     if (
         not (isinstance(args.rollout_num_envs, int) and args.rollout_num_envs >= 1)
         or args.grpo.group_size % args.rollout_num_envs
@@ -225,9 +222,7 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     resolve_device(args.device)
     suite = suites.resolve_suite(args.suite)
     task_ids = suites.resolve_task_ids(suite.env_id, args.task_ids)
-    init_state_ids = suites.resolve_init_state_ids(
-        suite.env_id, task_ids, range(args.eval_init_state_start, args.eval_init_state_start + args.eval_num_init_states)
-    )
+    init_state_ids = args.eval.init_state_ids(suite.env_id, task_ids)
     if args.sft_checkpoint is not None:
         keys = load_policy(args.sft_checkpoint).observation_keys
         cameras = tuple(key for key in keys if key in CAMERA_KEYS)

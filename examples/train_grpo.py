@@ -19,7 +19,7 @@ episode cache (``output_dir/cache``); ``--no-resume`` starts over.
    ``0 .. demo_init_state_end - 1``, state mode with LIBERO's privileged object poses ("object_state"), cached
    under ``data/`` (rerunning reuses the finished episodes; see :mod:`gym_libero_vla.demos.generate`).
 2. SFT warm start: behaviour cloning of a fresh :class:`CompactVLA` on them (or ``--init-from`` a checkpoint).
-3. Evaluate before: deterministic episodes on held-out init states (``eval_init_state_start ..``).
+3. Evaluate before: deterministic episodes on held-out init states (``--eval-init-state-start ..``).
 4. GRPO (:mod:`gym_libero_vla.algos.grpo`): groups of episodes from the demos' init states, group-relative
    advantages, clipped surrogate, plus the demos' NLL weighted by how often the rollouts fail (offline
    regularization); all-fail groups get a demo (Rollout Relabel's rescue) and successes are replayed with
@@ -56,10 +56,10 @@ from gym_libero_vla.algos.async_grpo import PipelineConfig
 from gym_libero_vla.algos.base import latest_checkpoint, resume_or_create
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
 from gym_libero_vla.demos.generate import DemoConfig, GenerateArgs
-from gym_libero_vla.evaluate import CAMERA_KEYS, env_kwargs_for_policy, evaluate_policy, write_report
+from gym_libero_vla.evaluate import CAMERA_KEYS, EvalRange, env_kwargs_for_policy, evaluate_policy, write_report
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy, resolve_device
 from gym_libero_vla.rollouts import held_in_init_states
-from gym_libero_vla.suites import resolve_init_state_ids, resolve_suite, suite_tasks
+from gym_libero_vla.suites import resolve_suite, suite_tasks
 
 LEARNERS = {"grpo": GRPO, "irevla": IReVLA}
 OBS_MODES = ("state", "rgb")
@@ -126,10 +126,11 @@ class Args:
     """Also evaluate on the held-out init states every this many env steps, logged as eval/* (0: never)."""
 
     # --- evaluation
-    eval_init_state_start: int = 20
-    """First held-out evaluation init state (must be >= demo_init_state_end to be held out)."""
-    eval_episodes_per_task: int = 5
-    """Evaluation episodes per task (init states eval_init_state_start, +1, ...); deterministic decoding."""
+    eval: Annotated[EvalRange, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=lambda: EvalRange(eval_num_init_states=5)
+    )
+    """The held-out init states of every task, one greedy episode each (--eval-init-state-start, >= demo_init_state_end
+    to be held out; --eval-num-init-states)."""
     video_episodes: int = 1
     """Record this many evaluation episodes as mp4 (before and after)."""
     num_envs: int = 2
@@ -270,8 +271,8 @@ def check_resumable(args: Args, checkpoints: str, learner_class: type) -> None:
 
 
 def main(args: Args) -> dict:
-    if args.eval_init_state_start < args.demo.demo_init_state_end:
-        print(f"warning: evaluation init states start at {args.eval_init_state_start}, inside the demos' and GRPO's "
+    if args.eval.eval_init_state_start < args.demo.demo_init_state_end:
+        print(f"warning: evaluation init states start at {args.eval.eval_init_state_start}, inside the demos' and GRPO's "
               f"0..{args.demo.demo_init_state_end - 1}: they are not held out")  # fmt: skip
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
@@ -282,8 +283,7 @@ def main(args: Args) -> dict:
     learner_class, hyperparameters = learner_settings(args)  # bad settings fail here, before any work
     suite = resolve_suite(args.env_id)
     tasks = suite_tasks(suite.libero_name)
-    eval_end = args.eval_init_state_start + args.eval_episodes_per_task
-    eval_init_states = resolve_init_state_ids(suite.env_id, args.task_ids, range(args.eval_init_state_start, eval_end))
+    eval_init_states = args.eval.init_state_ids(suite.env_id, args.task_ids)
     checkpoints = os.path.join(args.output_dir, "checkpoints")
     if args.resume:
         check_resumable(args, checkpoints, learner_class)

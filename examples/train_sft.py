@@ -6,7 +6,7 @@
 With privileged object poses (demos generated with ``--object-state``), evaluated on held-out init states::
 
     python -m gym_libero_vla.demos generate --suite spatial --init-state-end 20 --object-state --out data/spatial_state.hdf5
-    python examples/train_sft.py --demos data/spatial_state.hdf5 --object-state --eval-init-state-start 20
+    python examples/train_sft.py --demos data/spatial_state.hdf5 --object-state
     tensorboard --logdir runs/sft
 
 Trains a fresh :class:`CompactVLA` (``--policy.*``: :class:`CompactVLAConfig`), or fine-tunes a saved policy,
@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import tyro
@@ -29,7 +29,7 @@ import tyro
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.algos import SFT, SFTConfig
 from gym_libero_vla.demos import load_episodes
-from gym_libero_vla.evaluate import evaluate_policy, write_report
+from gym_libero_vla.evaluate import EvalRange, evaluate_policy, write_report
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 
@@ -59,10 +59,11 @@ class Args:
     """Torch CPU threads; more than the free cores slows small models down a lot."""
     filter_noops: bool = True
     """Drop no-op steps from the demos, as OpenVLA's processed LIBERO data."""
-    eval_episodes_per_task: int = 5
-    """Evaluation episodes per task (init states eval_init_state_start, +1, ...); 0 skips evaluation."""
-    eval_init_state_start: int = 0
-    """First evaluation init state; set it past the demos' init states to evaluate on held-out ones."""
+    eval: Annotated[EvalRange, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=lambda: EvalRange(eval_num_init_states=5)
+    )
+    """The evaluation's init states of every task of the demos (default 20-24, held out from demos of init states
+    0..19): --eval-init-state-start, --eval-num-init-states (0 skips the evaluation)."""
     max_eval_steps: int | None = None
     """Cap on policy steps per evaluation episode (default: the suite's step limit)."""
     eval_num_envs: int = 4
@@ -94,6 +95,8 @@ def main(args: Args) -> dict:
     episodes = load_episodes(args.demos, filter_noops=args.filter_noops, load_images=args.obs_mode == "rgb+state")
     if not episodes:
         raise ValueError(f"{args.demos} holds no successful demonstrations")
+    task_ids = sorted({episode.task_id for episode in episodes if episode.task_id >= 0}) or sorted(instructions)
+    init_state_ids = args.eval.init_state_ids(suite.env_id, task_ids) if args.eval.eval_num_init_states != 0 else ()
     policy = make_policy(args, episodes, instructions.values())
     print(f"{len(episodes)} demos, {sum(len(e) for e in episodes)} transitions; "
           f"{sum(p.numel() for p in policy.parameters() if p.requires_grad):,} trainable parameters")  # fmt: skip
@@ -113,9 +116,7 @@ def main(args: Args) -> dict:
         "train_seconds": train_seconds,
         "success_rate": {},
     }
-    if args.eval_episodes_per_task > 0:
-        task_ids = sorted({episode.task_id for episode in episodes if episode.task_id >= 0}) or sorted(instructions)
-        init_state_ids = range(args.eval_init_state_start, args.eval_init_state_start + args.eval_episodes_per_task)
+    if init_state_ids:  # none with --eval-num-init-states 0
         evaluation = evaluate_policy(
             policy, suite.env_id, task_ids, init_state_ids, max_episode_steps=args.max_eval_steps,
             progress=args.progress_bar, num_envs=args.eval_num_envs,

@@ -1,7 +1,7 @@
 """Evaluate a saved VLA policy on a LIBERO suite: per-task success over fixed init states, videos, a plot.
 
     python -m gym_libero_vla.evaluate runs/grpo/final --suite spatial --task-ids 0 1 \\
-        --init-state-start 20 --num-init-states 10 --video-episodes 2 --out-dir runs/eval
+        --eval-init-state-start 20 --eval-num-init-states 10 --video-episodes 2 --out-dir runs/eval
 
 Every (task, init state, seed) triple is one deterministic episode (greedy action tokens, OpenVLA's
 decoding) from the env's ``reset(seed=seed, options={"task_id", "init_state_id"})``, so two evaluations of
@@ -43,6 +43,35 @@ VIDEO_FPS = 20
 
 
 @dataclasses.dataclass
+class EvalRange:
+    """Which init states of every task an evaluation starts from, one greedy episode each (per seed): the same two
+    flags, ``--eval-init-state-start`` and ``--eval-num-init-states``, on every CLI that evaluates."""
+
+    eval_init_state_start: int = 20
+    """First evaluation init state; demos and GRPO groups from init states 0..19 leave 20.. held out."""
+    eval_num_init_states: int = 10
+    """Evaluation init states per task: eval_init_state_start .. eval_init_state_start + eval_num_init_states - 1
+    (train_sft.py: 0 skips its evaluation)."""
+
+    def init_state_ids(self, env_id: str, task_ids: Sequence[int] | None = None) -> tuple[int, ...]:
+        """The range as init state ids, checked against every task of ``task_ids`` (default: all) of ``env_id``."""
+        for name, minimum in (("eval_init_state_start", 0), ("eval_num_init_states", 1)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+                raise ValueError(f"{name} {value!r} must be an int >= {minimum}")
+        start = self.eval_init_state_start
+        return resolve_init_state_ids(env_id, task_ids, range(start, start + self.eval_num_init_states))
+
+    def check_held_out(self, demo_init_state_end: int) -> None:
+        """Refuse a range that overlaps the training init states 0 .. ``demo_init_state_end`` - 1."""
+        if self.eval_init_state_start < demo_init_state_end:
+            raise ValueError(
+                f"eval_init_state_start {self.eval_init_state_start} lies inside the training init states "
+                f"0..{demo_init_state_end - 1} (demos and GRPO groups): give >= {demo_init_state_end}"
+            )
+
+
+@dataclasses.dataclass
 class EvalArgs:
     """Roll out a policy checkpoint deterministically and write a per-task success table, plot and videos."""
 
@@ -53,11 +82,9 @@ class EvalArgs:
     task_ids: tuple[int, ...] | None = None
     """Tasks to evaluate (default: every task of the suite)."""
     init_states: tuple[int, ...] | None = None
-    """Explicit init state ids (overrides init_state_start / num_init_states)."""
-    init_state_start: int = 20
-    """First init state id; demos generated from init states 0..19 leave 20.. held out."""
-    num_init_states: int = 10
-    """Init states per task: init_state_start .. init_state_start + num_init_states - 1."""
+    """Explicit init state ids (overrides --eval-init-state-start / --eval-num-init-states)."""
+    eval: Annotated[EvalRange, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=EvalRange)
+    """The init states of every task: --eval-init-state-start, --eval-num-init-states."""
     seeds: tuple[int, ...] = (0,)
     """Reset seeds; each (task, init state) is run once per seed."""
     max_episode_steps: int | None = None
@@ -506,11 +533,7 @@ def main(args: EvalArgs) -> dict:
     if args.init_states is not None:
         init_state_ids = args.init_states
     else:
-        if args.num_init_states < 1 or args.init_state_start < 0:
-            raise ValueError(
-                f"init_state_start {args.init_state_start} / num_init_states {args.num_init_states}: need >= 0 / >= 1"
-            )
-        init_state_ids = tuple(range(args.init_state_start, args.init_state_start + args.num_init_states))
+        init_state_ids = args.eval.init_state_ids(suite.env_id, args.task_ids)
     if args.resume and not args.deterministic:
         raise ValueError("--resume continues greedy evaluations only (sampled episodes do not repeat): drop one of "
                          "--resume and --no-deterministic")  # fmt: skip

@@ -12,9 +12,11 @@ import threading
 import gymnasium as gym
 import numpy as np
 import pytest
+import tyro
 
 from gym_libero_vla.evaluate import (
     EvalArgs,
+    EvalRange,
     difference_interval,
     env_kwargs_for_policy,
     evaluate_policy,
@@ -276,6 +278,19 @@ def test_bad_suite_task_and_init_state_name_the_valid_choices(checkpoint, tmp_pa
         main(EvalArgs(checkpoint=checkpoint, task_ids=(12,), init_states=(0,), out_dir=str(tmp_path), progress=False))
     with pytest.raises(ValueError, match="unknown init_state_id 99 for task 0 of LiberoSpatial-v0: valid 0..49"):
         main(EvalArgs(checkpoint=checkpoint, task_ids=(0,), init_states=(99,), out_dir=str(tmp_path), progress=False))
+    # the range every evaluating CLI shares (--eval-init-state-start, --eval-num-init-states)
+    flags = tyro.cli(EvalArgs, args=[checkpoint, "--eval-init-state-start", "45", "--eval-num-init-states", "6"])
+    assert flags.eval == EvalRange(eval_init_state_start=45, eval_num_init_states=6)
+    with pytest.raises(ValueError, match="unknown init_state_id 50 for task 0 of LiberoSpatial-v0: valid 0..49"):
+        main(dataclasses.replace(flags, task_ids=(0,), out_dir=str(tmp_path), progress=False))
+    for bad, message in ((EvalRange(eval_num_init_states=0), "eval_num_init_states 0 must be an int >= 1"),
+                         (EvalRange(eval_init_state_start=-1), "eval_init_state_start -1 must be an int >= 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            main(EvalArgs(checkpoint=checkpoint, eval=bad, out_dir=str(tmp_path), progress=False))
+    with pytest.raises(ValueError, match=r"eval_init_state_start 10 lies inside the training init states 0..19 .*>= 20"):
+        EvalRange(eval_init_state_start=10).check_held_out(20)
+    EvalRange(eval_init_state_start=20).check_held_out(20)
+    assert not os.listdir(tmp_path)  # refused before any episode
 
 
 def test_wilson_interval_matches_hand_computed_values():

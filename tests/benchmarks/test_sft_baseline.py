@@ -11,7 +11,7 @@ import shutil
 import h5py
 import pytest
 import sft_baseline  # benchmarks/ is on sys.path (conftest.py)
-from tiny_demos import tiny_demo_config
+from tiny_demos import tiny_demo_config, tiny_eval_range
 
 from gym_libero_vla.algos import SFTConfig
 from gym_libero_vla.policies import CompactVLAConfig
@@ -25,10 +25,11 @@ def tiny_args(tmp_path, **overrides) -> Args:
         suite="spatial", task_ids=(0,), object_state=True,
         sft_steps=20, save_every=10, sft=SFTConfig(batch_size=8),
         policy=CompactVLAConfig(cameras=(), hidden_size=32, num_heads=2, num_layers=1),
-        eval_init_state_start=20, eval_num_init_states=2, max_episode_steps=30, output_dir=str(tmp_path / "run"),
+        max_episode_steps=30, output_dir=str(tmp_path / "run"),
         json_out=str(tmp_path / "results" / "sft_baseline.json"), progress=False,
     )  # fmt: skip
     demo = tiny_demo_config(tmp_path, overrides)
+    values.update(eval=tiny_eval_range(overrides, 2))
     values.update(overrides, demo=demo)
     return Args(**values)
 

@@ -16,7 +16,7 @@ import pytest
 import sft_vs_grpo
 import torch
 from safetensors.torch import load_file  # benchmarks/ is on sys.path (conftest.py), as for `python benchmarks/...`
-from tiny_demos import tiny_demo_config
+from tiny_demos import tiny_demo_config, tiny_eval_range
 
 from gym_libero_vla.algos import GRPOConfig, IReVLAConfig, SFTConfig
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
@@ -38,11 +38,12 @@ def tiny_args(tmp_path, **overrides) -> Args:
         policy=CompactVLAConfig(cameras=(), hidden_size=32, num_heads=2, num_layers=1), total_timesteps=20,
         grpo=GRPOConfig(num_groups=1, group_size=2, num_epochs=1, minibatch_size=16, max_sampling_rounds=1),
         irevla=IReVLAConfig(rl_updates_per_stage=1, sl_steps_per_stage=2, sl_batch_size=8), rollout_num_envs=2,
-        checkpoint_every=10, max_episode_steps=10, eval_init_state_start=20, eval_num_init_states=1, curve_every=10,
+        checkpoint_every=10, max_episode_steps=10, curve_every=10,
         curve_num_init_states=1, output_dir=str(tmp_path / "run"), json_out=str(tmp_path / "results" / "sft_vs_grpo.json"),
         vectorization_mode="sync", videos=False, progress=False,
     )  # fmt: skip
     demo = tiny_demo_config(tmp_path, overrides)
+    values.update(eval=tiny_eval_range(overrides, 1))
     values.update(overrides, demo=demo)
     return Args(**values)
 

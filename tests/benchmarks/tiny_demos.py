@@ -1,12 +1,23 @@
-"""The tiny demo settings the benchmark tests share (tests/benchmarks/ is on sys.path: pytest's rootdir imports)."""
+"""The tiny demo and evaluation settings the benchmark tests share (tests/benchmarks/ is on sys.path: pytest's rootdir
+imports)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from gym_libero_vla.demos.generate import DemoConfig
+from gym_libero_vla.evaluate import EvalRange
 
 DEMO_FIELDS = {field.name for field in dataclasses.fields(DemoConfig)}
+EVAL_FIELDS = {field.name for field in dataclasses.fields(EvalRange)}
+
+
+def tiny_eval_range(overrides: dict, num_init_states: int) -> EvalRange:
+    """Held-out init states 20 .. 20 + ``num_init_states`` - 1; the EvalRange fields among ``overrides``
+    (``eval_init_state_start=...``, ``eval_num_init_states=...``) are taken out of it and applied here."""
+    values = dict(eval_init_state_start=20, eval_num_init_states=num_init_states)
+    values.update({name: overrides.pop(name) for name in list(overrides) if name in EVAL_FIELDS})
+    return EvalRange(**values)
 
 
 def tiny_demo_config(tmp_path, overrides: dict) -> DemoConfig:

@@ -20,6 +20,7 @@ from gym_libero_vla.algos.base import latest_checkpoint
 from gym_libero_vla.algos.grpo import GRPO
 from gym_libero_vla.algos.irevla import IReVLA
 from gym_libero_vla.demos.generate import DemoConfig
+from gym_libero_vla.evaluate import EvalRange
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "train_grpo.py")
@@ -32,7 +33,7 @@ def test_runs_end_to_end_with_tiny_budgets(tmp_path):
         "--task-ids", "0", "--episodes-per-task", "2", "--sft-steps", "5",
         "--policy.hidden-size", "32", "--policy.num-heads", "2",
         "--total-timesteps", "10", "--grpo.num-groups", "1", "--grpo.group-size", "2", "--max-episode-steps", "5",
-        "--eval-episodes-per-task", "1", "--checkpoint-freq", "5", "--no-progress-bar",
+        "--eval-num-init-states", "1", "--checkpoint-freq", "5", "--no-progress-bar",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -70,7 +71,7 @@ def tiny_command(tmp_path, *flags: str) -> list[str]:
     return [
         sys.executable, SCRIPT, *flags, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(tmp_path / "run"),
         "--task-ids", "0", "--episodes-per-task", "1", "--policy.hidden-size", "32", "--policy.num-heads", "2",
-        "--grpo.num-groups", "1", "--grpo.group-size", "2", "--eval-episodes-per-task", "1", "--no-progress-bar",
+        "--grpo.num-groups", "1", "--grpo.group-size", "2", "--eval-num-init-states", "1", "--no-progress-bar",
     ]  # fmt: skip
 
 
@@ -141,8 +142,8 @@ def test_obs_mode_and_policy_must_agree(tmp_path):
         train_grpo.main(state_with_cameras)
     with pytest.raises(ValueError, match=r"unknown obs_mode 'pixels': valid \('state', 'rgb'\)"):
         train_grpo.default_args("pixels")
-    past_the_states = dataclasses.replace(train_grpo.default_args("state"), eval_init_state_start=48,
-                                          output_dir=args.output_dir)  # fmt: skip
+    past_the_states = dataclasses.replace(train_grpo.default_args("state"), eval=EvalRange(eval_init_state_start=48,
+                                          eval_num_init_states=5), output_dir=args.output_dir)  # fmt: skip
     with pytest.raises(ValueError, match="unknown init_state_id 50 for task 0 of LiberoSpatial-v0: valid 0..49"):
         train_grpo.main(past_the_states)
     assert not os.listdir(tmp_path)  # refused before any work
@@ -176,7 +177,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
         "--task-ids", "0", "--episodes-per-task", "1", "--sft-steps", "2",
         "--policy.hidden-size", "32", "--policy.num-heads", "2",
         "--total-timesteps", "60", "--grpo.num-groups", "1", "--grpo.group-size", "2", "--max-episode-steps", "5",
-        "--eval-episodes-per-task", "1", "--video-episodes", "0", "--checkpoint-freq", "10", "--no-progress-bar",
+        "--eval-num-init-states", "1", "--video-episodes", "0", "--checkpoint-freq", "10", "--no-progress-bar",
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -208,7 +209,7 @@ def test_async_run_trains_and_resumes(tmp_path):
 
         "--policy.hidden-size", "32", "--policy.num-heads", "2", "--total-timesteps", "20",
         "--grpo.num-groups", "1", "--grpo.group-size", "2",
-        "--max-episode-steps", "5", "--eval-episodes-per-task", "1", "--video-episodes", "0", "--checkpoint-freq", "10",
+        "--max-episode-steps", "5", "--eval-num-init-states", "1", "--video-episodes", "0", "--checkpoint-freq", "10",
         "--no-progress-bar",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

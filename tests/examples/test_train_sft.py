@@ -25,7 +25,7 @@ def test_trains_on_a_demo_file_and_prints_a_success_table(tmp_path):
     command = [
         sys.executable, SCRIPT, "--demos", str(demos), "--output-dir", str(tmp_path / "run"),
         "--total-steps", "6", "--sft.batch-size", "8", "--policy.hidden-size", "32", "--policy.num-heads", "2",
-        "--eval-episodes-per-task", "1", "--max-eval-steps", "3", "--no-progress-bar",
+        "--eval-num-init-states", "1", "--max-eval-steps", "3", "--no-progress-bar",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -47,5 +47,5 @@ def test_help_documents_every_field():
     result = subprocess.run([sys.executable, SCRIPT, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for flag in ("--demos", "--obs-mode", "--lora-rank", "--total-steps", "--sft.learning-rate", "--policy.hidden-size",
-                 "--eval-episodes-per-task", "--torch-threads"):  # fmt: skip
+                 "--eval-num-init-states", "--torch-threads"):  # fmt: skip
         assert flag in result.stdout
