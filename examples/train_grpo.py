@@ -271,7 +271,7 @@ def check_resumable(args: Args, checkpoints: str, learner_class: type) -> None:
 
 
 def main(args: Args) -> dict:
-    if args.eval.eval_init_state_start < args.demo.demo_init_state_end:
+    if not args.eval.held_out(args.demo.demo_init_state_end):
         print(f"warning: evaluation init states start at {args.eval.eval_init_state_start}, inside the demos' and GRPO's "
               f"0..{args.demo.demo_init_state_end - 1}: they are not held out")  # fmt: skip
     torch.set_num_threads(args.torch_threads)

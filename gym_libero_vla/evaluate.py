@@ -62,9 +62,13 @@ class EvalRange:
         start = self.eval_init_state_start
         return resolve_init_state_ids(env_id, task_ids, range(start, start + self.eval_num_init_states))
 
+    def held_out(self, demo_init_state_end: int) -> bool:
+        """Whether the range lies past the training init states 0 .. ``demo_init_state_end`` - 1."""
+        return self.eval_init_state_start >= demo_init_state_end
+
     def check_held_out(self, demo_init_state_end: int) -> None:
         """Refuse a range that overlaps the training init states 0 .. ``demo_init_state_end`` - 1."""
-        if self.eval_init_state_start < demo_init_state_end:
+        if not self.held_out(demo_init_state_end):
             raise ValueError(
                 f"eval_init_state_start {self.eval_init_state_start} lies inside the training init states "
                 f"0..{demo_init_state_end - 1} (demos and GRPO groups): give >= {demo_init_state_end}"

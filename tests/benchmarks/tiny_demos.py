@@ -15,7 +15,7 @@ EVAL_FIELDS = {field.name for field in dataclasses.fields(EvalRange)}
 def tiny_eval_range(overrides: dict, num_init_states: int) -> EvalRange:
     """Held-out init states 20 .. 20 + ``num_init_states`` - 1; the EvalRange fields among ``overrides``
     (``eval_init_state_start=...``, ``eval_num_init_states=...``) are taken out of it and applied here."""
-    values = dict(eval_init_state_start=20, eval_num_init_states=num_init_states)
+    values = dict(eval_num_init_states=num_init_states)  # EvalRange's start: 20
     values.update({name: overrides.pop(name) for name in list(overrides) if name in EVAL_FIELDS})
     return EvalRange(**values)
 
