@@ -449,19 +449,14 @@ class GRPO(BaseLearner):
             start = rollouts.draw_start(
                 self._rng, self._env_task_ids(), config.init_state_ids, self._num_init_states, config.init_states
             )
-            finished = sorted(
-                rollouts.run_episodes(self.policy, self.env, [start] * config.group_size, temperature=config.temperature,
-                                      policy_version=self.policy_version, on_step=on_step),
-                key=lambda rollout: rollout.index,
-            )  # fmt: skip
-            if stopped:
+            sampled = rollouts.run_group(self.policy, self.env, start, config.group_size, temperature=config.temperature,
+                                         policy_version=self.policy_version, on_step=on_step)  # fmt: skip
+            if sampled is None or stopped:
                 yield None
                 return
-            group = [rollout.episode for rollout in finished]
-            relabelled = [episode for rollout in finished for episode in rollout.relabelled]
-            if self.cache is not None:
-                for episode in group + relabelled:
-                    self.cache.append(copy.copy(episode))  # the store sets episode_id on its own copy
+            group, relabelled = sampled
+            if self.cache is not None:  # the group as one unit, as the rollout workers store theirs
+                self.cache.append_many([copy.copy(episode) for episode in group + relabelled])  # ids on the copies
             yield group, relabelled
 
     def collect_rollouts(self, callback: BaseCallback | None = None) -> GroupRollout | None:

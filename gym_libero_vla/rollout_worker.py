@@ -15,7 +15,7 @@ A worker loop (:func:`worker_main`), one process each::
     while the learner lives:
         wait while the learner has max_queued_groups unconsumed groups (backpressure bounds staleness)
         load the newest published weights if they changed
-        draw (task, init state); run group_size episodes with the weights it has (rollouts.run_episodes)
+        draw (task, init state); run group_size episodes with the weights it has (rollouts.run_group)
         append the group to the store as one unit; write its time counters to workers/worker<i>.json
 
 Processes. :class:`ProcessWorkerPool` starts the workers from a clean ``forkserver`` process (which imported
@@ -56,7 +56,7 @@ import torch
 
 from gym_libero_vla.episode import Episode
 from gym_libero_vla.episode_store import EpisodeStore
-from gym_libero_vla.rollouts import Start, draw_start, run_episodes
+from gym_libero_vla.rollouts import Start, draw_start, run_group
 
 logger = logging.getLogger(__name__)
 
@@ -290,26 +290,18 @@ class RolloutWorker:
             batched_steps += 1
             return keep_going()
 
-        group_start = self._draw_group_start()
-        rollouts = sorted(
-            run_episodes(self.policy, self.env, [group_start] * self.spec.group_size, temperature=self.spec.temperature,
-                         policy_version=self.policy_version, on_step=on_step),
-            key=lambda rollout: rollout.index,
-        )  # fmt: skip
+        group = run_group(self.policy, self.env, self._draw_group_start(), self.spec.group_size,
+                          temperature=self.spec.temperature, policy_version=self.policy_version, on_step=on_step)  # fmt: skip
         stats["reset_s"] += self.env.reset_s - reset_before
         stats["env_step_s"] += self.env.step_s - step_before
         stats["busy_s"] += time.perf_counter() - start
-        if len(rollouts) < self.spec.group_size:
+        if group is None:
             return None
-        episodes = [rollout.episode for rollout in rollouts]
-        relabelled = [episode for rollout in rollouts for episode in rollout.relabelled]
+        episodes, relabelled = group
         # Sub-envs step together: one with no episode left waits (stepped, not recorded) for the slowest.
         stepped = batched_steps * self.spec.envs_per_worker
         stats["stepped_steps"] += stepped
         stats["straggler_steps"] += stepped - sum(episode.num_steps for episode in episodes)
-        group_id = uuid.uuid4().hex
-        for episode in episodes + relabelled:
-            episode.group_id = group_id
         stats["groups"] += 1
         stats["episodes"] += len(episodes)
         stats["cpu_s"] = time.process_time()  # CPU seconds of this process: how many cores it actually got

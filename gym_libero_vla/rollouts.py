@@ -1,6 +1,7 @@
 """The one place episodes are run: a policy acting in LIBERO envs, batched across envs, until each episode ends.
 
-GRPO's groups, the asynchronous rollout workers, evaluation and the benchmarks all call :func:`run_episodes`:
+GRPO's groups, the asynchronous rollout workers, evaluation and the benchmarks all call :func:`run_episodes` (GRPO
+and the workers through :func:`run_group`, which runs one group and tags its episodes with one ``group_id``):
 
     for rollout in run_episodes(policy, envs, starts, deterministic=True):
         rollout.episode.success, rollout.episode.num_steps, rollout.seconds
@@ -31,6 +32,7 @@ import collections
 import dataclasses
 import functools
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 import gymnasium as gym
@@ -247,6 +249,35 @@ def run_episodes(
                 runner.begin([index for index, _ in ended])
     finally:
         runner.close()
+
+
+def run_group(
+    policy,
+    env,
+    start: Start,
+    group_size: int,
+    *,
+    temperature: float = 1.0,
+    policy_version: int = 0,
+    on_step: Callable[[int], bool] | None = None,
+) -> tuple[list[Episode], list[Episode]] | None:
+    """One GRPO group: ``group_size`` sampled episodes from ``start`` (in order) and the episodes hindsight-relabelled
+    from them, all tagged with one new ``group_id`` (an episode store's :meth:`groups` reads them back whole); None
+    if ``on_step`` stopped it on the way (the group is dropped). GRPO's own rollouts and the asynchronous rollout
+    workers both sample their groups here."""
+    rollouts = sorted(
+        run_episodes(policy, env, [start] * group_size, temperature=temperature, policy_version=policy_version,
+                     on_step=on_step),
+        key=lambda rollout: rollout.index,
+    )  # fmt: skip
+    if len(rollouts) < group_size:
+        return None
+    episodes = [rollout.episode for rollout in rollouts]
+    relabelled = [episode for rollout in rollouts for episode in rollout.relabelled]
+    group_id = uuid.uuid4().hex
+    for episode in episodes + relabelled:
+        episode.group_id = group_id
+    return episodes, relabelled
 
 
 class _Runner:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
-from gym_libero_vla.rollouts import Start, draw_start, held_in_init_states, run_episodes
+from gym_libero_vla.rollouts import Start, draw_start, held_in_init_states, run_episodes, run_group
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 INSTRUCTION = "pick up the black bowl between the plate and the ramekin and place it on the plate"
@@ -71,6 +71,21 @@ def test_on_step_false_stops_and_drops_unfinished_episodes():
         env.close()
     assert [rollout.episode.num_steps for rollout in rollouts] == [6]  # the second episode was cut at its third step
     assert calls == [1] * 9
+
+
+def test_a_group_is_tagged_whole_or_dropped():
+    env = make(4)()
+    try:
+        episodes, relabelled = run_group(make_policy(), env, Start(1, 2, seed=5), 3, policy_version=7)
+        again, _ = run_group(make_policy(), env, Start(1, 2, seed=5), 3)
+        stopped = run_group(make_policy(), env, Start(1, 2), 3, on_step=lambda n: False)
+    finally:
+        env.close()
+    assert len(episodes) == 3 and relabelled == []  # no RolloutRelabel wrapper: nothing relabelled
+    assert {(e.task_id, e.init_state_id, e.policy_version, e.num_steps) for e in episodes} == {(1, 2, 7, 4)}
+    assert len({e.group_id for e in episodes}) == 1 and episodes[0].group_id is not None
+    assert again[0].group_id != episodes[0].group_id  # a new id for every group
+    assert stopped is None  # stopped on its first step: no half group
 
 
 def test_sampled_episodes_record_what_the_policy_read_and_did():

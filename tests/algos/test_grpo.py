@@ -363,6 +363,10 @@ def test_successes_join_the_offline_term_and_persist_in_the_cache(env, instructi
     model = make_grpo(make_policy(instruction), env, group_size=2, num_groups=1, cache_dir=str(tmp_path / "cache"), seed=0)
     rollout = model.collect_rollouts()
     assert len(model.cache) == 2 and model.demos is None  # every rollout episode is cached; none succeeded
+    (group,) = model.cache.groups()  # stored as one group, as the asynchronous workers store theirs
+    first = rollout.episodes[0]
+    assert (group["num_online"], group["task_id"], group["init_state_id"]) == (2, first.task_id, first.init_state_id)
+    assert {episode.group_id for episode in rollout.episodes} == {group["group_id"]}
     success = rollout.episodes[0]
     success.success, success.rewards[-1] = True, 1.0
     model.replay.add([success])
