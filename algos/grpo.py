@@ -170,7 +170,12 @@ class GRPOConfig:
     num_epochs: int = 2
     """Passes over each rollout's tokens (1 keeps GRPO on-policy; more reuse the data under the clip)."""
     minibatch_size: int = 128
-    """Env steps (each 7 action tokens) per gradient step."""
+    """Env steps (policy queries: 7 action tokens each, ``chunk_size * 7`` a chunk) per forward and backward pass."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches whose gradients are averaged into one optimizer step, at the memory of one minibatch (HF's
+    ``gradient_accumulation_steps``); an epoch's last step takes the minibatches left. The policy gradient of a few
+    groups is mostly noise (``benchmarks/gradient_noise.py`` measures how many groups a step needs for its direction
+    to be half signal): accumulating makes each step see more of them."""
     clip_low: float = 0.2
     """The ratio's lower clip: 1 - clip_low (PPO's epsilon)."""
     clip_high: float = 0.28
@@ -240,8 +245,8 @@ class GRPOConfig:
     """Seeds torch's RNG and the draw of (task, init state) pairs."""
 
     def __post_init__(self):
-        check_ints(self, num_groups=1, group_size=2, num_epochs=1, minibatch_size=1, imitation_batch_size=1,
-                   max_sampling_rounds=1, success_replay_size=0)  # fmt: skip
+        check_ints(self, num_groups=1, group_size=2, num_epochs=1, minibatch_size=1, gradient_accumulation_steps=1,
+                   imitation_batch_size=1, max_sampling_rounds=1, success_replay_size=0)  # fmt: skip
         check_positive(self, "learning_rate", "clip_low", "clip_high", "advantage_eps")
         check_temperature(self.temperature)  # the same rule as the policies' sampling
         check_ema_decay(self)
@@ -566,47 +571,35 @@ class GRPO(BaseLearner):
 
         policy.train()
         sums: dict[str, float] = {}
-        num_updates = 0
+        num_passes = num_steps = 0
+        accumulate = config.gradient_accumulation_steps
         for _ in range(config.num_epochs):
             order = self._rng.permutation(step_indices)
             for minibatch in range(num_minibatches):
+                # The optimizer step this minibatch belongs to: `accumulate` minibatches (the epoch's last, fewer).
+                first = minibatch - minibatch % accumulate
+                num_in_step = min(accumulate, num_minibatches - first)
+                if minibatch == first:
+                    self.optimizer.zero_grad(set_to_none=True)
                 indices = order[minibatch * config.minibatch_size : (minibatch + 1) * config.minibatch_size]
-                loss = torch.zeros((), device=device)
-                metrics: dict[str, float] = {}
+                loss, metrics = torch.zeros((), device=device), {}
                 if len(indices):
-                    obs = rollout.batch(indices)
-                    action_tokens = torch.as_tensor(rollout.action_tokens[indices], device=device)
-                    old_log_probs = torch.as_tensor(proximal[indices], device=device)
-                    token_weights = torch.as_tensor(weights[indices], device=device)
-                    advantages = step_advantages[indices].to(device)[:, None]  # same A for every token of a step
-                    mask = None if rollout.token_mask is None else torch.as_tensor(rollout.token_mask[indices], device=device)
-                    log_probs, entropy = policy.log_prob(obs, action_tokens, config.temperature)
-                    pg_loss, clip_fraction, approx_kl = clipped_surrogate(
-                        log_probs, old_log_probs, advantages, config.clip_low, config.clip_high, token_weights, mask
-                    )
-                    entropy_loss = masked_mean(entropy, mask)
-                    loss = config.pg_coef * pg_loss - config.entropy_coef * entropy_loss
-                    if config.kl_coef > 0:
-                        kl = masked_mean(k3_kl(log_probs, self._reference_log_probs(obs, action_tokens)), mask)
-                        loss = loss + config.kl_coef * kl
-                        metrics["train/kl"] = kl.item()
-                    metrics.update({
-                        "train/pg_loss": pg_loss.item(), "train/entropy": entropy_loss.item(),
-                        "train/clip_fraction": clip_fraction.item(), "train/approx_kl": approx_kl.item(),
-                        "train/pg_is_weight_mean": masked_mean(token_weights, mask).item(),
-                    })  # fmt: skip
+                    loss, metrics = self._policy_gradient_loss(rollout, indices, proximal, weights, step_advantages)
                 if use_demos:
                     imitation_loss, is_weight_mean = self._imitation_loss()
                     loss = loss + imitation_weight * imitation_loss  # offline regularization
                     metrics.update({"train/imitation_loss": imitation_loss.item(), "train/is_weight_mean": is_weight_mean})
-                self._gradient_step(loss)
+                (loss / num_in_step).backward()  # the step's gradient: the mean over its minibatches
+                if minibatch == first + num_in_step - 1:
+                    self._optimizer_step()
+                    num_steps += 1
                 metrics["train/loss"] = loss.item()
                 for name, value in metrics.items():
                     sums[name] = sums.get(name, 0.0) + value
-                num_updates += 1
+                num_passes += 1
         policy.eval()
         self.policy_version += 1
-        means = {name: value / num_updates for name, value in sums.items()} if num_updates else {}
+        means = {name: value / num_passes for name, value in sums.items()} if num_passes else {}
         if "train/entropy" not in means:  # no online minibatch: still report the policy's entropy on the rollout
             means["train/entropy"] = self._rollout_entropy(rollout)
         means.update({
@@ -617,7 +610,7 @@ class GRPO(BaseLearner):
                 if online.any() else 0.0
             ),
             "train/imitation_weight": imitation_weight if self.demos is not None else 0.0,
-            "train/n_updates": float(num_updates),
+            "train/n_updates": float(num_steps),  # optimizer steps
             "train/off_policy_fraction": float(off_policy.mean()),
             "train/offline_buffer_size": float(len(self.demos) if self.demos is not None else 0),
             "train/replay_episodes": float(len(self.replay.episodes)),
@@ -629,10 +622,37 @@ class GRPO(BaseLearner):
         means.update({name: float(value) for name, value in rollout.stats.items()})
         return means
 
-    def _gradient_step(self, loss: torch.Tensor) -> None:
-        """Back-propagate ``loss``, clip the gradient's norm, step the optimizer and the moving average."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def _policy_gradient_loss(
+        self, rollout: GroupRollout, indices: np.ndarray, proximal: np.ndarray, weights: np.ndarray, step_advantages
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The clipped surrogate (plus the entropy and KL terms) of the steps ``indices``, and its metrics."""
+        config, policy, device = self.config, self.policy, self.policy.device
+        obs = rollout.batch(indices)
+        action_tokens = torch.as_tensor(rollout.action_tokens[indices], device=device)
+        old_log_probs = torch.as_tensor(proximal[indices], device=device)
+        token_weights = torch.as_tensor(weights[indices], device=device)
+        advantages = step_advantages[indices].to(device)[:, None]  # same A for every token of a step
+        mask = None if rollout.token_mask is None else torch.as_tensor(rollout.token_mask[indices], device=device)
+        log_probs, entropy = policy.log_prob(obs, action_tokens, config.temperature)
+        pg_loss, clip_fraction, approx_kl = clipped_surrogate(
+            log_probs, old_log_probs, advantages, config.clip_low, config.clip_high, token_weights, mask
+        )
+        entropy_loss = masked_mean(entropy, mask)
+        loss = config.pg_coef * pg_loss - config.entropy_coef * entropy_loss
+        metrics: dict[str, float] = {}
+        if config.kl_coef > 0:
+            kl = masked_mean(k3_kl(log_probs, self._reference_log_probs(obs, action_tokens)), mask)
+            loss = loss + config.kl_coef * kl
+            metrics["train/kl"] = kl.item()
+        metrics.update({
+            "train/pg_loss": pg_loss.item(), "train/entropy": entropy_loss.item(),
+            "train/clip_fraction": clip_fraction.item(), "train/approx_kl": approx_kl.item(),
+            "train/pg_is_weight_mean": masked_mean(token_weights, mask).item(),
+        })  # fmt: skip
+        return loss, metrics
+
+    def _optimizer_step(self) -> None:
+        """Clip the accumulated gradient's norm, step the optimizer and the moving average."""
         if self.config.max_grad_norm is not None:
             parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)

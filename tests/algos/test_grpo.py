@@ -121,6 +121,31 @@ def test_positive_advantage_raises_the_log_prob_of_its_tokens(env, instruction, 
     assert 0.0 <= metrics["train/clip_fraction"] <= 1.0 and metrics["train/approx_kl"] >= 0.0
 
 
+def test_accumulated_minibatches_make_the_step_of_their_union(env, instruction):
+    """20 steps, 2 epochs: 4 minibatches of 5 accumulated into one optimizer step move the weights as one minibatch
+    of 20 does (equal minibatches: the mean of their token means is the union's), 2 steps in all; without
+    accumulation the same minibatches make 8 steps, elsewhere."""
+    rollout = make_grpo(make_policy(instruction), env, group_size=2, num_groups=1, seed=0).collect_rollouts()
+    rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)
+    settings = {
+        "union": dict(minibatch_size=20),
+        "accumulated": dict(minibatch_size=5, gradient_accumulation_steps=4),
+        "separate": dict(minibatch_size=5),
+        "uneven": dict(minibatch_size=5, gradient_accumulation_steps=3),
+    }
+    steps, weights = {}, {}
+    for name, kwargs in settings.items():  # each from the policy that sampled the rollout: on-policy, ratio 1
+        model = make_grpo(make_policy(instruction), env, group_size=2, num_groups=1, learning_rate=1e-2, num_epochs=2,
+                          seed=0, **kwargs)  # fmt: skip
+        steps[name] = model.train(rollout)["train/n_updates"]
+        weights[name] = torch.cat([parameter.detach().reshape(-1) for parameter in model.policy.parameters()])
+    assert steps == {"union": 2, "accumulated": 2, "separate": 8, "uneven": 4}  # 3 + 1 minibatches an epoch
+    torch.testing.assert_close(weights["accumulated"], weights["union"], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(weights["separate"], weights["union"], atol=1e-4)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 0 must be an int >= 1"):
+        make_grpo(make_policy(instruction), env, gradient_accumulation_steps=0)
+
+
 @pytest.mark.parametrize("loss_aggregation, expected_pg_loss", [("token-mean", 5 / 15 / 2**0.5), ("episode-mean", 0.0)])
 def test_loss_aggregation_weighs_tokens_or_episodes(env, instruction, loss_aggregation, expected_pg_loss):
     """A 5-step success and a 10-step failure in one group (A = +-1/sqrt(2)). On-policy the ratio is 1, so the first
