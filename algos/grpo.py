@@ -222,7 +222,8 @@ class GRPOConfig:
     imitation_weight_max: float = 1.0
     """Imitation weight when every rollout fails."""
     imitation_batch_size: int = 64
-    """Demonstration steps per gradient step (when demos are given)."""
+    """Demonstration steps per minibatch (when demos are given): an optimizer step that averages k minibatches
+    (``gradient_accumulation_steps``) imitates k such batches."""
     is_clip: float = 2.0
     """Truncation of the importance ratio pi / mu on offline tokens that carry behaviour log-probs."""
     max_grad_norm: float | None = 1.0
