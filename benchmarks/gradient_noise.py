@@ -42,6 +42,7 @@ import torch
 import tyro
 from reporting import command_line, machine_info, publish
 
+from gym_libero_vla.algos.base import check_ints, is_int
 from gym_libero_vla.algos.grpo import GroupRollout, clipped_surrogate, group_relative_advantages
 from gym_libero_vla.algos.sft import Transitions, demo_token_log_probs, masked_mean
 from gym_libero_vla.demos.libero_hdf5 import load_episodes
@@ -88,24 +89,18 @@ def check_args(args: Args) -> None:
     missing = [path for path in args.demos if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(f"demo file(s) {missing} do not exist")
-    for name in ("group_size", "num_groups", "imitation_batch_size", "imitation_batches", "minibatch_size", "draws"):
-        value = getattr(args, name)
-        if not (isinstance(value, int) and value >= (2 if name == "group_size" else 1)):
-            raise ValueError(f"{name} {value!r} must be an int >= {2 if name == 'group_size' else 1}")
-    if args.max_groups is not None and not (isinstance(args.max_groups, int) and args.max_groups >= 2):
+    check_ints(args, group_size=2, num_groups=1, imitation_batch_size=1, imitation_batches=1, minibatch_size=1, draws=1)
+    if args.max_groups is not None and not is_int(args.max_groups, 2):
         raise ValueError(f"max_groups {args.max_groups!r} must be an int >= 2 or None")
-    if not args.batch_sizes or any(not (isinstance(n, int) and n >= 1) for n in args.batch_sizes):
+    if not args.batch_sizes or any(not is_int(n, 1) for n in args.batch_sizes):
         raise ValueError(f"batch_sizes {args.batch_sizes!r} must be ints >= 1")
 
 
 def stored_groups(store: EpisodeStore, group_size: int) -> tuple[list[list[dict]], int]:
     """The store's complete groups (their online episodes' index rows) and the online env steps they took."""
     rows = store.records(source="online")
-    tagged: dict[str, list[dict]] = {}
-    for row in rows:
-        if row["group_id"] is not None:
-            tagged.setdefault(row["group_id"], []).append(row)
-    groups = list(tagged.values())
+    online = {row["episode_id"]: row for row in rows}
+    groups = [[online[i] for i in group["episode_ids"] if i in online] for group in store.groups()]
     untagged = [row for row in rows if row["group_id"] is None]  # a synchronous GRPO's store before group ids
     start = 0
     while start + group_size <= len(untagged):
