@@ -167,6 +167,12 @@ class GRPOConfig:
     """Episodes per (task, init state) pair: the G of GRPO (>= 2, a group of one has no variance)."""
     learning_rate: float = 3e-5
     """AdamW step size (small: the warm start is already good at some states)."""
+    warmup_steps: int = 0
+    """Optimizer steps over which the step size rises linearly to ``learning_rate`` (``k / warmup_steps`` of it at
+    the k-th step; HF's ``warmup_steps``; 0: none). Adam's first steps move every weight by about the step size
+    whatever its gradient, before its second-moment estimate has seen more than one gradient; with few, large steps
+    (``gradient_accumulation_steps``) the first ones would move the policy the most. Counted over the run (a resumed
+    run continues the count)."""
     num_epochs: int = 2
     """Passes over each rollout's tokens (1 keeps GRPO on-policy; more reuse the data under the clip)."""
     minibatch_size: int = 128
@@ -247,7 +253,7 @@ class GRPOConfig:
 
     def __post_init__(self):
         check_ints(self, num_groups=1, group_size=2, num_epochs=1, minibatch_size=1, gradient_accumulation_steps=1,
-                   imitation_batch_size=1, max_sampling_rounds=1, success_replay_size=0)  # fmt: skip
+                   warmup_steps=0, imitation_batch_size=1, max_sampling_rounds=1, success_replay_size=0)  # fmt: skip
         check_positive(self, "learning_rate", "clip_low", "clip_high", "advantage_eps")
         check_temperature(self.temperature)  # the same rule as the policies' sampling
         check_ema_decay(self)
@@ -379,7 +385,7 @@ class GRPO(BaseLearner):
 
     config_class: type[GRPOConfig] = GRPOConfig
     config_filename = "grpo.json"
-    state_keys = ("policy_version",)
+    state_keys = ("policy_version", "num_optimizer_steps")
     config: GRPOConfig
 
     def __init__(self, policy, env=None, demos: Any = None, tensorboard_log=None, verbose: int = 0, device=None, **kwargs):
@@ -406,6 +412,7 @@ class GRPO(BaseLearner):
         if config.kl_coef > 0 and not self.policy.lora_enabled:
             self.reference_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.policy_version = 0  # learner updates so far; rollouts carry the version that sampled them
+        self.num_optimizer_steps = 0  # over the run (the step size's warm-up counts them)
         self._rng = np.random.default_rng(config.seed)
         if config.seed is not None:
             torch.manual_seed(config.seed)
@@ -612,6 +619,7 @@ class GRPO(BaseLearner):
             ),
             "train/imitation_weight": imitation_weight if self.demos is not None else 0.0,
             "train/n_updates": float(num_steps),  # optimizer steps
+            "train/learning_rate": float(self.optimizer.param_groups[0]["lr"]),  # of the last step
             "train/off_policy_fraction": float(off_policy.mean()),
             "train/offline_buffer_size": float(len(self.demos) if self.demos is not None else 0),
             "train/replay_episodes": float(len(self.replay.episodes)),
@@ -653,11 +661,18 @@ class GRPO(BaseLearner):
         return loss, metrics
 
     def _optimizer_step(self) -> None:
-        """Clip the accumulated gradient's norm, step the optimizer and the moving average."""
-        if self.config.max_grad_norm is not None:
+        """Clip the accumulated gradient's norm, set the (warming-up) step size, step the optimizer and the moving
+        average."""
+        config = self.config
+        if config.max_grad_norm is not None:
             parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        if config.warmup_steps:
+            scale = min(1.0, (self.num_optimizer_steps + 1) / config.warmup_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.learning_rate * scale
         self.optimizer.step()
+        self.num_optimizer_steps += 1
         if self.ema is not None:
             self.ema.update()
 
@@ -737,11 +752,12 @@ class GRPO(BaseLearner):
     # ------------------------------------------------------------------ checkpoints
     def _save_state(self, directory: str) -> dict[str, Any]:
         self._save_optimizer_and_rng(directory, self.optimizer, self._rng)
-        return {"policy_version": self.policy_version}
+        return {"policy_version": self.policy_version, "num_optimizer_steps": self.num_optimizer_steps}
 
     def _load_state(self, directory: str, state: dict[str, Any]) -> None:
         """With ``kl_coef > 0`` on a policy without LoRA, the reference is a copy of the *loaded* policy."""
         self.policy_version = int(state.get("policy_version", 0))
+        self.num_optimizer_steps = int(state.get("num_optimizer_steps", 0))
         self._load_optimizer_and_rng(directory, self.optimizer, self._rng, self.config.learning_rate)
 
 

@@ -129,7 +129,7 @@ class IReVLA(BaseLearner):
 
     config_class = IReVLAConfig
     config_filename = "irevla.json"
-    state_keys = ("policy_version", "num_rl_stages", "num_sl_stages", "num_rl_updates")
+    state_keys = ("policy_version", "num_optimizer_steps", "num_rl_stages", "num_sl_stages", "num_rl_updates")
     config: IReVLAConfig
 
     def __init__(self, policy, env=None, demos: Any = None, tensorboard_log=None, verbose: int = 0, device=None, **kwargs):
@@ -266,8 +266,9 @@ class IReVLA(BaseLearner):
         for stage, learner in (("rl", self.rl), ("sl", self.sl)):
             os.makedirs(os.path.join(directory, stage))
             learner._save_state(os.path.join(directory, stage))
-        return {"policy_version": self.rl.policy_version, "num_rl_stages": self.num_rl_stages,
-                "num_sl_stages": self.num_sl_stages, "num_rl_updates": self.num_rl_updates}  # fmt: skip
+        return {"policy_version": self.rl.policy_version, "num_optimizer_steps": self.rl.num_optimizer_steps,
+                "num_rl_stages": self.num_rl_stages, "num_sl_stages": self.num_sl_stages,
+                "num_rl_updates": self.num_rl_updates}  # fmt: skip
 
     def _load_state(self, directory: str, state: dict[str, Any]) -> None:
         self.rl.num_timesteps = self.num_timesteps

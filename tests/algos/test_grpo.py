@@ -146,6 +146,31 @@ def test_accumulated_minibatches_make_the_step_of_their_union(env, instruction):
         make_grpo(make_policy(instruction), env, gradient_accumulation_steps=0)
 
 
+def test_step_size_warms_up_linearly_and_a_resumed_run_continues_the_count(env, instruction, tmp_path):
+    """warmup_steps=4: the k-th optimizer step uses k/4 of the step size. Adam's first step moves every weight with a
+    gradient by about the step size whatever the gradient's scale, so the first step moves the policy by lr/4, not
+    lr; a checkpoint carries the count, and a resumed run takes the third step at 3/4."""
+    rollout = make_grpo(make_policy(instruction), env, group_size=2, num_groups=1, seed=0).collect_rollouts()
+    rollout.episode_rewards = np.array([1.0, 0.0], dtype=np.float32)
+    lr, moves = 1e-2, {}
+    for warmup_steps in (0, 4):
+        model = make_grpo(make_policy(instruction), env, group_size=2, num_groups=1, learning_rate=lr, num_epochs=1,
+                          minibatch_size=64, max_grad_norm=None, warmup_steps=warmup_steps, seed=0)  # fmt: skip
+        start = [p.detach().clone() for p in model.policy.parameters()]
+        metrics = model.train(rollout)  # one optimizer step
+        assert metrics["train/n_updates"] == 1 and model.num_optimizer_steps == 1
+        assert metrics["train/learning_rate"] == pytest.approx(lr / 4 if warmup_steps else lr)
+        moves[warmup_steps] = max((p.detach() - s).abs().max().item() for p, s in zip(model.policy.parameters(), start))
+    assert moves[0] == pytest.approx(lr, rel=0.05) and moves[4] == pytest.approx(lr / 4, rel=0.05)
+    assert model.train(rollout)["train/learning_rate"] == pytest.approx(lr / 2)
+    model.save(tmp_path / "warm")
+    resumed = GRPO.load(tmp_path / "warm", env=env)
+    assert resumed.num_optimizer_steps == 2 and resumed.config.warmup_steps == 4
+    assert [resumed.train(rollout)["train/learning_rate"] for _ in range(3)] == pytest.approx([3 * lr / 4, lr, lr])
+    with pytest.raises(ValueError, match="warmup_steps -1 must be an int >= 0"):
+        make_grpo(make_policy(instruction), env, warmup_steps=-1)
+
+
 @pytest.mark.parametrize("loss_aggregation, expected_pg_loss", [("token-mean", 5 / 15 / 2**0.5), ("episode-mean", 0.0)])
 def test_loss_aggregation_weighs_tokens_or_episodes(env, instruction, loss_aggregation, expected_pg_loss):
     """A 5-step success and a 10-step failure in one group (A = +-1/sqrt(2)). On-policy the ratio is 1, so the first

@@ -162,6 +162,7 @@ def test_predict_save_load_round_trip(env, instruction, tmp_path):
     model.save(tmp_path / "irevla")  # overwriting a checkpoint replaces it
     loaded = IReVLA.load(tmp_path / "irevla", env=env, demos=demos)
     assert loaded.num_timesteps == EPISODE_STEPS and (loaded.num_rl_stages, loaded.num_sl_stages) == (1, 1)
+    assert loaded.rl.num_optimizer_steps == model.rl.num_optimizer_steps > 0  # the RL stage's step-size warm-up count
     assert loaded.config == model.config and loaded.rl.config == model.rl.config
     np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], action)
     assert loaded.rl.optimizer.state_dict()["state"] and loaded.sl.optimizer.state_dict()["state"]  # Adam moments back
