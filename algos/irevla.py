@@ -38,6 +38,11 @@ What differs from the paper:
   changes nothing; the SL stage still trains on the demonstrations.
 - The paper's head is a separate MLP on the VLM's embeddings that outputs continuous actions; here it is
   the output layer scoring the 7 action tokens.
+- ``ema_decay`` (a :class:`GRPOConfig` field; 0 by default, as in the paper) keeps one moving average of every
+  trainable weight, updated after each optimizer step of either stage (no warm-up: it starts at the warm-started
+  policy); the stages train the training weights, and outside ``learn`` the policy holds the average, as
+  :class:`GRPO`'s and :class:`SFT`'s ``ema_decay``. An average of one stage's steps alone would be undone by the
+  next stage; from an SFT checkpoint that is itself an average, continuing without one costs what averaging gained.
 - The initial supervised stage is not part of ``learn``: warm-start with :class:`SFT` first. ``learn`` starts
   with an RL stage, and every RL stage is followed by its SL stage (also the last one, which folds in the
   last successes), unless a callback stopped training.
@@ -161,12 +166,6 @@ class IReVLA(BaseLearner):
                 "rescue_failed_groups=True is not available in iRe-VLA: its RL stage is pure RL (GRPO gets no "
                 "demonstrations to rescue groups with); the demonstrations train the policy in the SL stage"
             )
-        if rl_hyperparameters.get("ema_decay"):
-            raise ValueError(
-                f"ema_decay {rl_hyperparameters['ema_decay']!r} is not available in iRe-VLA: its stages train the same "
-                "weights in turn, and a moving average of the RL stage's alone would be undone by the next SL stage; "
-                "use ema_decay with GRPO or SFT"
-            )
         rl_hyperparameters.setdefault("success_replay_size", 0)  # successes go to the SL stage, not GRPO's offline term
         with self._head_only():  # GRPO's AdamW takes the parameters that require grad: the head's
             self.rl = GRPO(policy, env, demos=None, **rl_hyperparameters)
@@ -174,6 +173,10 @@ class IReVLA(BaseLearner):
             policy, learning_rate=config.sl_learning_rate, batch_size=config.sl_batch_size,
             max_grad_norm=config.sl_max_grad_norm, log_interval=max(config.sl_steps_per_stage, 1), seed=self.rl.config.seed,
         )  # fmt: skip
+        # One moving average of every trainable weight, over both stages' steps (GRPO's ema_decay; started at the
+        # policy, no warm-up): both stages update it and swap it as their own; outside learn the policy holds it.
+        self.ema = self._make_ema(self.rl.config.ema_decay, warmup=False)
+        self.rl.ema = self.sl.ema = self.ema
         self.demo_episodes: list[Episode] = episodes_of(demos, policy.observation_keys) if demos is not None else []
         self.successes = SuccessReplay(  # D_RL
             config.success_buffer_size, policy.observation_keys, sources=("online",), store=config.success_store,

@@ -68,7 +68,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla import suites
 from gym_libero_vla.algos import GRPO, SFT, GRPOConfig, IReVLA, IReVLAConfig, SFTConfig
-from gym_libero_vla.algos.base import latest_checkpoint
+from gym_libero_vla.algos.base import is_finite, latest_checkpoint
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
 from gym_libero_vla.algos.sft import continue_sft
 from gym_libero_vla.demos.generate import DemoConfig, default_demo_path
@@ -103,8 +103,8 @@ DESCRIPTIONS = {
     "grpo": "(a) plain GRPO: clipped group-relative surrogate only (no demos, no success replay, no rescue)",
     "grpo_offline": "(b) GRPO + offline regularization: adaptive demo NLL and success replay",
     "grpo_offline_relabel": "(c) (b) + Rollout Relabel: all-fail groups rescued with a demo, hindsight relabelling",
-    "irevla": "(d) iRe-VLA: head-only GRPO stages alternating with SL stages on demos + successes (no moving "
-    "average of the weights, whatever --grpo.ema-decay says)",
+    "irevla": "(d) iRe-VLA: head-only GRPO stages alternating with SL stages on demos + successes (its moving "
+    "average of the weights, over both stages, is --irevla-ema-decay's, not --grpo.ema-decay's)",
     "offline_only": "(e) ablation: (b) without its policy-gradient term (pg_coef 0), the same rollouts feeding only "
     "the success replay and the imitation weight; (b) minus (e) is what RL adds over more imitation",
 }
@@ -162,6 +162,10 @@ class Args:
     init_state_ids, seed and cache_dir follow the run)."""
     irevla: IReVLAConfig = dataclasses.field(default_factory=IReVLAConfig)
     """(d): iRe-VLA's SL stages and alternation."""
+    irevla_ema_decay: float = 0.0
+    """(d)'s moving average of the weights over both stages' steps (its ``ema_decay``; 0: none, the paper's form).
+    Kept apart from ``--grpo.ema-decay``, which the GRPO variants' average is: iRe-VLA's ~100 steps a stage call
+    for another decay."""
     rollout_max_episode_steps: int | None = None
     """Step limit of training rollouts (default: max_episode_steps)."""
     rollout_num_envs: int = 4
@@ -209,6 +213,8 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
                           ("sft_steps", 1)):  # fmt: skip
         if not (isinstance(getattr(args, name), int) and getattr(args, name) >= minimum):
             raise ValueError(f"{name} {getattr(args, name)!r} must be an int >= {minimum}")
+    if not (is_finite(args.irevla_ema_decay) and 0 <= args.irevla_ema_decay < 1):
+        raise ValueError(f"irevla_ema_decay {args.irevla_ema_decay!r} must be in [0, 1) (0: no moving average)")
     if args.curve_num_init_states > args.eval.eval_num_init_states:
         raise ValueError(f"curve_num_init_states {args.curve_num_init_states} must be <= eval_num_init_states")
     args.eval.check_held_out(args.demo.demo_init_state_end)
@@ -277,9 +283,8 @@ def variant_hyperparameters(variant: str, args: Args, task_ids, seed: int, run_d
         grpo = dataclasses.replace(grpo, imitation_weight_max=0.0, imitation_weight_min=0.0, success_replay_size=0,
                                    rescue_failed_groups=False, cache_dir=None)  # fmt: skip
     elif variant == "irevla":  # (d): GRPO is its RL stage on the head
-        grpo = dataclasses.replace(
-            grpo, rescue_failed_groups=False, success_replay_size=0, cache_dir=None, ema_decay=0.0
-        )  # its SL stages retrain the weights: iRe-VLA keeps no average
+        grpo = dataclasses.replace(grpo, rescue_failed_groups=False, success_replay_size=0, cache_dir=None,
+                                   ema_decay=args.irevla_ema_decay)  # fmt: skip
         irevla = dataclasses.replace(args.irevla, success_store=os.path.join(run_dir, "successes"))
         return {**dataclasses.asdict(grpo), **dataclasses.asdict(irevla)}
     else:  # (b), (c), (e)

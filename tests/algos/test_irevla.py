@@ -173,6 +173,53 @@ def test_predict_save_load_round_trip(env, instruction, tmp_path):
         IReVLA.load(tmp_path)
 
 
+def test_one_moving_average_spans_both_stages(env, instruction, tmp_path):
+    """With ema_decay, every optimizer step of either stage (head-only RL, full SL) moves one average of all the
+    weights, started at the policy; outside learn the policy holds it, checkpoints keep the training weights beside
+    it and a resumed run continues them."""
+    decay = 0.8
+    demos = [episode(instruction, True, "offline")]
+    model = IReVLA(
+        make_policy(instruction), SucceedAtTimeLimit(env), demos=demos, group_size=2, num_groups=1,
+        rl_updates_per_stage=1, sl_steps_per_stage=3, sl_batch_size=4, learning_rate=1e-2, sl_learning_rate=1e-2,
+        dynamic_sampling=False, ema_decay=decay, seed=0,
+    )  # fmt: skip
+    assert model.rl.ema is model.ema and model.sl.ema is model.ema and len(model.ema.parameters) == len(model.sl_parameters)
+    trained = []  # the training weights after each update of the average (the real update runs)
+    update = model.ema.update
+
+    def recording_update():
+        update()
+        trained.append([p.detach().clone() for p in model.ema.parameters])
+
+    model.ema.update = recording_update
+    start = [p.detach().clone() for p in model.ema.parameters]
+    model.learn(EPISODE_STEPS)
+    assert (model.num_rl_stages, model.num_sl_stages) == (1, 1)
+    assert len(trained) == model.rl.num_optimizer_steps + 3 == model.ema.num_updates  # both stages' steps
+    expected = start
+    for weights in trained:
+        expected = [decay * a + (1 - decay) * w for a, w in zip(expected, weights)]
+    assert model.ema.holds_averaged
+    for parameter, averaged in zip(model.ema.parameters, expected):
+        torch.testing.assert_close(parameter.detach(), averaged)
+    head = {id(p) for p in model.head_parameters}
+    backbone = [i for i, p in enumerate(model.ema.parameters) if id(p) not in head]
+    rl_steps = model.rl.num_optimizer_steps
+    assert all(torch.equal(trained[rl_steps - 1][i], start[i]) for i in backbone)  # the RL stage left them alone
+    assert not all(torch.equal(trained[-1][i], start[i]) for i in backbone)  # the SL stage moved them
+
+    model.save(tmp_path / "ema")
+    loaded = IReVLA.load(tmp_path / "ema", env=SucceedAtTimeLimit(env), demos=demos)
+    assert loaded.rl.ema is loaded.ema and loaded.sl.ema is loaded.ema and loaded.ema.num_updates == len(trained)
+    for parameter, averaged in zip(loaded.ema.parameters, expected):
+        torch.testing.assert_close(parameter.detach(), averaged)
+    for weight, last in zip(loaded.ema.training_weights(), trained[-1]):
+        torch.testing.assert_close(weight, last)
+    loaded.learn(EPISODE_STEPS, reset_num_timesteps=False)
+    assert loaded.ema.num_updates == 2 * len(trained) and loaded.ema.holds_averaged
+
+
 def test_callback_stops_training(env, instruction):
     class StopAfter(BaseCallback):
         def _on_step(self) -> bool:
@@ -199,8 +246,8 @@ def test_bad_hyperparameters_are_named(env, instruction, tmp_path):
         IReVLA(policy, env, group_size=1)
     with pytest.raises(ValueError, match="rescue_failed_groups"):
         IReVLA(policy, env, demos=[episode(instruction, True, "offline")], rescue_failed_groups=True)
-    with pytest.raises(ValueError, match="ema_decay 0.99 is not available in iRe-VLA"):
-        IReVLA(policy, env, ema_decay=0.99)
+    with pytest.raises(ValueError, match=r"ema_decay 1.0 must be in \[0, 1\)"):
+        IReVLA(policy, env, ema_decay=1.0)
     with pytest.raises(ValueError, match="IReVLA has no env"):
         IReVLA(policy).learn(10)
     assert all(p.requires_grad for p in policy.parameters())  # a failed construction leaves nothing frozen

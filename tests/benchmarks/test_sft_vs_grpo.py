@@ -181,6 +181,8 @@ def test_bad_input_names_the_valid_choices(tmp_path):
         main(tiny_args(tmp_path, grpo=GRPOConfig(group_size=1), rollout_num_envs=1))
     with pytest.raises(ValueError, match="rollout_num_envs 3 must be an int >= 1 that divides group_size 2"):
         main(tiny_args(tmp_path, rollout_num_envs=3))
+    with pytest.raises(ValueError, match=r"irevla_ema_decay 1.0 must be in \[0, 1\)"):
+        main(tiny_args(tmp_path, irevla_ema_decay=1.0))
     with pytest.raises(ValueError, match="device 'cuda:64' is not available on this machine"):
         main(tiny_args(tmp_path, device="cuda:64"))
     # --sft-checkpoint must read what --obs-mode gives: a state-mode policy is refused in rgb+state mode.
@@ -306,12 +308,14 @@ def test_every_variant_trains_on_the_starts_asked_for(tmp_path):
         for variant in ("grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "offline_only"):
             settings = sft_vs_grpo.variant_hyperparameters(variant, args, (0,), 0, str(tmp_path))
             assert (settings["init_states"], settings["init_state_ids"]) == (init_states, expected), variant
-    # --grpo.ema-decay averages the GRPO variants' weights; iRe-VLA (which refuses an average) runs without one.
-    args = tiny_args(tmp_path, grpo=GRPOConfig(num_groups=1, group_size=2, ema_decay=0.99))
-    decays = {variant: sft_vs_grpo.variant_hyperparameters(variant, args, (0,), 0, str(tmp_path))["ema_decay"]
-              for variant in ("grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "offline_only")}  # fmt: skip
-    assert decays == {"grpo": 0.99, "grpo_offline": 0.99, "grpo_offline_relabel": 0.99, "irevla": 0.0,
-                      "offline_only": 0.99}  # fmt: skip
+    # --grpo.ema-decay averages the GRPO variants' weights; iRe-VLA's average (over both its stages) is its own.
+    for irevla_ema_decay in (0.0, 0.999):
+        args = tiny_args(tmp_path, grpo=GRPOConfig(num_groups=1, group_size=2, ema_decay=0.99),
+                         irevla_ema_decay=irevla_ema_decay)  # fmt: skip
+        decays = {variant: sft_vs_grpo.variant_hyperparameters(variant, args, (0,), 0, str(tmp_path))["ema_decay"]
+                  for variant in ("grpo", "grpo_offline", "grpo_offline_relabel", "irevla", "offline_only")}  # fmt: skip
+        assert decays == {"grpo": 0.99, "grpo_offline": 0.99, "grpo_offline_relabel": 0.99, "irevla": irevla_ema_decay,
+                          "offline_only": 0.99}  # fmt: skip
     setup = {"train_init_states": "sampled", "train_init_state_ids": [0, 1]}
     assert "a new layout per group" in sft_vs_grpo.train_starts_text(setup)
     assert sft_vs_grpo.train_starts_text({"train_init_state_ids": [0, 1]}) == "training init states 0, 1"
