@@ -63,10 +63,11 @@ def check_positive(config, *names: str) -> None:
             raise ValueError(f"{name} {value!r} must be a finite number > 0")
 
 
-def check_ema_decay(config) -> None:
-    """A learner's ``ema_decay`` must lie in [0, 1) (0: no moving average of the weights)."""
-    if not (is_finite(config.ema_decay) and 0 <= config.ema_decay < 1):
-        raise ValueError(f"ema_decay {config.ema_decay!r} must be in [0, 1) (0: no moving average)")
+def check_ema_decay(config, name: str = "ema_decay") -> None:
+    """A learner's ``ema_decay`` (or ``config``'s field ``name``) must lie in [0, 1) (0: no moving average)."""
+    value = getattr(config, name)
+    if not (is_finite(value) and 0 <= value < 1):
+        raise ValueError(f"{name} {value!r} must be in [0, 1) (0: no moving average)")
 
 
 def check_ints(config, **minimums: int) -> None:

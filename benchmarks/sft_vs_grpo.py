@@ -68,7 +68,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla import suites
 from gym_libero_vla.algos import GRPO, SFT, GRPOConfig, IReVLA, IReVLAConfig, SFTConfig
-from gym_libero_vla.algos.base import is_finite, latest_checkpoint
+from gym_libero_vla.algos.base import check_ema_decay, latest_checkpoint
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
 from gym_libero_vla.algos.sft import continue_sft
 from gym_libero_vla.demos.generate import DemoConfig, default_demo_path
@@ -213,8 +213,7 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
                           ("sft_steps", 1)):  # fmt: skip
         if not (isinstance(getattr(args, name), int) and getattr(args, name) >= minimum):
             raise ValueError(f"{name} {getattr(args, name)!r} must be an int >= {minimum}")
-    if not (is_finite(args.irevla_ema_decay) and 0 <= args.irevla_ema_decay < 1):
-        raise ValueError(f"irevla_ema_decay {args.irevla_ema_decay!r} must be in [0, 1) (0: no moving average)")
+    check_ema_decay(args, "irevla_ema_decay")
     if args.curve_num_init_states > args.eval.eval_num_init_states:
         raise ValueError(f"curve_num_init_states {args.curve_num_init_states} must be <= eval_num_init_states")
     args.eval.check_held_out(args.demo.demo_init_state_end)
