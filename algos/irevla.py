@@ -134,7 +134,7 @@ class IReVLA(BaseLearner):
 
     config_class = IReVLAConfig
     config_filename = "irevla.json"
-    state_keys = ("policy_version", "num_optimizer_steps", "num_rl_stages", "num_sl_stages", "num_rl_updates")
+    state_keys = (*GRPO.state_keys, "num_rl_stages", "num_sl_stages", "num_rl_updates")  # GRPO's: the RL stage's
     config: IReVLAConfig
 
     def __init__(self, policy, env=None, demos: Any = None, tensorboard_log=None, verbose: int = 0, device=None, **kwargs):
@@ -266,11 +266,11 @@ class IReVLA(BaseLearner):
     def _save_state(self, directory: str) -> dict[str, Any]:
         """GRPO's state (the head's optimizer, the RNG states) in ``rl/``, SFT's (the supervised optimizer) in ``sl/``.
         The success buffer persists through ``success_store``, not here."""
+        counters = {}
         for stage, learner in (("rl", self.rl), ("sl", self.sl)):
             os.makedirs(os.path.join(directory, stage))
-            learner._save_state(os.path.join(directory, stage))
-        return {"policy_version": self.rl.policy_version, "num_optimizer_steps": self.rl.num_optimizer_steps,
-                "num_rl_stages": self.num_rl_stages, "num_sl_stages": self.num_sl_stages,
+            counters[stage] = learner._save_state(os.path.join(directory, stage))
+        return {**counters["rl"], "num_rl_stages": self.num_rl_stages, "num_sl_stages": self.num_sl_stages,
                 "num_rl_updates": self.num_rl_updates}  # fmt: skip
 
     def _load_state(self, directory: str, state: dict[str, Any]) -> None:
