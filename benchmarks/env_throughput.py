@@ -13,6 +13,10 @@ step and include Gymnasium's autoresets at the step limit; chunked numbers count
 The policy-in-the-loop rows run :func:`gym_libero_vla.rollouts.run_episodes` with a freshly initialised CompactVLA of
 the default size (state: privileged object poses, as the SFT baseline; rgb: both cameras at 128 px): env steps/s
 including the policy's forward passes, one per step at ``k = 1`` and one per chunk at ``k = 8``.
+
+The chunked rgb rows are also timed without reflections (``LiberoEnv(reflections=False)``: MuJoCo skips its reflection
+pass, which is ~40% of a frame on a CPU renderer), beside how much the frames differ (mean absolute difference of the
+first frame, 0-255, and the share of pixels that change).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class Args:
     """Action-chunk sizes of the chunked rows (rgb, both cameras) and of the policy-in-the-loop rows; () skips both."""
     chunk_rgb_steps: int = 160
     """Timed env steps (actions) per chunked rgb measurement."""
+    reflections: bool = True
+    """Also time the chunked rgb rows with frames rendered without reflections (``--no-reflections`` skips them)."""
     policy_steps: int = 160
     """Env steps per policy-in-the-loop measurement (episodes of this many steps)."""
     torch_threads: int = 1
@@ -111,10 +117,10 @@ def ours_vector(mode: str, num_envs: int, args: Args) -> float:
     return rate
 
 
-def ours_chunked(chunk: int, args: Args) -> tuple[float, float]:
+def ours_chunked(chunk: int, args: Args, reflections: bool = True) -> tuple[float, float]:
     """rgb (both cameras) env steps/s with chunks of ``chunk`` actions, and camera frames rendered per env step."""
     env = gym.make(args.env_id, obs_mode="rgb", image_size=args.image_size, task_ids=[0], action_chunk=chunk,
-                   max_env_steps=10**6, max_episode_steps=10**6)  # fmt: skip
+                   max_env_steps=10**6, max_episode_steps=10**6, reflections=reflections)  # fmt: skip
     env.reset(seed=args.seed)
     base = env.unwrapped
     frames_before = base.frames_rendered
@@ -126,7 +132,22 @@ def ours_chunked(chunk: int, args: Args) -> tuple[float, float]:
     return rate, frames_per_step
 
 
-def policy_in_the_loop(mode: str, chunk: int, args: Args) -> float:
+def frame_difference(args: Args) -> dict:
+    """How much the first frame of each camera changes without reflections: mean |difference| (0-255), share of
+    pixels that change."""
+    frames = {}
+    for reflections in (True, False):
+        env = gym.make(args.env_id, obs_mode="rgb", image_size=args.image_size, task_ids=[0], reflections=reflections)
+        frames[reflections], _ = env.reset(seed=args.seed)
+        env.close()
+    result = {}
+    for camera in CAMERAS:
+        difference = np.abs(frames[True][camera].astype(int) - frames[False][camera].astype(int))
+        result[camera] = {"mean_abs": float(difference.mean()), "changed": float((difference.max(axis=-1) > 0).mean())}
+    return result
+
+
+def policy_in_the_loop(mode: str, chunk: int, args: Args, reflections: bool = True) -> float:
     """Env steps/s of a CompactVLA acting through ``run_episodes`` (one forward pass per query)."""
     import torch
 
@@ -144,7 +165,8 @@ def policy_in_the_loop(mode: str, chunk: int, args: Args) -> float:
     object_state_dim = probe.observation_space["object_state"].shape[0]
     probe.close()
     config = (CompactVLAConfig(cameras=(), object_state_dim=object_state_dim, chunk_size=chunk) if mode == "state" else
-              CompactVLAConfig(cameras=("agentview", "wrist"), image_size=args.image_size, chunk_size=chunk))  # fmt: skip
+              CompactVLAConfig(cameras=("agentview", "wrist"), image_size=args.image_size, chunk_size=chunk,
+                               reflections=reflections))  # fmt: skip
     policy = CompactVLA(config, bins, tokenizer).eval()
     env = gym.make(args.env_id, task_ids=[0], **env_kwargs_for_policy(policy, args.policy_steps))
     env_steps = 0
@@ -191,7 +213,14 @@ def main(args: Args) -> dict:
             chunked[chunk] = {"rgb_env_steps_per_s": rate, "frames_per_env_step": frames}
             for mode in ("state", "rgb"):
                 chunked[chunk][f"policy_{mode}_env_steps_per_s"] = policy_in_the_loop(mode, chunk, args)
+            if args.reflections:
+                chunked[chunk]["rgb_no_reflections_env_steps_per_s"] = ours_chunked(chunk, args, reflections=False)[0]
+                chunked[chunk]["policy_rgb_no_reflections_env_steps_per_s"] = policy_in_the_loop(
+                    "rgb", chunk, args, reflections=False
+                )
         results["chunks"] = {str(chunk): row for chunk, row in chunked.items()}
+        if args.reflections:
+            results["no_reflections_frame_difference"] = frame_difference(args)
         if "rgb" in results["modes"]:
             results["raw_libero_rgb"] = results["modes"]["rgb"]["raw_libero"]
 
@@ -223,6 +252,25 @@ def main(args: Args) -> dict:
                   f"{row['frames_per_env_step']:.3f} | {versus_raw} | "
                   f"{row['policy_state_env_steps_per_s']:.1f} ({ratio['policy_state_env_steps_per_s']:.2f}x) | "
                   f"{row['policy_rgb_env_steps_per_s']:.1f} ({ratio['policy_rgb_env_steps_per_s']:.2f}x) |")  # fmt: skip
+        if args.reflections:
+            print("\nWithout reflections (`LiberoEnv(reflections=False)`), env steps/s and ratio to with them, same k\n")
+            print("| k | rgb env | policy + rgb env |")
+            print("|---|---|---|")
+            for chunk in args.chunks:
+                row = results["chunks"][str(chunk)]
+                row["no_reflections_vs_reflections"] = {
+                    "rgb_env": row["rgb_no_reflections_env_steps_per_s"] / row["rgb_env_steps_per_s"],
+                    "policy_rgb": row["policy_rgb_no_reflections_env_steps_per_s"] / row["policy_rgb_env_steps_per_s"],
+                }
+                versus = row["no_reflections_vs_reflections"]
+                print(
+                    f"| {chunk} | {row['rgb_no_reflections_env_steps_per_s']:.1f} ({versus['rgb_env']:.2f}x) | "
+                    f"{row['policy_rgb_no_reflections_env_steps_per_s']:.1f} ({versus['policy_rgb']:.2f}x) |"
+                )
+            changes = results["no_reflections_frame_difference"]
+            print("\nFirst frame without reflections: " + "; ".join(
+                f"{camera} mean |difference| {change['mean_abs']:.2f} of 255, {100 * change['changed']:.1f}% of pixels"
+                for camera, change in changes.items()))  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\nJSON written to {args.out}")

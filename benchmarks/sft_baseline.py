@@ -46,7 +46,7 @@ from gym_libero_vla import suites
 from gym_libero_vla.algos import SFT, SFTConfig
 from gym_libero_vla.algos.sft import continue_sft, demo_fit
 from gym_libero_vla.demos.generate import DemoConfig, GenerateArgs, default_demo_path
-from gym_libero_vla.evaluate import CAMERA_KEYS, EvalRange, evaluate_policy
+from gym_libero_vla.evaluate import CAMERA_KEYS, EvalRange, check_reflections, evaluate_policy
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, VLAPolicy, resolve_device
 from gym_libero_vla.policies.base import weights_fingerprint
 from gym_libero_vla.run_lock import exclusive
@@ -142,6 +142,7 @@ def check_policy_inputs(policy: VLAPolicy, args: Args, source: str) -> None:
     image_size = getattr(getattr(policy, "config", None), "image_size", args.image_size)
     if cameras and image_size != args.image_size:
         raise ValueError(f"{source} reads {image_size} px frames: pass --image-size {image_size}")
+    check_reflections(policy, args.policy.reflections, source)
     if ("object_state" in keys) != args.object_state:
         fix = "add --object-state" if "object_state" in keys else "drop --object-state"
         raise ValueError(f"{source} {'reads' if 'object_state' in keys else 'does not read'} object_state: {fix}")
@@ -150,8 +151,9 @@ def check_policy_inputs(policy: VLAPolicy, args: Args, source: str) -> None:
 def demo_args(args: Args, task_ids) -> GenerateArgs:
     """The demo file of this run and how to generate it when it is missing."""
     return args.demo.generate_args(
-        default_demo_path(args.suite, args.obs_mode, args.image_size), suite=args.suite, task_ids=task_ids,
-        obs_mode=args.obs_mode, image_size=args.image_size, object_state=args.object_state, seed=args.seed,
+        default_demo_path(args.suite, args.obs_mode, args.image_size, args.policy.reflections), suite=args.suite,
+        task_ids=task_ids, obs_mode=args.obs_mode, image_size=args.image_size, reflections=args.policy.reflections,
+        object_state=args.object_state, seed=args.seed,
         progress=args.progress, workers=args.demo_workers,
     )  # fmt: skip
 

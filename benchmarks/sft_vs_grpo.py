@@ -76,6 +76,7 @@ from gym_libero_vla.evaluate import (
     CAMERA_KEYS,
     EvalRange,
     behaviour_fingerprint,
+    check_reflections,
     drop_rows_after,
     env_kwargs_for_policy,
     evaluate_policy,
@@ -229,11 +230,12 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
     task_ids = suites.resolve_task_ids(suite.env_id, args.task_ids)
     init_state_ids = args.eval.init_state_ids(suite.env_id, task_ids)
     if args.sft_checkpoint is not None:
-        keys = load_policy(args.sft_checkpoint).observation_keys
-        cameras = tuple(key for key in keys if key in CAMERA_KEYS)
+        policy = load_policy(args.sft_checkpoint)
+        cameras = tuple(key for key in policy.observation_keys if key in CAMERA_KEYS)
         if bool(cameras) != (args.obs_mode != "state"):  # pixels in rgb+state mode (any cameras), none in state mode
             wanted = policy_cameras(args.obs_mode, args.policy.cameras)
             raise ValueError(f"sft_checkpoint reads cameras {cameras}, but --obs-mode {args.obs_mode} means {wanted}")
+        check_reflections(policy, args.policy.reflections, "sft_checkpoint")  # its demos must look as its SFT's did
     return suite, task_ids, init_state_ids
 
 
@@ -788,8 +790,9 @@ def main(args: Args) -> dict:
 
     # 1. Demos (generated when missing), shared by SFT, the offline terms, the rescues and iRe-VLA's SL stages.
     generate = args.demo.generate_args(
-        default_demo_path(suite.libero_name, args.obs_mode, args.image_size), suite=suite.libero_name,
-        task_ids=task_ids, obs_mode=args.obs_mode, image_size=args.image_size, object_state=args.object_state,
+        default_demo_path(suite.libero_name, args.obs_mode, args.image_size, args.policy.reflections),
+        suite=suite.libero_name, task_ids=task_ids, obs_mode=args.obs_mode, image_size=args.image_size,
+        reflections=args.policy.reflections, object_state=args.object_state,
         seed=args.seeds[0], progress=args.progress,
     )  # fmt: skip
     if args.report_only and not os.path.exists(generate.out):

@@ -149,14 +149,15 @@ class Args:
 
 def default_args(obs_mode: str = "state") -> Args:
     """The defaults of ``--obs-mode``: "state" is :class:`Args` as declared (~5 min on 2 cores); "rgb" the vision
-    recipe of issue #25 on the same tasks (both cameras at 128 px encoded at 64, proprio, chunks of 8, random shift
-    8, 1500 SFT steps; ~N min on 2 cores), into its own output dir."""
+    recipe of issue #25 on the same tasks (both cameras at 128 px encoded at 64, rendered without reflections,
+    proprio, chunks of 8, random shift 8, 1500 SFT steps; ~20 min on 2 cores), into its own output dir."""
     if obs_mode == "state":
         return Args()
     if obs_mode == "rgb":
         return Args(
             obs_mode="rgb", output_dir="runs/grpo_rgb", sft_steps=1500, sft=SFTConfig(random_shift=8),
-            policy=CompactVLAConfig(cameras=("agentview", "wrist"), image_size=128, encoder_size=64, chunk_size=8),
+            policy=CompactVLAConfig(cameras=("agentview", "wrist"), image_size=128, encoder_size=64, chunk_size=8,
+                                    reflections=False),
         )  # fmt: skip
     raise ValueError(f"unknown obs_mode {obs_mode!r}: valid {OBS_MODES}")
 
@@ -178,6 +179,7 @@ def demo_path(args: Args) -> str:
     tasks = "-".join(str(task_id) for task_id in args.task_ids)
     short = suite.libero_name.removeprefix("libero_")
     inputs = "state" if args.obs_mode == "state" else f"rgb{args.policy.image_size}"
+    inputs += "" if args.obs_mode == "state" or args.policy.reflections else "_norefl"
     demo = args.demo
     return f"data/{short}_{inputs}_tasks{tasks}_{demo.episodes_per_task}ep_init0-{demo.demo_init_state_end - 1}.hdf5"
 
@@ -188,6 +190,7 @@ def demo_args(args: Args) -> GenerateArgs:
     return args.demo.generate_args(
         demo_path(args), suite=args.env_id, task_ids=args.task_ids,
         obs_mode="state" if args.obs_mode == "state" else "rgb+state", image_size=args.policy.image_size,
+        reflections=args.policy.reflections,
         object_state=args.obs_mode == "state", progress=args.progress_bar,
         workers=args.num_envs if args.vectorization_mode == "async" else 1,
     )  # fmt: skip

@@ -28,7 +28,7 @@ import tyro
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.algos import SFT, SFTConfig
-from gym_libero_vla.demos import load_episodes
+from gym_libero_vla.demos import LiberoHDF5, load_episodes
 from gym_libero_vla.evaluate import EvalRange, evaluate_policy, write_report
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy
 from gym_libero_vla.suites import resolve_suite, suite_tasks
@@ -50,7 +50,8 @@ class Args:
     lora_rank: int = 0
     """> 0: fine-tune ``init_from`` with a LoRA adapter of this rank (only the adapter is saved)."""
     policy: CompactVLAConfig = dataclasses.field(default_factory=lambda: CompactVLAConfig(cameras=()))
-    """The fresh CompactVLA's sizes (its cameras follow --obs-mode; frame and object-state sizes come from the demos)."""
+    """The fresh CompactVLA's sizes (its cameras follow --obs-mode; frame and object-state sizes, and whether frames
+    have reflections, come from the demos)."""
     total_steps: int = 2000
     """Gradient steps."""
     sft: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(seed=0))
@@ -83,7 +84,9 @@ def make_policy(args: Args, episodes, instructions):
     if args.lora_rank > 0:
         raise ValueError("lora_rank > 0 adapts a pretrained policy: give --init-from")
     cameras = ("agentview",) if args.obs_mode == "rgb+state" else ()
-    config = dataclasses.replace(args.policy, cameras=cameras)
+    with LiberoHDF5(args.demos, load_images=False) as demos:  # evaluated on frames rendered as the demos' were
+        reflections = demos.reflections
+    config = dataclasses.replace(args.policy, cameras=cameras, reflections=reflections)
     return CompactVLA.from_demos(episodes, config, instructions=instructions, object_state=args.object_state)
 
 

@@ -118,7 +118,8 @@ class EvalArgs:
 
 
 def env_kwargs_for_policy(policy: VLAPolicy, max_episode_steps: int | None = None) -> dict:
-    """``gym.make`` options that give exactly the observation entries ``policy.observation_keys`` names, its gripper
+    """``gym.make`` options that give exactly the observation entries ``policy.observation_keys`` names (frames of its
+    size, rendered with or without reflections as it was trained), its gripper
     convention when it is not LIBERO's, and, for a chunking policy, ``action_chunk=policy.execute_steps``. With
     ``max_episode_steps``, the episode step limit in env steps (actions): Gymnasium's ``TimeLimit`` counts ``step``
     calls, which are chunks for a chunking policy, so the env's own ``max_env_steps`` is set too."""
@@ -126,8 +127,10 @@ def env_kwargs_for_policy(policy: VLAPolicy, max_episode_steps: int | None = Non
     cameras = tuple(key for key in keys if key in CAMERA_KEYS)
     kwargs: dict = {"obs_mode": "rgb+state" if cameras else "state"}
     if cameras:
+        config = getattr(policy, "config", None)
         kwargs["cameras"] = cameras
-        kwargs["image_size"] = int(getattr(getattr(policy, "config", None), "image_size", 128))
+        kwargs["image_size"] = int(getattr(config, "image_size", 128))
+        kwargs["reflections"] = bool(getattr(config, "reflections", True))  # rendered as the policy was trained
     if "object_state" in keys:
         kwargs["privileged_state"] = True
     if getattr(policy, "gripper_convention", "libero") != "libero":  # e.g. a raw OpenVLA checkpoint
@@ -139,6 +142,16 @@ def env_kwargs_for_policy(policy: VLAPolicy, max_episode_steps: int | None = Non
         if policy.execute_steps > 1:
             kwargs["max_env_steps"] = int(max_episode_steps)
     return kwargs
+
+
+def check_reflections(policy: VLAPolicy, reflections: bool, source: str) -> None:
+    """A pixel policy must see frames rendered as it was trained (with or without reflections, its config's
+    ``reflections``; policies without the field saw LIBERO's, with them): else a ValueError naming the flag to pass."""
+    cameras = [key for key in policy.observation_keys if key in CAMERA_KEYS]
+    trained = bool(getattr(getattr(policy, "config", None), "reflections", True))
+    if cameras and trained != reflections:
+        flag = "--policy.reflections" if trained else "--policy.no-reflections"
+        raise ValueError(f"{source} was trained on frames {'with' if trained else 'without'} reflections: pass {flag}")
 
 
 def evaluate_policy(

@@ -32,8 +32,9 @@ from gym_libero_vla.rollouts import Start, run_episodes
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 
-def tiny_policy(object_state_dim: int = 0) -> CompactVLA:
-    config = CompactVLAConfig(cameras=(), object_state_dim=object_state_dim, hidden_size=16, num_layers=1, num_heads=2)
+def tiny_policy(object_state_dim: int = 0, **config) -> CompactVLA:
+    config = CompactVLAConfig(**{"cameras": (), "object_state_dim": object_state_dim, "hidden_size": 16, "num_layers": 1,
+                                 "num_heads": 2, **config})  # fmt: skip
     bins = ActionBins(low=-np.ones(7, np.float32), high=np.ones(7, np.float32), num_bins=16)
     return CompactVLA(config, bins, WordTokenizer.from_texts(["pick up the black bowl and place it on the plate"]))
 
@@ -269,6 +270,9 @@ def test_evaluation_waits_for_another_process_on_the_same_episodes_file_then_reu
 def test_env_follows_what_the_policy_reads():
     assert env_kwargs_for_policy(tiny_policy()) == {"obs_mode": "state"}
     assert env_kwargs_for_policy(tiny_policy(object_state_dim=70)) == {"obs_mode": "state", "privileged_state": True}
+    pixels = tiny_policy(cameras=("agentview",), image_size=32, reflections=False)  # rendered as it was trained
+    assert env_kwargs_for_policy(pixels) == {"obs_mode": "rgb+state", "cameras": ("agentview",), "image_size": 32,
+                                             "reflections": False}  # fmt: skip
 
 
 def test_bad_suite_task_and_init_state_name_the_valid_choices(checkpoint, tmp_path):

@@ -152,6 +152,7 @@ def test_reset_from_an_explicit_mujoco_state(spatial_env):
         ({"render_mode": "human"}, "unknown render_mode 'human'"),
         ({"max_cached_tasks": 0}, "max_cached_tasks"),
         ({"suite": "libero_nope"}, "unknown LIBERO suite"),
+        ({"reflections": "no"}, r"reflections 'no' must be True \(LIBERO's look\) or False"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -210,6 +211,26 @@ def test_rgb_observations_and_render():
         assert env.observation_space.contains(obs)
     finally:
         env.close()
+
+
+def test_frames_without_reflections_differ_only_by_the_mirror_image_in_the_table():
+    """reflections=False skips MuJoCo's reflection pass (faster frames on a CPU renderer): the same scene, with the
+    table's faint mirror image gone from the agentview frame and the wrist view nearly untouched; render() too."""
+    frames = {}
+    for reflections in (True, False):
+        env = gym.make("LiberoSpatial-v0", obs_mode="rgb", image_size=64, reflections=reflections,
+                       render_mode="rgb_array", render_size=64)  # fmt: skip
+        try:
+            obs, _ = env.reset(seed=0)
+            again = env.unwrapped._render_camera("agentview", 64, 64)  # the choice holds for every frame
+            frames[reflections] = (obs["agentview"].astype(int), obs["wrist"].astype(int), env.render().astype(int))
+        finally:
+            env.close()
+        np.testing.assert_array_equal(again, obs["agentview"])
+    (agentview, wrist, render), (agentview_off, wrist_off, render_off) = frames[True], frames[False]
+    changed = np.abs(agentview - agentview_off)
+    assert 0.002 < (changed > 0).mean() < 0.1 and changed.mean() < 3  # a few percent of pixels, a small change
+    assert np.abs(wrist - wrist_off).mean() < 0.2 and np.abs(render - render_off).mean() > 0.1
 
 
 def test_privileged_object_state_is_padded_to_the_largest_scene():

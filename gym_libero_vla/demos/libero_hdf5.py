@@ -194,6 +194,12 @@ class LiberoHDF5:
             if "obs" not in demo and "robot_states" not in demo:
                 raise ValueError(f"{self.path!r}: data/{key} has neither an 'obs' group nor 'robot_states'")
 
+    @property
+    def reflections(self) -> bool:
+        """Whether the frames were rendered with reflections (``LiberoEnv(reflections=...)``): as ``generate`` recorded
+        it, else True (LIBERO's own files, and ours before the option, are rendered with them)."""
+        return bool(self.env_args.get("env_kwargs", {}).get("reflections", True))
+
     # ------------------------------------------------------------------ container protocol
     def __len__(self) -> int:
         return len(self.demo_keys)

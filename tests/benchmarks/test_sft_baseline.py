@@ -148,6 +148,9 @@ def test_the_vision_recipe_runs_from_pixels(tmp_path):
     with h5py.File(args.demo.demos) as file:
         frames = file["data/demo_0/obs/agentview_rgb"]
         assert frames.shape[1:] == (32, 32, 3) and "eye_in_hand_rgb" in file["data/demo_0/obs"]
+    # Frames rendered otherwise than the demos' and the checkpoint's (with reflections) are refused, naming the flag.
+    with pytest.raises(ValueError, match="rendered with reflections, and this run renders them without: pass --policy.refl"):
+        main(dataclasses.replace(args, policy=dataclasses.replace(args.policy, reflections=False)))
     # A checkpoint that reads other cameras than asked for is refused before any work.
     with pytest.raises(ValueError, match=r"reads cameras \('agentview', 'wrist'\), but --obs-mode rgb\+state means"):
         main(dataclasses.replace(args, policy=dataclasses.replace(args.policy, cameras=("agentview",))))

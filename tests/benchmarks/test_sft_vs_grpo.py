@@ -194,6 +194,15 @@ def test_bad_input_names_the_valid_choices(tmp_path):
     ).save_pretrained(state_policy)
     with pytest.raises(ValueError, match=r"reads cameras \(\), but --obs-mode rgb\+state means \('agentview',\)"):
         main(tiny_args(tmp_path, obs_mode="rgb+state", image_size=32, sft_checkpoint=str(state_policy)))
+    # ... and see frames rendered as its SFT's were: a policy trained without reflections needs --policy.no-reflections.
+    pixel_policy = tmp_path / "pixel_policy"
+    CompactVLA(
+        CompactVLAConfig(cameras=("agentview",), image_size=32, reflections=False, hidden_size=16, num_layers=1, num_heads=2),
+        ActionBins(low=-np.ones(7, np.float32), high=np.ones(7, np.float32), num_bins=16),
+        WordTokenizer.from_texts(["pick up the black bowl"]),
+    ).save_pretrained(pixel_policy)
+    with pytest.raises(ValueError, match="sft_checkpoint was trained on frames without reflections: pass --policy.no-refl"):
+        main(tiny_args(tmp_path, obs_mode="rgb+state", image_size=32, sft_checkpoint=str(pixel_policy)))
     with pytest.raises(FileNotFoundError, match="extra demo file '.*nope.hdf5' does not exist: generate it first"):
         main(tiny_args(tmp_path, extra_demos=(str(tmp_path / "nope.hdf5"),)))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")

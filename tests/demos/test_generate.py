@@ -29,6 +29,8 @@ from gym_libero_vla.demos.generate import (
 )
 from gym_libero_vla.run_lock import exclusive
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def test_generate_writes_official_layout(spatial_demo_file):
     with h5py.File(spatial_demo_file, "r") as f:
@@ -242,6 +244,44 @@ def test_rgb_frames_are_stored_raw_and_read_upright(tmp_path):
     wrist, stored = obs["wrist"].astype(int), episode.observations["wrist"][0].astype(int)
     assert np.abs(wrist - stored).mean() < 1.0
     assert np.abs(wrist - stored[::-1, ::-1]).mean() > 10 * max(np.abs(wrist - stored).mean(), 0.1)
+
+
+def test_frames_without_reflections_are_recorded_as_such_and_kept_apart(tmp_path):
+    """``--no-reflections`` demos: the file says so, its frames are the no-reflection render of its states, a run
+    that renders with reflections is refused, and train_sft's fresh policy takes the demos' choice."""
+    out = tmp_path / "norefl.hdf5"
+    generate(GenerateArgs(suite="spatial", out=str(out), task_ids=(0,), episodes_per_task=1, obs_mode="rgb+state",
+                          image_size=32, reflections=False, progress=False))  # fmt: skip
+    with LiberoHDF5(out) as demos:
+        assert demos.env_args["env_kwargs"]["reflections"] is False and demos.reflections is False
+        episode = demos[0]
+    rendered = {}
+    for reflections in (True, False):
+        env = gym.make("LiberoSpatial-v0", obs_mode="rgb", image_size=32, num_settle_steps=0, reflections=reflections)
+        try:
+            obs, _ = env.reset(seed=episode.seed, options={"task_id": 0, "init_state": episode.states[0]})
+        finally:
+            env.close()
+        rendered[reflections] = obs["agentview"]
+    np.testing.assert_array_equal(rendered[False], episode.observations["agentview"][0])
+    assert not np.array_equal(rendered[True], episode.observations["agentview"][0])
+
+    with_reflections = GenerateArgs(suite="spatial", out=str(out), task_ids=(0,), obs_mode="rgb+state", image_size=32)
+    with pytest.raises(ValueError, match="rendered without reflections, and this run renders them with: pass --policy.no-"):
+        prepare_demos(with_reflections)
+    episodes, generated = prepare_demos(dataclasses.replace(with_reflections, reflections=False))
+    assert not generated and len(episodes) == 1
+    assert default_demo_path("spatial", "rgb+state", 32, reflections=False) == "data/spatial_rgb32_norefl.hdf5"
+
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    try:
+        import train_sft
+    finally:
+        sys.path.remove(os.path.join(REPO, "examples"))
+    args = train_sft.Args(demos=str(out), obs_mode="rgb+state")
+    args.policy = dataclasses.replace(args.policy, hidden_size=16, num_heads=2, num_layers=1)
+    policy = train_sft.make_policy(args, episodes, [episode.instruction])
+    assert policy.config.reflections is False and policy.config.image_size == 32
 
 
 def test_object_state_round_trips(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from gym_libero_vla.algos.base import latest_checkpoint
 from gym_libero_vla.algos.grpo import GRPO
 from gym_libero_vla.algos.irevla import IReVLA
+from gym_libero_vla.demos import LiberoHDF5
 from gym_libero_vla.demos.generate import DemoConfig
 from gym_libero_vla.evaluate import EvalRange
 
@@ -118,11 +119,14 @@ def test_rgb_mode_trains_a_policy_that_sees(tmp_path):
     model = GRPO.load(run / "final")
     config = model.policy.config
     assert config.cameras == ("agentview", "wrist") and config.chunk_size == 8 and config.encoder_size == 64  # recipe
+    assert config.reflections is False  # the recipe's faster frames, in its demos too
     assert (config.image_size, config.hidden_size) == (64, 32)  # the flags'
     assert set(model.policy.observation_keys) == {"instruction", "agentview", "wrist", "state"}
     with h5py.File(tmp_path / "demos.hdf5", "r") as file:
         keys = set(file["data"]["demo_0"]["obs"])
     assert {"agentview_rgb", "eye_in_hand_rgb"} <= keys and "object_state" not in keys
+    with LiberoHDF5(tmp_path / "demos.hdf5", load_images=False) as demos:
+        assert demos.reflections is False
     assert glob.glob(str(run / "eval_after" / "videos" / "*.mp4"))
 
 
