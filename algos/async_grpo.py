@@ -302,17 +302,9 @@ class AsyncGRPO(GRPO):
         progress_bar: bool = False,
         max_updates: int | None = None,
     ) -> AsyncGRPO:
-        """GRPO's ``learn`` with the workers running: they start here and are stopped when it returns."""
-        if not is_int(total_timesteps, 1):
-            raise ValueError(f"total_timesteps {total_timesteps!r} must be an int >= 1")
-        if self.env is None:
-            raise ValueError("AsyncGRPO has no env: pass env= to AsyncGRPO(...) or AsyncGRPO.load(..., env=...)")
-        if reset_num_timesteps:
-            self._committed_timesteps = 0
-        if self.ema is not None:
-            self.ema.put_training()  # the workers start from the training weights, as GRPO's own rollouts sample them
+        """GRPO's ``learn`` with the workers running: they start once its set-up is done (:meth:`_setup_learn`) and
+        are stopped when it returns or raises."""
         try:
-            self._start_pipeline()
             return super().learn(
                 total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar, max_updates
             )
@@ -320,6 +312,17 @@ class AsyncGRPO(GRPO):
             self._stop_pipeline()
             if self.ema is not None:
                 self.ema.put_averaged()
+
+    def _setup_learn(
+        self, total_timesteps: int, callback, reset_num_timesteps: bool, tb_log_name: str, progress_bar: bool
+    ) -> tuple[int, BaseCallback | None, Any]:
+        """GRPO's set-up (the budget checked, the callbacks started, the training weights in place: the workers
+        sample from them, as GRPO's own rollouts do), then the workers start: a set-up that fails starts none."""
+        setup = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        if reset_num_timesteps:
+            self._committed_timesteps = 0
+        self._start_pipeline()
+        return setup
 
     # ------------------------------------------------------------------ checkpoints
     def _save_state(self, directory: str) -> dict[str, Any]:

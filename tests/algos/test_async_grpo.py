@@ -343,3 +343,21 @@ def test_bad_arguments_are_named(env, instruction, tmp_path):
         AsyncGRPO(policy, vector_env, pipeline_dir=str(tmp_path), group_size=2)
     vector_env.close()
     assert np.isfinite(AsyncGRPO(policy, env, pipeline_dir=str(tmp_path)).config.group_timeout_s)
+
+    class RefuseToStart(BaseCallback):
+        def _on_training_start(self) -> None:
+            raise RuntimeError("this callback refuses to start")
+
+        def _on_step(self) -> bool:
+            return True
+
+    # learn's set-up comes first: a bad budget or a failing callback starts no worker (none wrote its log, no learner log)
+    model = AsyncGRPO(policy, env, pipeline_dir=str(tmp_path / "pipeline"), group_size=2, num_workers=1)
+    with pytest.raises(ValueError, match="total_timesteps 0 must be an int >= 1"):
+        model.learn(0)
+    with pytest.raises(RuntimeError, match="this callback refuses to start"):
+        model.learn(4, callback=RefuseToStart())
+    assert model.worker_pool is None
+    assert not os.path.exists(tmp_path / "pipeline" / "workers") and not os.path.exists(
+        tmp_path / "pipeline" / "learner.jsonl"
+    )
