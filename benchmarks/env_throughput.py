@@ -185,6 +185,28 @@ def policy_in_the_loop(mode: str, chunk: int, args: Args, reflections: bool = Tr
     return rate
 
 
+def print_reflection_rows(results: dict, chunks: tuple[int, ...]) -> None:
+    """The chunked rgb rows without reflections against with them (the ratios go into ``results`` too)."""
+    print("\nWithout reflections (`LiberoEnv(reflections=False)`), env steps/s and ratio to with them, same k\n")
+    print("| k | rgb env | policy + rgb env |")
+    print("|---|---|---|")
+    for chunk in chunks:
+        row = results["chunks"][str(chunk)]
+        row["no_reflections_vs_reflections"] = {
+            "rgb_env": row["rgb_no_reflections_env_steps_per_s"] / row["rgb_env_steps_per_s"],
+            "policy_rgb": row["policy_rgb_no_reflections_env_steps_per_s"] / row["policy_rgb_env_steps_per_s"],
+        }
+        versus = row["no_reflections_vs_reflections"]
+        print(
+            f"| {chunk} | {row['rgb_no_reflections_env_steps_per_s']:.1f} ({versus['rgb_env']:.2f}x) | "
+            f"{row['policy_rgb_no_reflections_env_steps_per_s']:.1f} ({versus['policy_rgb']:.2f}x) |"
+        )
+    changes = results["no_reflections_frame_difference"]
+    print("\nFirst frame without reflections: " + "; ".join(
+        f"{camera} mean |difference| {change['mean_abs']:.2f} of 255, {100 * change['changed']:.1f}% of pixels"
+        for camera, change in changes.items()))  # fmt: skip
+
+
 def main(args: Args) -> dict:
     suite = gym.spec(args.env_id).kwargs["suite"]
     workers = args.workers or tuple(sorted({1, 2, os.cpu_count() or 1}))
@@ -230,8 +252,9 @@ def main(args: Args) -> dict:
     results["machine"] = machine_info(args.torch_threads if args.chunks else None)
     header = ["mode", "raw LIBERO", "ours", *[f"async x{n}" for n in workers], "ours/raw", "async x2 / x1"]
     print(f"\n{args.env_id}, env steps/s ({os.cpu_count()} CPUs, MUJOCO_GL={results['mujoco_gl']}, {args.image_size}px)\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    if rows:  # none with --modes and no value (the chunked rows only)
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
     for mode, row in rows:
         cells = [mode, f"{row['raw_libero']:.1f}", f"{row['ours']:.1f}", *[f"{row[f'vector_{n}']:.1f}" for n in workers]]
         cells += [f"{row['ours_vs_raw']:.2f}", f"{row.get('vector_2_vs_1', float('nan')):.2f}"]
@@ -253,24 +276,7 @@ def main(args: Args) -> dict:
                   f"{row['policy_state_env_steps_per_s']:.1f} ({ratio['policy_state_env_steps_per_s']:.2f}x) | "
                   f"{row['policy_rgb_env_steps_per_s']:.1f} ({ratio['policy_rgb_env_steps_per_s']:.2f}x) |")  # fmt: skip
         if args.reflections:
-            print("\nWithout reflections (`LiberoEnv(reflections=False)`), env steps/s and ratio to with them, same k\n")
-            print("| k | rgb env | policy + rgb env |")
-            print("|---|---|---|")
-            for chunk in args.chunks:
-                row = results["chunks"][str(chunk)]
-                row["no_reflections_vs_reflections"] = {
-                    "rgb_env": row["rgb_no_reflections_env_steps_per_s"] / row["rgb_env_steps_per_s"],
-                    "policy_rgb": row["policy_rgb_no_reflections_env_steps_per_s"] / row["policy_rgb_env_steps_per_s"],
-                }
-                versus = row["no_reflections_vs_reflections"]
-                print(
-                    f"| {chunk} | {row['rgb_no_reflections_env_steps_per_s']:.1f} ({versus['rgb_env']:.2f}x) | "
-                    f"{row['policy_rgb_no_reflections_env_steps_per_s']:.1f} ({versus['policy_rgb']:.2f}x) |"
-                )
-            changes = results["no_reflections_frame_difference"]
-            print("\nFirst frame without reflections: " + "; ".join(
-                f"{camera} mean |difference| {change['mean_abs']:.2f} of 255, {100 * change['changed']:.1f}% of pixels"
-                for camera, change in changes.items()))  # fmt: skip
+            print_reflection_rows(results, args.chunks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\nJSON written to {args.out}")
