@@ -221,12 +221,10 @@ def test_frames_without_reflections_differ_only_by_the_mirror_image_in_the_table
         env = gym.make("LiberoSpatial-v0", obs_mode="rgb", image_size=64, reflections=reflections,
                        render_mode="rgb_array", render_size=64)  # fmt: skip
         try:
-            obs, _ = env.reset(seed=0)
-            again = env.unwrapped._render_camera("agentview", 64, 64)  # the choice holds for every frame
+            obs, _ = env.reset(seed=0)  # render(), after the observation's frames: the choice holds for every frame
             frames[reflections] = (obs["agentview"].astype(int), obs["wrist"].astype(int), env.render().astype(int))
         finally:
             env.close()
-        np.testing.assert_array_equal(again, obs["agentview"])
     (agentview, wrist, render), (agentview_off, wrist_off, render_off) = frames[True], frames[False]
     changed = np.abs(agentview - agentview_off)
     assert 0.002 < (changed > 0).mean() < 0.1 and changed.mean() < 3  # a few percent of pixels, a small change

@@ -352,7 +352,7 @@ def assemble_hdf5(out: str, parts_dir: str) -> int:
                     "obs_mode": config["obs_mode"],
                     "image_size": config["image_size"],
                     "reflections": config.get("reflections", True),
-                },  # fmt: skip
+                },
                 "bddl_files": {str(t): tasks[t].bddl_file for t in task_ids},
             }
         )
