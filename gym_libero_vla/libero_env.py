@@ -318,6 +318,13 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             kwargs["has_offscreen_renderer"] = False
         with quiet(), _global_numpy_seed(task_id):  # construction resets (and samples) too
             simulator = env_class(**kwargs)
+        if self.needs_renderer:
+            import mujoco  # after rendering.require_rendering(): mujoco reads MUJOCO_GL when imported
+
+            # robosuite made the render context in that reset and keeps it across soft resets; its scene flags are
+            # MuJoCo's defaults (reflections on) until set here, once per simulator.
+            context = simulator.sim._render_context_offscreen
+            context.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = self.reflections
         self._simulators[task_id] = simulator
         return simulator
 
@@ -461,12 +468,6 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         return f"0..{ids[-1]}" if ids == tuple(range(len(ids))) else str(list(ids))
 
     def _render_camera(self, camera: str, height: int, width: int) -> np.ndarray:
-        import mujoco  # after rendering.select_backend(): mujoco reads MUJOCO_GL when imported
-
-        # robosuite makes its render context on the first frame; its scene flags are MuJoCo's (reflections on).
-        context = getattr(self._sim.sim, "_render_context_offscreen", None)
-        if context is not None:
-            context.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = self.reflections
         frame = self._sim.sim.render(camera_name=CAMERAS[camera], width=width, height=height)
         # OpenGL rows run bottom-up; VLA training data (OpenVLA's LIBERO pipeline) is rotated 180 degrees.
         return np.ascontiguousarray(frame[::-1, ::-1])
