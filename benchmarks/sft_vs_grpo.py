@@ -609,7 +609,7 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"Setup: SFT {setup['sft']}; fine-tuning budget {setup['total_timesteps']} env steps per run, groups of "
-        f"{setup['group_size']} episodes from {setup['num_groups']} (task, init state) pairs per rollout, training "
+        f"{setup['group_size']} episodes from {setup['num_groups']} (task, init state) pairs per rollout, "
         f"{train_starts_text(setup)}, rollouts of at most "
         f"{setup['rollout_max_episode_steps']} steps ({setup.get('rollout_num_envs', 1)} side by side); learning curve "
         f"on init states {id_ranges(evaluation['curve_init_state_ids'])} {curve_when}; {held_out}.",
