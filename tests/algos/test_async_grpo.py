@@ -36,20 +36,6 @@ GROUP_STEPS = 2 * MAX_EPISODE_STEPS  # a group of 2 ten-step episodes (a random 
 ONE_GROUP = dict(group_size=2, num_groups=1, max_sampling_rounds=1)  # one group per update: no dynamic-sampling refill
 
 
-@pytest.fixture(scope="module")
-def env():
-    env = gym.make(
-        "LiberoSpatial-v0", obs_mode="state", task_ids=(0,), max_episode_steps=MAX_EPISODE_STEPS, num_settle_steps=2
-    )
-    yield env
-    env.close()
-
-
-@pytest.fixture(scope="module")
-def instruction(env) -> str:
-    return env.unwrapped.tasks[0].instruction
-
-
 def make_policy(instruction: str, seed: int = 0) -> CompactVLA:
     torch.manual_seed(seed)
     bins = ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7})

@@ -22,21 +22,6 @@ from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 MAX_EPISODE_STEPS = 10
 
 
-@pytest.fixture(scope="module")
-def env():
-    env = gym.make(
-        "LiberoSpatial-v0", obs_mode="state", task_ids=(0,), max_episode_steps=MAX_EPISODE_STEPS, num_settle_steps=2
-    )
-    yield env
-    env.close()
-
-
-@pytest.fixture(scope="module")
-def instruction(env) -> str:
-    obs, _ = env.reset(options={"task_id": 0, "init_state_id": 0})
-    return obs["instruction"]
-
-
 # The hand computations below assume one pass over each rollout, no dynamic-sampling refill, one minibatch and a pure
 # imitation weight at full success (the library's defaults are the main job's: 2 epochs, 2 rounds, 128 steps, 0.1).
 ONE_PASS = dict(num_epochs=1, max_sampling_rounds=1, minibatch_size=256, imitation_weight_min=0.0)

@@ -30,21 +30,6 @@ class SucceedAtTimeLimit(gym.Wrapper):
         return obs, 1.0 if truncated else reward, terminated, truncated, info
 
 
-@pytest.fixture(scope="module")
-def env():
-    env = gym.make(
-        "LiberoSpatial-v0", obs_mode="state", task_ids=(0,), max_episode_steps=MAX_EPISODE_STEPS, num_settle_steps=2
-    )
-    yield env
-    env.close()
-
-
-@pytest.fixture(scope="module")
-def instruction(env) -> str:
-    obs, _ = env.reset(options={"task_id": 0, "init_state_id": 0})
-    return obs["instruction"]
-
-
 def make_policy(instruction: str, seed: int = 0) -> CompactVLA:
     torch.manual_seed(seed)
     bins = ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7})

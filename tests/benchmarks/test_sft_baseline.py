@@ -11,7 +11,7 @@ import shutil
 import h5py
 import pytest
 import sft_baseline  # benchmarks/ is on sys.path (conftest.py)
-from tiny_demos import tiny_demo_config, tiny_eval_range
+from tiny_demos import line_count, tiny_demo_config, tiny_eval_range
 
 from gym_libero_vla.algos import SFTConfig
 from gym_libero_vla.policies import CompactVLAConfig
@@ -32,11 +32,6 @@ def tiny_args(tmp_path, **overrides) -> Args:
     values.update(eval=tiny_eval_range(overrides, 2))
     values.update(overrides, demo=demo)
     return Args(**values)
-
-
-def line_count(path) -> int:
-    with open(path) as file:
-        return sum(1 for _ in file)
 
 
 def test_runs_end_to_end_then_resumes_without_redoing_work(tmp_path):

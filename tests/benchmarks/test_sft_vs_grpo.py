@@ -16,7 +16,7 @@ import pytest
 import sft_vs_grpo
 import torch
 from safetensors.torch import load_file  # benchmarks/ is on sys.path (conftest.py), as for `python benchmarks/...`
-from tiny_demos import tiny_demo_config, tiny_eval_range
+from tiny_demos import line_count, tiny_demo_config, tiny_eval_range
 
 from gym_libero_vla.algos import GRPOConfig, IReVLAConfig, SFTConfig
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
@@ -46,11 +46,6 @@ def tiny_args(tmp_path, **overrides) -> Args:
     values.update(eval=tiny_eval_range(overrides, 1))
     values.update(overrides, demo=demo)
     return Args(**values)
-
-
-def line_count(path) -> int:
-    with open(path) as file:
-        return sum(1 for _ in file)
 
 
 def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):

@@ -1,5 +1,5 @@
-"""The tiny demo and evaluation settings the benchmark tests share (tests/benchmarks/ is on sys.path: pytest's rootdir
-imports)."""
+"""The tiny demo and evaluation settings and the file helpers the benchmark tests share (tests/benchmarks/ is on
+sys.path: pytest's rootdir imports)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,9 @@ def tiny_demo_config(tmp_path, overrides: dict) -> DemoConfig:
     demo = dict(demos=str(tmp_path / "demos.hdf5"), episodes_per_task=2, demo_init_state_end=2)
     demo.update({name: overrides.pop(name) for name in list(overrides) if name in DEMO_FIELDS})
     return DemoConfig(**demo)
+
+
+def line_count(path) -> int:
+    """Lines in the file at ``path`` (a resumable run's ``episodes.jsonl``, ``curve.jsonl``: one record a line)."""
+    with open(path) as file:
+        return sum(1 for _ in file)

@@ -26,13 +26,6 @@ def run_expert(env, task_id: int, init_state_id: int) -> tuple[bool, int]:
 
 
 @pytest.fixture(scope="module")
-def spatial_env():
-    env = gym.make("LiberoSpatial-v0", obs_mode="state", max_cached_tasks=1)
-    yield env
-    env.close()
-
-
-@pytest.fixture(scope="module")
 def object_env():
     env = gym.make("LiberoObject-v0", obs_mode="state", max_cached_tasks=1)
     yield env
