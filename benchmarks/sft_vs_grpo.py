@@ -644,7 +644,9 @@ def video_lines(runs: list[dict]) -> list[str]:
 
 def plot(report: dict, path: str) -> None:
     """Two panels: held-out success (curve subset) vs env steps, and the policy's entropy on its rollouts vs env
-    steps; a thin line per seed and, with several seeds, their mean."""
+    steps; a thin line per seed and, with several seeds, their mean. The full evaluation (every held-out start, all
+    seeds) stands beside the curves as a diamond with its Wilson interval (SFT's as a dotted line): the curve subset
+    is a few episodes a point, and its end can point the other way."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -654,7 +656,7 @@ def plot(report: dict, path: str) -> None:
     figure, (success_axes, entropy_axes) = plt.subplots(1, 2, figsize=(12, 4.2))
     sft_start = [run["curve"]["success"][0][1] for run in report["runs"] if run["variant"] != "sft"]
     if sft_start:
-        success_axes.axhline(float(np.mean(sft_start)), color=colors["sft"], linestyle="--", label="sft (start)")
+        success_axes.axhline(float(np.mean(sft_start)), color=colors["sft"], linestyle="--", label="sft: curve start")
     for variant in FINE_TUNED:
         runs = [run for run in report["runs"] if run["variant"] == variant]
         if not runs:
@@ -671,9 +673,31 @@ def plot(report: dict, path: str) -> None:
             length = min(len(run["curve"]["success"]) for run in runs)
             points = np.array([run["curve"]["success"][:length] for run in runs], dtype=float).mean(axis=0)
             success_axes.plot(points[:, 0], points[:, 1], color=colors[variant], linewidth=2, marker="o", label=variant)
+        overall = report["results"].get(variant, {}).get("overall")
+        if overall:
+            low, high = overall["ci95"]
+            rate, end = overall["success_rate"], float(np.mean([run["curve"]["success"][-1][0] for run in runs]))
+            success_axes.errorbar(
+                [end],
+                [rate],
+                yerr=[[rate - low], [high - rate]],
+                color=colors[variant],
+                marker="D",
+                markersize=7,
+                capsize=4,
+                label=f"{variant}: all {overall['episodes']} episodes",
+            )
+    sft_overall = report["results"].get("sft", {}).get("overall")
+    if sft_overall:
+        success_axes.axhline(
+            sft_overall["success_rate"],
+            color=colors["sft"],
+            linestyle=":",
+            label=f"sft: all {sft_overall['episodes']} episodes",
+        )
     curve_states = id_ranges(report["eval"]["curve_init_state_ids"])
     success_axes.set(xlabel="env steps", ylabel="success rate", ylim=(0.0, 1.0),
-                     title=f"{report['env_id']}: held-out init states {curve_states}, greedy")  # fmt: skip
+                     title=f"{report['env_id']}: held-out success, greedy (curves: init states {curve_states})")  # fmt: skip
     entropy_axes.set(xlabel="env steps", ylabel="mean token entropy (nats)", title="entropy of the policy on its rollouts")
     for axes in (success_axes, entropy_axes):
         axes.grid(alpha=0.3)
