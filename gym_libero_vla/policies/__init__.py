@@ -5,7 +5,7 @@
 - :mod:`gym_libero_vla.policies.hf_vla`: :class:`HFVLAPolicy`, OpenVLA-7B or any HF image-text-to-text model.
 """
 
-from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy, resolve_device
+from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy, resolve_device, torch_threads
 from gym_libero_vla.policies.compact_vla import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.policies.hf_vla import HFVLAPolicy
 
@@ -21,4 +21,5 @@ __all__ = [
     "batch_observation",
     "load_policy",
     "resolve_device",
+    "torch_threads",
 ]

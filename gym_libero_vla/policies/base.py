@@ -80,6 +80,21 @@ def choose_token(logits: torch.Tensor, deterministic: bool, temperature: float =
     return token, scaled
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """Torch's CPU threads set to ``count`` inside the block (``None``: every core, for work that runs while no
+    simulator does, such as SFT), and restored after it."""
+    threads = (os.cpu_count() or 1) if count is None else count
+    if threads < 1:
+        raise ValueError(f"torch threads {count} must be >= 1 (or None for every core)")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"cpu"``, ``"cuda"``, ``"cuda:<index>"``, ``"mps"`` or ``"auto"`` (the first GPU if there is one, else the
     CPU) -> a ``torch.device`` that exists on this machine; anything else is a clear error naming the choices."""

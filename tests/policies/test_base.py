@@ -1,12 +1,14 @@
-"""Helpers of gym_libero_vla.policies.base that every learner and script uses: devices, observation batches."""
+"""Helpers of gym_libero_vla.policies.base that every learner and script uses: devices, threads, observation batches."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from gym_libero_vla.policies import resolve_device
+from gym_libero_vla.policies import resolve_device, torch_threads
 from gym_libero_vla.policies.base import batch_observation, stack_observations
 
 
@@ -38,3 +40,16 @@ def test_stack_observations_batches_single_env_observations():
     }
     with pytest.raises(ValueError, match="no observations to stack"):
         stack_observations([])
+
+
+def test_torch_threads_sets_the_count_inside_the_block_and_restores_it():
+    before = torch.get_num_threads()
+    with torch_threads(None) as every_core:
+        assert every_core == (os.cpu_count() or 1) == torch.get_num_threads()
+        with pytest.raises(RuntimeError, match="inside"), torch_threads(3):
+            assert torch.get_num_threads() == 3
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == every_core  # restored after an error too
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=r"torch threads 0 must be >= 1 \(or None for every core\)"), torch_threads(0):
+        pass
