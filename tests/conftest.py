@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gymnasium as gym
 import pytest
-import torch
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
+from gym_libero_vla.policies import torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,5 @@ def chunked_env():
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny models run far faster on one thread than on two contended ones (2 shared cores here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
