@@ -37,8 +37,9 @@ def package_versions(packages=SIMULATOR_PACKAGES) -> dict[str, str]:
     return versions
 
 
-def machine_info(torch_threads: int | None = None) -> dict:
-    """CPU, OS, Python, torch and simulator package versions; the 1-minute load average at the time of the call."""
+def machine_info(torch_threads: int | None = None, sft_torch_threads: int | None = None) -> dict:
+    """CPU, OS, Python, torch (and its threads: ``torch_threads`` while simulators run, ``sft_torch_threads`` for SFT)
+    and simulator package versions; the 1-minute load average at the time of the call."""
     info = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -50,9 +51,20 @@ def machine_info(torch_threads: int | None = None) -> dict:
         import torch
 
         info.update(torch=torch.__version__, torch_threads=torch_threads)
+    if sft_torch_threads is not None:
+        info["sft_torch_threads"] = sft_torch_threads
     info.update(package_versions())
     info["cpu_model"] = cpu_model()
     return info
+
+
+def machine_text(machine: dict) -> str:
+    """One line of a report naming the machine of :func:`machine_info`: CPUs, MuJoCo, torch and its threads, load."""
+    sft = f" ({machine['sft_torch_threads']} for SFT)" if "sft_torch_threads" in machine else ""
+    return (
+        f"{machine['cpu_count']} CPUs, {machine['cpu_model']}, MuJoCo {machine.get('mujoco')}, torch {machine['torch']} "
+        f"on {machine['torch_threads']} thread(s){sft}, load average {machine['load_average_1min_at_end']}"
+    )
 
 
 def cpu_model() -> str:

@@ -36,6 +36,7 @@ from reporting import (
     held_out_note,
     id_ranges,
     machine_info,
+    machine_text,
     policy_cameras,
     success_summary,
     write_report_files,
@@ -47,7 +48,7 @@ from gym_libero_vla.algos import SFT, SFTConfig
 from gym_libero_vla.algos.sft import continue_sft, demo_fit
 from gym_libero_vla.demos.generate import DemoConfig, GenerateArgs, default_demo_path
 from gym_libero_vla.evaluate import CAMERA_KEYS, EvalRange, check_reflections, evaluate_policy
-from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, VLAPolicy, resolve_device
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, ThreadConfig, VLAPolicy, resolve_device, torch_threads
 from gym_libero_vla.policies.base import weights_fingerprint
 from gym_libero_vla.run_lock import exclusive
 
@@ -106,8 +107,8 @@ class Args:
     "sync": all in this process. The outcomes do not depend on it."""
     demo_workers: int = 2
     """Processes generating the demos when the demo file is missing (one per core)."""
-    torch_threads: int = 1
-    """Torch CPU threads; more than the free cores slows small models down a lot."""
+    threads: Annotated[ThreadConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=ThreadConfig)
+    """--sft-torch-threads for SFT (default: every core), --torch-threads while simulators run."""
     progress: bool = True
     """Show progress bars (demo generation, SFT, evaluation)."""
 
@@ -216,8 +217,7 @@ def markdown(report: dict) -> str:
         f"- SFT: {sft['steps']} steps of {sft['batch_size']} transitions, {wall}; "
         f"fit on the demos: loss {sft['demo_fit']['loss']:.3f}, token accuracy {sft['demo_fit']['token_accuracy']:.3f}",
         f"- evaluation wall time: {evaluation['seconds']:.1f} s ({evaluation['episodes']} episodes)",
-        f"- machine: {machine['cpu_count']} CPUs, {machine['cpu_model']}, MuJoCo {machine.get('mujoco')}, torch "
-        f"{machine['torch']} on {machine['torch_threads']} thread(s), load average {machine['load_average_1min_at_end']}",
+        f"- machine: {machine_text(machine)}",
         f"- command: `{report['command']}`",
     ]
     return "\n".join(lines) + "\n"
@@ -225,7 +225,7 @@ def markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- main
 def main(args: Args) -> dict:
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.threads.torch_threads)
     suite, task_ids, init_state_ids = check_args(args)
     short_name = suite.libero_name.removeprefix("libero_")
     mode = "state" if args.obs_mode == "state" else "rgb"
@@ -246,7 +246,7 @@ def main(args: Args) -> dict:
 
     # 2. SFT, continued from <output_dir>/sft (or --init-from) up to sft_steps.
     checkpoint_path = os.path.join(output_dir, "sft")
-    with exclusive(checkpoint_path + ".lock", f"SFT {checkpoint_path}"):
+    with exclusive(checkpoint_path + ".lock", f"SFT {checkpoint_path}"), torch_threads(args.threads.sft_torch_threads):
         model, steps_this_run = train_sft(
             args, episodes, list(instructions.values()), checkpoint_path, os.path.join(output_dir, "tb")
         )
@@ -311,7 +311,7 @@ def main(args: Args) -> dict:
             for task_id in task_ids
         },
         "overall": success_summary(rows),
-        "machine": machine_info(args.torch_threads),
+        "machine": machine_info(args.threads.torch_threads, args.threads.sft_threads),
         "episodes": rows,
     }
     report["overall"]["mean_of_task_rates"] = float(np.mean([entry["success_rate"] for entry in report["per_task"].values()]))

@@ -59,6 +59,7 @@ from reporting import (
     held_out_note,
     id_ranges,
     machine_info,
+    machine_text,
     policy_cameras,
     runs_summary,
     write_report_files,
@@ -83,7 +84,7 @@ from gym_libero_vla.evaluate import (
     read_episode_rows,
     recorded_episodes,
 )
-from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy, resolve_device
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, ThreadConfig, load_policy, resolve_device, torch_threads
 from gym_libero_vla.rollouts import Start, held_in_init_states
 from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.wrappers.rollout_relabel import RolloutRelabel, scene_goals
@@ -192,8 +193,8 @@ class Args:
     """Torch device of the policies: cpu, cuda, cuda:<index>, mps or auto. The simulators stay on the CPU."""
     eval_num_envs: int | None = None
     """Evaluation envs side by side in one process (default: 8 in state mode, 2 in rgb+state mode)."""
-    torch_threads: int = 1
-    """Torch CPU threads; more than the free cores slows small models down a lot."""
+    threads: Annotated[ThreadConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=ThreadConfig)
+    """--sft-torch-threads for SFT (default: every core), --torch-threads while simulators run."""
     videos: bool = True
     """Record a successful and a failed held-out episode of each policy of the first seed as mp4 (the first of each
     in its evaluation, run again greedily: the same episode), copied next to the report (``<report>_videos/``)."""
@@ -262,7 +263,8 @@ def prepare_sft(args: Args, seed: int, episodes, instructions, output_dir: str, 
         policy = CompactVLA.from_demos(episodes, config, instructions=instructions, object_state=args.object_state)
         return SFT(policy, demos=episodes, device=device, **dataclasses.asdict(dataclasses.replace(args.sft, seed=seed)))
 
-    with exclusive(path + ".lock", f"SFT seed {seed}"):  # another process training it: wait, then continue from it
+    # another process training it: wait, then continue from it
+    with exclusive(path + ".lock", f"SFT seed {seed}"), torch_threads(args.threads.sft_torch_threads):
         model, steps = continue_sft(path, create, args.sft_steps, args.sft_save_every, args.progress, demos=episodes,
                                     device=device)  # fmt: skip
     return {"path": path, "steps": model.num_timesteps, "seconds": model.train_seconds, "steps_this_run": steps}
@@ -628,8 +630,7 @@ def markdown(report: dict) -> str:
         "",
         f"- demos: {' + '.join([demos['path'], *demos.get('extra_paths', [])])} ({made}), {demos['num_demos']} demos, "
         f"{demos['num_transitions']} transitions",
-        f"- machine: {machine['cpu_count']} CPUs, {machine['cpu_model']}, MuJoCo {machine.get('mujoco')}, torch "
-        f"{machine['torch']} on {machine['torch_threads']} thread(s), load average {machine['load_average_1min_at_end']}",
+        f"- machine: {machine_text(machine)}",
         f"- command: `{report['command']}`",
     ]
     return "\n".join(lines + video_lines(report["runs"])) + "\n"
@@ -787,7 +788,7 @@ def build_report(
         "results": results,
         "targets": check_targets(results),
         "runs": build_report_runs(runs),
-        "machine": machine_info(args.torch_threads),
+        "machine": machine_info(args.threads.torch_threads, args.threads.sft_threads),
     }  # fmt: skip
 
 
@@ -804,7 +805,7 @@ def build_report_runs(runs: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- main
 def main(args: Args) -> dict:
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.threads.torch_threads)
     suite, task_ids, init_state_ids = check_args(args)
     short_name = suite.libero_name.removeprefix("libero_")
     output_dir = args.output_dir or os.path.join("runs", "sft_vs_grpo", short_name)

@@ -57,7 +57,7 @@ from gym_libero_vla.algos.base import latest_checkpoint, resume_or_create
 from gym_libero_vla.algos.callbacks import LiberoEvalCallback, RolloutCheckpointCallback
 from gym_libero_vla.demos.generate import DemoConfig, GenerateArgs
 from gym_libero_vla.evaluate import CAMERA_KEYS, EvalRange, env_kwargs_for_policy, evaluate_policy, write_report
-from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy, resolve_device, torch_threads
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, ThreadConfig, load_policy, resolve_device, torch_threads
 from gym_libero_vla.rollouts import held_in_init_states
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 
@@ -77,12 +77,9 @@ class Args:
     """Tasks of the suite: demos, GRPO groups and evaluation all use these."""
     seed: int = 0
     """Seed of torch, SFT batches, GRPO's draws and the evaluation resets."""
-    torch_threads: int = 1
-    """Torch CPU threads while simulators run (GRPO / iRe-VLA, evaluation); more than the free cores slows small
-    models down a lot."""
-    sft_torch_threads: int | None = None
-    """Torch CPU threads for the SFT warm start, when no simulator runs (default: every core; on 2 cores an SFT step
-    is ~1.8x faster than on one for the rgb preset, ~1.5x for the state one)."""
+    threads: Annotated[ThreadConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=ThreadConfig)
+    """--torch-threads while simulators run (GRPO / iRe-VLA, evaluation), --sft-torch-threads for the SFT warm start
+    (default: every core)."""
     output_dir: str = "runs/grpo"
     """Checkpoints (``sft/``, ``checkpoints/``, ``final/``), TensorBoard (``tb/``), episode cache (``cache/``),
     evaluations and results.json."""
@@ -281,13 +278,11 @@ def main(args: Args) -> dict:
     if not args.eval.held_out(args.demo.demo_init_state_end):
         print(f"warning: evaluation init states start at {args.eval.eval_init_state_start}, inside the demos' and GRPO's "
               f"0..{args.demo.demo_init_state_end - 1}: they are not held out")  # fmt: skip
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.threads.torch_threads)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)  # a clear error for a device this machine lacks, before any work
     if args.num_envs < 1:
         raise ValueError(f"num_envs {args.num_envs} must be >= 1")
-    if args.sft_torch_threads is not None and args.sft_torch_threads < 1:
-        raise ValueError(f"sft_torch_threads {args.sft_torch_threads} must be >= 1 (or omitted for every core)")
     check_obs_mode(args)
     learner_class, hyperparameters = learner_settings(args)  # bad settings fail here, before any work
     suite = resolve_suite(args.env_id)
@@ -312,7 +307,7 @@ def main(args: Args) -> dict:
     if checkpoint is not None:
         policy = load_policy(checkpoint)
     else:
-        with torch_threads(args.sft_torch_threads):
+        with torch_threads(args.threads.sft_torch_threads):
             policy = warm_start(args, episodes, [tasks[task_id].instruction for task_id in range(len(tasks))])
     policy = policy.to(device)
     timings["sft"] = time.time() - start - sum(timings.values())

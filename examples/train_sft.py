@@ -30,7 +30,7 @@ import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.algos import SFT, SFTConfig
 from gym_libero_vla.demos import LiberoHDF5, load_episodes
 from gym_libero_vla.evaluate import EvalRange, evaluate_policy, write_report
-from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, load_policy
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, ThreadConfig, load_policy, torch_threads
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 
 
@@ -56,8 +56,9 @@ class Args:
     """Gradient steps."""
     sft: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(seed=0))
     """SFT's settings."""
-    torch_threads: int = 1
-    """Torch CPU threads; more than the free cores slows small models down a lot."""
+    threads: Annotated[ThreadConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=ThreadConfig)
+    """--sft-torch-threads for training (default: every core), --torch-threads for the evaluation, while simulators
+    run."""
     filter_noops: bool = True
     """Drop no-op steps from the demos, as OpenVLA's processed LIBERO data."""
     eval: Annotated[EvalRange, tyro.conf.OmitArgPrefixes] = dataclasses.field(
@@ -91,7 +92,7 @@ def make_policy(args: Args, episodes, instructions):
 
 
 def main(args: Args) -> dict:
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.threads.torch_threads)
     torch.manual_seed(args.sft.seed or 0)
     suite = resolve_suite(args.env_id)
     instructions = {task.task_id: task.instruction for task in suite_tasks(suite.libero_name)}
@@ -106,7 +107,8 @@ def main(args: Args) -> dict:
 
     model = SFT(policy, demos=episodes, tensorboard_log=os.path.join(args.output_dir, "tb"), **dataclasses.asdict(args.sft))
     start = time.time()
-    model.learn(args.total_steps, progress_bar=args.progress_bar)
+    with torch_threads(args.threads.sft_torch_threads):
+        model.learn(args.total_steps, progress_bar=args.progress_bar)
     train_seconds = time.time() - start
     print(f"trained {model.num_timesteps} steps in {train_seconds:.0f} s: {model.last_metrics}")
     model.save(os.path.join(args.output_dir, "final"))

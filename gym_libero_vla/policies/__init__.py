@@ -5,7 +5,14 @@
 - :mod:`gym_libero_vla.policies.hf_vla`: :class:`HFVLAPolicy`, OpenVLA-7B or any HF image-text-to-text model.
 """
 
-from gym_libero_vla.policies.base import VLAPolicy, batch_observation, load_policy, resolve_device, torch_threads
+from gym_libero_vla.policies.base import (
+    ThreadConfig,
+    VLAPolicy,
+    batch_observation,
+    load_policy,
+    resolve_device,
+    torch_threads,
+)
 from gym_libero_vla.policies.compact_vla import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.policies.hf_vla import HFVLAPolicy
 
@@ -16,6 +23,7 @@ __all__ = [
     "CompactVLA",
     "CompactVLAConfig",
     "HFVLAPolicy",
+    "ThreadConfig",
     "VLAPolicy",
     "WordTokenizer",
     "batch_observation",

@@ -54,7 +54,8 @@ def test_runs_end_to_end_then_resumes_without_redoing_work(tmp_path):
         low, high = entry["ci95"]
         assert 0.0 <= low <= entry["success_rate"] <= high <= 1.0
         assert entry["success_rate"] == entry["successes"] / entry["episodes"]
-    assert set(saved["machine"]) >= {"cpu_count", "platform", "torch_threads", "mujoco", "numpy", "robosuite", "cpu_model"}
+    machine_keys = {"cpu_count", "platform", "torch_threads", "sft_torch_threads", "mujoco", "robosuite", "cpu_model"}
+    assert set(saved["machine"]) >= machine_keys | {"numpy"}
     episodes_file = tmp_path / "run" / "episodes.jsonl"
     assert line_count(episodes_file) == 2
 

@@ -146,9 +146,9 @@ def test_obs_mode_and_policy_must_agree(tmp_path):
         train_grpo.main(state_with_cameras)
     with pytest.raises(ValueError, match=r"unknown obs_mode 'pixels': valid \('state', 'rgb'\)"):
         train_grpo.default_args("pixels")
-    no_threads = dataclasses.replace(train_grpo.default_args("state"), sft_torch_threads=0, output_dir=args.output_dir)
-    with pytest.raises(ValueError, match=r"sft_torch_threads 0 must be >= 1 \(or omitted for every core\)"):
-        train_grpo.main(no_threads)
+    no_threads = subprocess.run([sys.executable, SCRIPT, "--sft-torch-threads", "0"], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+    assert no_threads.returncode != 0 and "sft_torch_threads 0 must be an int >= 1 (or omitted" in no_threads.stderr
     past_the_states = dataclasses.replace(train_grpo.default_args("state"), eval=EvalRange(eval_init_state_start=48,
                                           eval_num_init_states=5), output_dir=args.output_dir)  # fmt: skip
     with pytest.raises(ValueError, match="unknown init_state_id 50 for task 0 of LiberoSpatial-v0: valid 0..49"):
@@ -164,7 +164,8 @@ def test_help_documents_every_field():
     result = subprocess.run([sys.executable, SCRIPT, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for flag in ("--task-ids", "--episodes-per-task", "--extra-demos", "--init-from", "--sft-steps", "--total-timesteps",
-                 "--grpo.group-size", "--grpo.num-groups", "--eval-init-state-start", "--max-episode-steps"):  # fmt: skip
+                 "--grpo.group-size", "--grpo.num-groups", "--eval-init-state-start", "--max-episode-steps", "--torch-threads",
+                 "--sft-torch-threads"):  # fmt: skip
         assert flag in result.stdout
 
 

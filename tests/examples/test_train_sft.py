@@ -47,5 +47,5 @@ def test_help_documents_every_field():
     result = subprocess.run([sys.executable, SCRIPT, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for flag in ("--demos", "--obs-mode", "--lora-rank", "--total-steps", "--sft.learning-rate", "--policy.hidden-size",
-                 "--eval-num-init-states", "--torch-threads"):  # fmt: skip
+                 "--eval-num-init-states", "--torch-threads", "--sft-torch-threads"):  # fmt: skip
         assert flag in result.stdout

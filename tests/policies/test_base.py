@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gym_libero_vla.policies import resolve_device, torch_threads
+from gym_libero_vla.policies import ThreadConfig, resolve_device, torch_threads
 from gym_libero_vla.policies.base import batch_observation, stack_observations
 
 
@@ -53,3 +53,11 @@ def test_torch_threads_sets_the_count_inside_the_block_and_restores_it():
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match=r"torch threads 0 must be >= 1 \(or None for every core\)"), torch_threads(0):
         pass
+
+
+def test_thread_config_refuses_counts_below_one_naming_the_field():
+    assert ThreadConfig().sft_torch_threads is None and ThreadConfig(2, 2).torch_threads == 2
+    with pytest.raises(ValueError, match=r"sft_torch_threads 0 must be an int >= 1 \(or omitted for every core\)"):
+        ThreadConfig(sft_torch_threads=0)
+    with pytest.raises(ValueError, match=r"torch_threads 1.5 must be an int >= 1$"):
+        ThreadConfig(torch_threads=1.5)
