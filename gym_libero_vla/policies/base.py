@@ -104,13 +104,10 @@ class ThreadConfig:
         return every_core() if self.sft_torch_threads is None else self.sft_torch_threads
 
     def __post_init__(self):
-        for name in ("torch_threads", "sft_torch_threads"):
+        for name, default in (("torch_threads", ""), ("sft_torch_threads", " (or omitted for every core)")):
             value = getattr(self, name)
-            if value is None and name == "sft_torch_threads":
-                continue
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                every_core = " (or omitted for every core)" if name == "sft_torch_threads" else ""
-                raise ValueError(f"{name} {value!r} must be an int >= 1{every_core}")
+            if (value is not None or not default) and not (type(value) is int and value >= 1):
+                raise ValueError(f"{name} {value!r} must be an int >= 1{default}")
 
 
 @contextlib.contextmanager
