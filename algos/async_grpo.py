@@ -112,6 +112,11 @@ class AsyncGRPOConfig(PipelineConfig, GRPOConfig):
             self.cache_dir = os.path.join(self.pipeline_dir, "cache")
         if self.group_size % self.envs_per_worker:
             raise ValueError(f"group_size {self.group_size} must be a multiple of envs_per_worker {self.envs_per_worker}")
+        if self.start_sampling != "uniform":
+            raise ValueError(
+                f"start_sampling {self.start_sampling!r}: AsyncGRPO's workers draw their groups' starts themselves, "
+                "uniformly; use start_sampling='uniform', or GRPO (synchronous) for learnability sampling"
+            )
         if self.max_queued_groups is not None and not is_int(self.max_queued_groups, self.num_groups):
             raise ValueError(f"max_queued_groups {self.max_queued_groups!r} must be an int >= num_groups {self.num_groups}")
 

@@ -51,6 +51,7 @@ from gym_libero_vla.algos.sft import Transitions, demo_token_log_probs, episodes
 from gym_libero_vla.episode import Episode
 from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies.base import check_temperature
+from gym_libero_vla.start_sampler import START_SAMPLING, StartSampler
 from gym_libero_vla.success_replay import SuccessReplay
 from gym_libero_vla.wrappers.rollout_relabel import rescue_failed_group, same_start_first
 
@@ -248,6 +249,11 @@ class GRPOConfig:
     """Where groups start: "suite" (the stored init states, ``init_state_ids``) or "sampled" (a new layout per group,
     drawn by LIBERO's placement sampler: the policy trains on the distribution the stored starts come from, never on
     one of them)."""
+    start_sampling: Literal["uniform", "learnability"] = "uniform"
+    """How groups' starts are drawn: "uniform" over ``task_ids`` and ``init_state_ids``, or "learnability", in
+    proportion to ``p (1 - p)`` of each task's and start's recent success rate (``p`` estimated from the run's
+    groups, :class:`~gym_libero_vla.start_sampler.StartSampler`): fewer groups from starts the policy always or
+    never solves, whose groups carry no gradient."""
     seed: int | None = None
     """Seeds torch's RNG and the draw of (task, init state) pairs."""
 
@@ -292,6 +298,8 @@ class GRPOConfig:
             raise ValueError(f"unknown init_states {self.init_states!r}: valid {rollouts.INIT_STATES}")
         if self.init_states == "sampled" and self.init_state_ids is not None:
             raise ValueError("init_state_ids picks stored init states: leave it None with init_states='sampled'")
+        if self.start_sampling not in START_SAMPLING:
+            raise ValueError(f"unknown start_sampling {self.start_sampling!r}: valid {START_SAMPLING}")
 
 
 # ---------------------------------------------------------------------------------------------- rollouts
@@ -385,7 +393,7 @@ class GRPO(BaseLearner):
 
     config_class: type[GRPOConfig] = GRPOConfig
     config_filename = "grpo.json"
-    state_keys = ("policy_version", "num_optimizer_steps")
+    state_keys = ("policy_version", "num_optimizer_steps", "start_outcomes")
     config: GRPOConfig
 
     def __init__(self, policy, env=None, demos: Any = None, tensorboard_log=None, verbose: int = 0, device=None, **kwargs):
@@ -414,6 +422,7 @@ class GRPO(BaseLearner):
         self.policy_version = 0  # learner updates so far; rollouts carry the version that sampled them
         self.num_optimizer_steps = 0  # over the run (the step size's warm-up counts them)
         self._rng = np.random.default_rng(config.seed)
+        self.starts = StartSampler(config.start_sampling)  # every group's outcomes, to weigh the next starts by
         if config.seed is not None:
             torch.manual_seed(config.seed)
 
@@ -459,7 +468,7 @@ class GRPO(BaseLearner):
             return not stopped
 
         for _ in range(count):
-            start = rollouts.draw_start(
+            start = self.starts.draw(
                 self._rng, self._env_task_ids(), config.init_state_ids, self._num_init_states, config.init_states
             )
             sampled = rollouts.run_group(self.policy, self.env, start, config.group_size, temperature=config.temperature,
@@ -468,6 +477,7 @@ class GRPO(BaseLearner):
                 yield None
                 return
             group, relabelled = sampled
+            self.starts.record(start.task_id, start.init_state_id, [episode.success for episode in group])
             if self.cache is not None:  # the group as one unit, as the rollout workers store theirs
                 self.cache.append_many([copy.copy(episode) for episode in group + relabelled])  # ids on the copies
             yield group, relabelled
@@ -752,12 +762,14 @@ class GRPO(BaseLearner):
     # ------------------------------------------------------------------ checkpoints
     def _save_state(self, directory: str) -> dict[str, Any]:
         self._save_optimizer_and_rng(directory, self.optimizer, self._rng)
-        return {"policy_version": self.policy_version, "num_optimizer_steps": self.num_optimizer_steps}
+        return {"policy_version": self.policy_version, "num_optimizer_steps": self.num_optimizer_steps,
+                "start_outcomes": self.starts.state_dict()}  # fmt: skip
 
     def _load_state(self, directory: str, state: dict[str, Any]) -> None:
         """With ``kl_coef > 0`` on a policy without LoRA, the reference is a copy of the *loaded* policy."""
         self.policy_version = int(state.get("policy_version", 0))
         self.num_optimizer_steps = int(state.get("num_optimizer_steps", 0))
+        self.starts.load_state_dict(state.get("start_outcomes", {}))
         self._load_optimizer_and_rng(directory, self.optimizer, self._rng, self.config.learning_rate)
 
 

@@ -324,6 +324,8 @@ def test_bad_arguments_are_named(env, instruction, tmp_path):
         AsyncGRPO(policy, env, pipeline_dir=str(tmp_path), group_size=3, envs_per_worker=2)
     with pytest.raises(ValueError, match=r"unknown AsyncGRPO hyperparameter\(s\) \['workers'\]"):
         AsyncGRPO(policy, env, pipeline_dir=str(tmp_path), workers=2)
+    with pytest.raises(ValueError, match="start_sampling 'learnability': AsyncGRPO's workers draw"):
+        AsyncGRPO(policy, env, pipeline_dir=str(tmp_path), start_sampling="learnability")
     vector_env = gym.make_vec("LiberoSpatial-v0", num_envs=2, vectorization_mode="sync", obs_mode="state")
     with pytest.raises(ValueError, match="takes a single env"):
         AsyncGRPO(policy, vector_env, pipeline_dir=str(tmp_path), group_size=2)

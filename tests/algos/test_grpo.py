@@ -304,6 +304,8 @@ def test_sampled_starts_give_each_group_one_new_layout(env, instruction):
         GRPO(make_policy(instruction), env, init_states="sampled", init_state_ids=(0,))
     with pytest.raises(ValueError, match=r"unknown init_states 'random': valid \('suite', 'sampled'\)"):
         GRPO(make_policy(instruction), env, init_states="random")
+    with pytest.raises(ValueError, match=r"unknown start_sampling 'hard': valid \('uniform', 'learnability'\)"):
+        GRPO(make_policy(instruction), env, start_sampling="hard")
 
 
 # ---------------------------------------------------------------------- dynamic sampling, rescue, replay, staleness
@@ -417,14 +419,18 @@ def test_successes_join_the_offline_term_and_persist_in_the_cache(env, instructi
 
 
 def test_resume_restores_steps_optimizer_and_rng(env, instruction, tmp_path):
-    model = make_grpo(make_policy(instruction), env, demos=[demo(instruction)], group_size=2, num_groups=1, seed=5)
+    model = make_grpo(make_policy(instruction), env, demos=[demo(instruction)], group_size=2, num_groups=1, seed=5,
+                      start_sampling="learnability")  # fmt: skip
     model.learn(2 * MAX_EPISODE_STEPS)
+    outcomes = model.starts.state_dict()
+    assert sum(len(history) for history in outcomes["tasks"].values()) == 2  # the group's two failures, recorded
     model.save(tmp_path / "ckpt")
     model.save(tmp_path / "ckpt")  # overwriting a checkpoint goes through a temporary directory
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     resumed = GRPO.load(tmp_path / "ckpt", env=env, demos=[demo(instruction)])
     assert (resumed.num_timesteps, resumed.policy_version) == (2 * MAX_EPISODE_STEPS, 1)
     assert resumed._rng.integers(1 << 30) == model._rng.integers(1 << 30)  # the same draws continue
+    assert resumed.config.start_sampling == "learnability" and resumed.starts.state_dict() == outcomes
     assert torch.equal(torch.get_rng_state(), torch.get_rng_state())
     saved_state, loaded_state = model.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(saved_state[k]["exp_avg"], loaded_state[k]["exp_avg"]) for k in saved_state)
