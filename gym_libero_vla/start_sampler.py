@@ -5,8 +5,8 @@ the policy always solves (or never does) costs a group's env steps and gives zer
 that SFT made good (78% held out on LIBERO-Object) succeeds at most starts, and most uniformly drawn groups are
 all-success (~70% of them measured, ``docs/benchmarks.md``). Learnability sampling (Tzannetos et al., 2023,
 "Proximal Curriculum"; Foster et al., 2025, "Learning to Reason at the Frontier of Learnability") draws starts in
-proportion to ``p (1 - p)``, the chance that two outcomes from the start differ, with ``p`` the start's estimated
-success rate:
+proportion to ``p (1 - p)``, half the chance that two outcomes from the start differ, with ``p`` the start's
+estimated success rate:
 
 - a task's ``p`` is the posterior mean ``(successes + 1) / (outcomes + 2)`` of its last ``window`` outcomes
   (a task never tried reads 0.5, the largest weight, so every task is tried early);
@@ -14,6 +14,9 @@ success rate:
   (outcomes + prior)``; new layouts (``init_states="sampled"``) are never seen twice, so only tasks are weighed;
 - weights are at least ``min_weight`` (the largest is 0.25), so a solved task is still drawn now and then, and one
   the policy starts to forget is noticed and drawn more again.
+
+Measured on the LIBERO-Object pixel recipe (two seeds, ``docs/benchmarks.md``): the groups carrying a gradient rose
+from 28% to 38-47%; greedy success on the held-out starts did not move (+0.3 points over SFT, -0.7 against uniform).
 
 The task is drawn by its weight, then the init state within it by its own. ``"uniform"`` is
 :func:`~gym_libero_vla.rollouts.draw_start` (the same draws for the same RNG). Both record every group's outcomes, and
