@@ -77,20 +77,32 @@ def draw_start(
     init_state_ids: Sequence[int] | None,
     num_init_states: Callable,
     init_states: str = "suite",
+    task_weights: Sequence[float] | None = None,
+    state_weights: Callable[[int, list[int]], Sequence[float]] | None = None,
 ) -> Start:
-    """A uniformly drawn task and start (GRPO's groups and the rollout workers draw their starts here). With
+    """A drawn task and start (GRPO's groups and the rollout workers draw their starts here). With
     ``init_states="suite"`` the start is one of the task's stored init states: of ``init_state_ids`` if given, else of
-    all ``num_init_states(task)``; with ``"sampled"`` it is a new layout (a drawn ``layout_seed``)."""
+    all ``num_init_states(task)``; with ``"sampled"`` it is a new layout (a drawn ``layout_seed``). Uniformly, or in
+    proportion to ``task_weights`` (one per task) and ``state_weights(task_id, init_state_ids)``
+    (:class:`~gym_libero_vla.start_sampler.StartSampler`'s learnability)."""
     if init_states not in INIT_STATES:
         raise ValueError(f"unknown init_states {init_states!r}: valid {INIT_STATES}")
-    task_id = int(task_ids[rng.integers(len(task_ids))])
+    task_id = int(task_ids[_draw_index(rng, len(task_ids), task_weights)])
     if init_states == "sampled":
         return Start(task_id, SAMPLED_INIT_STATE, layout_seed=int(rng.integers(2**31)))
-    if init_state_ids is None:
-        init_state_id = int(rng.integers(num_init_states(task_id)))
-    else:
-        init_state_id = int(init_state_ids[rng.integers(len(init_state_ids))])
-    return Start(task_id, init_state_id)
+    if state_weights is None and init_state_ids is None:
+        return Start(task_id, int(rng.integers(num_init_states(task_id))))
+    candidates = list(init_state_ids) if init_state_ids is not None else list(range(num_init_states(task_id)))
+    weights = None if state_weights is None else state_weights(task_id, candidates)
+    return Start(task_id, int(candidates[_draw_index(rng, len(candidates), weights)]))
+
+
+def _draw_index(rng: np.random.Generator, count: int, weights: Sequence[float] | None) -> int:
+    """Uniform over ``range(count)``, or in proportion to ``weights``."""
+    if weights is None:
+        return int(rng.integers(count))
+    weights = np.asarray(weights, dtype=float)
+    return int(rng.choice(count, p=weights / weights.sum()))
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
-from gym_libero_vla.rollouts import INIT_STATES, Start, draw_start
+from gym_libero_vla.rollouts import Start, draw_start
 
 START_SAMPLING = ("uniform", "learnability")
 
@@ -115,14 +115,12 @@ class StartSampler:
         ``num_init_states(task)``, when None), or a new layout with ``init_states="sampled"``."""
         if self.mode == "uniform":
             return draw_start(rng, task_ids, init_state_ids, num_init_states, init_states)
-        if init_states not in INIT_STATES:
-            raise ValueError(f"unknown init_states {init_states!r}: valid {INIT_STATES}")
-        task_id = int(task_ids[rng.choice(len(task_ids), p=self.task_probabilities(task_ids))])
-        if init_states == "sampled":
-            return Start(task_id, SAMPLED_INIT_STATE, layout_seed=int(rng.integers(2**31)))
-        candidates = list(init_state_ids) if init_state_ids is not None else list(range(num_init_states(task_id)))
-        weights = np.array([self._weight(self.start_success_rate(task_id, state)) for state in candidates])
-        return Start(task_id, int(candidates[rng.choice(len(candidates), p=weights / weights.sum())]))
+
+        def state_weights(task_id: int, states: list[int]) -> list[float]:
+            return [self._weight(self.start_success_rate(task_id, state)) for state in states]
+
+        task_weights = self.task_probabilities(task_ids)
+        return draw_start(rng, task_ids, init_state_ids, num_init_states, init_states, task_weights, state_weights)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
