@@ -20,14 +20,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Annotated
 
-import torch
 import tyro
 from reporting import command_line, machine_info, publish
 
 from gym_libero_vla.algos.sft import Transitions, demo_fit
 from gym_libero_vla.demos.libero_hdf5 import load_episodes
-from gym_libero_vla.policies import load_policy
+from gym_libero_vla.policies import TorchThreads, load_policy
 
 DIMENSIONS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 
@@ -44,7 +44,8 @@ class Args:
     """Inputs to permute one at a time (default: every input the policy reads)."""
     seed: int = 0
     """Draws the transitions each permuted input is taken from."""
-    torch_threads: int = 2
+    threads: Annotated[TorchThreads, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=lambda: TorchThreads(2))
+    """Torch CPU threads: --torch-threads (default 2: no simulator runs)."""
     json_out: str | None = None
     """Also write the results as JSON (and Markdown next to it)."""
 
@@ -98,7 +99,7 @@ def markdown(report: dict) -> str:
 
 def main(args: Args) -> dict:
     check_args(args)
-    torch.set_num_threads(args.torch_threads)
+    args.threads.apply()
     policy = load_policy(args.checkpoint)
     inputs = ("instruction", *(key for key in policy.observation_keys if key != "instruction"))
     permute = inputs if args.permute is None else args.permute
@@ -108,7 +109,7 @@ def main(args: Args) -> dict:
     report = {
         "checkpoint": args.checkpoint, "inputs": list(inputs),
         "files": [measure(policy, path, args.max_transitions, permute, args.seed) for path in args.demos],
-        "machine": machine_info(args.torch_threads), "command": command_line(args, "benchmarks/demo_fit.py"),
+        "machine": machine_info(args.threads.torch_threads), "command": command_line(args, "benchmarks/demo_fit.py"),
     }  # fmt: skip
     text = markdown(report)
     return publish(report, text, args.json_out)

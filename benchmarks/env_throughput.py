@@ -26,6 +26,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 import gymnasium as gym
 import numpy as np
@@ -35,6 +36,7 @@ from reporting import command_line, machine_info
 import gym_libero_vla  # noqa: F401
 from gym_libero_vla import rendering
 from gym_libero_vla.libero_env import CAMERAS
+from gym_libero_vla.policies import TorchThreads
 from gym_libero_vla.suites import libero_modules, quiet, suite_tasks, task_init_states
 
 
@@ -60,8 +62,8 @@ class Args:
     """Also time the chunked rgb rows with frames rendered without reflections (``--no-reflections`` skips them)."""
     policy_steps: int = 160
     """Env steps per policy-in-the-loop measurement (episodes of this many steps)."""
-    torch_threads: int = 1
-    """Torch CPU threads of the policy-in-the-loop rows (the rollouts' setting: one per process)."""
+    threads: Annotated[TorchThreads, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=TorchThreads)
+    """Torch CPU threads of the policy-in-the-loop rows: --torch-threads (default 1, the rollouts' setting)."""
     out: Path = Path("benchmarks/results/env_throughput.json")
     """Where to write the JSON results."""
     seed: int = 0
@@ -151,7 +153,7 @@ def policy_in_the_loop(mode: str, chunk: int, args: Args, reflections: bool = Tr
     """Env steps/s of a CompactVLA acting through ``run_episodes`` (one forward pass per query)."""
     import torch
 
-    torch.set_num_threads(args.torch_threads)
+    args.threads.apply()
     from gym_libero_vla.evaluate import env_kwargs_for_policy
     from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
     from gym_libero_vla.rollouts import Start, run_episodes
@@ -249,7 +251,7 @@ def main(args: Args) -> dict:
     import mujoco
 
     results["mujoco_version"] = mujoco.__version__
-    results["machine"] = machine_info(args.torch_threads if args.chunks else None)
+    results["machine"] = machine_info(args.threads.torch_threads if args.chunks else None)
     header = ["mode", "raw LIBERO", "ours", *[f"async x{n}" for n in workers], "ours/raw", "async x2 / x1"]
     print(f"\n{args.env_id}, env steps/s ({os.cpu_count()} CPUs, MUJOCO_GL={results['mujoco_gl']}, {args.image_size}px)\n")
     if rows:  # none with --modes and no value (the chunked rows only)

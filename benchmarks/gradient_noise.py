@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from gym_libero_vla.algos.grpo import GroupRollout, clipped_surrogate, group_rel
 from gym_libero_vla.algos.sft import Transitions, demo_token_log_probs, masked_mean
 from gym_libero_vla.demos.libero_hdf5 import load_episodes
 from gym_libero_vla.episode_store import EpisodeStore
-from gym_libero_vla.policies import load_policy
+from gym_libero_vla.policies import TorchThreads, load_policy
 
 
 @dataclasses.dataclass
@@ -75,7 +76,8 @@ class Args:
     draws: int = 200
     """Random set pairs a measured cosine averages; resamples of the noise scale's interval."""
     seed: int = 0
-    torch_threads: int = 1
+    threads: Annotated[TorchThreads, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=TorchThreads)
+    """Torch CPU threads: --torch-threads (default 1)."""
     json_out: str | None = None
     """Also write the results as JSON (and Markdown next to it)."""
 
@@ -303,9 +305,9 @@ def markdown(report: dict) -> str:
 
 def main(args: Args) -> dict:
     check_args(args)
-    torch.set_num_threads(args.torch_threads)
+    args.threads.apply()
     report = measure(args)
-    report.update(machine=machine_info(args.torch_threads), command=command_line(args, "benchmarks/gradient_noise.py"))
+    report.update(machine=machine_info(args.threads.torch_threads), command=command_line(args, "benchmarks/gradient_noise.py"))
     return publish(report, markdown(report), args.json_out)
 
 

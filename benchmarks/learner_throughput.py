@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from reporting import command_line, cpu_model, machine_info, publish, write_repo
 from gym_libero_vla.algos import GRPO, SFT, GRPOConfig, SFTConfig
 from gym_libero_vla.algos.grpo import GroupRollout
 from gym_libero_vla.episode import Episode
-from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer, resolve_device
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, TorchThreads, WordTokenizer, resolve_device
 from gym_libero_vla.wrappers.action_tokenizer import ActionBins
 
 # LIBERO-Spatial's instructions, written out so that the benchmark runs where LIBERO is not installed (a GPU machine);
@@ -90,8 +91,8 @@ class Args:
     num_demos: int = 16
     image_size: int = 128
     chunk_size: int = 8
-    torch_threads: int = 2
-    """Torch CPU threads (the CPU learner's setting on 2 cores)."""
+    threads: Annotated[TorchThreads, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=lambda: TorchThreads(2))
+    """Torch CPU threads: --torch-threads (default 2, the CPU learner's setting on 2 cores)."""
     sft: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(random_shift=8, ema_decay=0.999, seed=0))
     """SFT settings (the Spatial recipe's random shifts and moving average)."""
     grpo: GRPOConfig = dataclasses.field(default_factory=lambda: GRPOConfig(seed=0))
@@ -256,7 +257,7 @@ def main(args: Args) -> dict:
     unknown = [phase for phase in args.phases if phase not in PHASES]
     if unknown or not args.phases:
         raise ValueError(f"unknown phase(s) {unknown or list(args.phases)}: valid {PHASES}, at least one")
-    torch.set_num_threads(args.torch_threads)
+    args.threads.apply()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     started = time.perf_counter()
@@ -266,7 +267,7 @@ def main(args: Args) -> dict:
     }  # fmt: skip
     for size in args.sizes:
         report["rows"].append(measure(size, args, device))
-        report.update(wall_s=time.perf_counter() - started, machine=machine_info(args.torch_threads))
+        report.update(wall_s=time.perf_counter() - started, machine=machine_info(args.threads.torch_threads))
         if args.json_out and size != args.sizes[-1]:  # each size as it finishes: a kill keeps those measured
             write_report_files(report, markdown(report), args.json_out)
     return publish(report, markdown(report), args.json_out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import tyro
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.evaluate import evaluate_policy, wilson_interval
-from gym_libero_vla.policies import load_policy
+from gym_libero_vla.policies import TorchThreads, load_policy
 from gym_libero_vla.policies.base import check_temperature
 from gym_libero_vla.rollouts import Start
 from gym_libero_vla.suites import resolve_suite
@@ -50,8 +51,8 @@ class Args:
     """Envs side by side in this process, one batched policy call per step."""
     seed: int = 0
     """Seeds torch's sampling and the resets."""
-    torch_threads: int = 1
-    """Torch CPU threads."""
+    threads: Annotated[TorchThreads, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=TorchThreads)
+    """Torch CPU threads: --torch-threads (default 1)."""
     json_out: str = "benchmarks/results/rollout_temperature.json"
     """Where to write the JSON (the Markdown table goes next to it as .md)."""
 
@@ -69,7 +70,7 @@ def summarize(rows: list[dict], starts) -> dict:
 
 
 def main(args: Args) -> dict:
-    torch.set_num_threads(args.torch_threads)
+    args.threads.apply()
     suite = resolve_suite(args.suite)
     for temperature in args.temperatures:
         check_temperature(temperature)

@@ -225,7 +225,7 @@ def markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- main
 def main(args: Args) -> dict:
-    torch.set_num_threads(args.threads.torch_threads)
+    args.threads.apply()
     suite, task_ids, init_state_ids = check_args(args)
     short_name = suite.libero_name.removeprefix("libero_")
     mode = "state" if args.obs_mode == "state" else "rgb"

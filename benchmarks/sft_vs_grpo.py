@@ -805,7 +805,7 @@ def build_report_runs(runs: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- main
 def main(args: Args) -> dict:
-    torch.set_num_threads(args.threads.torch_threads)
+    args.threads.apply()
     suite, task_ids, init_state_ids = check_args(args)
     short_name = suite.libero_name.removeprefix("libero_")
     output_dir = args.output_dir or os.path.join("runs", "sft_vs_grpo", short_name)

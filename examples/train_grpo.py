@@ -278,7 +278,7 @@ def main(args: Args) -> dict:
     if not args.eval.held_out(args.demo.demo_init_state_end):
         print(f"warning: evaluation init states start at {args.eval.eval_init_state_start}, inside the demos' and GRPO's "
               f"0..{args.demo.demo_init_state_end - 1}: they are not held out")  # fmt: skip
-    torch.set_num_threads(args.threads.torch_threads)
+    args.threads.apply()
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)  # a clear error for a device this machine lacks, before any work
     if args.num_envs < 1:

@@ -92,7 +92,7 @@ def make_policy(args: Args, episodes, instructions):
 
 
 def main(args: Args) -> dict:
-    torch.set_num_threads(args.threads.torch_threads)
+    args.threads.apply()
     torch.manual_seed(args.sft.seed or 0)
     suite = resolve_suite(args.env_id)
     instructions = {task.task_id: task.instruction for task in suite_tasks(suite.libero_name)}

@@ -27,12 +27,11 @@ from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
-import torch
 import tyro
 from tqdm import tqdm
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
-from gym_libero_vla.policies.base import VLAPolicy, load_policy, weights_fingerprint
+from gym_libero_vla.policies.base import TorchThreads, VLAPolicy, load_policy, weights_fingerprint
 from gym_libero_vla.rollouts import Rollout, Start, run_episodes
 from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.suites import resolve_init_state_ids, resolve_suite, resolve_task_ids, suite_tasks
@@ -108,8 +107,8 @@ class EvalArgs:
     vectorization_mode: Literal["sync", "async"] = "sync"
     """"sync": the envs live in this process and step in turn; "async": each in a worker process (gym.make_vec),
     all stepping at once: one per core keeps every core simulating and rendering."""
-    torch_threads: int = 1
-    """Torch CPU threads; more than the free cores slows small models down a lot."""
+    threads: Annotated[TorchThreads, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=TorchThreads)
+    """Torch CPU threads: --torch-threads (default 1; more than the free cores slows small models down a lot)."""
     progress: bool = True
     """Show a tqdm progress bar over episodes."""
     resume: bool = False
@@ -545,7 +544,7 @@ def write_report(results: dict, out_dir: str, title: str | None = None) -> str:
 
 
 def main(args: EvalArgs) -> dict:
-    torch.set_num_threads(args.torch_threads)
+    args.threads.apply()
     suite = resolve_suite(args.suite)  # a clear error for an unknown suite, before loading anything
     if args.init_states is not None:
         init_state_ids = args.init_states

@@ -7,6 +7,7 @@
 
 from gym_libero_vla.policies.base import (
     ThreadConfig,
+    TorchThreads,
     VLAPolicy,
     batch_observation,
     load_policy,
@@ -24,6 +25,7 @@ __all__ = [
     "CompactVLAConfig",
     "HFVLAPolicy",
     "ThreadConfig",
+    "TorchThreads",
     "VLAPolicy",
     "WordTokenizer",
     "batch_observation",

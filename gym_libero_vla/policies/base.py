@@ -86,14 +86,38 @@ def every_core() -> int:
     return os.cpu_count() or 1
 
 
+def check_thread_count(name: str, value, every_core_allowed: bool = False) -> None:
+    """A clear error unless ``value`` is an int >= 1 (or None, where ``every_core_allowed``)."""
+    if value is None and every_core_allowed:
+        return
+    if not (type(value) is int and value >= 1):
+        choices = " (or omitted for every core)" if every_core_allowed else ""
+        raise ValueError(f"{name} {value!r} must be an int >= 1{choices}")
+
+
 @dataclasses.dataclass
-class ThreadConfig:
-    """Torch's CPU threads of a command that trains a policy and runs simulators: the same two flags,
-    ``--torch-threads`` and ``--sft-torch-threads``, on every such CLI (validated on construction)."""
+class TorchThreads:
+    """Torch's CPU threads of a command: ``--torch-threads``, declared here once for every CLI (validated on
+    construction). A CLI with another default says so in its field's ``default_factory``."""
 
     torch_threads: int = 1
-    """Torch CPU threads while simulators run (GRPO / iRe-VLA rollouts, evaluation); more than the free cores slows
-    small models down a lot."""
+    """Torch CPU threads while simulators run (rollouts, evaluation); more than the free cores slows small models
+    down a lot."""
+
+    def __post_init__(self):
+        check_thread_count("torch_threads", self.torch_threads)
+
+    def apply(self) -> int:
+        """Set this process's torch threads to ``torch_threads``; returns the count."""
+        torch.set_num_threads(self.torch_threads)
+        return self.torch_threads
+
+
+@dataclasses.dataclass
+class ThreadConfig(TorchThreads):
+    """Torch's CPU threads of a command that trains a policy by SFT and also runs simulators: ``--torch-threads``
+    while simulators run, ``--sft-torch-threads`` for SFT, the same two flags on every such CLI."""
+
     sft_torch_threads: int | None = None
     """Torch CPU threads for SFT, when no simulator runs (default: every core; on 2 cores an SFT step is ~1.8x faster
     than on one for the pixel recipe, ~1.5x for the state one)."""
@@ -104,10 +128,8 @@ class ThreadConfig:
         return every_core() if self.sft_torch_threads is None else self.sft_torch_threads
 
     def __post_init__(self):
-        for name, default in (("torch_threads", ""), ("sft_torch_threads", " (or omitted for every core)")):
-            value = getattr(self, name)
-            if (value is not None or not default) and not (type(value) is int and value >= 1):
-                raise ValueError(f"{name} {value!r} must be an int >= 1{default}")
+        super().__post_init__()
+        check_thread_count("sft_torch_threads", self.sft_torch_threads, every_core_allowed=True)
 
 
 @contextlib.contextmanager

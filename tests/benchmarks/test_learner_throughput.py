@@ -9,6 +9,7 @@ import learner_throughput
 import pytest
 
 from gym_libero_vla.algos import GRPOConfig, SFTConfig
+from gym_libero_vla.policies import TorchThreads
 from gym_libero_vla.suites import suite_tasks
 
 
@@ -19,7 +20,8 @@ def test_instructions_are_libero_spatials():
 def test_rows_time_each_size_and_count_the_rollout(tmp_path, capsys):
     args = learner_throughput.Args(
         sizes=("recipe",), sft_steps=1, grpo_updates=1, act_queries=1, act_batch=2, rollout_queries=3, demo_steps=12,
-        num_demos=2, image_size=64, torch_threads=1, sft=SFTConfig(batch_size=4, random_shift=4, ema_decay=0.99, seed=0),
+        num_demos=2, image_size=64, threads=TorchThreads(1),
+        sft=SFTConfig(batch_size=4, random_shift=4, ema_decay=0.99, seed=0),
         grpo=GRPOConfig(minibatch_size=8, imitation_batch_size=4, seed=0), json_out=str(tmp_path / "lt.json"),
     )  # fmt: skip
     learner_throughput.main(args)
@@ -37,7 +39,7 @@ def test_rows_time_each_size_and_count_the_rollout(tmp_path, capsys):
 
 def test_phases_left_out_are_not_timed(tmp_path):
     args = learner_throughput.Args(
-        sizes=("recipe",), phases=("act",), act_queries=1, act_batch=2, image_size=64, torch_threads=1,
+        sizes=("recipe",), phases=("act",), act_queries=1, act_batch=2, image_size=64, threads=TorchThreads(1),
         json_out=str(tmp_path / "lt.json"),
     )  # fmt: skip
     (row,) = learner_throughput.main(args)["rows"]
