@@ -1,12 +1,13 @@
 """Did a change help? Two or more evaluations of the same starts, compared start by start.
 
 Each input is a report whose ``episodes`` hold one row per evaluation episode (``task_id``, ``init_state_id``,
-``success``): ``benchmarks/sft_baseline.py``'s JSON, ``python -m gym_libero_vla.evaluate``'s ``success.json``, or an
-``episodes.jsonl`` that evaluations append to (``--policy-sha`` picks one policy's rows from it). The first input is
-the baseline. On the (task, init state) starts every input has, the script prints each one's success per task (Wilson
-95% intervals) and each one's difference to the baseline with a 95% interval from the paired bootstrap over the starts
-(resampled within tasks: :func:`gym_libero_vla.evaluate.paired_difference_interval`, the interval sft_vs_grpo.py's
-targets use). Rows of several seeds of one start are averaged first.
+``success``): ``benchmarks/sft_baseline.py``'s JSON, ``python -m gym_libero_vla.evaluate``'s ``success.json``, an
+``episodes.jsonl`` that evaluations append to (``--policy-sha`` picks one policy's rows from it), or one variant of a
+``benchmarks/sft_vs_grpo.py`` report, ``report.json:grpo_offline`` (all its seeds) or ``report.json:grpo_offline:1``.
+The first input is the baseline. On the (task, init state) starts every input has, the script prints each one's
+success per task (Wilson 95% intervals) and each one's difference to the baseline with a 95% interval from the paired
+bootstrap over the starts (resampled within tasks: :func:`gym_libero_vla.evaluate.paired_difference_interval`, the
+interval sft_vs_grpo.py's targets use). Rows of several seeds of one start are averaged first.
 
     python benchmarks/compare_evaluations.py benchmarks/results/sft_vision_object.json \\
         benchmarks/results/sft_vision_object_minilm.json --names words minilm
@@ -28,9 +29,10 @@ from gym_libero_vla.evaluate import read_episode_rows, wilson_interval
 @dataclasses.dataclass
 class Args:
     reports: tyro.conf.Positional[tuple[str, ...]]
-    """Evaluation reports (JSON with "episodes", or an episodes.jsonl); the first is the baseline."""
+    """Evaluation reports (JSON with "episodes", an episodes.jsonl, or sft_vs_grpo.py's report.json:VARIANT[:SEED]);
+    the first is the baseline."""
     names: tuple[str, ...] | None = None
-    """A short name per report for the table (default: the file names)."""
+    """A short name per report for the table (default: the file names, with the variant picked from a report)."""
     policy_sha: tuple[str, ...] | None = None
     """Per report, the policy fingerprint whose rows to keep ("" keeps all; only needed for a .jsonl file that
     several policies' evaluations share)."""
@@ -40,21 +42,48 @@ class Args:
 
 def start_outcomes(path: str, policy_sha: str = "") -> dict[tuple[int, int], float]:
     """Success per (task, init state) of one report, averaged over the seeds it ran."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no evaluation report at {path}")
-    if path.endswith(".jsonl"):
-        rows = read_episode_rows(path)
-    else:
-        with open(path) as file:
-            report = json.load(file)
-        if "episodes" not in report:
-            raise ValueError(f"{path} has no 'episodes' rows: give an evaluation report (valid keys found: {sorted(report)})")
-        rows = report["episodes"]
+    rows = report_rows(path)
     if policy_sha:
         rows = [row for row in rows if row.get("policy_sha") == policy_sha]
     if not rows:
         raise ValueError(f"{path} holds no episodes" + (f" of policy {policy_sha}" if policy_sha else ""))
     return start_success([{"rows": rows}])
+
+
+def report_rows(path: str) -> list[dict]:
+    """The evaluation episodes of ``path``: an episodes.jsonl, a JSON report's "episodes", or the held-out outcomes of
+    one variant of a ``sft_vs_grpo.py`` report, ``report.json:VARIANT`` (every seed's) or ``report.json:VARIANT:SEED``.
+    The last outlives the run directories: the committed reports alone compare runs whose checkpoints are gone."""
+    file_path, selected, selector = path.partition(".json:")
+    file_path += ".json" if selected else ""
+    if not os.path.exists(file_path):
+        raise FileNotFoundError(f"no evaluation report at {file_path}")
+    if file_path.endswith(".jsonl"):
+        return read_episode_rows(file_path)
+    with open(file_path) as file:
+        report = json.load(file)
+    if "runs" in report and "episodes" not in report:  # sft_vs_grpo.py: one entry per (variant, seed)
+        return variant_rows(file_path, report["runs"], selector)
+    if selector:
+        raise ValueError(f"{file_path} is not a sft_vs_grpo.py report: give it without ':{selector}'")
+    if "episodes" not in report:
+        raise ValueError(f"{file_path} has no 'episodes' rows: give an evaluation report (valid keys found: {sorted(report)})")
+    return report["episodes"]
+
+
+def variant_rows(path: str, runs: list[dict], selector: str) -> list[dict]:
+    """The ``[task, init state, success, steps]`` outcomes of the runs ``selector`` ("VARIANT" or "VARIANT:SEED")
+    names, as evaluation rows."""
+    variant, _, seed = selector.partition(":")
+    choices = sorted({f"{run['variant']}:{run['seed']}" for run in runs})
+    chosen = [run for run in runs if run["variant"] == variant and (not seed or str(run["seed"]) == seed)]
+    if not chosen:
+        raise ValueError(f"{path} is a sft_vs_grpo.py report: give {path}:VARIANT or {path}:VARIANT:SEED, one of {choices}")
+    return [
+        {"task_id": task_id, "init_state_id": init_state_id, "seed": run["seed"], "success": bool(success), "length": steps}
+        for run in chosen
+        for task_id, init_state_id, success, steps in run["outcomes"]
+    ]
 
 
 def compare(outcomes: list[dict[tuple[int, int], float]], names: list[str]) -> dict:
@@ -106,10 +135,16 @@ def markdown(result: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def default_name(path: str) -> str:
+    """A report's name in the table: its file name without the extension, and the variant picked from it."""
+    file_name, _, selector = os.path.basename(path).partition(".json:")
+    return os.path.splitext(file_name)[0] + (f":{selector}" if selector else "")
+
+
 def main(args: Args) -> dict:
     if len(args.reports) < 2:
         raise ValueError(f"give at least two reports to compare, got {len(args.reports)}")
-    names = list(args.names or [os.path.splitext(os.path.basename(path))[0] for path in args.reports])
+    names = list(args.names or [default_name(path) for path in args.reports])
     if len(names) != len(args.reports) or len(set(names)) != len(names):
         raise ValueError(f"names {names} must be distinct, one per report ({len(args.reports)})")
     shas = list(args.policy_sha or [""] * len(args.reports))

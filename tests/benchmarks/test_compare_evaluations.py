@@ -70,3 +70,29 @@ def test_bad_input_is_named(tmp_path):
         main(Args(reports=(str(report), str(report)), names=("x", "x")))
     with pytest.raises(ValueError, match="holds no episodes of policy nope"):
         main(Args(reports=(str(report), str(report)), names=("x", "y"), policy_sha=("", "nope")))
+
+
+def test_a_variant_of_a_sft_vs_grpo_report_by_name_and_seed(tmp_path):
+    """``report.json:VARIANT[:SEED]`` reads sft_vs_grpo.py's outcomes ([task, init state, success, steps] per run), so
+    runs compare from their committed reports after their checkpoints and episode files are gone."""
+    report = tmp_path / "sft_vs_grpo.json"
+    runs = [{"variant": "sft", "seed": 0, "outcomes": [[0, 20, 0, 50], [0, 21, 1, 40]]},
+            {"variant": "grpo_offline", "seed": 0, "outcomes": [[0, 20, 1, 45], [0, 21, 1, 41]]},
+            {"variant": "grpo_offline", "seed": 1, "outcomes": [[0, 20, 0, 50], [0, 21, 1, 39]]}]  # fmt: skip
+    report.write_text(json.dumps({"runs": runs, "results": {}}))
+    result = main(Args(reports=(f"{report}:sft", f"{report}:grpo_offline", f"{report}:grpo_offline:1"),
+                       names=("sft", "both", "seed1")))  # fmt: skip
+    assert result["reports"]["sft"]["overall"]["success_rate"] == 0.5
+    assert result["reports"]["both"]["overall"]["success_rate"] == 0.75  # start 20 averaged over the seeds: 0.5
+    assert result["reports"]["both"]["delta_vs_baseline"]["overall"]["delta"] == pytest.approx(0.25)
+    assert result["reports"]["seed1"]["overall"]["success_rate"] == 0.5
+    default_names = main(Args(reports=(f"{report}:sft", f"{report}:grpo_offline:1")))["reports"]
+    assert list(default_names) == ["sft_vs_grpo:sft", "sft_vs_grpo:grpo_offline:1"]
+    with pytest.raises(ValueError, match=r"is a sft_vs_grpo.py report: give .*:VARIANT:SEED, one of \['grpo_offline:0', "):
+        main(Args(reports=(f"{report}:sft", str(report))))
+    with pytest.raises(ValueError, match=r"one of \[.*'sft:0'\]"):
+        main(Args(reports=(f"{report}:sft", f"{report}:irevla")))
+    episodes = tmp_path / "evaluation.json"
+    episodes.write_text(json.dumps({"episodes": [row(0, 20, True)]}))
+    with pytest.raises(ValueError, match=r"evaluation.json is not a sft_vs_grpo.py report: give it without ':sft'"):
+        main(Args(reports=(f"{episodes}:sft", str(episodes))))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import compare_evaluations
 import numpy as np
 import pytest
 import sft_vs_grpo
@@ -161,6 +162,13 @@ def test_worker_processes_run_the_same_episodes_as_one_process(tmp_path):
         assert report["setup"]["vectorization_mode"] == mode
     outcomes = {mode: [run["outcomes"] for run in report["runs"]] for mode, report in reports.items()}
     assert outcomes["sync"] == outcomes["async"]
+    # the committed report alone compares its runs start by start (benchmarks/compare_evaluations.py)
+    sync_report = str(tmp_path / "sync" / "report.json")
+    pick = compare_evaluations.Args(reports=(f"{sync_report}:sft", f"{sync_report}:grpo_offline"))
+    compared = compare_evaluations.main(pick)
+    tuned = compared["reports"]["report:grpo_offline"]
+    assert tuned["overall"]["success_rate"] == reports["sync"]["results"]["grpo_offline"]["overall"]["success_rate"]
+    assert tuned["delta_vs_baseline"]["overall"]["starts"] == len(reports["sync"]["runs"][0]["outcomes"])
 
 
 def test_bad_input_names_the_valid_choices(tmp_path):
