@@ -107,10 +107,9 @@ class TorchThreads:
     def __post_init__(self):
         check_thread_count("torch_threads", self.torch_threads)
 
-    def apply(self) -> int:
-        """Set this process's torch threads to ``torch_threads``; returns the count."""
+    def apply(self) -> None:
+        """Set this process's torch threads to ``torch_threads``."""
         torch.set_num_threads(self.torch_threads)
-        return self.torch_threads
 
 
 @dataclasses.dataclass
