@@ -82,7 +82,10 @@ def choose_token(logits: torch.Tensor, deterministic: bool, temperature: float =
 
 
 def every_core() -> int:
-    """This machine's CPU count (what ``torch_threads(None)`` and ``ThreadConfig`` mean by every core)."""
+    """The cores this process may run on (what ``torch_threads(None)`` and ``ThreadConfig`` mean by every core): the
+    machine's, unless its CPU affinity narrows them (``taskset``, a container's cpuset, a pinned test worker)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
 

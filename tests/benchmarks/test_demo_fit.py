@@ -14,7 +14,7 @@ import torch
 from gym_libero_vla.algos.sft import SFT, Transitions
 from gym_libero_vla.demos.generate import GenerateArgs, generate
 from gym_libero_vla.demos.libero_hdf5 import load_episodes
-from gym_libero_vla.policies import CompactVLA, CompactVLAConfig
+from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, TorchThreads
 
 Args, main = demo_fit.Args, demo_fit.main
 
@@ -36,7 +36,7 @@ def fitted(tmp_path_factory):
 
 def test_fit_per_dimension_and_permuted_inputs(fitted, tmp_path):
     checkpoint, path, episodes = fitted
-    report = main(Args(checkpoint=checkpoint, demos=(path,), json_out=str(tmp_path / "fit.json")))
+    report = main(Args(checkpoint=checkpoint, demos=(path,), threads=TorchThreads(1), json_out=str(tmp_path / "fit.json")))
     with open(tmp_path / "fit.json") as file:
         assert json.load(file)["files"] == json.loads(json.dumps(report["files"]))
     assert (tmp_path / "fit.md").read_text().startswith(f"## Demo fit of `{checkpoint}`")
@@ -65,7 +65,7 @@ def test_fit_per_dimension_and_permuted_inputs(fitted, tmp_path):
     assert fits["state"]["token_accuracy"] < fits["none"]["token_accuracy"] - 0.1
     assert fits["state"]["permuted"] == ["state"] and fits["none"]["permuted"] == []
     # The same seed draws the same other transitions.
-    again = main(Args(checkpoint=checkpoint, demos=(path,), permute=("state",)))
+    again = main(Args(checkpoint=checkpoint, demos=(path,), permute=("state",), threads=TorchThreads(1)))
     assert again["files"][0]["fits"]["state"] == fits["state"] and list(again["files"][0]["fits"]) == ["none", "state"]
 
 

@@ -30,7 +30,8 @@ Args, main, VARIANTS = sft_vs_grpo.Args, sft_vs_grpo.main, sft_vs_grpo.ISSUE_VAR
 
 
 def tiny_args(tmp_path, **overrides) -> Args:
-    """Task 0 of LIBERO-Spatial: 2 demos, 10 SFT steps of a width-32 policy, 20 env steps per variant (one group of
+    """Task 0 of LIBERO-Spatial: 2 demos (``tmp_path/demos.hdf5``: the ``expert_demos`` fixture puts a copy there, else
+    the run generates them), 10 SFT steps of a width-32 policy, 20 env steps per variant (one group of
     two 10-step episodes, side by side in a sync vector env unless ``vectorization_mode="async"``), one 10-step
     evaluation episode (held-out init state 20) per policy."""
     values = dict(
@@ -142,7 +143,7 @@ def test_runs_every_variant_then_resumes_without_redoing_work(tmp_path):
             assert [steps for steps, _ in run["curve"]["entropy"]] == [20, run["steps"]]
 
 
-def test_worker_processes_run_the_same_episodes_as_one_process(tmp_path):
+def test_worker_processes_run_the_same_episodes_as_one_process(tmp_path, expert_demos):
     """--vectorization-mode async (the default: simulators and renderers in worker processes) changes where the envs
     run, not what happens: the same rollouts, hence the same fine-tuned weights, and the same evaluation episodes."""
     reports = {}
@@ -211,7 +212,7 @@ def test_bad_input_names_the_valid_choices(tmp_path):
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
 
 
-def test_report_after_every_run_compares_each_variant_with_sft_on_its_own_seeds(tmp_path, monkeypatch):
+def test_report_after_every_run_compares_each_variant_with_sft_on_its_own_seeds(tmp_path, monkeypatch, expert_demos):
     """The report is rewritten as each fine-tuning run ends. Mid-run, a variant may lack a seed that SFT already has
     (here grpo_offline seed 1, after grpo seed 1): its Δ must then be against SFT on the same seeds."""
     written = []
@@ -250,7 +251,7 @@ def test_report_after_every_run_compares_each_variant_with_sft_on_its_own_seeds(
     assert not list((tmp_path / "results").glob("*.tmp*"))  # every report file renamed into place
 
 
-def test_offline_only_ablation_trains_without_the_policy_gradient_term(tmp_path):
+def test_offline_only_ablation_trains_without_the_policy_gradient_term(tmp_path, expert_demos):
     args = tiny_args(tmp_path, variants=("sft", "grpo_offline", "offline_only"), videos=True)
     report = main(args)
     # --videos: each policy's first successful and first failed held-out episode, next to the report and linked
@@ -282,7 +283,7 @@ def test_offline_only_ablation_trains_without_the_policy_gradient_term(tmp_path)
     assert saved["pg_coef"] == 0.0 and saved["imitation_weight_max"] == 1.0 and saved["num_timesteps"] >= 20
 
 
-def test_a_second_process_on_the_same_run_waits_for_it(tmp_path):
+def test_a_second_process_on_the_same_run_waits_for_it(tmp_path, expert_demos):
     """Two commands sharing an --output-dir must not train one run at once (interleaved checkpoints and curve): the
     second waits for the first's lock on the run directory, then trains (or reuses) alone. Here the test holds the
     lock of the grpo_offline run while a real sft_vs_grpo process gets there."""

@@ -68,7 +68,8 @@ def test_runs_end_to_end_with_tiny_budgets(tmp_path):
 
 
 def tiny_command(tmp_path, *flags: str) -> list[str]:
-    """The main job on task 0 with one demo, a width-32 policy, one group of two episodes, one evaluation episode."""
+    """The main job on task 0 (its demos at ``tmp_path/demos.hdf5``: the shared ``expert_demos``, or one generated),
+    a width-32 policy, one group of two episodes, one evaluation episode."""
     return [
         sys.executable, SCRIPT, *flags, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(tmp_path / "run"),
         "--task-ids", "0", "--episodes-per-task", "1", "--policy.hidden-size", "32", "--policy.num-heads", "2",
@@ -76,7 +77,7 @@ def tiny_command(tmp_path, *flags: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_irevla_runs_on_the_same_pipeline_with_action_chunks(tmp_path):
+def test_irevla_runs_on_the_same_pipeline_with_action_chunks(tmp_path, expert_demos):
     run = tmp_path / "run"
     command = tiny_command(
         tmp_path, "--algo", "irevla", "--sft-steps", "2", "--policy.chunk-size", "2", "--total-timesteps", "10",
@@ -178,7 +179,7 @@ def test_unavailable_device_is_refused_before_any_work(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, expert_demos):
     run = tmp_path / "run"
     command = [
         sys.executable, SCRIPT, "--demos", str(tmp_path / "demos.hdf5"), "--output-dir", str(run),
@@ -209,7 +210,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert not glob.glob(str(run / "checkpoints" / ".*"))  # no half-written checkpoint left behind
 
 
-def test_async_run_trains_and_resumes(tmp_path):
+def test_async_run_trains_and_resumes(tmp_path, expert_demos):
     run = tmp_path / "run"
     command = [
         sys.executable, SCRIPT, "--async", "--pipeline.num-workers", "1", "--demos", str(tmp_path / "demos.hdf5"),
