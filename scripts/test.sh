@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the test suite: real LIBERO simulator, state mode, tiny models; two pytest-xdist
-# workers (TEST_WORKERS), one a core, a test file each at a time (module fixtures stay shared).
+# workers (TEST_WORKERS; 0 runs the tests in this process), one a core, a test file each at a time (module fixtures
+# stay shared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

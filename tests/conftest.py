@@ -19,7 +19,8 @@ def pytest_configure(config):
     process it starts (vector envs' workers, CLI runs): two workers whose tests start simulator processes share the
     cores instead of oversubscribing them, and "every core" (SFT's threads, ``every_core``) is the worker's one."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
-    if worker and hasattr(os, "sched_setaffinity"):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and workers > 1 and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
         # Torch sized its thread pool for every core at import: two threads on one core wait on each other (a module
