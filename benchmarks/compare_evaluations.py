@@ -4,10 +4,11 @@ Each input is a report whose ``episodes`` hold one row per evaluation episode (`
 ``success``): ``benchmarks/sft_baseline.py``'s JSON, ``python -m gym_libero_vla.evaluate``'s ``success.json``, an
 ``episodes.jsonl`` that evaluations append to (``--policy-sha`` picks one policy's rows from it), or one variant of a
 ``benchmarks/sft_vs_grpo.py`` report, ``report.json:grpo_offline`` (all its seeds) or ``report.json:grpo_offline:1``.
-The first input is the baseline. On the (task, init state) starts every input has, the script prints each one's
-success per task (Wilson 95% intervals) and each one's difference to the baseline with a 95% interval from the paired
-bootstrap over the starts (resampled within tasks: :func:`gym_libero_vla.evaluate.paired_difference_interval`, the
-interval sft_vs_grpo.py's targets use). Rows of several seeds of one start are averaged first.
+The first input is the baseline. On the starts every input has (task and init state, or task and new layout of
+``python -m gym_libero_vla.evaluate --layouts N``), the script prints each one's success per task (Wilson 95%
+intervals) and each one's difference to the baseline with a 95% interval from the paired bootstrap over the starts
+(resampled within tasks: :func:`gym_libero_vla.evaluate.paired_difference_interval`, the interval sft_vs_grpo.py's
+targets use). Rows of several seeds of one start are averaged first.
 
     python benchmarks/compare_evaluations.py benchmarks/results/sft_vision_object.json \\
         benchmarks/results/sft_vision_object_minilm.json --names words minilm
@@ -40,8 +41,8 @@ class Args:
     """Also write the comparison as JSON (and Markdown next to it)."""
 
 
-def start_outcomes(path: str, policy_sha: str = "") -> dict[tuple[int, int], float]:
-    """Success per (task, init state) of one report, averaged over the seeds it ran."""
+def start_outcomes(path: str, policy_sha: str = "") -> dict[tuple[int, int, int], float]:
+    """Success per start (task, init state, layout seed) of one report, averaged over the seeds it ran."""
     rows = report_rows(path)
     if policy_sha:
         rows = [row for row in rows if row.get("policy_sha") == policy_sha]
@@ -86,13 +87,13 @@ def variant_rows(path: str, runs: list[dict], selector: str) -> list[dict]:
     ]
 
 
-def compare(outcomes: list[dict[tuple[int, int], float]], names: list[str]) -> dict:
+def compare(outcomes: list[dict[tuple[int, int, int], float]], names: list[str]) -> dict:
     """Per report: success per task and overall on the common starts; per report but the first: its paired
     difference to the first, overall and per task."""
     starts = sorted(set.intersection(*(set(each) for each in outcomes)))
     if not starts:
-        raise ValueError("the reports share no (task, init state) start: nothing to compare")
-    task_ids = sorted({task for task, _ in starts})
+        raise ValueError("the reports share no start (task, init state or layout): nothing to compare")
+    task_ids = sorted({start[0] for start in starts})
 
     def success(values: list[float]) -> dict:
         successes, episodes = float(sum(values)), len(values)

@@ -231,12 +231,14 @@ def runs_summary(runs: list[dict], task_ids, instructions: dict) -> dict:
     }  # fmt: skip
 
 
-def start_success(runs: list[dict]) -> dict[tuple[int, int], float]:
-    """Success per evaluation start (task, init state), averaged over the runs' (seeds') episodes from it."""
-    outcomes: dict[tuple[int, int], list[float]] = {}
+def start_success(runs: list[dict]) -> dict[tuple[int, int, int], float]:
+    """Success per evaluation start (task, init state, layout seed: -1 for a stored init state), averaged over the
+    runs' (seeds') episodes from it."""
+    outcomes: dict[tuple[int, int, int], list[float]] = {}
     for run in runs:
         for row in run["rows"]:
-            outcomes.setdefault((row["task_id"], row["init_state_id"]), []).append(float(row["success"]))
+            layout_seed = -1 if row.get("layout_seed") is None else row["layout_seed"]
+            outcomes.setdefault((row["task_id"], row["init_state_id"], layout_seed), []).append(float(row["success"]))
     return {start: float(np.mean(values)) for start, values in outcomes.items()}
 
 
@@ -244,7 +246,7 @@ def paired_delta(mine: dict, theirs: dict, starts) -> dict:
     """Mean of ``mine[start] - theirs[start]`` over ``starts`` (success per start, e.g. from :func:`start_success`)
     with its 95% paired-bootstrap interval, resampled within tasks."""
     differences = [mine[start] - theirs[start] for start in starts]
-    low, high = paired_difference_interval(differences, [task for task, _ in starts])
+    low, high = paired_difference_interval(differences, [start[0] for start in starts])
     return {"delta": float(np.mean(differences)), "ci95": [low, high], "starts": len(differences)}
 
 
@@ -255,7 +257,7 @@ def delta_vs(summary: dict, baseline: dict, task_ids, runs: list[dict], baseline
     the episodes were independent (too narrow when a seed barely changes a greedy episode, as on these suites)."""
     mine, theirs = start_success(runs), start_success(baseline_runs)
     if set(mine) != set(theirs):
-        raise ValueError("a variant and its baseline must be evaluated on the same (task, init state) starts")
+        raise ValueError("a variant and its baseline must be evaluated on the same starts (task, init state or layout)")
     starts = sorted(mine)
 
     def delta(entry, base, task_id=None):

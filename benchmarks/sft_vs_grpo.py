@@ -83,6 +83,8 @@ from gym_libero_vla.evaluate import (
     evaluate_policy,
     read_episode_rows,
     recorded_episodes,
+    row_key,
+    start_key,
 )
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, ThreadConfig, load_policy, resolve_device, torch_threads
 from gym_libero_vla.rollouts import Start, held_in_init_states
@@ -410,7 +412,7 @@ def evaluate(path: str, suite, starts, max_episode_steps: int, directory: str, a
     episodes_path = os.path.join(directory, "episodes.jsonl")
     if not run:
         done = recorded_episodes(episodes_path, behaviour_fingerprint(policy), max_episode_steps)
-        keys = [(start.task_id, start.init_state_id, start.seed) for start in starts]
+        keys = [start_key(start) for start in starts]
         return ([done[key] for key in keys], 0) if all(key in done for key in keys) else (None, 0)
     results = evaluate_policy(policy, suite.env_id, starts=starts, max_episode_steps=max_episode_steps, progress=args.progress,
                               num_envs=eval_num_envs(args), episodes_path=episodes_path,
@@ -449,8 +451,8 @@ def record_videos(path: str, name: str, rows: list[dict], suite, max_episode_ste
 
 
 def success_on(rows: list[dict], starts) -> float:
-    wanted = {(start.task_id, start.init_state_id, start.seed) for start in starts}
-    return float(np.mean([row["success"] for row in rows if (row["task_id"], row["init_state_id"], row["seed"]) in wanted]))
+    wanted = {start_key(start) for start in starts}
+    return float(np.mean([row["success"] for row in rows if row_key(row) in wanted]))
 
 
 def run_record(variant: str, seed: int, trained: dict, rows: list[dict], run_now: int, curve_starts, sft_curve_rate: float):

@@ -5,7 +5,9 @@
 
 Every (task, init state, seed) triple is one deterministic episode (greedy action tokens, OpenVLA's
 decoding) from the env's ``reset(seed=seed, options={"task_id", "init_state_id"})``, so two evaluations of
-the same checkpoint on the same triples agree. The env is made to give exactly what the policy reads
+the same checkpoint on the same triples agree. ``--layouts N`` starts from N new layouts per task instead (LIBERO's
+own placement sampler, reset option ``layout_seed``; :data:`EVAL_LAYOUT_SEEDS_FROM`): how a policy does beyond the 50
+scenes LIBERO stores per task. The env is made to give exactly what the policy reads
 (``policy.observation_keys``): cameras and image size for a vision policy, ``privileged_state=True`` for
 one that reads "object_state". Writes ``success.md`` (the Markdown table, also printed), ``success.json``
 (per-task and per-episode results), ``success.png`` (a bar plot) and ``videos/*.mp4`` (the first
@@ -31,6 +33,7 @@ import tyro
 from tqdm import tqdm
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
+from gym_libero_vla.episode import SAMPLED_INIT_STATE
 from gym_libero_vla.policies.base import TorchThreads, VLAPolicy, load_policy, weights_fingerprint
 from gym_libero_vla.rollouts import Rollout, Start, run_episodes
 from gym_libero_vla.run_lock import exclusive
@@ -39,6 +42,10 @@ from gym_libero_vla.suites import resolve_init_state_ids, resolve_suite, resolve
 CAMERA_KEYS = ("agentview", "wrist")
 VECTORIZATION_MODES = ("sync", "async")
 VIDEO_FPS = 20
+EVAL_LAYOUT_SEEDS_FROM = 2**31
+"""New-layout evaluations start from layout seeds 2^31, 2^31 + 1, ...: GRPO draws its groups' new layouts below 2^31
+(:func:`gym_libero_vla.rollouts.draw_start`) and demos derive theirs from ``--seed`` * 1,000,003 + task * 1000 +
+index, so no training layout is an evaluation layout."""
 
 
 @dataclasses.dataclass
@@ -86,6 +93,9 @@ class EvalArgs:
     """Tasks to evaluate (default: every task of the suite)."""
     init_states: tuple[int, ...] | None = None
     """Explicit init state ids (overrides --eval-init-state-start / --eval-num-init-states)."""
+    layouts: int = 0
+    """Start from this many new layouts per task instead of stored init states (LIBERO's placement sampler; layout
+    seeds from 2^31, which no demo or GRPO group uses); 0: the stored init states."""
     eval: Annotated[EvalRange, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=EvalRange)
     """The init states of every task: --eval-init-state-start, --eval-num-init-states."""
     seeds: tuple[int, ...] = (0,)
@@ -169,8 +179,10 @@ def evaluate_policy(
     starts: Sequence[Start] | None = None,
     episodes_path: str | None = None,
     vectorization_mode: str = "sync",
+    layouts: int = 0,
 ) -> dict:
-    """Success of ``policy`` on every (task, init state, seed) of ``env_id`` (or on ``starts``, when given); one
+    """Success of ``policy`` on every (task, init state, seed) of ``env_id`` (on every (task, new layout, seed) with
+    ``layouts`` > 0: :func:`layout_starts`; or on ``starts``, when given); one
     episode each, ``num_envs`` envs side by side with one batched policy call per step
     (:func:`gym_libero_vla.rollouts.run_episodes`): in this process (``vectorization_mode="sync"``) or each in a
     worker process of ``gym.make_vec`` (``"async"``: the simulators step at the same time, one core each). The
@@ -185,24 +197,31 @@ def evaluate_policy(
     Returns ``{"env_id", "task_ids", "init_state_ids", "seeds", "max_episode_steps", "deterministic", "success_rate"
     (over all episodes), "per_task": {task_id: {"instruction", "successes", "episodes", "success_rate"}}, "episodes":
     [{"task_id", "init_state_id", "seed", "success", "length", "seconds"}] in the order of the starts, "videos":
-    [paths], "run_now" (episodes run by this call), "seconds"}``.
+    [paths], "run_now" (episodes run by this call), "seconds"}``; with new layouts also "layout_seeds", and each of
+    their episodes has its "layout_seed" (its "init_state_id" is ``SAMPLED_INIT_STATE``).
     """
     suite = resolve_suite(env_id)
     tasks = suite_tasks(suite.libero_name)
     if starts is None:
         task_ids = resolve_task_ids(suite.env_id, task_ids)
-        init_state_ids = resolve_init_state_ids(suite.env_id, task_ids, init_state_ids)
         seeds = tuple(int(seed) for seed in seeds)
         if not seeds:
             raise ValueError("seeds is empty: give at least one seed")
-        starts = [Start(t, i, s) for t in task_ids for i in init_state_ids for s in seeds]
-    else:
-        starts = [Start(int(s.task_id), int(s.init_state_id), None if s.seed is None else int(s.seed)) for s in starts]
-        if not starts:
-            raise ValueError("starts is empty: give at least one start")
-        task_ids = tuple(dict.fromkeys(start.task_id for start in starts))
-        init_state_ids = tuple(sorted({start.init_state_id for start in starts}))
-        seeds = tuple(sorted({start.seed for start in starts if start.seed is not None}))
+        if layouts:
+            starts = layout_starts(task_ids, layouts, seeds)
+        else:
+            init_state_ids = resolve_init_state_ids(suite.env_id, task_ids, init_state_ids)
+            starts = [Start(t, i, s) for t in task_ids for i in init_state_ids for s in seeds]
+    elif layouts:
+        raise ValueError(f"layouts {layouts!r} and starts exclude each other: give the new layouts' starts in starts")
+    if not starts:
+        raise ValueError("starts is empty: give at least one start")
+    starts = [Start(int(s.task_id), int(s.init_state_id), None if s.seed is None else int(s.seed),
+                    None if s.layout_seed is None else int(s.layout_seed)) for s in starts]  # fmt: skip
+    task_ids = tuple(dict.fromkeys(start.task_id for start in starts))
+    init_state_ids = tuple(sorted({start.init_state_id for start in starts}))
+    seeds = tuple(sorted({start.seed for start in starts if start.seed is not None}))
+    layout_seeds = tuple(dict.fromkeys(start.layout_seed for start in starts if start.layout_seed is not None))
     if video_episodes > 0 and video_dir is None:
         raise ValueError(f"video_episodes {video_episodes} needs a video_dir")
     if vectorization_mode not in VECTORIZATION_MODES:
@@ -220,13 +239,13 @@ def evaluate_policy(
     with lock:
         fingerprint = behaviour_fingerprint(policy) if episodes_path else None
         done = recorded_episodes(episodes_path, fingerprint, max_steps) if episodes_path else {}
-        todo = [start for start in starts if (start.task_id, start.init_state_id, start.seed) not in done]
+        todo = [start for start in starts if start_key(start) not in done]
         rows, videos = _run(policy, suite.env_id, task_ids, todo, env_kwargs, num_envs, deterministic, temperature,
                             video_episodes, video_dir, progress, episodes_path, fingerprint, max_steps,
                             vectorization_mode)  # fmt: skip
     policy.train(was_training)
-    done.update({(row["task_id"], row["init_state_id"], row["seed"]): row for row in rows})
-    episodes = [done[(start.task_id, start.init_state_id, start.seed)] for start in starts]
+    done.update({row_key(row): row for row in rows})
+    episodes = [done[start_key(start)] for start in starts]
     per_task = {}
     for task_id in task_ids:
         outcomes = [episode["success"] for episode in episodes if episode["task_id"] == task_id]
@@ -240,6 +259,7 @@ def evaluate_policy(
         "env_id": suite.env_id,
         "task_ids": list(task_ids),
         "init_state_ids": list(init_state_ids),
+        **({"layout_seeds": list(layout_seeds)} if layout_seeds else {}),
         "seeds": list(seeds),
         "max_episode_steps": max_steps,
         "deterministic": deterministic,
@@ -266,6 +286,7 @@ def _run(policy, env_id, task_ids, starts, env_kwargs, num_envs, deterministic, 
     def finish(start: Start, rollout: Rollout, envs_used: int) -> None:
         episode = rollout.episode
         row = {"task_id": start.task_id, "init_state_id": start.init_state_id, "seed": start.seed,
+               **({"layout_seed": start.layout_seed} if start.layout_seed is not None else {}),
                "success": episode.success, "length": episode.num_env_steps, "seconds": rollout.seconds}  # fmt: skip
         rows.append(row)
         if file is not None:
@@ -351,11 +372,30 @@ def drop_rows_after(path: str, num_timesteps: int) -> int:
     return len(rows) - len(kept)
 
 
+def layout_starts(task_ids: Sequence[int], num_layouts: int, seeds: Sequence[int] = (0,)) -> list[Start]:
+    """``num_layouts`` new layouts of every task (layout seeds :data:`EVAL_LAYOUT_SEEDS_FROM` + 0, 1, ...: the same
+    seeds for every task, whose scenes differ), each run once per seed."""
+    if not (isinstance(num_layouts, (int, np.integer)) and not isinstance(num_layouts, bool) and num_layouts >= 1):
+        raise ValueError(f"layouts {num_layouts!r} must be an int >= 1 (new layouts per task)")
+    return [Start(int(task_id), SAMPLED_INIT_STATE, int(seed), layout_seed=EVAL_LAYOUT_SEEDS_FROM + index)
+            for task_id in task_ids for index in range(num_layouts) for seed in seeds]  # fmt: skip
+
+
+def start_key(start: Start) -> tuple:
+    """What identifies an evaluation episode: (task, init state, seed, layout seed or None)."""
+    return (start.task_id, start.init_state_id, start.seed, start.layout_seed)
+
+
+def row_key(row: dict) -> tuple:
+    """:func:`start_key` of an episode row (rows of stored init states carry no "layout_seed")."""
+    return (row["task_id"], row["init_state_id"], row["seed"], row.get("layout_seed"))
+
+
 def recorded_episodes(path: str, fingerprint: str, max_steps: int) -> dict[tuple, dict]:
-    """The rows of ``path`` run by the weights of ``fingerprint`` with this step limit, by (task, init state, seed)."""
-    keep = ("task_id", "init_state_id", "seed", "success", "length", "seconds")
+    """The rows of ``path`` run by the weights of ``fingerprint`` with this step limit, by :func:`row_key`."""
+    keep = ("task_id", "init_state_id", "seed", "layout_seed", "success", "length", "seconds")
     return {
-        (row["task_id"], row["init_state_id"], row["seed"]): {key: row[key] for key in keep}
+        row_key(row): {key: row[key] for key in keep if key in row}
         for row in read_episode_rows(path)
         if row.get("policy_sha") == fingerprint and row.get("max_episode_steps") == max_steps
     }
@@ -415,7 +455,8 @@ def _write_video(frames, video_dir: str, start: Start, success: bool) -> str:
 
     os.makedirs(video_dir, exist_ok=True)
     outcome = "success" if success else "failure"
-    name = f"task{start.task_id:02d}_init{start.init_state_id:03d}_seed{start.seed}_{outcome}.mp4"
+    where = f"init{start.init_state_id:03d}" if start.layout_seed is None else f"layout{start.layout_seed}"
+    name = f"task{start.task_id:02d}_{where}_seed{start.seed}_{outcome}.mp4"
     path = os.path.join(video_dir, name)
     # macro_block_size=1: keep the frame size as is (256 is a multiple of 16 anyway, smaller test frames may not be).
     imageio.mimwrite(path, [np.asarray(frame) for frame in frames], fps=VIDEO_FPS, macro_block_size=1)
@@ -484,9 +525,14 @@ def paired_difference_interval(
 
 def success_table(results: dict) -> str:
     """The per-task results as a Markdown table, with an "all" row."""
+    if results.get("layout_seeds"):
+        layouts = results["layout_seeds"]
+        where = f"{len(layouts)} new layouts per task (layout seeds {_id_ranges(layouts)})"
+    else:
+        where = f"init states {_id_ranges(results['init_state_ids'])}"
     lines = [
-        f"Success on {results['env_id']}: init states {_id_ranges(results['init_state_ids'])}, seeds "
-        f"{_id_ranges(results['seeds'])}, at most {results['max_episode_steps']} steps per episode",
+        f"Success on {results['env_id']}: {where}, seeds {_id_ranges(results['seeds'])}, at most "
+        f"{results['max_episode_steps']} steps per episode",
         "",
         "| task | instruction | successes | success rate |",
         "|---:|:---|---:|---:|",
@@ -546,7 +592,13 @@ def write_report(results: dict, out_dir: str, title: str | None = None) -> str:
 def main(args: EvalArgs) -> dict:
     args.threads.apply()
     suite = resolve_suite(args.suite)  # a clear error for an unknown suite, before loading anything
-    if args.init_states is not None:
+    if args.layouts and args.init_states is not None:
+        raise ValueError("--layouts starts from new layouts, --init-states from stored ones: give one of them")
+    if args.layouts < 0:
+        raise ValueError(f"layouts {args.layouts} must be >= 0: N new layouts per task, or 0 for the stored init states")
+    if args.layouts:
+        init_state_ids = ()
+    elif args.init_states is not None:
         init_state_ids = args.init_states
     else:
         init_state_ids = args.eval.init_state_ids(suite.env_id, args.task_ids)
@@ -561,7 +613,7 @@ def main(args: EvalArgs) -> dict:
         max_episode_steps=args.max_episode_steps, deterministic=args.deterministic,
         video_episodes=args.video_episodes, video_dir=os.path.join(args.out_dir, "videos"), progress=args.progress,
         num_envs=args.num_envs, vectorization_mode=args.vectorization_mode,
-        episodes_path=os.path.join(args.out_dir, "episodes.jsonl") if args.resume else None,
+        episodes_path=os.path.join(args.out_dir, "episodes.jsonl") if args.resume else None, layouts=args.layouts,
     )  # fmt: skip
     results["checkpoint"] = os.fspath(args.checkpoint)
     results["execute_steps"] = policy.execute_steps

@@ -20,6 +20,7 @@ from gym_libero_vla.evaluate import (
     difference_interval,
     env_kwargs_for_policy,
     evaluate_policy,
+    layout_starts,
     main,
     make_eval_envs,
     paired_difference_interval,
@@ -197,6 +198,41 @@ def test_evaluation_resumes_from_its_episodes_file(tmp_path):
                            episodes_path=path)["run_now"] == 2  # fmt: skip
     with pytest.raises(ValueError, match="deterministic evaluations only"):
         evaluate_policy(policy, "LiberoSpatial-v0", (0,), (20,), deterministic=False, episodes_path=path)
+
+
+def test_new_layouts_are_evaluated_resumed_and_kept_apart_from_stored_starts(checkpoint, tmp_path):
+    """--layouts N starts every task from N new layouts (LIBERO's sampler, seeds from 2^31: none a demo or GRPO group
+    uses); their episodes carry the layout seed, resume by it, and never stand in for a stored init state's."""
+    out_dir = tmp_path / "eval"
+    run = dict(checkpoint=checkpoint, suite="spatial", task_ids=(0,), max_episode_steps=4, out_dir=str(out_dir),
+               progress=False, resume=True)  # fmt: skip
+    first = main(EvalArgs(**run, layouts=2, video_episodes=1))
+    assert [(e["init_state_id"], e["layout_seed"]) for e in first["episodes"]] == [(-2, 2**31), (-2, 2**31 + 1)]
+    assert first["layout_seeds"] == [2**31, 2**31 + 1] and first["run_now"] == 2
+    table = (out_dir / "success.md").read_text()
+    assert table.startswith("Success on LiberoSpatial-v0: 2 new layouts per task (layout seeds 2147483648, 2147483649)")
+    [video] = first["videos"]
+    assert os.path.basename(video).startswith("task00_layout2147483648_seed0_")
+    more = main(EvalArgs(**run, layouts=3, video_episodes=0))
+    assert more["run_now"] == 1 and more["episodes"][:2] == first["episodes"]  # only the third layout ran
+    stored = main(EvalArgs(**run, init_states=(20,), video_episodes=0))
+    assert stored["run_now"] == 1 and "layout_seed" not in stored["episodes"][0] and "layout_seeds" not in stored
+    rows = read_episode_rows(str(out_dir / "episodes.jsonl"))
+    assert [row.get("layout_seed") for row in rows] == [2**31, 2**31 + 1, 2**31 + 2, None]
+    starts = layout_starts((0, 3), 2, seeds=(0, 1))
+    assert [(s.task_id, s.layout_seed - 2**31, s.seed) for s in starts] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (3, 0, 0), (3, 0, 1), (3, 1, 0), (3, 1, 1)
+    ]  # fmt: skip
+    assert starts[0].options == {"task_id": 0, "layout_seed": 2**31}
+    with pytest.raises(ValueError, match="layouts -1 must be >= 0: N new layouts per task, or 0 for the stored"):
+        main(EvalArgs(**run, layouts=-1))
+    with pytest.raises(ValueError, match="--layouts starts from new layouts, --init-states from stored ones: give one"):
+        main(EvalArgs(**run, layouts=1, init_states=(20,)))
+    with pytest.raises(ValueError, match="layouts 0 must be an int >= 1"):
+        layout_starts((0,), 0)
+    with pytest.raises(ValueError, match="layouts 2 and starts exclude each other"):
+        evaluate_policy(tiny_policy(object_state_dim=70), "LiberoSpatial-v0", starts=starts, layouts=2)
+    assert len(read_episode_rows(str(out_dir / "episodes.jsonl"))) == 4  # refused before any episode
 
 
 def test_a_receding_horizon_is_evaluated_as_another_behaviour(tmp_path):

@@ -51,6 +51,23 @@ def test_paired_differences_on_the_common_starts(tmp_path):
     assert "| all | 0.62 | 0.75 | 0.00 | +0.12 [" in text and "new − base" in text
 
 
+def test_new_layouts_pair_by_layout_and_never_with_stored_starts(tmp_path):
+    """Episodes from new layouts (``evaluate --layouts``: init state -2, a layout seed each) pair layout by layout;
+    an evaluation of stored init states shares no start with them."""
+    layouts = [row(0, -2, success, layout_seed=2**31 + index) for index, success in enumerate((True, False, True))]
+    before, after, stored = tmp_path / "before.json", tmp_path / "after.json", tmp_path / "stored.json"
+    before.write_text(json.dumps({"episodes": layouts}))
+    second_seed = {**layouts[1], "seed": 1, "success": True}  # layout 1 under two seeds: averaged to 0.5
+    after.write_text(json.dumps({"episodes": [{**layouts[0], "success": False}, *layouts[1:], second_seed]}))
+    stored.write_text(json.dumps({"episodes": [row(0, 20, True)]}))
+    result = main(Args(reports=(str(before), str(after))))
+    assert result["starts"] == 3  # three layouts, not one start (all three have init state -2)
+    assert result["reports"]["after"]["overall"]["success_rate"] == pytest.approx((0 + 0.5 + 1) / 3)
+    assert result["reports"]["after"]["delta_vs_baseline"]["overall"]["delta"] == pytest.approx((-1 + 0.5 + 0) / 3)
+    with pytest.raises(ValueError, match=r"the reports share no start \(task, init state or layout\)"):
+        main(Args(reports=(str(stored), str(before))))
+
+
 def test_bad_input_is_named(tmp_path):
     report = tmp_path / "a.json"
     report.write_text(json.dumps({"episodes": [row(0, 20, True)]}))
@@ -58,7 +75,7 @@ def test_bad_input_is_named(tmp_path):
     other.write_text(json.dumps({"episodes": [row(0, 21, True)]}))
     with pytest.raises(ValueError, match="give at least two reports to compare, got 1"):
         main(Args(reports=(str(report),)))
-    with pytest.raises(ValueError, match="the reports share no .task, init state. start"):
+    with pytest.raises(ValueError, match=r"the reports share no start \(task, init state or layout\)"):
         main(Args(reports=(str(report), str(other))))
     with pytest.raises(FileNotFoundError, match="no evaluation report at .*missing.json"):
         main(Args(reports=(str(report), str(tmp_path / "missing.json"))))
