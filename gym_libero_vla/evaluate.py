@@ -35,17 +35,17 @@ from tqdm import tqdm
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
 from gym_libero_vla.policies.base import TorchThreads, VLAPolicy, load_policy, weights_fingerprint
-from gym_libero_vla.rollouts import Rollout, Start, run_episodes
+from gym_libero_vla.rollouts import TRAINING_LAYOUT_SEEDS, Rollout, Start, run_episodes
 from gym_libero_vla.run_lock import exclusive
 from gym_libero_vla.suites import resolve_init_state_ids, resolve_suite, resolve_task_ids, suite_tasks
 
 CAMERA_KEYS = ("agentview", "wrist")
 VECTORIZATION_MODES = ("sync", "async")
 VIDEO_FPS = 20
-EVAL_LAYOUT_SEEDS_FROM = 2**31
-"""New-layout evaluations start from layout seeds 2^31, 2^31 + 1, ...: GRPO draws its groups' new layouts below 2^31
-(:func:`gym_libero_vla.rollouts.draw_start`) and demos derive theirs from ``--seed`` * 1,000,003 + task * 1000 +
-index, so no training layout is an evaluation layout."""
+EVAL_LAYOUT_SEEDS_FROM = TRAINING_LAYOUT_SEEDS
+"""New-layout evaluations start from layout seeds 2^31, 2^31 + 1, ...: GRPO draws its groups' new layouts below it
+(:data:`gym_libero_vla.rollouts.TRAINING_LAYOUT_SEEDS`) and demos derive theirs from ``--seed`` * 1,000,003 + task *
+1000 + index, so no training layout is an evaluation layout."""
 
 
 @dataclasses.dataclass

@@ -43,6 +43,9 @@ from gym_libero_vla.episode import SAMPLED_INIT_STATE, Episode
 from gym_libero_vla.policies.base import stack_observations
 
 INIT_STATES = ("suite", "sampled")
+TRAINING_LAYOUT_SEEDS = 2**31
+"""Training draws its new layouts' seeds below this (GRPO's groups, :func:`draw_start`); evaluations on new layouts
+start at it (:data:`gym_libero_vla.evaluate.EVAL_LAYOUT_SEEDS_FROM`), so no training layout is an evaluation layout."""
 
 
 def held_in_init_states(init_states: str, demo_init_state_end: int) -> tuple[int, ...] | None:
@@ -89,7 +92,7 @@ def draw_start(
         raise ValueError(f"unknown init_states {init_states!r}: valid {INIT_STATES}")
     task_id = int(task_ids[_draw_index(rng, len(task_ids), task_weights)])
     if init_states == "sampled":
-        return Start(task_id, SAMPLED_INIT_STATE, layout_seed=int(rng.integers(2**31)))
+        return Start(task_id, SAMPLED_INIT_STATE, layout_seed=int(rng.integers(TRAINING_LAYOUT_SEEDS)))
     if state_weights is None and init_state_ids is None:
         return Start(task_id, int(rng.integers(num_init_states(task_id))))
     candidates = list(init_state_ids) if init_state_ids is not None else list(range(num_init_states(task_id)))
