@@ -58,6 +58,11 @@ NUM_SETTLE_STEPS = 10  # OpenVLA's LIBERO evaluation waits 10 steps for objects 
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # no motion, gripper open.
 RESET_OPTIONS = ("task_id", "init_state_id", "init_state", "layout_seed")
 MAX_LAYOUT_DRAWS = 20  # draws of a new layout (reset option "layout_seed") while a premise of the BDDL :init fails
+# Gaussian noise (radians) on the robot's joints at a new layout's start: robosuite's "default" initialization noise,
+# which LIBERO drew its stored init states with (their joint angles spread 0.019-0.022 rad about the Panda's nominal
+# pose on every joint of all four suites) and which LIBERO's evaluation env turns off (the robot then starts from one
+# pose on every layout).
+ROBOT_INIT_NOISE = 0.02
 
 
 def _quat2axisangle(quat: np.ndarray) -> np.ndarray:
@@ -142,7 +147,8 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
     ``options={"task_id": i, "init_state": state}`` starts from an arbitrary flattened MuJoCo state
     (demo replay); ``info["init_state_id"]`` is then -1. ``options={"task_id": i, "layout_seed": k}`` starts from a
     new layout, none of the suite's stored ones: LIBERO's placement sampler draws it from ``k``
-    (:meth:`sample_init_state`), redrawn while a premise of the task's BDDL ``:init`` fails after the settle steps
+    (:meth:`sample_init_state`, the robot's joints spread by :data:`ROBOT_INIT_NOISE` as in the stored starts),
+    redrawn while a premise of the task's BDDL ``:init`` fails after the settle steps
     (a bowl that must rest on the ramekin); the same ``k`` and seed give the same scene, and
     ``info["init_state_id"]`` is ``SAMPLED_INIT_STATE`` (-2).
 
@@ -261,16 +267,20 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
     def num_init_states(self, task_id: int) -> int:
         return len(task_init_states(self.suite, task_id))
 
-    def sample_init_state(self, task_id: int, seed: int) -> np.ndarray:
+    def sample_init_state(self, task_id: int, seed: int, robot_noise: float = ROBOT_INIT_NOISE) -> np.ndarray:
         """A new start of task ``task_id``: the flattened MuJoCo state after LIBERO's own reset, which places every
-        object by the task's placement sampler (the regions of its BDDL file), as LIBERO drew the suite's stored init
-        states. The same ``seed`` gives the same state; it is none of the stored ones. Start an episode from it with
+        object by the task's placement sampler (the regions of its BDDL file), with the robot's joints off its nominal
+        pose by Gaussian noise of ``robot_noise`` radians, as LIBERO drew the suite's stored init states (0 starts the
+        robot at the nominal pose; the objects' placement does not depend on it). The same ``seed`` gives the same
+        state; it is none of the stored ones. Start an episode from it with
         ``reset(options={"task_id": task_id, "init_state": state})`` (objects settle there); whether the BDDL premises
         hold after settling is :func:`gym_libero_vla.fidelity.init_predicates`' to check. The env's current episode
         (if of the same task) ends: reset before stepping again."""
         if not (isinstance(task_id, (int, np.integer)) and int(task_id) in self.task_ids):
             raise ValueError(f"unknown task_id {task_id!r} for {self.suite_spec.env_id}: valid {self._task_id_choices()}")
         task_id = int(task_id)
+        if not robot_noise >= 0:
+            raise ValueError(f"robot_noise {robot_noise!r} must be >= 0 (radians of noise on the robot's joints)")
         sim = self._simulator(task_id)
         if sim is self._sim:
             self._sim = None  # its episode's state is gone
@@ -290,7 +300,14 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             domain.sim.model.body_quat[body_id] = quat
         with _global_numpy_seed(int(seed)):  # the samplers draw from the global numpy RNG
             sim.reset()
-        return np.array(sim.get_sim_state(), dtype=np.float64)
+        state = np.array(sim.get_sim_state(), dtype=np.float64)
+        # The robot's joints as LIBERO's stored starts have them (ROBOT_INIT_NOISE), drawn from a stream of their own so
+        # the objects' placement of a seed does not depend on it. The flattened state is [time, qpos, qvel, ...].
+        rng = np.random.default_rng([int(seed), 1])
+        for robot in domain.robots:
+            joints = 1 + np.asarray(robot._ref_joint_pos_indexes)
+            state[joints] += rng.normal(0.0, robot_noise, size=len(joints))
+        return state
 
     def _simulator(self, task_id: int):
         if task_id in self._simulators:

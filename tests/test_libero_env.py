@@ -252,3 +252,32 @@ def test_state_mode_prints_nothing():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
+
+
+def test_new_layouts_start_the_robot_spread_as_the_stored_starts_are(spatial_env):
+    """LIBERO drew its stored init states with robosuite's default joint noise (0.02 rad) while its evaluation env,
+    which new layouts come from, starts the robot at one pose: sample_init_state puts the noise back, on a stream of
+    its own (the objects of a seed are where they are without it)."""
+    from gym_libero_vla.libero_env import ROBOT_INIT_NOISE
+
+    env = spatial_env.unwrapped
+    robot = env._simulator(0).env.robots[0]
+    joints = 1 + np.asarray(robot._ref_joint_pos_indexes)
+    nominal = np.asarray(robot.init_qpos)
+
+    def spread(states) -> np.ndarray:
+        return np.std([state[joints] - nominal for state in states], axis=0)
+
+    stored = spread(task_init_states("libero_spatial", 0))
+    noisy = [env.sample_init_state(0, seed) for seed in range(30)]
+    still = [env.sample_init_state(0, seed, robot_noise=0.0) for seed in range(30)]
+    assert np.all((stored > 0.014) & (stored < 0.028)) and ROBOT_INIT_NOISE == 0.02
+    assert np.all((spread(noisy) > 0.011) & (spread(noisy) < 0.03))
+    np.testing.assert_allclose([state[joints] for state in still], np.tile(nominal, (30, 1)), atol=1e-9)
+    others = np.ones(len(noisy[0]), dtype=bool)
+    others[joints] = False
+    for with_noise, without in zip(noisy, still):
+        np.testing.assert_array_equal(with_noise[others], without[others])
+    np.testing.assert_array_equal(noisy[3], env.sample_init_state(0, 3))
+    with pytest.raises(ValueError, match="robot_noise -0.1 must be >= 0"):
+        env.sample_init_state(0, 0, robot_noise=-0.1)
