@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import gym_libero_vla  # noqa: F401  (registers the env ids)
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
-from gym_libero_vla.libero_env import ROBOT_INIT_NOISE
+from gym_libero_vla.libero_env import LAYOUT_VERSION
 from gym_libero_vla.policies.base import TorchThreads, VLAPolicy, load_policy, weights_fingerprint
 from gym_libero_vla.rollouts import TRAINING_LAYOUT_SEEDS, Rollout, Start, run_episodes
 from gym_libero_vla.run_lock import exclusive
@@ -292,7 +292,7 @@ def _run(policy, env_id, task_ids, starts, env_kwargs, num_envs, deterministic, 
         rows.append(row)
         if file is not None:
             record = {**row, "policy_sha": fingerprint, "max_episode_steps": max_steps, "num_envs": envs_used,
-                      **({"robot_init_noise": ROBOT_INIT_NOISE} if start.layout_seed is not None else {})}  # fmt: skip
+                      **({"layout_version": LAYOUT_VERSION} if start.layout_seed is not None else {})}  # fmt: skip
             file.write(json.dumps(record) + "\n")
             file.flush()
             os.fsync(file.fileno())
@@ -401,9 +401,9 @@ def recorded_episodes(path: str, fingerprint: str, max_steps: int) -> dict[tuple
         for row in read_episode_rows(path)
         if row.get("policy_sha") == fingerprint
         and row.get("max_episode_steps") == max_steps
-        # A new layout's robot start changed with ROBOT_INIT_NOISE (rows written before it carry none: the robot at
-        # its nominal pose): such an episode started elsewhere and is run again.
-        and ("layout_seed" not in row or row.get("robot_init_noise", 0.0) == ROBOT_INIT_NOISE)
+        # A new layout drawn another way (LAYOUT_VERSION; rows written before it carry none: version 1) started
+        # elsewhere: it is run again.
+        and ("layout_seed" not in row or row.get("layout_version", 1) == LAYOUT_VERSION)
     }
 
 

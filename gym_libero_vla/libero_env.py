@@ -63,6 +63,10 @@ MAX_LAYOUT_DRAWS = 20  # draws of a new layout (reset option "layout_seed") whil
 # pose on every joint of all four suites) and which LIBERO's evaluation env turns off (the robot then starts from one
 # pose on every layout).
 ROBOT_INIT_NOISE = 0.02
+# How new layouts are drawn, recorded with what starts from them (evaluation rows, demo files) so that nothing drawn
+# another way is taken for the same start: 1 drew the objects from the layout seed alone (the same draws for every task)
+# with the robot at its nominal pose; 2 draws from the layout seed and the task, the robot spread by ROBOT_INIT_NOISE.
+LAYOUT_VERSION = 2
 
 
 def _quat2axisangle(quat: np.ndarray) -> np.ndarray:
@@ -425,7 +429,8 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
     def _start_new_layout(self, sim, task_id: int, layout_seed: int, fixture_seed: int):
         """:meth:`_start` from a layout drawn from ``layout_seed`` (and redrawn while a premise fails)."""
         for draw in range(MAX_LAYOUT_DRAWS):
-            draw_seed = int(np.random.SeedSequence([layout_seed, draw]).generate_state(1)[0])
+            # The task too: one layout seed gives each task draws of its own, as LIBERO's stored starts are.
+            draw_seed = int(np.random.SeedSequence([layout_seed, task_id, draw]).generate_state(1)[0])
             raw_obs = self._start(sim, self.sample_init_state(task_id, draw_seed), fixture_seed)
             if all(check.holds for check in init_predicates(self) if check.is_premise):
                 return raw_obs

@@ -27,7 +27,7 @@ from gym_libero_vla.evaluate import (
     read_episode_rows,
     wilson_interval,
 )
-from gym_libero_vla.libero_env import ROBOT_INIT_NOISE
+from gym_libero_vla.libero_env import LAYOUT_VERSION
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
 from gym_libero_vla.policies.base import weights_fingerprint
 from gym_libero_vla.rollouts import Start, run_episodes
@@ -220,10 +220,10 @@ def test_new_layouts_are_evaluated_resumed_and_kept_apart_from_stored_starts(che
     assert stored["run_now"] == 1 and "layout_seed" not in stored["episodes"][0] and "layout_seeds" not in stored
     rows = read_episode_rows(str(out_dir / "episodes.jsonl"))
     assert [row.get("layout_seed") for row in rows] == [2**31, 2**31 + 1, 2**31 + 2, None]
-    assert [row.get("robot_init_noise") for row in rows] == [ROBOT_INIT_NOISE] * 3 + [None]
-    # A layout episode recorded before new layouts spread the robot's start (no robot_init_noise) began elsewhere.
+    assert [row.get("layout_version") for row in rows] == [LAYOUT_VERSION] * 3 + [None] and LAYOUT_VERSION == 2
+    # A layout episode recorded before layouts were drawn this way (no layout_version: version 1) began elsewhere.
     with open(out_dir / "episodes.jsonl", "a") as file:
-        file.write(json.dumps({**{k: v for k, v in rows[0].items() if k != "robot_init_noise"}, "layout_seed": 2**31 + 3}))
+        file.write(json.dumps({**{k: v for k, v in rows[0].items() if k != "layout_version"}, "layout_seed": 2**31 + 3}))
         file.write("\n")
     assert main(EvalArgs(**run, layouts=4, video_episodes=0))["run_now"] == 1
     starts = layout_starts((0, 3), 2, seeds=(0, 1))

@@ -279,5 +279,11 @@ def test_new_layouts_start_the_robot_spread_as_the_stored_starts_are(spatial_env
     for with_noise, without in zip(noisy, still):
         np.testing.assert_array_equal(with_noise[others], without[others])
     np.testing.assert_array_equal(noisy[3], env.sample_init_state(0, 3))
+    # One layout seed gives every task draws of its own (LAYOUT_VERSION 2): not the same robot start on each.
+    starts = []
+    for task_id in (0, 1):
+        spatial_env.reset(seed=0, options={"task_id": task_id, "layout_seed": 7})
+        starts.append(env.libero_env.get_sim_state()[joints])
+    assert np.abs(starts[0] - starts[1]).max() > 1e-3
     with pytest.raises(ValueError, match="robot_noise -0.1 must be >= 0"):
         env.sample_init_state(0, 0, robot_noise=-0.1)

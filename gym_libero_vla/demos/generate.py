@@ -42,7 +42,7 @@ import numpy as np
 
 from gym_libero_vla.demos.libero_hdf5 import IMAGE_KEYS, LiberoHDF5, replay
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
-from gym_libero_vla.libero_env import ROBOT_INIT_NOISE
+from gym_libero_vla.libero_env import LAYOUT_VERSION
 from gym_libero_vla.rollouts import INIT_STATES, Start
 from gym_libero_vla.run_lock import exclusive
 
@@ -429,8 +429,8 @@ def generate(args: GenerateArgs) -> dict:
             config["max_episode_steps"] = args.max_episode_steps
         if args.init_states != "suite":  # likewise
             config["init_states"] = args.init_states
-            # New layouts spread the robot's start since ROBOT_INIT_NOISE: older layouts' episodes started elsewhere.
-            config["robot_init_noise"] = ROBOT_INIT_NOISE
+            # Layouts drawn another way (LAYOUT_VERSION; older sidecars: 1) are not continued into the same file.
+            config["layout_version"] = LAYOUT_VERSION
         if not args.reflections:  # likewise
             config["reflections"] = False
         if args.perturb_scale:  # likewise

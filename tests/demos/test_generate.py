@@ -434,11 +434,11 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
     assert not held_out_note(suite_episodes, (0,), range(50))[0]
     with h5py.File(out, "r") as f:
         generator_config = json.loads(f["data"].attrs["generator_config"])
-        assert generator_config["init_states"] == "sampled" and generator_config["robot_init_noise"] == 0.02
-    # Parts of layouts drawn before the robot's start was spread (no robot_init_noise) are not continued.
+        assert generator_config["init_states"] == "sampled" and generator_config["layout_version"] == 2
+    # Parts of layouts drawn another way before (no layout_version: version 1) are not continued.
     sidecar = tmp_path / "sampled.hdf5.parts" / "config.json"
-    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "robot_init_noise"}))
-    with pytest.raises(ValueError, match=r"different settings \{'robot_init_noise': \(None, 0.02\)\}"):
+    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "layout_version"}))
+    with pytest.raises(ValueError, match=r"different settings \{'layout_version': \(None, 2\)\}"):
         generate(args)
     # Training joins them to the suite-state demos; a file of another suite is refused, a missing one named.
     suite_args = GenerateArgs(suite="spatial", out=str(spatial_demo_file), task_ids=(0,), progress=False)
