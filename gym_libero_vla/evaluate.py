@@ -198,7 +198,8 @@ def evaluate_policy(
     Returns ``{"env_id", "task_ids", "init_state_ids", "seeds", "max_episode_steps", "deterministic", "success_rate"
     (over all episodes), "per_task": {task_id: {"instruction", "successes", "episodes", "success_rate"}}, "episodes":
     [{"task_id", "init_state_id", "seed", "success", "length", "seconds"}] in the order of the starts, "videos":
-    [paths], "run_now" (episodes run by this call), "seconds"}``; with new layouts also "layout_seeds", and each of
+    [paths], "run_now" (episodes run by this call), "seconds"}``; with new layouts also "layout_seeds" and
+    "layout_version" (:data:`~gym_libero_vla.libero_env.LAYOUT_VERSION`), and each of
     their episodes has its "layout_seed" (its "init_state_id" is ``SAMPLED_INIT_STATE``).
     """
     suite = resolve_suite(env_id)
@@ -260,7 +261,7 @@ def evaluate_policy(
         "env_id": suite.env_id,
         "task_ids": list(task_ids),
         "init_state_ids": list(init_state_ids),
-        **({"layout_seeds": list(layout_seeds)} if layout_seeds else {}),
+        **({"layout_seeds": list(layout_seeds), "layout_version": LAYOUT_VERSION} if layout_seeds else {}),
         "seeds": list(seeds),
         "max_episode_steps": max_steps,
         "deterministic": deterministic,
@@ -533,7 +534,8 @@ def success_table(results: dict) -> str:
     """The per-task results as a Markdown table, with an "all" row."""
     if results.get("layout_seeds"):
         layouts = results["layout_seeds"]
-        where = f"{len(layouts)} new layouts per task (layout seeds {_id_ranges(layouts)})"
+        version = results.get("layout_version", 1)
+        where = f"{len(layouts)} new layouts per task (layout version {version}, layout seeds {_id_ranges(layouts)})"
     else:
         where = f"init states {_id_ranges(results['init_state_ids'])}"
     lines = [

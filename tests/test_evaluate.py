@@ -211,7 +211,9 @@ def test_new_layouts_are_evaluated_resumed_and_kept_apart_from_stored_starts(che
     assert [(e["init_state_id"], e["layout_seed"]) for e in first["episodes"]] == [(-2, 2**31), (-2, 2**31 + 1)]
     assert first["layout_seeds"] == [2**31, 2**31 + 1] and first["run_now"] == 2
     table = (out_dir / "success.md").read_text()
-    assert table.startswith("Success on LiberoSpatial-v0: 2 new layouts per task (layout seeds 2147483648, 2147483649)")
+    assert table.startswith(
+        "Success on LiberoSpatial-v0: 2 new layouts per task (layout version 2, layout seeds 2147483648, 2147483649)"
+    )
     [video] = first["videos"]
     assert os.path.basename(video).startswith("task00_layout2147483648_seed0_")
     more = main(EvalArgs(**run, layouts=3, video_episodes=0))
