@@ -18,20 +18,17 @@ Tasks run in ``--num-workers`` processes (state mode: no renderer), one simulato
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
-import multiprocessing
 import os
 import time
 import warnings
 
 import tyro
-from reporting import command_line, machine_info  # benchmarks/reporting.py
-from tqdm import tqdm
+from reporting import chosen_tasks, command_line, machine_info, run_per_task  # benchmarks/reporting.py
 
 from gym_libero_vla.fidelity import PINNED_MUJOCO_VERSION, MujocoVersionWarning, init_predicates, installed_mujoco_version
-from gym_libero_vla.suites import SUITES, resolve_suite, suite_tasks, task_init_states
+from gym_libero_vla.suites import SUITES, resolve_suite, task_init_states
 
 
 @dataclasses.dataclass
@@ -138,22 +135,9 @@ def markdown(report: dict) -> str:
 def main(args: Args) -> dict:
     if args.num_init_states < 1 or args.num_workers < 1:
         raise ValueError(f"num_init_states {args.num_init_states} and num_workers {args.num_workers} must be >= 1")
-    libero_names = [resolve_suite(suite).libero_name for suite in args.suites]
-    chosen = set(args.task_ids) if args.task_ids is not None else None
-    tasks = {name: [t for t in suite_tasks(name) if chosen is None or t.task_id in chosen] for name in libero_names}
-    for name in libero_names:
-        if chosen is not None and len(tasks[name]) != len(chosen):
-            raise ValueError(f"task_ids {args.task_ids} for {name}: valid 0..{len(suite_tasks(name)) - 1}")
-    jobs = [(name, task.task_id) for name in libero_names for task in tasks[name]]
+    tasks = chosen_tasks(args.suites, args.task_ids)
     start = time.perf_counter()
-    results: dict[str, dict[int, dict]] = {name: {} for name in libero_names}
-    # spawn: each worker imports LIBERO afresh (nothing inherited from this process's simulator state)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.num_workers, mp_context=context) as pool:
-        futures = {pool.submit(check_task, name, task_id, args.num_init_states): name for name, task_id in jobs}
-        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="tasks"):
-            task = future.result()
-            results[futures[future]][task["task_id"]] = task
+    results = run_per_task(check_task, tasks, args.num_workers, args.num_init_states)
     report = {
         "command": command_line(args, "benchmarks/init_state_fidelity.py"),
         "pinned_mujoco": PINNED_MUJOCO_VERSION,
@@ -161,8 +145,7 @@ def main(args: Args) -> dict:
         "num_workers": args.num_workers,
         "wall_seconds": time.perf_counter() - start,
         "suites": {
-            name: {"tasks": [summarize_task(results[name][task.task_id], task.name) for task in tasks[name]]}
-            for name in libero_names
+            name: {"tasks": [summarize_task(results[name][task.task_id], task.name) for task in tasks[name]]} for name in tasks
         },
         "machine": machine_info(),
     }

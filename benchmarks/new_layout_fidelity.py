@@ -20,19 +20,16 @@ Tasks run in ``--num-workers`` processes (state mode: no renderer), one simulato
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
 import time
 
 import numpy as np
 import tyro
-from reporting import command_line, machine_info, publish  # benchmarks/reporting.py
-from tqdm import tqdm
+from reporting import chosen_tasks, command_line, machine_info, publish, run_per_task  # benchmarks/reporting.py
 
 from gym_libero_vla.evaluate import EVAL_LAYOUT_SEEDS_FROM
 from gym_libero_vla.libero_env import ROBOT_INIT_NOISE
-from gym_libero_vla.suites import resolve_suite, suite_tasks, task_init_states
+from gym_libero_vla.suites import resolve_suite, task_init_states
 
 
 @dataclasses.dataclass
@@ -142,24 +139,13 @@ def markdown(report: dict) -> str:
 def main(args: Args) -> dict:
     if args.num_starts < 2 or args.num_workers < 1:
         raise ValueError(f"num_starts {args.num_starts} must be >= 2 and num_workers {args.num_workers} >= 1")
-    libero_names = [resolve_suite(suite).libero_name for suite in args.suites]
-    chosen = set(args.task_ids) if args.task_ids is not None else None
-    tasks = {name: [t for t in suite_tasks(name) if chosen is None or t.task_id in chosen] for name in libero_names}
-    for name in libero_names:
-        if chosen is not None and len(tasks[name]) != len(chosen):
-            raise ValueError(f"task_ids {args.task_ids} for {name}: valid 0..{len(suite_tasks(name)) - 1}")
+    tasks = chosen_tasks(args.suites, args.task_ids)
+    for name in tasks:
         stored = min(len(task_init_states(name, task.task_id)) for task in tasks[name])
         if args.num_starts > stored:
             raise ValueError(f"num_starts {args.num_starts} for {name}: its tasks store {stored} init states")
-    jobs = [(name, task.task_id) for name in libero_names for task in tasks[name]]
     start = time.perf_counter()
-    results: dict[str, dict[int, dict]] = {name: {} for name in libero_names}
-    context = multiprocessing.get_context("spawn")  # each worker imports LIBERO afresh
-    with concurrent.futures.ProcessPoolExecutor(args.num_workers, mp_context=context) as pool:
-        futures = {pool.submit(measure_task, name, task_id, args.num_starts): name for name, task_id in jobs}
-        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="tasks"):
-            task = future.result()
-            results[futures[future]][task["task_id"]] = task
+    results = run_per_task(measure_task, tasks, args.num_workers, args.num_starts)
     report = {
         "command": command_line(args, "benchmarks/new_layout_fidelity.py"),
         "num_starts": args.num_starts,
@@ -167,8 +153,7 @@ def main(args: Args) -> dict:
         "num_workers": args.num_workers,
         "wall_seconds": time.perf_counter() - start,
         "suites": {
-            name: {"tasks": [summarize_task(results[name][task.task_id], task.name) for task in tasks[name]]}
-            for name in libero_names
+            name: {"tasks": [summarize_task(results[name][task.task_id], task.name) for task in tasks[name]]} for name in tasks
         },
         "machine": machine_info(),
     }

@@ -8,9 +8,11 @@ import this module as ``reporting``. Statistics (Wilson intervals, paired bootst
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -18,9 +20,11 @@ import typing
 
 import numpy as np
 import tyro
+from tqdm import tqdm
 
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
 from gym_libero_vla.evaluate import difference_interval, paired_difference_interval, wilson_interval
+from gym_libero_vla.suites import resolve_suite, suite_tasks
 
 # The simulator's results depend on these and on the CPU: the same code has made different demos (a few episodes
 # of LIBERO-Spatial flip between success and failure) on two machines, and LIBERO's scenes change with MuJoCo.
@@ -169,6 +173,33 @@ def id_ranges(ids) -> str:
     if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)):
         return f"{ids[0]}..{ids[-1]}"
     return ", ".join(str(i) for i in ids)
+
+
+def chosen_tasks(suites, task_ids=None) -> dict[str, list]:
+    """The tasks of each of ``suites`` (short names, LIBERO names or env ids), by LIBERO name; only ``task_ids`` of
+    each when given (an id a suite lacks is named with the valid range)."""
+    chosen = set(task_ids) if task_ids is not None else None
+    tasks = {}
+    for suite in suites:
+        name = resolve_suite(suite).libero_name
+        tasks[name] = [task for task in suite_tasks(name) if chosen is None or task.task_id in chosen]
+        if chosen is not None and len(tasks[name]) != len(chosen):
+            raise ValueError(f"task_ids {tuple(task_ids)} for {name}: valid 0..{len(suite_tasks(name)) - 1}")
+    return tasks
+
+
+def run_per_task(function, tasks: dict[str, list], num_workers: int, *args) -> dict[str, dict[int, dict]]:
+    """``function(libero_name, task_id, *args)`` for every task of ``tasks`` (:func:`chosen_tasks`), in
+    ``num_workers`` processes, with a progress bar; each result (a dict with its "task_id") by LIBERO name and task id.
+    The processes are spawned: each imports LIBERO afresh, nothing inherited from this process's simulators."""
+    results: dict[str, dict[int, dict]] = {name: {} for name in tasks}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+        futures = {pool.submit(function, name, task.task_id, *args): name for name in tasks for task in tasks[name]}
+        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="tasks"):
+            result = future.result()
+            results[futures[future]][result["task_id"]] = result
+    return results
 
 
 def write_report_files(report: dict, markdown: str, json_out: str, plot=None) -> None:
