@@ -5,10 +5,10 @@ Each input is a report whose ``episodes`` hold one row per evaluation episode (`
 ``episodes.jsonl`` that evaluations append to (``--policy-sha`` picks one policy's rows from it), or one variant of a
 ``benchmarks/sft_vs_grpo.py`` report, ``report.json:grpo_offline`` (all its seeds) or ``report.json:grpo_offline:1``.
 The first input is the baseline. On the starts every input has (task and init state, or task and new layout of
-``python -m gym_libero_vla.evaluate --layouts N``), the script prints each one's success per task (Wilson 95%
-intervals) and each one's difference to the baseline with a 95% interval from the paired bootstrap over the starts
-(resampled within tasks: :func:`gym_libero_vla.evaluate.paired_difference_interval`, the interval sft_vs_grpo.py's
-targets use). Rows of several seeds of one start are averaged first.
+``python -m gym_libero_vla.evaluate --layouts N``: its seed and the layout version that drew it), the script prints
+each one's success per task (Wilson 95% intervals) and each one's difference to the baseline with a 95% interval from
+the paired bootstrap over the starts (resampled within tasks: :func:`gym_libero_vla.evaluate.paired_difference_interval`,
+the interval sft_vs_grpo.py's targets use). Rows of several seeds of one start are averaged first.
 
     python benchmarks/compare_evaluations.py benchmarks/results/sft_vision_object.json \\
         benchmarks/results/sft_vision_object_minilm.json --names words minilm
@@ -41,8 +41,9 @@ class Args:
     """Also write the comparison as JSON (and Markdown next to it)."""
 
 
-def start_outcomes(path: str, policy_sha: str = "") -> dict[tuple[int, int, int], float]:
-    """Success per start (task, init state, layout seed) of one report, averaged over the seeds it ran."""
+def start_outcomes(path: str, policy_sha: str = "") -> dict[tuple[int, int, int, int], float]:
+    """Success per start (task, init state, layout seed, layout version) of one report, averaged over the seeds it
+    ran."""
     rows = report_rows(path)
     if policy_sha:
         rows = [row for row in rows if row.get("policy_sha") == policy_sha]
@@ -87,11 +88,18 @@ def variant_rows(path: str, runs: list[dict], selector: str) -> list[dict]:
     ]
 
 
-def compare(outcomes: list[dict[tuple[int, int, int], float]], names: list[str]) -> dict:
+def compare(outcomes: list[dict[tuple[int, int, int, int], float]], names: list[str]) -> dict:
     """Per report: success per task and overall on the common starts; per report but the first: its paired
     difference to the first, overall and per task."""
     starts = sorted(set.intersection(*(set(each) for each in outcomes)))
     if not starts:
+        versions = [sorted({start[3] for start in each if start[2] >= 0}) for each in outcomes]
+        if all(versions) and len({tuple(each) for each in versions}) > 1:
+            raise ValueError(
+                f"the reports share no start: their new layouts were drawn by different layout versions "
+                f"(per report: {', '.join(map(str, versions))}; see libero_env.LAYOUT_VERSION), so a "
+                f"layout seed is a different scene in each: evaluate them again under one version"
+            )
         raise ValueError("the reports share no start (task, init state or layout): nothing to compare")
     task_ids = sorted({start[0] for start in starts})
 

@@ -262,14 +262,19 @@ def runs_summary(runs: list[dict], task_ids, instructions: dict) -> dict:
     }  # fmt: skip
 
 
-def start_success(runs: list[dict]) -> dict[tuple[int, int, int], float]:
-    """Success per evaluation start (task, init state, layout seed: -1 for a stored init state), averaged over the
-    runs' (seeds') episodes from it."""
-    outcomes: dict[tuple[int, int, int], list[float]] = {}
+def start_success(runs: list[dict]) -> dict[tuple[int, int, int, int], float]:
+    """Success per evaluation start, averaged over the runs' (seeds') episodes from it. A start is (task, init state,
+    layout seed, layout version): a stored init state has layout seed -1 and version 0; a new layout's version is
+    the ``layout_version`` its row recorded (1 where it recorded none), so layouts of one seed drawn by different
+    versions of :meth:`~gym_libero_vla.libero_env.LiberoEnv.sample_init_state` are different starts."""
+    outcomes: dict[tuple[int, int, int, int], list[float]] = {}
     for run in runs:
         for row in run["rows"]:
-            layout_seed = -1 if row.get("layout_seed") is None else row["layout_seed"]
-            outcomes.setdefault((row["task_id"], row["init_state_id"], layout_seed), []).append(float(row["success"]))
+            if row.get("layout_seed") is None:
+                layout = (-1, 0)
+            else:
+                layout = (row["layout_seed"], row.get("layout_version", 1))
+            outcomes.setdefault((row["task_id"], row["init_state_id"], *layout), []).append(float(row["success"]))
     return {start: float(np.mean(values)) for start, values in outcomes.items()}
 
 

@@ -68,6 +68,23 @@ def test_new_layouts_pair_by_layout_and_never_with_stored_starts(tmp_path):
         main(Args(reports=(str(stored), str(before))))
 
 
+def test_layouts_of_different_layout_versions_never_pair(tmp_path):
+    """One layout seed is a different scene under each layout version: rows without a version (version 1) pair with
+    version-1 rows only, and reports whose only common seeds differ in version are refused by name."""
+    old = [row(0, -2, success, layout_seed=2**31 + index) for index, success in enumerate((True, False))]
+    new = [{**each, "layout_version": 2, "success": True} for each in old]
+    paths = {name: tmp_path / f"{name}.json" for name in ("old", "old_explicit", "new", "mixed")}
+    paths["old"].write_text(json.dumps({"episodes": old}))
+    paths["old_explicit"].write_text(json.dumps({"episodes": [{**each, "layout_version": 1} for each in old]}))
+    paths["new"].write_text(json.dumps({"episodes": new}))
+    paths["mixed"].write_text(json.dumps({"episodes": [*old[:1], *new]}))  # layout 0 of version 1, both of version 2
+    assert main(Args(reports=(str(paths["old"]), str(paths["old_explicit"]))))["starts"] == 2
+    result = main(Args(reports=(str(paths["new"]), str(paths["mixed"]))))
+    assert result["starts"] == 2 and result["reports"]["mixed"]["overall"]["success_rate"] == 1.0
+    with pytest.raises(ValueError, match=r"drawn by different layout versions \(per report: \[1\], \[2\]; see "):
+        main(Args(reports=(str(paths["old"]), str(paths["new"]))))
+
+
 def test_bad_input_is_named(tmp_path):
     report = tmp_path / "a.json"
     report.write_text(json.dumps({"episodes": [row(0, 20, True)]}))
