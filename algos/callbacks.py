@@ -163,17 +163,29 @@ class LiberoEvalCallback(BaseCallback):
 
 class LatestCheckpointCallback(BaseCallback):
     """Save ``model`` to ``path`` every ``save_freq`` steps (``on_step`` calls; SFT's gradient steps), replacing the
-    previous save (``save`` is atomic: a kill leaves the previous checkpoint or the new one)."""
+    previous save (``save`` is atomic: a kill leaves the previous checkpoint or the new one). At each step of
+    ``keep_at`` it also saves a copy that later saves leave alone, ``<path>_step<N>``, so a long run can be evaluated
+    at its intermediate steps afterwards."""
 
-    def __init__(self, save_freq: int, path: str, verbose: int = 0):
+    def __init__(self, save_freq: int, path: str, verbose: int = 0, keep_at: tuple[int, ...] = ()):
         super().__init__(verbose)
         if not (isinstance(save_freq, int) and save_freq >= 1):
             raise ValueError(f"save_freq {save_freq!r} must be an int >= 1 (steps between saves)")
-        self.save_freq, self.path = save_freq, path
+        for step in keep_at:
+            if not (isinstance(step, int) and not isinstance(step, bool) and step >= 1):
+                raise ValueError(f"keep_at step {step!r} must be an int >= 1 (the steps whose checkpoint to keep)")
+        self.save_freq, self.path, self.keep_at = save_freq, path, frozenset(keep_at)
 
     def _on_step(self) -> bool:
+        if self.model.num_timesteps in self.keep_at:  # before the latest: a kill between the two repeats this step
+            self.model.save(kept_checkpoint_path(self.path, self.model.num_timesteps))
         if self.model.num_timesteps % self.save_freq == 0:
             self.model.save(self.path)
             if self.verbose >= 1:
                 print(f"Saved {self.path} at {self.model.num_timesteps} steps")
         return True
+
+
+def kept_checkpoint_path(path: str, step: int) -> str:
+    """Where :class:`LatestCheckpointCallback` keeps the checkpoint of ``path`` at ``step``."""
+    return f"{os.fspath(path)}_step{step}"

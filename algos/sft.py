@@ -445,12 +445,19 @@ class SFT(BaseLearner):
 
 
 def continue_sft(
-    path: str, create, total_steps: int, save_every: int = 1000, progress_bar: bool = False, **load_kwargs
+    path: str,
+    create,
+    total_steps: int,
+    save_every: int = 1000,
+    progress_bar: bool = False,
+    keep_at: tuple[int, ...] = (),
+    **load_kwargs,
 ) -> tuple[SFT, int]:
     """The SFT learner saved at ``path`` (``create()`` when there is none), trained on to ``total_steps`` gradient steps
     and saved there every ``save_every`` steps and at the end (atomically: a kill loses at most ``save_every`` steps, and
-    running the same again continues). ``load_kwargs`` go to :meth:`SFT.load` (demos, device, overrides). Returns the
-    learner and the steps this call took."""
+    running the same again continues). The checkpoints at the steps of ``keep_at`` are also kept as
+    ``<path>_step<N>`` (:func:`~gym_libero_vla.algos.callbacks.kept_checkpoint_path`). ``load_kwargs`` go to
+    :meth:`SFT.load` (demos, device, overrides). Returns the learner and the steps this call took."""
     from gym_libero_vla.algos.base import resume_or_create
     from gym_libero_vla.algos.callbacks import LatestCheckpointCallback
 
@@ -461,7 +468,7 @@ def continue_sft(
         return model, 0
     print(f"SFT: {model.num_timesteps} -> {total_steps} steps on {len(model.demos)} transitions", flush=True)
     seconds_before = model.train_seconds
-    callback = LatestCheckpointCallback(save_every, path)
+    callback = LatestCheckpointCallback(save_every, path, keep_at=keep_at)
     model.learn(remaining, callback=callback, reset_num_timesteps=not resumed, progress_bar=progress_bar)
     model.save(path)
     print(f"SFT: {remaining} steps in {model.train_seconds - seconds_before:.0f} s; last logged {model.last_metrics}")

@@ -82,6 +82,9 @@ class Args:
     instead of a fresh CompactVLA. Ignored once <output-dir>/sft exists."""
     save_every: int = 1000
     """Save the SFT checkpoint every this many steps, so that a kill loses at most that many."""
+    keep_checkpoints: tuple[int, ...] = ()
+    """Also keep the checkpoint at these SFT steps, as <output-dir>/sft_step<N> (later saves replace sft/ only), to
+    evaluate a long run at its intermediate steps afterwards (python -m gym_libero_vla.evaluate <dir>)."""
     seed: int = 0
     """Seed of demo generation, of the fresh policy's weights and of the SFT batch order."""
     eval: Annotated[EvalRange, tyro.conf.OmitArgPrefixes] = dataclasses.field(
@@ -124,6 +127,9 @@ def check_args(args: Args) -> tuple[suites.SuiteSpec, tuple[int, ...], tuple[int
         value = getattr(args, name)
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} {value!r} must be an int >= 1")
+    for step in args.keep_checkpoints:
+        if not (isinstance(step, int) and 1 <= step <= args.sft_steps):
+            raise ValueError(f"keep_checkpoints step {step!r} must be an int in 1..sft_steps ({args.sft_steps})")
     if not args.seeds:
         raise ValueError("seeds is empty: give at least one evaluation seed")
     if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, SFT.config_filename)):
@@ -179,8 +185,9 @@ def train_sft(args: Args, episodes, instructions: list[str], path: str, tb_dir: 
         policy = CompactVLA.from_demos(episodes, config, instructions=instructions, object_state=args.object_state)
         return SFT(policy, demos=episodes, tensorboard_log=tb_dir, device=device, **dataclasses.asdict(sft_config))
 
-    model, steps = continue_sft(path, create, args.sft_steps, args.save_every, args.progress, demos=episodes,
-                                device=device, tensorboard_log=tb_dir, learning_rate=sft_config.learning_rate)  # fmt: skip
+    model, steps = continue_sft(path, create, args.sft_steps, args.save_every, args.progress, args.keep_checkpoints,
+                                demos=episodes, device=device, tensorboard_log=tb_dir,
+                                learning_rate=sft_config.learning_rate)  # fmt: skip
     check_policy_inputs(model.policy, args, f"checkpoint {path}")
     return model, steps
 

@@ -350,7 +350,13 @@ def test_latest_checkpoint_callback_saves_every_n_steps(demos, tmp_path):
                 saved_at.append(SFT.load(tmp_path / "ckpt").num_timesteps)
             return result
 
-    SFT(make_policy(demos), demos=demos, batch_size=8, seed=0).learn(5, callback=Spy(2, str(tmp_path / "ckpt")))
+    callback = Spy(2, str(tmp_path / "ckpt"), keep_at=(3, 4))
+    SFT(make_policy(demos), demos=demos, batch_size=8, seed=0).learn(5, callback=callback)
     assert sorted(set(saved_at)) == [2, 4]
+    # kept checkpoints stay at their steps while the latest moves on
+    assert [SFT.load(tmp_path / f"ckpt_step{step}").num_timesteps for step in (3, 4)] == [3, 4]
+    assert not (tmp_path / "ckpt_step2").exists() and SFT.load(tmp_path / "ckpt").num_timesteps == 4
     with pytest.raises(ValueError, match="save_freq 0 must be an int >= 1"):
         LatestCheckpointCallback(0, str(tmp_path))
+    with pytest.raises(ValueError, match=r"keep_at step 0 must be an int >= 1 \(the steps whose checkpoint to keep\)"):
+        LatestCheckpointCallback(2, str(tmp_path), keep_at=(0,))

@@ -13,7 +13,7 @@ import pytest
 import sft_baseline  # benchmarks/ is on sys.path (conftest.py)
 from tiny_demos import line_count, tiny_demo_config, tiny_eval_range
 
-from gym_libero_vla.algos import SFTConfig
+from gym_libero_vla.algos import SFT, SFTConfig
 from gym_libero_vla.policies import CompactVLAConfig
 
 Args, main = sft_baseline.Args, sft_baseline.main
@@ -86,11 +86,13 @@ def test_runs_end_to_end_then_resumes_without_redoing_work(tmp_path):
     assert not copied["eval"]["held_out"] and copied["eval"]["held_out_note"].startswith("not held out")
     assert "NOT HELD OUT" in (tmp_path / "results" / "sft_baseline.md").read_text()
 
-    # --extra-demos joins another file's episodes (here a copy of the same demos) to --demos'.
+    # --extra-demos joins another file's episodes (here a copy of the same demos) to --demos'; --keep-checkpoints
+    # keeps the checkpoint of step 1 beside the latest.
     extra = tmp_path / "extra.hdf5"
     shutil.copy(tmp_path / "demos.hdf5", extra)
     joined = main(tiny_args(tmp_path, extra_demos=(str(extra),), output_dir=str(tmp_path / "d"), sft_steps=2, save_every=2,
-                            eval_num_init_states=1))  # fmt: skip
+                            eval_num_init_states=1, keep_checkpoints=(1,)))  # fmt: skip
+    assert SFT.load(tmp_path / "d" / "sft_step1").num_timesteps == 1 and joined["sft"]["steps"] == 2
     assert joined["demos"]["num_demos"] == 4 and joined["demos"]["extra_paths"] == [str(extra)]
     assert joined["demos"]["num_transitions"] == 2 * report["demos"]["num_transitions"]
     assert joined["demos"]["init_state_ids"] == {"0": [0, 0, 1, 1]}
@@ -120,6 +122,8 @@ def test_bad_input_names_the_valid_choices(tmp_path):
         main(tiny_args(tmp_path, init_from=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="extra demo file '.*nope.hdf5' does not exist: generate it first"):
         main(tiny_args(tmp_path, extra_demos=(str(tmp_path / "nope.hdf5"),)))
+    with pytest.raises(ValueError, match=r"keep_checkpoints step 21 must be an int in 1..sft_steps \(20\)"):
+        main(tiny_args(tmp_path, keep_checkpoints=(21,)))
     assert not os.path.exists(tmp_path / "demos.hdf5") and not os.path.exists(tmp_path / "run")
 
 
