@@ -3,7 +3,9 @@
 For each suite and task, the expert runs from init states ``0..num_init_states-1`` in state mode;
 success is the env's ``terminated`` (LIBERO's BDDL goal check), never the expert's own opinion. A few
 episodes are also generated in "rgb+state" mode (agentview + wrist frames, as ``generate`` stores them)
-to time image recording. Prints a Markdown table and writes JSON.
+to time image recording. Also counted per task: episodes whose wrist joint reached its limit (where the arm stalls)
+and which way the hand turned the wrist (a choice the start pose's noise must not decide). Prints a Markdown table
+and writes JSON.
 
     python benchmarks/expert_success.py --suites spatial object --num-init-states 20 --rgb-episodes 2
 """
@@ -45,7 +47,13 @@ class Args:
     """Where to write the JSON results."""
 
 
+WRIST_LIMIT_MARGIN = 0.05  # radians: a wrist this close to its joint limit is at it (the arm stalls there)
+WRIST_TURN = 1.0  # radians: a wrist turned this far from its start turned the hand one way or the other
+
+
 def run_episodes(env, expert, task_id: int, init_state_ids, seed: int) -> list[dict]:
+    """The expert's episodes from ``init_state_ids``: success, length, seconds, and how its wrist joint moved (at its
+    limit, turned up or down from its start by more than :data:`WRIST_TURN`)."""
     results = []
     for init_state_id in init_state_ids:
         start = time.perf_counter()
@@ -53,8 +61,19 @@ def run_episodes(env, expert, task_id: int, init_state_ids, seed: int) -> list[d
             episode = rollout_expert(env, expert, Start(task_id, init_state_id, episode_seed(seed, task_id, init_state_id)))
         except NotImplementedError as error:  # a goal the expert has no script for
             return [{"error": str(error)}]
+        seconds = time.perf_counter() - start
+        domain = env.unwrapped.libero_env.env
+        wrist_joint = domain.sim.model.joint_name2id(domain.robots[0].robot_joints[-1])
+        low, high = domain.sim.model.jnt_range[wrist_joint]
+        wrist = episode["arrays"]["obs/joint_states"][:, -1]
         results.append(
-            {"success": episode["success"], "num_steps": episode["num_steps"], "seconds": time.perf_counter() - start}
+            {
+                "success": episode["success"],
+                "num_steps": episode["num_steps"],
+                "seconds": seconds,
+                "wrist_at_limit": bool(wrist.min() < low + WRIST_LIMIT_MARGIN or wrist.max() > high - WRIST_LIMIT_MARGIN),
+                "wrist_turn": int(wrist.max() - wrist[0] > WRIST_TURN) - int(wrist[0] - wrist.min() > WRIST_TURN),
+            }
         )
     return results
 
@@ -92,6 +111,10 @@ def main(args: Args) -> dict:
                     ),
                     "seconds_per_episode_state": float(np.mean([r["seconds"] for r in results])),
                     "failed_init_states": [i for i, r in enumerate(results) if not r["success"]],
+                    # Episodes whose wrist joint reached its limit; whose hand turned the wrist up / down (> 1 rad).
+                    "wrist_at_limit": sum(r["wrist_at_limit"] for r in results),
+                    "wrist_up": sum(r["wrist_turn"] > 0 for r in results),
+                    "wrist_down": sum(r["wrist_turn"] < 0 for r in results),
                 }
             suite_report["tasks"][task_id] = entry
             rows.append((spec.env_id, task_id, entry))
@@ -116,15 +139,17 @@ def main(args: Args) -> dict:
         report["suites"][spec.env_id] = suite_report
 
     print()
-    print("| suite | task | success | mean length (successes) | s/episode state | instruction |")
-    print("|---|---|---|---|---|---|")
+    print("| suite | task | success | mean length (successes) | wrist at its limit | wrist turned up / down "
+          "| s/episode state | instruction |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for env_id, task_id, entry in rows:
         if "error" in entry:
-            print(f"| {env_id} | {task_id} | no script | - | - | {entry['instruction']} |")
+            print(f"| {env_id} | {task_id} | no script | - | - | - | - | {entry['instruction']} |")
             continue
         print(
             f"| {env_id} | {task_id} | {entry['success_rate']:.0%} ({entry['episodes']}) | {entry['mean_length']:.0f} "
             f"({'-' if entry['mean_success_length'] is None else format(entry['mean_success_length'], '.0f')}) | "
+            f"{entry['wrist_at_limit']} | {entry['wrist_up']} / {entry['wrist_down']} | "
             f"{entry['seconds_per_episode_state']:.1f} | {entry['instruction']} |"
         )
     print()

@@ -143,6 +143,10 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             ~1 of 255 on average in agentview (the faint mirror image in the table), ~0 in the wrist view. Train and
             evaluate a pixel policy with the same choice (:class:`~gym_libero_vla.policies.CompactVLAConfig` carries
             it; published checkpoints were trained on LIBERO's look).
+        robot_init_noise: radians of Gaussian noise on the robot's joints at the start of a new layout (reset option
+            ``layout_seed``): :data:`ROBOT_INIT_NOISE` (default) spreads them as LIBERO's stored starts are; 0 starts
+            the robot at its nominal pose on every layout, as LIBERO's evaluation env does. Stored init states keep
+            the robot where LIBERO stored it.
 
     Episode start: ``reset(options={"task_id": i, "init_state_id": j})`` picks both explicitly; with
     only a seed, ``task_id = task_ids[seed % len(task_ids)]`` and ``init_state_id =
@@ -151,7 +155,8 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
     ``options={"task_id": i, "init_state": state}`` starts from an arbitrary flattened MuJoCo state
     (demo replay); ``info["init_state_id"]`` is then -1. ``options={"task_id": i, "layout_seed": k}`` starts from a
     new layout, none of the suite's stored ones: LIBERO's placement sampler draws it from ``k``
-    (:meth:`sample_init_state`, the robot's joints spread by :data:`ROBOT_INIT_NOISE` as in the stored starts),
+    (:meth:`sample_init_state`, the robot's joints spread by ``robot_init_noise`` radians: by default
+    :data:`ROBOT_INIT_NOISE`, as in the stored starts; 0 starts it at one pose, as LIBERO's evaluation env does),
     redrawn while a premise of the task's BDDL ``:init`` fails after the settle steps
     (a bowl that must rest on the ramekin); the same ``k`` and seed give the same scene, and
     ``info["init_state_id"]`` is ``SAMPLED_INIT_STATE`` (-2).
@@ -179,6 +184,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         max_env_steps: int | None = None,
         strict_mujoco: bool | None = None,
         reflections: bool = True,
+        robot_init_noise: float = ROBOT_INIT_NOISE,
     ):
         check_mujoco_version(strict_mujoco)
         self.suite_spec = resolve_suite(suite)
@@ -202,6 +208,11 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
             raise ValueError(f"max_env_steps {max_env_steps!r} must be an int >= 1 or None")
         if not isinstance(reflections, (bool, np.bool_)):
             raise ValueError(f"reflections {reflections!r} must be True (LIBERO's look) or False (faster frames)")
+        if not (isinstance(robot_init_noise, (int, float, np.integer, np.floating)) and robot_init_noise >= 0):
+            raise ValueError(
+                f"robot_init_noise {robot_init_noise!r} must be a number >= 0 (radians of noise on the robot's joints at "
+                f"a new layout's start; {ROBOT_INIT_NOISE}: as LIBERO's stored starts, 0: one pose)"
+            )
 
         self.tasks = suite_tasks(self.suite)
         self.task_ids = resolve_task_ids(self.suite_spec.env_id, task_ids)
@@ -212,6 +223,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         self.render_mode = render_mode
         self.render_size = int(render_size)
         self.reflections = bool(reflections)
+        self.robot_init_noise = float(robot_init_noise)
         self.num_settle_steps = int(num_settle_steps)
         self.max_cached_tasks = int(max_cached_tasks)
         self.max_episode_steps = self.suite_spec.max_episode_steps
@@ -431,7 +443,7 @@ class LiberoEnv(gym.Env[dict, np.ndarray]):
         for draw in range(MAX_LAYOUT_DRAWS):
             # The task too: one layout seed gives each task draws of its own, as LIBERO's stored starts are.
             draw_seed = int(np.random.SeedSequence([layout_seed, task_id, draw]).generate_state(1)[0])
-            raw_obs = self._start(sim, self.sample_init_state(task_id, draw_seed), fixture_seed)
+            raw_obs = self._start(sim, self.sample_init_state(task_id, draw_seed, self.robot_init_noise), fixture_seed)
             if all(check.holds for check in init_predicates(self) if check.is_premise):
                 return raw_obs
         raise RuntimeError(

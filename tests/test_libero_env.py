@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from gym_libero_vla.episode import SAMPLED_INIT_STATE
 from gym_libero_vla.libero_env import NUM_SETTLE_STEPS, STATE_DIM, LiberoEnv
 from gym_libero_vla.suites import SUITES, suite_tasks, task_init_states
 
@@ -287,3 +288,21 @@ def test_new_layouts_start_the_robot_spread_as_the_stored_starts_are(spatial_env
     assert np.abs(starts[0] - starts[1]).max() > 1e-3
     with pytest.raises(ValueError, match="robot_noise -0.1 must be >= 0"):
         env.sample_init_state(0, 0, robot_noise=-0.1)
+    # LiberoEnv(robot_init_noise=0): the same layouts with the robot at one pose, as LIBERO's evaluation env has it.
+    still_env = gym.make("LiberoSpatial-v0", obs_mode="state", task_ids=(0,), robot_init_noise=0.0)
+    try:
+        for layout_seed in (7, 8):
+            spatial_env.reset(seed=0, options={"task_id": 0, "layout_seed": layout_seed})
+            _, info = still_env.reset(seed=0, options={"task_id": 0, "layout_seed": layout_seed})
+            noisy_start = env.libero_env.get_sim_state()
+            still_start = still_env.unwrapped.libero_env.get_sim_state()
+            assert info["init_state_id"] == SAMPLED_INIT_STATE
+            assert np.abs(noisy_start[joints] - nominal).max() > 0.01
+            assert np.abs(still_start[joints] - nominal).max() < 0.002, still_start[joints] - nominal
+            # The objects are where the noisy robot's layout has them (after the gripper's two joints in qpos).
+            objects = slice(joints[-1] + 3, 1 + env.libero_env.env.sim.model.nq)
+            np.testing.assert_allclose(still_start[objects], noisy_start[objects], atol=1e-3)
+    finally:
+        still_env.close()
+    with pytest.raises(ValueError, match=r"robot_init_noise -1 must be a number >= 0 .*0.02: as LIBERO's stored"):
+        gym.make("LiberoSpatial-v0", obs_mode="state", robot_init_noise=-1)

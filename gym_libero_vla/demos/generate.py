@@ -41,8 +41,9 @@ from typing import Literal
 import numpy as np
 
 from gym_libero_vla.demos.libero_hdf5 import IMAGE_KEYS, LiberoHDF5, replay
+from gym_libero_vla.demos.scripted_expert import EXPERT_VERSION
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
-from gym_libero_vla.libero_env import LAYOUT_VERSION
+from gym_libero_vla.libero_env import LAYOUT_VERSION, ROBOT_INIT_NOISE
 from gym_libero_vla.rollouts import INIT_STATES, Start
 from gym_libero_vla.run_lock import exclusive
 
@@ -74,6 +75,10 @@ class GenerateArgs:
     (reset option ``layout_seed``; redrawn until the task's BDDL premises hold after settling): more demos than the
     suite has starts, none of them an evaluation start. Their demos record ``init_state_id`` -2
     (:data:`~gym_libero_vla.episode.SAMPLED_INIT_STATE`)."""
+    robot_init_noise: float = ROBOT_INIT_NOISE
+    """With ``--init-states sampled``: radians of Gaussian noise on the robot's joints at each new layout's start
+    (``LiberoEnv(robot_init_noise=...)``): 0.02 spreads them as LIBERO's stored starts are, 0 starts the robot at one
+    pose, as LIBERO's evaluation env does. Stored init states keep the robot where LIBERO stored it."""
     obs_mode: Literal["state", "rgb+state"] = "state"
     """"state" stores proprio only (fast); "rgb+state" also stores agentview and wrist frames."""
     image_size: int = 128
@@ -384,13 +389,8 @@ def assemble_hdf5(out: str, parts_dir: str) -> int:
     return len(successes)
 
 
-# ---------------------------------------------------------------------------------------------- entry points
-def generate(args: GenerateArgs) -> dict:
-    """Run the generation described by ``args``; returns counts (successes, failures, attempts this run)."""
-    import gym_libero_vla  # noqa: F401  (registers the env ids)
-    from gym_libero_vla import suites
-
-    spec = suites.resolve_suite(args.suite)
+def _check_args(args: GenerateArgs) -> None:
+    """Refuse bad settings by name, before any work."""
     if args.episodes_per_task < 1:
         raise ValueError(f"episodes_per_task {args.episodes_per_task} must be >= 1")
     if args.image_size < 1:
@@ -405,6 +405,23 @@ def generate(args: GenerateArgs) -> dict:
         raise ValueError(f"workers {args.workers!r} must be an int >= 1")
     if args.init_states not in INIT_STATES:
         raise ValueError(f"unknown init_states {args.init_states!r}: valid {INIT_STATES}")
+    if not args.robot_init_noise >= 0:
+        raise ValueError(f"robot_init_noise {args.robot_init_noise!r} must be >= 0 (radians; 0: the robot at one pose)")
+    if args.robot_init_noise != ROBOT_INIT_NOISE and args.init_states != "sampled":
+        raise ValueError(
+            f"robot_init_noise {args.robot_init_noise!r} applies to new layouts only (--init-states sampled); the "
+            f"suite's stored init states ({args.init_states!r}) keep the robot where LIBERO stored it"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def generate(args: GenerateArgs) -> dict:
+    """Run the generation described by ``args``; returns counts (successes, failures, attempts this run)."""
+    import gym_libero_vla  # noqa: F401  (registers the env ids)
+    from gym_libero_vla import suites
+
+    spec = suites.resolve_suite(args.suite)
+    _check_args(args)
     task_ids = suites.resolve_task_ids(spec.env_id, args.task_ids)
 
     out = os.path.abspath(args.out)
@@ -422,6 +439,8 @@ def generate(args: GenerateArgs) -> dict:
             "seed": args.seed,
             "noise_scale": args.noise_scale,
             "max_retries": args.max_retries,
+            # Parts of another expert (older sidecars lack it: version 1) are not continued into the same file.
+            "expert_version": EXPERT_VERSION,
         }
         if args.object_state:  # only when set, so sidecars written before this option still resume
             config["object_state"] = True
@@ -431,6 +450,8 @@ def generate(args: GenerateArgs) -> dict:
             config["init_states"] = args.init_states
             # Layouts drawn another way (LAYOUT_VERSION; older sidecars: 1) are not continued into the same file.
             config["layout_version"] = LAYOUT_VERSION
+        if args.robot_init_noise != ROBOT_INIT_NOISE:  # likewise
+            config["robot_init_noise"] = float(args.robot_init_noise)
         if not args.reflections:  # likewise
             config["reflections"] = False
         if args.perturb_scale:  # likewise
@@ -608,6 +629,7 @@ def _roll_out_missing(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts
         task_ids=task_ids,
         privileged_state=args.object_state,
         reflections=args.reflections,
+        robot_init_noise=args.robot_init_noise,
     )
     expert = ScriptedExpert(env, max_retries=args.max_retries, noise_scale=args.noise_scale, seed=args.seed)
     counts = {"successes": 0, "failures": 0, "attempts": 0, "skipped": 0}

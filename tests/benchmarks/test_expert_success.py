@@ -22,6 +22,8 @@ def test_scripted_and_unscripted_tasks_are_reported(tmp_path, capsys):
     assert "needs a push" in tasks[5]["error"] and tasks[5]["instruction"] == "push the plate to the front of the stove"
     assert tasks[7]["episodes"] == 1 and tasks[7]["success_rate"] == 1.0
     assert tasks[7]["mean_success_length"] == tasks[7]["mean_length"] <= 300
+    # The knob is grasped with the hand turned (by 90 degrees), and turned further: the wrist moves, short of its limit.
+    assert tasks[7]["wrist_at_limit"] == 0 and tasks[7]["wrist_up"] + tasks[7]["wrist_down"] == 1
     assert "rgb" not in report["suites"]["LiberoGoal-v0"]
 
     with open(tmp_path / "out.json") as file:

@@ -440,6 +440,13 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
     sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "layout_version"}))
     with pytest.raises(ValueError, match=r"different settings \{'layout_version': \(None, 2\)\}"):
         generate(args)
+    # Nor are layouts with the robot at one pose (--robot-init-noise 0, recorded) continued as the default's.
+    with pytest.raises(ValueError, match=r"different settings.*'robot_init_noise': \(None, 0.0\)"):
+        generate(dataclasses.replace(args, robot_init_noise=0.0))
+    with pytest.raises(ValueError, match=r"robot_init_noise 0.0 applies to new layouts only"):
+        generate(dataclasses.replace(args, init_states="suite", robot_init_noise=0.0))
+    with pytest.raises(ValueError, match=r"robot_init_noise -0.5 must be >= 0"):
+        generate(dataclasses.replace(args, robot_init_noise=-0.5))
     # Training joins them to the suite-state demos; a file of another suite is refused, a missing one named.
     suite_args = GenerateArgs(suite="spatial", out=str(spatial_demo_file), task_ids=(0,), progress=False)
     joined, generated = prepare_demos(suite_args, extra_files=(str(out),))
