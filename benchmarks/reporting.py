@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
 from gym_libero_vla.evaluate import difference_interval, paired_difference_interval, wilson_interval
+from gym_libero_vla.libero_env import ROBOT_INIT_NOISE
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 
 # The simulator's results depend on these and on the CPU: the same code has made different demos (a few episodes
@@ -165,6 +166,20 @@ def held_out_note(episodes, task_ids, init_state_ids) -> tuple[bool, str]:
         return True, "held out: no evaluation init state is one a demo started from"
     details = "; ".join(f"task {task_id}: {', '.join(map(str, ids))}" for task_id, ids in overlaps.items())
     return False, f"not held out: evaluation init states that demos started from ({details})"
+
+
+def demo_files_text(demos: dict) -> str:
+    """The demo files joined by ' + ', each with the scripted expert and layout versions that made it (when known)."""
+    configs = demos.get("generator_configs", {})  # reports written before the key lack it
+    texts = []
+    for path in [demos["path"], *demos.get("extra_paths", [])]:
+        config = configs.get(path) or {}
+        made = [f"expert v{config['expert_version']}"] if "expert_version" in config else []
+        if config.get("init_states") == "sampled":
+            made.append(f"layouts v{config.get('layout_version', 1)}")
+            made.append(f"robot noise {config.get('robot_init_noise', ROBOT_INIT_NOISE)}")
+        texts.append(f"{path} ({', '.join(made)})" if made else path)
+    return " + ".join(texts)
 
 
 def id_ranges(ids) -> str:

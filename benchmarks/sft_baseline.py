@@ -33,6 +33,7 @@ import torch
 import tyro
 from reporting import (
     command_line,
+    demo_files_text,
     held_out_note,
     id_ranges,
     machine_info,
@@ -219,8 +220,7 @@ def markdown(report: dict) -> str:
         f"- evaluation: init states {id_ranges(evaluation['init_state_ids'])} per task, "
         f"seeds {id_ranges(evaluation['seeds'])}, "
         f"greedy actions, at most {evaluation['max_episode_steps']} steps; {held_out}",
-        f"- demos: {' + '.join([demos['path'], *demos.get('extra_paths', [])])}, {demos['num_demos']} demos "
-        f"({demos['num_transitions']} transitions)",
+        f"- demos: {demo_files_text(demos)}, {demos['num_demos']} demos ({demos['num_transitions']} transitions)",
         f"- SFT: {sft['steps']} steps of {sft['batch_size']} transitions, {wall}; "
         f"fit on the demos: loss {sft['demo_fit']['loss']:.3f}, token accuracy {sft['demo_fit']['token_accuracy']:.3f}",
         f"- evaluation wall time: {evaluation['seconds']:.1f} s ({evaluation['episodes']} episodes)",

@@ -56,6 +56,7 @@ import tyro
 from reporting import (
     command_line,
     delta_vs,
+    demo_files_text,
     held_out_note,
     id_ranges,
     machine_info,
@@ -630,8 +631,7 @@ def markdown(report: dict) -> str:
     made = f"generated in {demos['seconds']:.0f} s" if demos["generated_this_run"] else "reused"
     lines += [
         "",
-        f"- demos: {' + '.join([demos['path'], *demos.get('extra_paths', [])])} ({made}), {demos['num_demos']} demos, "
-        f"{demos['num_transitions']} transitions",
+        f"- demos: {demo_files_text(demos)} ({made}), {demos['num_demos']} demos, {demos['num_transitions']} transitions",
         f"- machine: {machine_text(machine)}",
         f"- command: `{report['command']}`",
     ]

@@ -173,7 +173,20 @@ class DemoConfig:
         return {
             "path": generate.out, "extra_paths": list(self.extra_demos), "generated_this_run": generated,
             "num_demos": len(episodes), "num_transitions": int(sum(len(episode) for episode in episodes)),
+            "generator_configs": {path: generator_config(path) for path in (generate.out, *self.extra_demos)},
         }  # fmt: skip
+
+
+def generator_config(path: str) -> dict:
+    """How ``generate`` made the demo file at ``path`` (its recorded config, with ``expert_version`` filled in: files
+    from before the key hold version 1), or {} for a file it did not make (official LIBERO data)."""
+    from gym_libero_vla.demos.libero_hdf5 import LiberoHDF5
+
+    with LiberoHDF5(path, load_images=False) as demo_file:
+        config = dict(demo_file.generator_config)
+    if config:
+        config.setdefault("expert_version", 1)
+    return config
 
 
 def default_demo_path(suite: str, obs_mode: str, image_size: int, reflections: bool = True) -> str:

@@ -181,6 +181,9 @@ class LiberoHDF5:
         self.problem_info = json.loads(_decode(data.attrs["problem_info"])) if "problem_info" in data.attrs else {}
         self.env_args = json.loads(_decode(data.attrs["env_args"])) if "env_args" in data.attrs else {}
         self.instruction = _instruction_from_problem_info(data.attrs["problem_info"]) if "problem_info" in data.attrs else ""
+        # How ``generate`` made the file (expert and layout versions, robot start noise...); {} for other files.
+        raw_config = data.attrs.get("generator_config")
+        self.generator_config = json.loads(_decode(raw_config)) if raw_config is not None else {}
         for key in self.demo_keys:
             demo = data[key]
             if "actions" not in demo:

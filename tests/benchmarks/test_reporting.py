@@ -6,7 +6,7 @@ import shlex
 
 import sft_baseline
 import tyro
-from reporting import command_line
+from reporting import command_line, demo_files_text
 
 from gym_libero_vla.algos.sft import SFTConfig
 from gym_libero_vla.demos.generate import DemoConfig
@@ -28,3 +28,20 @@ def test_command_line_spells_nested_configs_as_tyro_does_and_parses_back():
     )
     assert tyro.cli(sft_baseline.Args, args=shlex.split(command)[2:]) == args
     assert command_line(sft_baseline.Args(), "benchmarks/sft_baseline.py") == "python benchmarks/sft_baseline.py"
+
+
+def test_demo_files_text_names_each_files_expert_and_layouts():
+    demos = {
+        "path": "data/a.hdf5",
+        "extra_paths": ["data/b.hdf5", "data/official.hdf5"],
+        "generator_configs": {
+            "data/a.hdf5": {"expert_version": 2},
+            "data/b.hdf5": {"expert_version": 1, "init_states": "sampled", "layout_version": 2, "robot_init_noise": 0.0},
+            "data/official.hdf5": {},
+        },
+    }
+    assert demo_files_text(demos) == (
+        "data/a.hdf5 (expert v2) + data/b.hdf5 (expert v1, layouts v2, robot noise 0.0) + data/official.hdf5"
+    )
+    # Reports written before the key: the paths alone.
+    assert demo_files_text({"path": "data/a.hdf5", "extra_paths": []}) == "data/a.hdf5"

@@ -14,6 +14,7 @@ import sft_baseline  # benchmarks/ is on sys.path (conftest.py)
 from tiny_demos import line_count, tiny_demo_config, tiny_eval_range
 
 from gym_libero_vla.algos import SFT, SFTConfig
+from gym_libero_vla.demos.scripted_expert import EXPERT_VERSION
 from gym_libero_vla.policies import CompactVLAConfig
 
 Args, main = sft_baseline.Args, sft_baseline.main
@@ -43,6 +44,9 @@ def test_runs_end_to_end_then_resumes_without_redoing_work(tmp_path):
     assert saved["overall"] == report["overall"]
     assert (tmp_path / "results" / "sft_baseline.md").read_text().startswith("## SFT baseline: LiberoSpatial-v0")
     assert saved["demos"]["generated_this_run"] and saved["demos"]["init_state_ids"] == {"0": [0, 1]}
+    # Which scripted expert made the demos is in the report (demos from another expert score differently).
+    assert saved["demos"]["generator_configs"][args.demo.demos]["expert_version"] == EXPERT_VERSION
+    assert f"(expert v{EXPERT_VERSION})" in (tmp_path / "results" / "sft_baseline.md").read_text()
     assert saved["sft"]["steps"] == saved["sft"]["steps_this_run"] == 20 and saved["sft"]["seconds"] > 0
     assert 0.0 <= saved["sft"]["demo_fit"]["token_accuracy"] <= 1.0
     evaluation, overall = saved["eval"], saved["overall"]
@@ -94,6 +98,7 @@ def test_runs_end_to_end_then_resumes_without_redoing_work(tmp_path):
                             eval_num_init_states=1, keep_checkpoints=(1,)))  # fmt: skip
     assert SFT.load(tmp_path / "d" / "sft_step1").num_timesteps == 1 and joined["sft"]["steps"] == 2
     assert joined["demos"]["num_demos"] == 4 and joined["demos"]["extra_paths"] == [str(extra)]
+    assert set(joined["demos"]["generator_configs"]) == {args.demo.demos, str(extra)}
     assert joined["demos"]["num_transitions"] == 2 * report["demos"]["num_transitions"]
     assert joined["demos"]["init_state_ids"] == {"0": [0, 0, 1, 1]}
 

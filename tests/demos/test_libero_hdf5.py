@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from gym_libero_vla.demos import ActionStats, LiberoHDF5, action_stats, drop_noops, load_episodes, noop_mask
+from gym_libero_vla.demos.generate import generator_config
+from gym_libero_vla.demos.scripted_expert import EXPERT_VERSION
 
 
 def test_official_layout_maps_to_env_observation_keys(tmp_path, write_official_file):
@@ -46,6 +48,25 @@ def test_generated_file_reads_back_in_env_layout(spatial_demo_file):
         assert episode.success and episode.source == "offline"
         assert episode.rewards[-1] == 1.0 and not episode.rewards[:-1].any()  # the file's reward: 1 on the success step
     assert [e.init_state_id for e in episodes] == [0, 1]
+
+
+def test_generator_config_says_how_a_file_was_made(spatial_demo_file, tmp_path, write_official_file):
+    # Our files carry generate's config (the scripted expert's version among it); official ones carry none.
+    with LiberoHDF5(spatial_demo_file, load_images=False) as demos:
+        made = demos.generator_config
+    assert made["expert_version"] == EXPERT_VERSION and made["suite"] == "libero_spatial"
+    assert generator_config(spatial_demo_file) == made
+    official = write_official_file(tmp_path / "official.hdf5", [np.zeros((5, 7))])
+    assert LiberoHDF5(official).generator_config == {} and generator_config(official) == {}
+    # Files made before the expert had versions were made by version 1.
+    older = tmp_path / "older.hdf5"
+    with h5py.File(spatial_demo_file, "r") as src, h5py.File(older, "w") as dst:
+        src.copy("data", dst)
+        config = json.loads(dst["data"].attrs["generator_config"])
+        del config["expert_version"]
+        dst["data"].attrs["generator_config"] = json.dumps(config)
+    assert LiberoHDF5(older).generator_config.get("expert_version") is None
+    assert generator_config(older)["expert_version"] == 1
 
 
 def test_state_falls_back_to_robot_states(spatial_demo_file, tmp_path):
