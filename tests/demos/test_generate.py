@@ -24,9 +24,11 @@ from gym_libero_vla.demos.generate import (
     ReplayArgs,
     default_demo_path,
     generate,
+    generator_config,
     prepare_demos,
     replay_file,
 )
+from gym_libero_vla.demos.scripted_expert import EXPERT_VERSION
 from gym_libero_vla.run_lock import exclusive
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -433,8 +435,8 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
     assert held_out_note(episodes, (0,), range(50))[0]
     assert not held_out_note(suite_episodes, (0,), range(50))[0]
     with h5py.File(out, "r") as f:
-        generator_config = json.loads(f["data"].attrs["generator_config"])
-        assert generator_config["init_states"] == "sampled" and generator_config["layout_version"] == 2
+        made = json.loads(f["data"].attrs["generator_config"])
+        assert made["init_states"] == "sampled" and made["layout_version"] == 2
     # Parts of layouts drawn another way before (no layout_version: version 1) are not continued.
     sidecar = tmp_path / "sampled.hdf5.parts" / "config.json"
     sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "layout_version"}))
@@ -484,7 +486,9 @@ def test_demo_config_is_the_one_way_runs_name_their_demos(spatial_demo_file, tmp
     assert summary == {
         "path": str(spatial_demo_file), "extra_paths": [str(spatial_demo_file)], "generated_this_run": False,
         "num_demos": len(two), "num_transitions": sum(len(episode) for episode in two),
+        "generator_configs": {str(spatial_demo_file): generator_config(str(spatial_demo_file))},
     }  # fmt: skip
+    assert summary["generator_configs"][str(spatial_demo_file)]["expert_version"] == EXPERT_VERSION
     kept, _ = dataclasses.replace(named, filter_noops=False).load(generate_args)
     raw = load_episodes(str(spatial_demo_file), filter_noops=False, load_images=False)
     assert [len(episode) for episode in kept] == [len(episode) for episode in raw if episode.task_id == 0]
