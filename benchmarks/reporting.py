@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from gym_libero_vla.episode import SAMPLED_INIT_STATE
 from gym_libero_vla.evaluate import difference_interval, paired_difference_interval, wilson_interval
-from gym_libero_vla.libero_env import ROBOT_INIT_NOISE
 from gym_libero_vla.suites import resolve_suite, suite_tasks
 
 # The simulator's results depend on these and on the CPU: the same code has made different demos (a few episodes
@@ -175,9 +174,9 @@ def demo_files_text(demos: dict) -> str:
     for path in [demos["path"], *demos.get("extra_paths", [])]:
         config = configs.get(path) or {}
         made = [f"expert v{config['expert_version']}"] if "expert_version" in config else []
-        if config.get("init_states") == "sampled":
-            made.append(f"layouts v{config.get('layout_version', 1)}")
-            made.append(f"robot noise {config.get('robot_init_noise', ROBOT_INIT_NOISE)}")
+        if config.get("init_states") == "sampled":  # generate.generator_config fills in the keys it leaves out
+            made.append(f"layouts v{config['layout_version']}")
+            made.append(f"robot noise {config['robot_init_noise']}")
         texts.append(f"{path} ({', '.join(made)})" if made else path)
     return " + ".join(texts)
 

@@ -178,14 +178,18 @@ class DemoConfig:
 
 
 def generator_config(path: str) -> dict:
-    """How ``generate`` made the demo file at ``path`` (its recorded config, with ``expert_version`` filled in: files
-    from before the key hold version 1), or {} for a file it did not make (official LIBERO data)."""
+    """How ``generate`` made the demo file at ``path``: its recorded config with the keys it leaves out at their
+    values (files from before ``expert_version`` / ``layout_version`` hold version 1; new layouts' robot start noise is
+    ``ROBOT_INIT_NOISE`` unless recorded), or {} for a file it did not make (official LIBERO data)."""
     from gym_libero_vla.demos.libero_hdf5 import LiberoHDF5
 
     with LiberoHDF5(path, load_images=False) as demo_file:
         config = dict(demo_file.generator_config)
     if config:
         config.setdefault("expert_version", 1)
+        if config.get("init_states") == "sampled":
+            config.setdefault("layout_version", 1)
+            config.setdefault("robot_init_noise", ROBOT_INIT_NOISE)
     return config
 
 

@@ -29,6 +29,7 @@ from gym_libero_vla.demos.generate import (
     replay_file,
 )
 from gym_libero_vla.demos.scripted_expert import EXPERT_VERSION
+from gym_libero_vla.libero_env import ROBOT_INIT_NOISE
 from gym_libero_vla.run_lock import exclusive
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -437,6 +438,8 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
     with h5py.File(out, "r") as f:
         made = json.loads(f["data"].attrs["generator_config"])
         assert made["init_states"] == "sampled" and made["layout_version"] == 2
+    # What a report reads: the recorded config with the start noise the file leaves out (the default) filled in.
+    assert generator_config(str(out)) == {**made, "robot_init_noise": ROBOT_INIT_NOISE}
     # Parts of layouts drawn another way before (no layout_version: version 1) are not continued.
     sidecar = tmp_path / "sampled.hdf5.parts" / "config.json"
     sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "layout_version"}))
