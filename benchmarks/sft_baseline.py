@@ -201,15 +201,17 @@ def markdown(report: dict) -> str:
     lines = [
         f"## SFT baseline: {report['env_id']}, {inputs}",
         "",
-        "| task | instruction | successes | success rate | 95% CI | s/episode |",
-        "|---:|:---|---:|---:|:---:|---:|",
+        "| task | instruction | demos | successes | success rate | 95% CI | s/episode |",
+        "|---:|:---|---:|---:|---:|:---:|---:|",
     ]
+    demo_counts = {task: len(ids) for task, ids in demos["init_state_ids"].items()}
     rows = [(task_id, entry["instruction"], entry) for task_id, entry in report["per_task"].items()]
     for task_id, instruction, entry in [*rows, ("all", "", report["overall"])]:
         low, high = entry["ci95"]
+        count = demos["num_demos"] if task_id == "all" else demo_counts.get(str(task_id), "")
         lines.append(
-            f"| {task_id} | {instruction} | {entry['successes']}/{entry['episodes']} | {entry['success_rate']:.2f} | "
-            f"{low:.2f}-{high:.2f} | {entry['mean_episode_seconds']:.1f} |"
+            f"| {task_id} | {instruction} | {count} | {entry['successes']}/{entry['episodes']} | "
+            f"{entry['success_rate']:.2f} | {low:.2f}-{high:.2f} | {entry['mean_episode_seconds']:.1f} |"
         )
     held_out = evaluation["held_out_note"]
     if not evaluation["held_out"]:

@@ -101,6 +101,9 @@ def test_runs_end_to_end_then_resumes_without_redoing_work(tmp_path):
     assert set(joined["demos"]["generator_configs"]) == {args.demo.demos, str(extra)}
     assert joined["demos"]["num_transitions"] == 2 * report["demos"]["num_transitions"]
     assert joined["demos"]["init_state_ids"] == {"0": [0, 0, 1, 1]}
+    table = (tmp_path / "results" / "sft_baseline.md").read_text()
+    assert "| task | instruction | demos | successes |" in table and "| all |  | 4 | " in table  # demos per task
+    assert f"| 0 | {joined['per_task']['0']['instruction']} | 4 | " in table
 
     # Bad input named with the valid choices, before any work.
     without_object_state = tmp_path / "no_object_state.hdf5"
