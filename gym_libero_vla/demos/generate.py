@@ -138,9 +138,10 @@ class DemoConfig:
     """Demo HDF5 file (default: a path under data/ the run names). Used as it is when it exists; otherwise generated
     with the scripted expert (resuming ``<demos>.parts/``)."""
     extra_demos: tuple[str, ...] = ()
-    """More demo files whose episodes join --demos' (they must exist, with the same tasks and frames): e.g. new
-    layouts, ``python -m gym_libero_vla.demos generate --init-states sampled --out data/spatial_rgb128_sampled.hdf5``,
-    or DART demos, ``generate --perturb-scale 0.3 --seed 1``."""
+    """More demo files whose episodes join --demos' (they must exist, with the same frames; each may hold only some of
+    the tasks): e.g. new layouts, ``python -m gym_libero_vla.demos generate --init-states sampled --out
+    data/spatial_rgb128_sampled.hdf5``, DART demos, ``generate --perturb-scale 0.3 --seed 1``, or more demos of the
+    weakest tasks, ``generate --task-ids 0 4 --init-states sampled --init-state-start 100``."""
     episodes_per_task: int = 20
     """Successful expert demos per task to generate (only when the demo file is missing)."""
     demo_init_state_end: int = 20
@@ -490,10 +491,11 @@ def generate(args: GenerateArgs) -> dict:
 def prepare_demos(args: GenerateArgs, filter_noops: bool = True, extra_files: tuple[str, ...] = ()) -> tuple[list, bool]:
     """The successful demos of ``args.task_ids`` in ``args.out``, generated first when the file is missing (a process
     wanting a file another is generating waits for it and loads the result), followed by those of ``extra_files``
-    (demo files made by other settings -- DART, sampled layouts -- which must exist: they are never generated here).
-    Returns ``(episodes, generated)``; a file that lacks a task, the object poses or the frames ``args`` asks for is
-    refused, naming the difference. No-op steps are dropped (OpenVLA's processed data) unless ``filter_noops`` is
-    False."""
+    (demo files made by other settings -- DART, sampled layouts -- which must exist: they are never generated here;
+    they may hold only some of the tasks, e.g. more demos of the weakest ones). Returns ``(episodes, generated)``;
+    ``args.out`` lacking a task, an extra file holding none of them, or a file lacking the object poses or the frames
+    ``args`` asks for is refused, naming the difference. No-op steps are dropped (OpenVLA's processed data) unless
+    ``filter_noops`` is False."""
     for path in extra_files:
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -506,15 +508,15 @@ def prepare_demos(args: GenerateArgs, filter_noops: bool = True, extra_files: tu
             resuming = f" (resuming {path}{PARTS_SUFFIX})" if os.path.isdir(path + PARTS_SUFFIX) else ""
             print(f"{path} not found: generating it with the scripted expert{resuming}", flush=True)
             print(f"demos: {generate(args)}", flush=True)
-    episodes = []
-    for path in (args.out, *extra_files):
-        episodes += _load_checked(path, args, filter_noops)
+    episodes = _load_checked(args.out, args, filter_noops)
+    for path in extra_files:
+        episodes += _load_checked(path, args, filter_noops, every_task=False)
     return episodes, generated
 
 
-def _load_checked(path: str, args: GenerateArgs, filter_noops: bool) -> list:
-    """The demos of ``args.task_ids`` in ``path``, refused (naming the difference) when the file lacks a task, the
-    object poses or the frames ``args`` asks for."""
+def _load_checked(path: str, args: GenerateArgs, filter_noops: bool, every_task: bool = True) -> list:
+    """The demos of ``args.task_ids`` in ``path``, refused (naming the difference) when the file lacks a task (any
+    task, with ``every_task`` False: it holds none of them), the object poses or the frames ``args`` asks for."""
     from gym_libero_vla import suites
     from gym_libero_vla.demos.libero_hdf5 import load_episodes
 
@@ -528,6 +530,8 @@ def _load_checked(path: str, args: GenerateArgs, filter_noops: bool) -> list:
     task_ids = suites.resolve_task_ids(spec.env_id, args.task_ids)
     present = sorted({episode.task_id for episode in episodes})
     missing = [task_id for task_id in task_ids if task_id not in present]
+    if missing and not every_task and len(missing) < len(task_ids):
+        missing = []  # an extra file with more demos of some of the tasks
     if missing:
         raise ValueError(
             f"{path} has no successful demos of task(s) {missing}: it has tasks {present}. Give another file, or move "

@@ -456,6 +456,19 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
     suite_args = GenerateArgs(suite="spatial", out=str(spatial_demo_file), task_ids=(0,), progress=False)
     joined, generated = prepare_demos(suite_args, extra_files=(str(out),))
     assert not generated and sorted(episode.init_state_id for episode in joined) == [SAMPLED_INIT_STATE] * 2 + [0, 1]
+    # An extra file may hold only some of the run's tasks (more demos of the weakest), not none of them; the main
+    # file must hold every task.
+    two_tasks = tmp_path / "two_tasks.hdf5"
+    shutil.copy(spatial_demo_file, two_tasks)
+    with h5py.File(two_tasks, "r+") as f:
+        f["data"]["demo_1"].attrs["task_id"] = 1  # a file with demos of tasks 0 and 1
+    both_args = dataclasses.replace(suite_args, out=str(two_tasks), task_ids=(0, 1))
+    joined, _ = prepare_demos(both_args, extra_files=(str(out),))
+    assert [(episode.task_id, episode.init_state_id) for episode in joined] == [(0, 0), (1, 1)] + [(0, SAMPLED_INIT_STATE)] * 2
+    with pytest.raises(ValueError, match=r"sampled.hdf5 has no successful demos of task\(s\) \[1\]: it has tasks \[0\]"):
+        prepare_demos(dataclasses.replace(both_args, task_ids=(1,)), extra_files=(str(out),))
+    with pytest.raises(ValueError, match=r"has no successful demos of task\(s\) \[1\]: it has tasks \[0\]"):
+        prepare_demos(dataclasses.replace(suite_args, task_ids=(0, 1)))
     mislabelled = tmp_path / "object.hdf5"
     shutil.copy(out, mislabelled)
     with h5py.File(mislabelled, "r+") as f:
