@@ -533,9 +533,9 @@ def _load_checked(path: str, args: GenerateArgs, filter_noops: bool, every_task:
     if missing and not every_task and len(missing) < len(task_ids):
         missing = []  # an extra file with more demos of some of the tasks
     if missing:
+        hint = "move this one away to have it generated" if every_task else "drop it from the extra demo files"
         raise ValueError(
-            f"{path} has no successful demos of task(s) {missing}: it has tasks {present}. Give another file, or move "
-            "this one away to have it generated"
+            f"{path} has no successful demos of task(s) {missing}: it has tasks {present}. Give another file, or {hint}"
         )
     episodes = [episode for episode in episodes if episode.task_id in task_ids]
     observations = episodes[0].observations
