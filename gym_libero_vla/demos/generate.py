@@ -530,9 +530,7 @@ def _load_checked(path: str, args: GenerateArgs, filter_noops: bool, every_task:
     task_ids = suites.resolve_task_ids(spec.env_id, args.task_ids)
     present = sorted({episode.task_id for episode in episodes})
     missing = [task_id for task_id in task_ids if task_id not in present]
-    if missing and not every_task and len(missing) < len(task_ids):
-        missing = []  # an extra file with more demos of some of the tasks
-    if missing:
+    if missing and (every_task or len(missing) == len(task_ids)):  # an extra file may hold some of the tasks
         hint = "move this one away to have it generated" if every_task else "drop it from the extra demo files"
         raise ValueError(
             f"{path} has no successful demos of task(s) {missing}: it has tasks {present}. Give another file, or {hint}"
