@@ -219,11 +219,11 @@ def random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.n
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The mean of ``values`` over the entries ``mask`` keeps: the tokens of real actions (None: every entry, exactly
-    ``values.mean()``)."""
+    ``values.mean()``); a float ``mask`` weighs them (SFT's ``action_weights``): the weighted mean."""
     if mask is None:
         return values.mean()
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum() / mask.sum().clamp(min=1e-12)
 
 
 @torch.no_grad()
@@ -294,6 +294,11 @@ class SFTConfig:
     """Keep an exponential moving average of the weights with this decay (0: none; 0.999 averages over about the last
     1,000 steps, with a warm-up): outside ``learn`` the policy holds the average, which ``predict``, evaluation and
     ``save`` use; the training weights are saved beside it to continue from (:mod:`gym_libero_vla.algos.ema`)."""
+    action_weights: tuple[float, ...] | None = None
+    """Weight of each action dimension's tokens in the cross-entropy, one number per dimension (LIBERO: x, y, z,
+    roll, pitch, yaw, gripper; e.g. ``1 1 1 1 1 1 4`` stresses when to close and open the hand); every token of a
+    chunk's step gets its dimension's weight, and the loss is the weighted mean (its scale stays that of the plain
+    mean). None: every token weighs the same."""
     seed: int | None = None
     """Seeds torch's RNG, the batch order and the augmentation."""
 
@@ -301,6 +306,15 @@ class SFTConfig:
         check_positive(self, "learning_rate")
         check_ema_decay(self)
         check_ints(self, batch_size=1, log_interval=1, random_shift=0)
+        if self.action_weights is not None:
+            weights = self.action_weights
+            if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
+                raise ValueError(f"action_weights {weights!r} must be a sequence: one number per action dimension")
+            self.action_weights = weights = tuple(weights)
+            if not weights or not all(is_finite(weight) and weight >= 0 for weight in weights):
+                raise ValueError(f"action_weights {weights!r} must be finite numbers >= 0, one per action dimension")
+            if not sum(weights) > 0:
+                raise ValueError(f"action_weights {weights!r} are all 0: nothing would be learned")
         if not (is_finite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay {self.weight_decay!r} must be >= 0")
         if self.max_grad_norm is not None and not (is_finite(self.max_grad_norm) and self.max_grad_norm > 0):
@@ -331,6 +345,11 @@ class SFT(BaseLearner):
         if demos is not None:
             self.set_demos(demos)
         config = self.config
+        if config.action_weights is not None and len(config.action_weights) != self.policy.action_dim:
+            raise ValueError(
+                f"action_weights has {len(config.action_weights)} numbers, but the policy's actions have "
+                f"{self.policy.action_dim} dimensions: give one weight per dimension"
+            )
         self.optimizer = torch.optim.AdamW(
             self._trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -366,7 +385,7 @@ class SFT(BaseLearner):
         action_tokens, token_log_probs, log_probs = demo_token_log_probs(policy, obs, actions)
         mask = self.demos.token_mask(indices)  # chunks: the padding past an episode's end is not learned
         mask = None if mask is None else torch.as_tensor(mask, device=policy.device)
-        loss = -masked_mean(token_log_probs, mask)  # cross-entropy on action tokens
+        loss = -masked_mean(token_log_probs, self._loss_weights(mask, token_log_probs.shape))  # cross-entropy
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -388,6 +407,15 @@ class SFT(BaseLearner):
             "train/loss": loss.item(), "train/token_accuracy": token_accuracy.item(), "train/entropy": entropy.item(),
             "train/action_l1": float(action_l1), "train/grad_norm": float(grad_norm),
         }  # fmt: skip
+
+    def _loss_weights(self, mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+        """Each token's weight in the loss: ``action_weights`` by dimension (tokens run step by step, each step's
+        dimensions in order), times ``mask`` (0 on chunk padding); None: the plain mean."""
+        if self.config.action_weights is None:
+            return mask
+        weights = torch.tensor(self.config.action_weights, dtype=torch.float32, device=self.policy.device)
+        weights = weights.repeat(shape[-1] // len(weights)).expand(shape)
+        return weights if mask is None else weights * mask.to(weights.dtype)
 
     def learn(
         self,

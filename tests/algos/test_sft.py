@@ -15,7 +15,7 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from gym_libero_vla.algos.sft import SFT, StepColumn, Transitions
+from gym_libero_vla.algos.sft import SFT, StepColumn, Transitions, demo_token_log_probs
 from gym_libero_vla.episode import Episode
 from gym_libero_vla.episode_store import EpisodeStore
 from gym_libero_vla.policies import CompactVLA, CompactVLAConfig, WordTokenizer
@@ -89,7 +89,8 @@ def test_learn_reduces_loss_and_raises_demo_likelihood(demos):
 
 
 def test_predict_save_load_round_trip(demos, tmp_path):
-    model = SFT(make_policy(demos), demos=demos, batch_size=8, seed=0).learn(5, progress_bar=False)
+    weights = (1, 1, 1, 1, 1, 1, 3)
+    model = SFT(make_policy(demos), demos=demos, batch_size=8, seed=0, action_weights=weights).learn(5, progress_bar=False)
     obs = {"instruction": demos[0].observations["instruction"], "state": demos[0].observations["state"][0]}
     action, state = model.predict(obs, deterministic=True)
     assert action.shape == (7,) and action.dtype == np.float32 and state is None
@@ -98,6 +99,7 @@ def test_predict_save_load_round_trip(demos, tmp_path):
     model.save(tmp_path / "sft")
     loaded = SFT.load(tmp_path / "sft", demos=demos)
     assert loaded.num_timesteps == 5 and loaded.config.batch_size == 8 and loaded.config.seed == 0
+    assert loaded.config.action_weights == weights  # a tuple again, from the checkpoint's JSON list
     np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], action)
     assert loaded.optimizer.state_dict()["state"]  # Adam moments restored: training resumes, not restarts
     loaded.learn(2, progress_bar=False, reset_num_timesteps=False)
@@ -145,11 +147,46 @@ def test_tensorboard_logging(demos, tmp_path):
         (dict(log_interval=0), "log_interval 0"),
         (dict(ema_decay=1.0), r"ema_decay 1.0 must be in \[0, 1\)"),
         (dict(ema_decay=-0.5), r"ema_decay -0.5 must be in \[0, 1\)"),
+        (dict(action_weights=(1.0,) * 6), "action_weights has 6 numbers, but the policy's actions have 7 dimensions"),
+        (dict(action_weights=(1, 1, 1, 1, 1, 1, -1)), "must be finite numbers >= 0, one per action dimension"),
+        (dict(action_weights=(0,) * 7), "are all 0: nothing would be learned"),
+        (dict(action_weights=4.0), "must be a sequence: one number per action dimension"),
     ],
 )
 def test_hyperparameters_are_validated(demos, kwargs, message):
     with pytest.raises(ValueError, match=message):
         SFT(make_policy(demos), demos=demos, **kwargs)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_action_weights_weigh_each_dimensions_tokens(demos, chunk_size):
+    """The loss is the weighted mean of the token NLLs: all weight on the gripper is the gripper tokens' NLL alone
+    (over a chunk's real steps, not its padding); equal weights are the plain mean."""
+    torch.manual_seed(0)
+    bins = ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7})
+    tokenizer = WordTokenizer.from_texts(episode.observations["instruction"] for episode in demos)
+    config = CompactVLAConfig(cameras=(), hidden_size=32, num_layers=1, num_heads=2, chunk_size=chunk_size)
+    losses = {}
+    for name, weights in {"gripper": (0, 0, 0, 0, 0, 0, 1), "equal": (2,) * 7, "none": None}.items():
+        policy = CompactVLA(config, bins, tokenizer)  # the same initial weights for each
+        if name != "gripper":
+            policy.load_state_dict(losses["gripper"][1])
+        model = SFT(policy, demos=demos, batch_size=4 * STEPS_PER_EPISODE, action_weights=weights, seed=0)
+        state = {key: value.clone() for key, value in policy.state_dict().items()}
+        obs, actions = model.demos.batch(np.arange(len(model.demos)))  # the batch is every transition
+        with torch.no_grad():
+            _, token_log_probs, _ = demo_token_log_probs(policy, obs, actions)
+        mask = model.demos.token_mask(np.arange(len(model.demos)))
+        mask = np.ones(token_log_probs.shape, bool) if mask is None else mask
+        assert (mask.sum() < mask.size) == (chunk_size > 1)  # chunks past an episode's end are padded
+        losses[name] = (model.train_step()["train/loss"], state, token_log_probs.numpy(), mask)
+    _, _, token_log_probs, mask = losses["gripper"]
+    gripper = -token_log_probs[:, 6::7][mask[:, 6::7]].mean()
+    plain = -token_log_probs[mask].mean()
+    assert abs(gripper - plain) > 0.01  # the two differ, so the checks below tell them apart
+    assert losses["gripper"][0] == pytest.approx(gripper, rel=1e-5)
+    assert losses["equal"][0] == pytest.approx(plain, rel=1e-5)
+    assert losses["none"][0] == pytest.approx(plain, rel=1e-5)
 
 
 def test_bad_demonstrations_and_envs_are_named(demos):
