@@ -62,11 +62,12 @@ def demos():
     return episodes
 
 
-def make_policy(demos, seed=0) -> CompactVLA:
+def make_policy(demos, seed=0, chunk_size=1) -> CompactVLA:
     torch.manual_seed(seed)
     bins = ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7})
     tokenizer = WordTokenizer.from_texts(episode.observations["instruction"] for episode in demos)
-    return CompactVLA(CompactVLAConfig(cameras=(), hidden_size=32, num_layers=1, num_heads=2), bins, tokenizer)
+    config = CompactVLAConfig(cameras=(), hidden_size=32, num_layers=1, num_heads=2, chunk_size=chunk_size)
+    return CompactVLA(config, bins, tokenizer)
 
 
 def demo_log_likelihood(policy, transitions) -> float:
@@ -162,25 +163,18 @@ def test_hyperparameters_are_validated(demos, kwargs, message):
 def test_action_weights_weigh_each_dimensions_tokens(demos, chunk_size):
     """The loss is the weighted mean of the token NLLs: all weight on the gripper is the gripper tokens' NLL alone
     (over a chunk's real steps, not its padding); equal weights are the plain mean."""
-    torch.manual_seed(0)
-    bins = ActionBins.from_statistics({"q01": [-1.0] * 7, "q99": [1.0] * 7})
-    tokenizer = WordTokenizer.from_texts(episode.observations["instruction"] for episode in demos)
-    config = CompactVLAConfig(cameras=(), hidden_size=32, num_layers=1, num_heads=2, chunk_size=chunk_size)
     losses = {}
     for name, weights in {"gripper": (0, 0, 0, 0, 0, 0, 1), "equal": (2,) * 7, "none": None}.items():
-        policy = CompactVLA(config, bins, tokenizer)  # the same initial weights for each
-        if name != "gripper":
-            policy.load_state_dict(losses["gripper"][1])
+        policy = make_policy(demos, seed=0, chunk_size=chunk_size)  # the same initial weights for each
         model = SFT(policy, demos=demos, batch_size=4 * STEPS_PER_EPISODE, action_weights=weights, seed=0)
-        state = {key: value.clone() for key, value in policy.state_dict().items()}
         obs, actions = model.demos.batch(np.arange(len(model.demos)))  # the batch is every transition
         with torch.no_grad():
             _, token_log_probs, _ = demo_token_log_probs(policy, obs, actions)
         mask = model.demos.token_mask(np.arange(len(model.demos)))
         mask = np.ones(token_log_probs.shape, bool) if mask is None else mask
         assert (mask.sum() < mask.size) == (chunk_size > 1)  # chunks past an episode's end are padded
-        losses[name] = (model.train_step()["train/loss"], state, token_log_probs.numpy(), mask)
-    _, _, token_log_probs, mask = losses["gripper"]
+        losses[name] = (model.train_step()["train/loss"], token_log_probs.numpy(), mask)
+    _, token_log_probs, mask = losses["gripper"]
     gripper = -token_log_probs[:, 6::7][mask[:, 6::7]].mean()
     plain = -token_log_probs[mask].mean()
     assert abs(gripper - plain) > 0.01  # the two differ, so the checks below tell them apart
