@@ -61,6 +61,8 @@ class Args:
     run."""
     filter_noops: bool = True
     """Drop no-op steps from the demos, as OpenVLA's processed LIBERO data."""
+    filter_stalls: bool = False
+    """Drop the demos' stalled open-hand steps (the hand commanded to move, nothing moved; ``demos.stall_mask``)."""
     eval: Annotated[EvalRange, tyro.conf.OmitArgPrefixes] = dataclasses.field(
         default_factory=lambda: EvalRange(eval_num_init_states=5)
     )
@@ -96,7 +98,10 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.sft.seed or 0)
     suite = resolve_suite(args.env_id)
     instructions = {task.task_id: task.instruction for task in suite_tasks(suite.libero_name)}
-    episodes = load_episodes(args.demos, filter_noops=args.filter_noops, load_images=args.obs_mode == "rgb+state")
+    episodes = load_episodes(
+        args.demos, filter_noops=args.filter_noops, load_images=args.obs_mode == "rgb+state",
+        filter_stalls=args.filter_stalls,
+    )  # fmt: skip
     if not episodes:
         raise ValueError(f"{args.demos} holds no successful demonstrations")
     task_ids = sorted({episode.task_id for episode in episodes if episode.task_id >= 0}) or sorted(instructions)

@@ -148,6 +148,9 @@ class DemoConfig:
     """Demos (and GRPO groups) come from init states 0 .. demo_init_state_end - 1; evaluation must start past them."""
     filter_noops: bool = True
     """Drop no-op steps from the demos, as OpenVLA's processed LIBERO data."""
+    filter_stalls: bool = False
+    """Drop the demos' stalled open-hand steps: the hand commanded to move, nothing moved (pressing on a surface before
+    a grasp; ``demos.stall_mask``)."""
 
     def __post_init__(self) -> None:
         for name in ("episodes_per_task", "demo_init_state_end"):
@@ -167,7 +170,9 @@ class DemoConfig:
     def load(self, generate: GenerateArgs) -> tuple[list, bool]:
         """The episodes of ``generate.out`` (generated first when missing) and of ``extra_demos``, and whether the
         file was generated now: :func:`prepare_demos`."""
-        return prepare_demos(generate, filter_noops=self.filter_noops, extra_files=self.extra_demos)
+        return prepare_demos(
+            generate, filter_noops=self.filter_noops, extra_files=self.extra_demos, filter_stalls=self.filter_stalls
+        )
 
     def summary(self, generate: GenerateArgs, episodes: list, generated: bool) -> dict:
         """What a report says about the demos it trained on."""
@@ -488,14 +493,16 @@ def generate(args: GenerateArgs) -> dict:
         return counts
 
 
-def prepare_demos(args: GenerateArgs, filter_noops: bool = True, extra_files: tuple[str, ...] = ()) -> tuple[list, bool]:
+def prepare_demos(
+    args: GenerateArgs, filter_noops: bool = True, extra_files: tuple[str, ...] = (), filter_stalls: bool = False
+) -> tuple[list, bool]:
     """The successful demos of ``args.task_ids`` in ``args.out``, generated first when the file is missing (a process
     wanting a file another is generating waits for it and loads the result), followed by those of ``extra_files``
     (demo files made by other settings -- DART, sampled layouts -- which must exist: they are never generated here;
     they may hold only some of the tasks, e.g. more demos of the weakest ones). Returns ``(episodes, generated)``;
     ``args.out`` lacking a task, an extra file holding none of them, or a file lacking the object poses or the frames
     ``args`` asks for is refused, naming the difference. No-op steps are dropped (OpenVLA's processed data) unless
-    ``filter_noops`` is False."""
+    ``filter_noops`` is False; stalled open-hand steps (``stall_mask``) with ``filter_stalls``."""
     for path in extra_files:
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -508,13 +515,15 @@ def prepare_demos(args: GenerateArgs, filter_noops: bool = True, extra_files: tu
             resuming = f" (resuming {path}{PARTS_SUFFIX})" if os.path.isdir(path + PARTS_SUFFIX) else ""
             print(f"{path} not found: generating it with the scripted expert{resuming}", flush=True)
             print(f"demos: {generate(args)}", flush=True)
-    episodes = _load_checked(args.out, args, filter_noops)
+    episodes = _load_checked(args.out, args, filter_noops, filter_stalls=filter_stalls)
     for path in extra_files:
-        episodes += _load_checked(path, args, filter_noops, every_task=False)
+        episodes += _load_checked(path, args, filter_noops, every_task=False, filter_stalls=filter_stalls)
     return episodes, generated
 
 
-def _load_checked(path: str, args: GenerateArgs, filter_noops: bool, every_task: bool = True) -> list:
+def _load_checked(
+    path: str, args: GenerateArgs, filter_noops: bool, every_task: bool = True, filter_stalls: bool = False
+) -> list:
     """The demos of ``args.task_ids`` in ``path``, refused (naming the difference) when the file lacks a task (any
     task, with ``every_task`` False: it holds none of them), the object poses or the frames ``args`` asks for."""
     from gym_libero_vla import suites
@@ -526,7 +535,9 @@ def _load_checked(path: str, args: GenerateArgs, filter_noops: bool, every_task:
         recorded_reflections = demos.reflections
     if recorded is not None and suites.resolve_suite(recorded).libero_name != spec.libero_name:
         raise ValueError(f"{path} holds {recorded} demos, not {spec.libero_name}: give demos of the suite you train on")
-    episodes = load_episodes(path, filter_noops=filter_noops, load_images=args.obs_mode == "rgb+state")
+    episodes = load_episodes(
+        path, filter_noops=filter_noops, load_images=args.obs_mode == "rgb+state", filter_stalls=filter_stalls
+    )
     task_ids = suites.resolve_task_ids(spec.env_id, args.task_ids)
     present = sorted({episode.task_id for episode in episodes})
     missing = [task_id for task_id in task_ids if task_id not in present]

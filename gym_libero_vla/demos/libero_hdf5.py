@@ -41,6 +41,10 @@ from gym_libero_vla.episode import Episode
 
 ACTION_DIM = 7
 NOOP_THRESHOLD = 1e-4  # OpenVLA's is_noop threshold on the norm of the 6 motion dims
+# A stall (see stall_mask): the step moved the end effector less than these, and each finger less than STALL_FINGER.
+STALL_DISTANCE = 1e-3  # metres
+STALL_ANGLE = 0.01  # radians
+STALL_FINGER = 5e-4  # metres of finger joint travel
 # Our observation keys -> dataset keys under data/demo_N/obs.
 IMAGE_KEYS = {"agentview": "agentview_rgb", "wrist": "eye_in_hand_rgb"}
 _DEMO_KEY = re.compile(r"^demo_(\d+)$")
@@ -118,6 +122,52 @@ def noop_mask(actions: np.ndarray, threshold: float = NOOP_THRESHOLD) -> np.ndar
 def drop_noops(episode: Episode, threshold: float = NOOP_THRESHOLD) -> Episode:
     """The episode without its no-op steps (see :func:`noop_mask`)."""
     return episode.select(~noop_mask(episode.actions, threshold))
+
+
+def _rotation_angle(axis_angle_a: np.ndarray, axis_angle_b: np.ndarray) -> np.ndarray:
+    """Angle (radians) of the rotation between orientations given as axis-angle rows (robust where the axis-angle
+    flips sign near pi, as a gripper pointing down does)."""
+
+    def quaternion(axis_angle):
+        angle = np.linalg.norm(axis_angle, axis=-1, keepdims=True)
+        axis = np.divide(axis_angle, angle, out=np.zeros_like(axis_angle), where=angle > 1e-12)
+        return np.concatenate([np.cos(angle / 2), np.sin(angle / 2) * axis], axis=-1)
+
+    dot = np.abs(np.sum(quaternion(axis_angle_a) * quaternion(axis_angle_b), axis=-1))
+    return 2 * np.arccos(np.clip(dot, 0.0, 1.0))
+
+
+def stall_mask(episode: Episode) -> np.ndarray:
+    """True where a step commanded the open hand to move and nothing moved: the end effector went less than
+    ``STALL_DISTANCE`` and turned less than ``STALL_ANGLE``, each finger less than ``STALL_FINGER``, and the gripper
+    command stayed that of the step before (a switch is kept). Such steps are the hand pressing against a surface
+    before a grasp (the scripted expert's descent into a drawer waits there until its phase times out): many frames
+    that look alike, labelled "keep pushing, hand open", teach a policy to hesitate where it should close. No-op
+    actions are :func:`noop_mask`'s, not stalls; the last step (no state after it) is kept. Reads the proprio
+    ``observations["state"]`` (ee_pos, ee_ori, gripper_states)."""
+    state = np.asarray(episode.observations["state"], dtype=np.float64)
+    actions = np.asarray(episode.actions)
+    if actions.ndim != 2:
+        raise ValueError(f"stall_mask needs one action per step, got actions of shape {actions.shape}")
+    mask = np.zeros(len(actions), dtype=bool)
+    if len(actions) < 2 or len(state) < len(actions):
+        return mask
+    now, after = state[: len(actions) - 1], state[1 : len(actions)]
+    still = (
+        (np.linalg.norm(after[:, 0:3] - now[:, 0:3], axis=1) < STALL_DISTANCE)
+        & (_rotation_angle(now[:, 3:6], after[:, 3:6]) < STALL_ANGLE)
+        & (np.abs(after[:, 6:8] - now[:, 6:8]).max(axis=1) < STALL_FINGER)
+    )
+    gripper = actions[:, -1]
+    same_command = np.concatenate([[True], gripper[1:] == gripper[:-1]])
+    commanded = np.linalg.norm(actions[:, :-1], axis=1) >= NOOP_THRESHOLD
+    mask[:-1] = still & (gripper[:-1] < 0) & same_command[:-1] & commanded[:-1]
+    return mask
+
+
+def drop_stalls(episode: Episode) -> Episode:
+    """The episode without its stalled open-hand steps (see :func:`stall_mask`)."""
+    return episode.select(~stall_mask(episode))
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -295,8 +345,10 @@ def load_episodes(
     filter_noops: bool = True,
     drop_failed: bool = True,
     load_images: bool = True,
+    filter_stalls: bool = False,
 ) -> list[Episode]:
-    """Read one or more files; optionally drop no-op steps and failed demos, as OpenVLA's processed data."""
+    """Read one or more files; optionally drop no-op steps and failed demos, as OpenVLA's processed data, and
+    stalled open-hand steps (:func:`stall_mask`)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     episodes = []
@@ -305,6 +357,8 @@ def load_episodes(
             for episode in demos:
                 if drop_failed and not episode.success:
                     continue
+                if filter_stalls:  # first: a stall is judged against the next recorded state
+                    episode = drop_stalls(episode)
                 episodes.append(drop_noops(episode) if filter_noops else episode)
     return episodes
 

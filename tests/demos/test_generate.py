@@ -514,5 +514,23 @@ def test_demo_config_is_the_one_way_runs_name_their_demos(spatial_demo_file, tmp
     for bad in (dict(episodes_per_task=0), dict(demo_init_state_end=-1)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} -?[0-9]+ must be an int >= 1"):
             DemoConfig(**bad)
+
+    # --filter-stalls: a copy of the file whose first demo pressed on something for three steps (the proprio held
+    # still while the open hand was commanded to move) loads without those steps; the file without them is unchanged
+    stalled = tmp_path / "stalled.hdf5"
+    shutil.copy(spatial_demo_file, stalled)
+    with h5py.File(stalled, "r+") as f:
+        actions = f["data/demo_0/actions"][()]
+        start = next(t for t in range(1, len(actions)) if (actions[t - 1 : t + 4, -1] < 0).all())
+        for key in ("ee_pos", "ee_ori", "gripper_states"):
+            values = f[f"data/demo_0/obs/{key}"]
+            values[start + 1 : start + 4] = values[start]
+    stalled_config = dataclasses.replace(named, demos=str(stalled), filter_stalls=True)
+    without, _ = stalled_config.load(stalled_config.generate_args("unused", suite="spatial", task_ids=(0,), progress=False))
+    plain, _ = named.load(generate_args)
+    assert [len(episode) for episode in without] == [len(plain[0]) - 3, *[len(episode) for episode in plain[1:]]]
+    assert [len(episode) for episode in dataclasses.replace(named, filter_stalls=True).load(generate_args)[0]] == [
+        len(episode) for episode in plain
+    ]
     assert default_demo_path("LiberoObject-v0", "rgb+state", 128) == "data/object_rgb128.hdf5"
     assert default_demo_path("spatial", "state", 128) == "data/spatial_state.hdf5"

@@ -8,7 +8,16 @@ import h5py
 import numpy as np
 import pytest
 
-from gym_libero_vla.demos import ActionStats, LiberoHDF5, action_stats, drop_noops, load_episodes, noop_mask
+from gym_libero_vla.demos import (
+    ActionStats,
+    LiberoHDF5,
+    action_stats,
+    drop_noops,
+    drop_stalls,
+    load_episodes,
+    noop_mask,
+    stall_mask,
+)
 from gym_libero_vla.demos.generate import generator_config
 from gym_libero_vla.demos.scripted_expert import EXPERT_VERSION
 
@@ -95,6 +104,41 @@ def test_noop_filter_matches_openvla_rule():
         dtype=np.float32,
     )
     np.testing.assert_array_equal(noop_mask(actions), [True, False, True, False, True, True])
+
+
+def _episode_with_states(actions, states):
+    from gym_libero_vla.episode import Episode
+
+    actions = np.asarray(actions, dtype=np.float32)
+    return Episode(
+        observations={"state": np.asarray(states, dtype=np.float32), "instruction": "open the drawer"},
+        actions=actions, rewards=np.zeros(len(actions), np.float32), success=True, task_id=0,
+    )  # fmt: skip
+
+
+def test_stall_mask_finds_open_hand_steps_that_moved_nothing():
+    down, still = [0, 0, -0.5, 0, 0, 0], [0, 0, 0, 0, 0, 0]
+    flipped = np.pi - 1e-4  # a hand pointing down: its axis-angle flips sign between two nearly equal orientations
+    pose = lambda z, yaw=0.0, finger=0.04, sign=1.0: [0.1, 0.2, z, 0.0, sign * flipped, yaw, finger, -finger]  # noqa: E731
+    steps = [  # (action, state before it, whether it is a stall)
+        (down + [-1], pose(1.20), False),  # moves 5 cm
+        (down + [-1], pose(1.15), True),  # pressing: moved 0.5 mm
+        (down + [-1], pose(1.1495, sign=-1.0), True),  # the same orientation written the other way round: a stall
+        (down + [1], pose(1.1495), False),  # the gripper switches (nothing has moved yet): kept
+        (down + [1], pose(1.1495), False),  # the closed hand holds still: not an open-hand stall
+        (down + [-1], pose(1.1495), False),  # the gripper switches back
+        (still + [-1], pose(1.1495), False),  # a no-op: noop_mask's, not a stall
+        (down + [-1], pose(1.1495), False),  # turns by 0.02 rad: something moved
+        (down + [-1], pose(1.1495, yaw=0.02), False),  # the last step: no state after it, kept
+    ]
+    episode = _episode_with_states([a for a, _, _ in steps], [s for _, s, _ in steps])
+    expected = [stall for _, _, stall in steps]
+    np.testing.assert_array_equal(stall_mask(episode), expected)
+    kept = drop_stalls(episode)
+    assert len(kept) == len(steps) - sum(expected)
+    np.testing.assert_array_equal(kept.actions, episode.actions[~np.array(expected)])
+    with pytest.raises(ValueError, match="one action per step"):
+        stall_mask(_episode_with_states(np.zeros((3, 2, 7)), np.zeros((3, 8))))
 
 
 def test_load_episodes_drops_noops_and_failed_demos(tmp_path, write_official_file):
