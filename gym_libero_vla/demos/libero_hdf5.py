@@ -145,12 +145,19 @@ def stall_mask(episode: Episode) -> np.ndarray:
     that look alike, labelled "keep pushing, hand open", teach a policy to hesitate where it should close. No-op
     actions are :func:`noop_mask`'s, not stalls; the last step (no state after it) is kept. Reads the proprio
     ``observations["state"]`` (ee_pos, ee_ori, gripper_states)."""
-    state = np.asarray(episode.observations["state"], dtype=np.float64)
     actions = np.asarray(episode.actions)
     if actions.ndim != 2:
         raise ValueError(f"stall_mask needs one action per step, got actions of shape {actions.shape}")
+    if "state" not in episode.observations:
+        raise ValueError(
+            f"stall_mask reads the proprio observation 'state' (ee_pos, ee_ori, gripper_states); episode "
+            f"{episode.name or episode.episode_id or ''} has {sorted(episode.observations)}"
+        )
+    state = np.asarray(episode.observations["state"], dtype=np.float64)
+    if state.ndim != 2 or state.shape[1] < 8:
+        raise ValueError(f"stall_mask needs a proprio state of 8 numbers a step, got {state.shape}")
     mask = np.zeros(len(actions), dtype=bool)
-    if len(actions) < 2 or len(state) < len(actions):
+    if len(actions) < 2:
         return mask
     now, after = state[: len(actions) - 1], state[1 : len(actions)]
     still = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import h5py
@@ -139,6 +140,11 @@ def test_stall_mask_finds_open_hand_steps_that_moved_nothing():
     np.testing.assert_array_equal(kept.actions, episode.actions[~np.array(expected)])
     with pytest.raises(ValueError, match="one action per step"):
         stall_mask(_episode_with_states(np.zeros((3, 2, 7)), np.zeros((3, 8))))
+    with pytest.raises(ValueError, match=r"a proprio state of 8 numbers a step, got \(3, 3\)"):
+        stall_mask(_episode_with_states(np.zeros((3, 7)), np.zeros((3, 3))))
+    without_state = dataclasses.replace(episode, observations={"instruction": "open the drawer"})
+    with pytest.raises(ValueError, match=r"reads the proprio observation 'state'.*\['instruction'\]"):
+        stall_mask(without_state)
 
 
 def test_load_episodes_drops_noops_and_failed_demos(tmp_path, write_official_file):
