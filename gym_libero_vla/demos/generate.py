@@ -131,8 +131,8 @@ class ReplayArgs:
 class DemoConfig:
     """The expert demos a training run uses: one file, generated with the scripted expert when it is missing (then
     reused), joined by extra files made by other settings. The training CLIs (``examples/train_grpo.py``,
-    ``benchmarks/sft_baseline.py``, ``benchmarks/sft_vs_grpo.py``) declare it with ``tyro.conf.OmitArgPrefixes``, so
-    its flags read ``--demos``, ``--extra-demos``, ``--episodes-per-task``..."""
+    ``examples/train_sft.py``, ``benchmarks/sft_baseline.py``, ``benchmarks/sft_vs_grpo.py``) declare it with
+    ``tyro.conf.OmitArgPrefixes``, so its flags read ``--demos``, ``--extra-demos``, ``--episodes-per-task``..."""
 
     demos: str | None = None
     """Demo HDF5 file (default: a path under data/ the run names). Used as it is when it exists; otherwise generated
@@ -525,7 +525,8 @@ def _load_checked(
     path: str, args: GenerateArgs, filter_noops: bool, every_task: bool = True, filter_stalls: bool = False
 ) -> list:
     """The demos of ``args.task_ids`` in ``path``, refused (naming the difference) when the file lacks a task (any
-    task, with ``every_task`` False: it holds none of them), the object poses or the frames ``args`` asks for."""
+    task, with ``every_task`` False: it holds none of them), the object poses or the frames ``args`` asks for. A file
+    that stores no task ids (LIBERO's own) has its demos' tasks found by their instruction."""
     from gym_libero_vla import suites
     from gym_libero_vla.demos.libero_hdf5 import load_episodes
 
@@ -538,6 +539,7 @@ def _load_checked(
     episodes = load_episodes(
         path, filter_noops=filter_noops, load_images=args.obs_mode == "rgb+state", filter_stalls=filter_stalls
     )
+    episodes = _tasks_from_instructions(episodes, spec, path)
     task_ids = suites.resolve_task_ids(spec.env_id, args.task_ids)
     present = sorted({episode.task_id for episode in episodes})
     missing = [task_id for task_id in task_ids if task_id not in present]
@@ -566,6 +568,29 @@ def _load_checked(
                 f"run renders them {'with' if args.reflections else 'without'}: pass {flag}, or give other demos"
             )
     return episodes
+
+
+def _tasks_from_instructions(episodes: list, spec, path: str) -> list:
+    """Episodes of a file that stores no task ids (LIBERO's own files: one task each, named only by its instruction)
+    take the task of ``spec``'s suite with their instruction; an instruction of none of its tasks is refused."""
+    from gym_libero_vla import suites
+
+    unnamed = {episode.instruction for episode in episodes if episode.task_id < 0}
+    if not unnamed:
+        return episodes
+    tasks = suites.suite_tasks(spec.libero_name)
+    by_instruction = {" ".join(task.instruction.lower().split()): task.task_id for task in tasks}
+    task_of = {instruction: by_instruction.get(" ".join(instruction.lower().split())) for instruction in unnamed}
+    unknown = sorted(instruction for instruction, task_id in task_of.items() if task_id is None)
+    if unknown:
+        raise ValueError(
+            f"{path} stores no task ids, and its instruction(s) {unknown} are none of {spec.libero_name}'s: give demos "
+            f"of the suite you train on (its tasks: {[task.instruction for task in tasks]})"
+        )
+    return [
+        dataclasses.replace(episode, task_id=task_of[episode.instruction]) if episode.task_id < 0 else episode
+        for episode in episodes
+    ]
 
 
 def _roll_out_in_workers(args: GenerateArgs, spec, task_ids: tuple[int, ...], parts_dir: str, done: dict) -> dict:

@@ -281,9 +281,11 @@ def test_frames_without_reflections_are_recorded_as_such_and_kept_apart(tmp_path
         import train_sft
     finally:
         sys.path.remove(os.path.join(REPO, "examples"))
-    args = train_sft.Args(demos=str(out), obs_mode="rgb+state")
+    args = train_sft.Args(demo=DemoConfig(demos=str(out)), obs_mode="rgb+state", task_ids=(0,))
     args.policy = dataclasses.replace(args.policy, hidden_size=16, num_heads=2, num_layers=1)
-    policy = train_sft.make_policy(args, episodes, [episode.instruction])
+    generate_args = train_sft.demo_args(args)  # the frames' size and reflections are the file's
+    assert (generate_args.out, generate_args.image_size, generate_args.reflections) == (str(out), 32, False)
+    policy = train_sft.make_policy(args, args.demo.load(generate_args)[0], [episode.instruction], generate_args)
     assert policy.config.reflections is False and policy.config.image_size == 32
 
 
@@ -484,6 +486,32 @@ def test_sampled_layouts_give_new_starts_that_replay_and_count_as_held_out(spati
         generate(dataclasses.replace(args, init_states="suite"))
     with pytest.raises(ValueError, match="unknown init_states 'random'.*'suite'.*'sampled'"):
         generate(dataclasses.replace(args, out=str(tmp_path / "x.hdf5"), init_states="random"))
+
+
+def test_a_file_without_task_ids_takes_them_from_its_instructions(spatial_demo_file, tmp_path, write_official_file):
+    """LIBERO's own files name their task only by its instruction: the training CLIs' loader finds the task id (case
+    and spacing aside), and refuses, naming it and the suite's tasks, an instruction that is none of the suite's."""
+    official = tmp_path / "official.hdf5"
+    shutil.copy(spatial_demo_file, official)
+    with h5py.File(official, "r+") as f:
+        env_args = json.loads(f["data"].attrs["env_args"])
+        del env_args["suite"]
+        f["data"].attrs["env_args"] = json.dumps(env_args)
+        for key in f["data"]:
+            del f[f"data/{key}"].attrs["task_id"]
+            instruction = f[f"data/{key}"].attrs.get("language_instruction")
+            if instruction is not None:
+                f[f"data/{key}"].attrs["language_instruction"] = "  " + str(instruction).upper()
+    assert {episode.task_id for episode in load_episodes(str(official), load_images=False)} == {-1}
+    config = DemoConfig(demos=str(official))
+    episodes, generated = config.load(config.generate_args("unused", suite="spatial", task_ids=(0,), progress=False))
+    assert not generated and [episode.task_id for episode in episodes] == [0, 0]
+    with pytest.raises(ValueError, match=r"has no successful demos of task\(s\) \[1\]: it has tasks \[0\]"):
+        config.load(config.generate_args("unused", suite="spatial", task_ids=(1,), progress=False))
+
+    unknown = DemoConfig(demos=str(write_official_file(tmp_path / "other.hdf5", [np.ones((5, 7))])))
+    with pytest.raises(ValueError, match=r"stores no task ids, and its instruction\(s\) \['put the bowl away'\] are none"):
+        unknown.load(unknown.generate_args("unused", suite="spatial", progress=False))
 
 
 def test_demo_config_is_the_one_way_runs_name_their_demos(spatial_demo_file, tmp_path):

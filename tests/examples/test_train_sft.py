@@ -23,7 +23,7 @@ def test_trains_on_a_demo_file_and_prints_a_success_table(tmp_path):
     demos = tmp_path / "spatial.hdf5"
     generate(GenerateArgs(suite="spatial", out=str(demos), task_ids=(0,), episodes_per_task=1, progress=False))
     command = [
-        sys.executable, SCRIPT, "--demos", str(demos), "--output-dir", str(tmp_path / "run"),
+        sys.executable, SCRIPT, "--demos", str(demos), "--task-ids", "0", "--output-dir", str(tmp_path / "run"),
         "--total-steps", "6", "--sft.batch-size", "8", "--policy.hidden-size", "32", "--policy.num-heads", "2",
         "--eval-num-init-states", "1", "--max-eval-steps", "3", "--no-progress-bar",
     ]  # fmt: skip
@@ -33,6 +33,7 @@ def test_trains_on_a_demo_file_and_prints_a_success_table(tmp_path):
     with open(tmp_path / "run" / "eval.json") as file:
         results = json.load(file)
     assert set(results["success_rate"]) == {"0"} and np.isfinite(results["train"]["train/loss"])
+    assert results["demos"]["path"] == str(demos) and results["demos"]["num_demos"] == 1
     assert (tmp_path / "run" / "success.md").exists() and (tmp_path / "run" / "success.png").exists()
     assert glob.glob(str(tmp_path / "run" / "tb" / "SFT_1" / "events.out.tfevents.*")), "no TensorBoard events"
 
@@ -46,6 +47,7 @@ def test_trains_on_a_demo_file_and_prints_a_success_table(tmp_path):
 def test_help_documents_every_field():
     result = subprocess.run([sys.executable, SCRIPT, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for flag in ("--demos", "--obs-mode", "--lora-rank", "--total-steps", "--sft.learning-rate", "--policy.hidden-size",
+    for flag in ("--demos", "--extra-demos", "--filter-stalls", "--task-ids", "--obs-mode", "--lora-rank",
+                 "--total-steps", "--sft.learning-rate", "--policy.hidden-size",
                  "--eval-num-init-states", "--torch-threads", "--sft-torch-threads"):  # fmt: skip
         assert flag in result.stdout
