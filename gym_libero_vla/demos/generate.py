@@ -578,9 +578,13 @@ def _tasks_from_instructions(episodes: list, spec, path: str) -> list:
     unnamed = {episode.instruction for episode in episodes if episode.task_id < 0}
     if not unnamed:
         return episodes
+
+    def words(instruction: str) -> str:  # case and spacing aside
+        return " ".join(instruction.lower().split())
+
     tasks = suites.suite_tasks(spec.libero_name)
-    by_instruction = {" ".join(task.instruction.lower().split()): task.task_id for task in tasks}
-    task_of = {instruction: by_instruction.get(" ".join(instruction.lower().split())) for instruction in unnamed}
+    by_instruction = {words(task.instruction): task.task_id for task in tasks}
+    task_of = {instruction: by_instruction.get(words(instruction)) for instruction in unnamed}
     unknown = sorted(instruction for instruction, task_id in task_of.items() if task_id is None)
     if unknown:
         raise ValueError(
